@@ -1,0 +1,216 @@
+"""The chuantou client: registers with the relay, serves as target (B) for other clients, and
+runs proxies (A) that lead local ports to ports on other clients.
+
+``Client(url, client_id).start()`` returns once registered; ``stop()`` closes every proxy,
+session and socket and joins every thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from urllib.parse import urlsplit
+
+from common import protocol as p
+from common.errors import ChuantouError
+from common.threads import ThreadGroup
+
+from .control import ControlChannel
+from .datachannel import JoinError, open_data_channel
+from .proxy import Proxy
+from .target import serve_connect_request
+
+log = logging.getLogger("chuantou.client")
+
+DEFAULT_SERVER_URL = "ws://127.0.0.1:8200"
+
+
+def generate_client_id() -> str:
+    return "client-" + secrets.token_hex(4)
+
+
+def check_server_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ChuantouError(f"server URL {url!r} must look like ws://HOST:8200 (or wss:// for TLS)")
+    try:
+        parts.port
+    except ValueError:
+        raise ChuantouError(f"server URL {url!r} has an invalid port") from None
+    return url
+
+
+class Client:
+    def __init__(
+        self,
+        server_url: str = DEFAULT_SERVER_URL,
+        client_id: str | None = None,
+        *,
+        heartbeat_interval: float = 20.0,
+        heartbeat_timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        request_timeout: float = 10.0,
+        reconnect_max_delay: float = 30.0,
+        udp_idle_timeout: float = 60.0,
+        target_host: str = "127.0.0.1",
+    ):
+        self.server_url = check_server_url(server_url)
+        self.client_id = client_id or generate_client_id()
+        if not p.CLIENT_ID_PATTERN.match(self.client_id):
+            raise ChuantouError(
+                f"client ID {self.client_id!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'"
+            )
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.udp_idle_timeout = udp_idle_timeout
+        self.target_host = target_host
+        self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
+        self.control = ControlChannel(
+            self.server_url, self.client_id, self.threads, self._on_message,
+            heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+            connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay,
+        )
+        self.started_at: float | None = None
+        self._proxies: list[Proxy] = []
+        self._sessions: dict[str, object] = {}  # session id -> Pipe / UDP flow (abort())
+        self._closed_reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"<Client {self.client_id} -> {self.server_url} ({self.control.state})>"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> "Client":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float | None = None) -> "Client":
+        """Connect and register; raise ChuantouError if that does not happen within ``timeout``."""
+        if self._started:
+            return self
+        self._started = True
+        self.started_at = time.time()
+        self.control.start()
+        deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
+        while not self.control.registered.is_set():
+            if self.control.finished.is_set() or time.monotonic() >= deadline:
+                reason = self.control.last_error or "no answer"
+                self.stop()
+                raise ChuantouError(
+                    f"cannot register with the relay at {self.server_url}: {reason}; "
+                    f"check that the server is running and that --server points at it"
+                )
+            self.control.registered.wait(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for proxy in list(self._proxies):
+            proxy.close()
+        self.control.stop()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.abort()
+        self.threads.join_all(timeout=10.0)
+
+    @property
+    def connected(self) -> bool:
+        return self.control.registered.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.control.registered.wait(timeout)
+
+    # --- what users call --------------------------------------------------------------------
+
+    def list_clients(self) -> list[str]:
+        reply = self.control.request(p.GetClientList(), timeout=self.request_timeout)
+        return [c.id for c in reply.clients]
+
+    def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
+                     protocol: str = "both", local_host: str = "127.0.0.1") -> Proxy:
+        """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
+        the target client. Raises PortInUseError if the local port is taken."""
+        if self._stopped:
+            raise ChuantouError("this client is stopped; create a new Client")
+        proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host).open()
+        with self._lock:
+            self._proxies.append(proxy)
+        return proxy
+
+    @property
+    def proxies(self) -> list[Proxy]:
+        with self._lock:
+            return list(self._proxies)
+
+    def status(self) -> dict:
+        return {
+            "clientId": self.client_id,
+            "serverUrl": self.server_url,
+            "state": self.control.state,
+            "lastError": self.control.last_error,
+            "nextAttemptAt": self.control.next_attempt_at,
+            "reconnects": self.control.reconnects,
+            "startedAt": self.started_at,
+            "activeSessions": len(self._sessions),
+            "proxies": [proxy.info() for proxy in self.proxies],
+        }
+
+    # --- used by proxies and the target side ------------------------------------------------
+
+    def join_session(self, msg, side: str):
+        """Open the data channel for a create_session (side A) or connect_request (side B)."""
+        try:
+            return open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, side, timeout=self.request_timeout)
+        except JoinError as exc:
+            reason = self._closed_reasons.get(msg.sessionId)
+            raise JoinError(reason or str(exc)) from None
+
+    def _forget_proxy(self, proxy: Proxy) -> None:
+        with self._lock:
+            if proxy in self._proxies:
+                self._proxies.remove(proxy)
+
+    def _track_session(self, session_id: str, handle) -> None:
+        with self._lock:
+            self._sessions[session_id] = handle
+            reason = self._closed_reasons.get(session_id)
+        if reason is not None:  # the relay closed it before we got here
+            handle.abort()
+
+    def _untrack_session(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def _on_message(self, msg) -> None:
+        """Messages the relay starts; runs on the control reader thread, so it must not block."""
+        if isinstance(msg, p.ConnectRequest):
+            try:
+                self.threads.spawn(f"target-{(msg.sessionId or '')[:8]}", serve_connect_request, self, msg)
+            except RuntimeError:
+                log.warning("cannot start a thread for a session from %s", msg.fromClientId)
+        elif isinstance(msg, p.SessionClosed):
+            self._session_closed(msg)
+        elif isinstance(msg, p.Error):
+            log.warning("relay reported: %s", msg.message)
+
+    def _session_closed(self, msg: p.SessionClosed) -> None:
+        with self._lock:
+            self._closed_reasons[msg.sessionId] = msg.reason
+            while len(self._closed_reasons) > 256:
+                self._closed_reasons.popitem(last=False)
+            handle = self._sessions.get(msg.sessionId)
+        if msg.reason not in ("", "ended"):
+            log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)
+        if handle is not None:
+            handle.abort()

@@ -1,0 +1,262 @@
+"""The client's control channel: a WebSocket to the relay that registers, sends heartbeats,
+matches answers to requests, and reconnects with capped, jittered backoff.
+
+One named thread connects and then reads; another sends heartbeats and notices a silent
+relay. Messages the relay starts (``connect_request``, ``session_closed``) go to the
+``on_message`` callback, which must not block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+import threading
+import time
+
+import websocket
+
+from common import protocol as p
+from common.errors import ChuantouError, NotConnectedError, RequestError
+
+log = logging.getLogger("chuantou.client")
+
+
+class RegistrationRefused(ChuantouError):
+    """The relay answered ``register`` with an error; retrying will not help."""
+
+
+class _Waiter:
+    def __init__(self):
+        self.event = threading.Event()
+        self.reply = None
+
+
+class ControlChannel:
+    def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
+                 heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float):
+        self.url = url
+        self.client_id = client_id
+        self.threads = threads
+        self.on_message = on_message
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect_max_delay = reconnect_max_delay
+
+        self.state = "idle"  # idle, connecting, connected, reconnecting, failed, stopped
+        self.last_error: str | None = None
+        self.next_attempt_at: float | None = None
+        self.reconnects = 0
+        self.registered = threading.Event()  # set while registered
+        self.finished = threading.Event()  # set when the connect loop gave up or stopped
+        self._stopping = threading.Event()
+        self._ws: websocket.WebSocket | None = None
+        self._last_received = time.monotonic()
+        self._ids = itertools.count(1)
+        self._pending: dict[str, _Waiter] = {}
+        self._pending_lock = threading.Lock()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.threads.spawn("control", self._run)
+        self.threads.spawn("heartbeat", self._heartbeat_loop)
+
+    def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        ws = self._ws
+        if ws is not None and self.registered.is_set():
+            try:
+                ws.send(p.encode(p.Unregister()))
+            except Exception:  # the relay is already gone; nothing to tell it
+                pass
+        self._abort()
+        self.state = "stopped"
+
+    def _abort(self) -> None:
+        ws = self._ws
+        if ws is not None:
+            ws.abort()
+
+    # --- connect / read loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        try:
+            while not self._stopping.is_set():
+                self.state = "connecting" if attempt == 0 and not self.reconnects else "reconnecting"
+                try:
+                    ws = self._connect_and_register()
+                except RegistrationRefused as exc:
+                    self.last_error = str(exc)
+                    self.state = "failed"
+                    log.error("relay refused registration: %s", exc)
+                    return
+                except Exception as exc:  # unreachable, reset, bad handshake: try again later
+                    self.last_error = _describe(exc)
+                    log.info("cannot reach relay at %s: %s", self.url, self.last_error)
+                else:
+                    attempt = 0
+                    if self._serve(ws) == "replaced":
+                        self.state = "failed"
+                        return
+                    if self._stopping.is_set():
+                        return
+                    self.reconnects += 1
+                    log.warning("connection to relay %s lost; reconnecting", self.url)
+                delay = min(self.reconnect_max_delay, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+                attempt += 1
+                self.next_attempt_at = time.time() + delay
+                self._stopping.wait(delay)
+        finally:
+            self.next_attempt_at = None
+            self.finished.set()
+
+    def _connect_and_register(self) -> websocket.WebSocket:
+        ws = websocket.create_connection(self.url, timeout=self.connect_timeout, enable_multithread=True)
+        try:
+            ws.send(p.encode(p.Register(clientId=self.client_id, protocolVersion=p.PROTOCOL_VERSION)))
+            while True:
+                opcode, data = ws.recv_data()
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    raise ConnectionError("relay closed the connection during registration")
+                reply = p.decode(data)
+                if isinstance(reply, p.RegisterResponse):
+                    break
+                if isinstance(reply, p.Error):
+                    raise RegistrationRefused(reply.message)
+            if not reply.success:
+                raise RegistrationRefused(reply.error or "registration refused")
+            ws.settimeout(None)  # the reader blocks; stop() and the heartbeat watchdog abort it
+        except BaseException:
+            ws.abort()
+            ws.shutdown()
+            raise
+        if reply.existingKicked:
+            log.warning("client ID %s was registered elsewhere; that connection was replaced", self.client_id)
+        return ws
+
+    def _serve(self, ws: websocket.WebSocket) -> str:
+        """Read until the connection ends; returns why it ended."""
+        self._ws = ws
+        self._last_received = time.monotonic()
+        self.state = "connected"
+        self.next_attempt_at = None
+        self.last_error = None
+        self.registered.set()
+        log.info("registered with relay %s as %s", self.url, self.client_id)
+        if self._stopping.is_set():  # stop() raced with the connect
+            ws.abort()
+        ended = "lost"
+        try:
+            while True:
+                try:
+                    opcode, data = ws.recv_data()
+                except (websocket.WebSocketException, OSError, AttributeError):
+                    return ended
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    return ended
+                self._last_received = time.monotonic()
+                if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                    continue
+                try:
+                    msg = p.decode(data)
+                except p.ProtocolError as exc:
+                    log.warning("ignoring a bad message from the relay: %s", exc)
+                    continue
+                if isinstance(msg, p.Error) and msg.code == "replaced":
+                    log.error("%s; not reconnecting, so the two do not take turns", msg.message)
+                    self.last_error = msg.message
+                    ended = "replaced"
+                    continue
+                self._dispatch(msg)
+        finally:
+            self.registered.clear()
+            self._ws = None
+            ws.shutdown()
+            self._fail_pending("the connection to the relay was lost")
+
+    def _dispatch(self, msg) -> None:
+        request_id = getattr(msg, "requestId", None)
+        if request_id is not None:
+            with self._pending_lock:
+                waiter = self._pending.pop(request_id, None)
+            if waiter is not None:
+                waiter.reply = msg
+                waiter.event.set()
+                return
+        if isinstance(msg, p.Heartbeat):
+            return
+        try:
+            self.on_message(msg)
+        except Exception:
+            log.exception("handling %s from the relay failed", msg.TYPE)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def send(self, msg) -> None:
+        ws = self._ws
+        if ws is None or not self.registered.is_set():
+            raise NotConnectedError(f"not connected to the relay at {self.url} ({self.last_error or self.state})")
+        try:
+            ws.send(p.encode(msg))
+        except (websocket.WebSocketException, OSError) as exc:
+            ws.abort()
+            raise NotConnectedError(f"lost the relay at {self.url}: {_describe(exc)}") from None
+
+    def request(self, msg, timeout: float):
+        """Send a message carrying a fresh requestId and wait for the reply that echoes it.
+
+        An ``error`` reply raises RequestError with the relay's message.
+        """
+        request_id = f"r{next(self._ids)}"
+        msg = dataclasses.replace(msg, requestId=request_id)
+        waiter = _Waiter()
+        with self._pending_lock:
+            self._pending[request_id] = waiter
+        try:
+            self.send(msg)
+            if not waiter.event.wait(timeout):
+                raise RequestError(f"the relay did not answer {msg.TYPE} within {timeout:g} s", "timeout")
+        finally:
+            with self._pending_lock:
+                self._pending.pop(request_id, None)
+        reply = waiter.reply
+        if reply is None:
+            raise NotConnectedError("the connection to the relay was lost before it answered")
+        if isinstance(reply, p.Error):
+            raise RequestError(reply.message, reply.code)
+        return reply
+
+    def _fail_pending(self, why: str) -> None:
+        with self._pending_lock:
+            waiters = list(self._pending.values())
+            self._pending.clear()
+        for waiter in waiters:
+            waiter.event.set()  # reply stays None: the request fails with NotConnectedError
+
+    # --- heartbeat --------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.heartbeat_interval):
+            if not self.registered.is_set():
+                continue
+            if time.monotonic() - self._last_received > self.heartbeat_timeout:
+                log.warning("relay silent for %g s; reconnecting", self.heartbeat_timeout)
+                self._abort()
+                continue
+            try:
+                self.send(p.Heartbeat(timestamp=time.time()))
+            except NotConnectedError:
+                pass
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the relay running on that host and port?)"
+    return text

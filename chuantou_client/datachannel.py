@@ -1,0 +1,75 @@
+"""Joining a relay session from the client: the TCP data channel and the UDP registration."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from common import protocol as p
+from common.errors import ChuantouError
+from common.frames import JoinRequest, JoinStatus, pack_data_header, pack_udp_register, unpack_udp_ack
+from common.net import close_quietly, recv_exact, tune_tcp
+
+
+class JoinError(ChuantouError):
+    pass
+
+
+def open_data_channel(addr: p.RelayAddr, session_id: str, secret: str, side: str,
+                      timeout: float = 10.0) -> socket.socket:
+    """Connect to the relay, present the session header, and return the joined socket (blocking)."""
+    deadline = time.monotonic() + timeout
+    sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+    try:
+        tune_tcp(sock)
+        sock.sendall(pack_data_header(JoinRequest(side, session_id, secret)))
+        status = JoinStatus(recv_exact(sock, 1, deadline)[0])
+    except (OSError, ValueError) as exc:
+        close_quietly(sock)
+        raise JoinError(f"data channel to relay {addr.host}:{addr.port} failed: {exc}") from None
+    if status != JoinStatus.JOINED:
+        close_quietly(sock)
+        raise JoinError(f"relay refused the data channel: {status.describe()}")
+    sock.settimeout(None)
+    return sock
+
+
+def register_udp(sock: socket.socket, relay: tuple, session_id: str, secret: str, side: str,
+                 timeout: float = 10.0, retry_every: float = 0.2) -> None:
+    """Register ``sock``'s address with the relay for this session, retrying until acknowledged.
+
+    Datagrams that are not the ack (early payload from the relay) are dropped here; the
+    caller's socket keeps whatever timeout it had.
+    """
+    packet = pack_udp_register(JoinRequest(side, session_id, secret))
+    deadline = time.monotonic() + timeout
+    previous = sock.gettimeout()
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JoinError(f"relay {relay[0]}:{relay[1]} did not acknowledge the UDP registration "
+                                f"within {timeout:g} s (is UDP to that port blocked?)")
+            sock.sendto(packet, relay)
+            sock.settimeout(min(retry_every, remaining))
+            try:
+                while True:
+                    data, src = sock.recvfrom(65535)
+                    ack = unpack_udp_ack(data) if src[:2] == relay else None
+                    if ack and ack[0] == session_id:
+                        if ack[1] != JoinStatus.JOINED:
+                            raise JoinError(f"relay refused the UDP registration: {ack[1].describe()}")
+                        return
+            except socket.timeout:
+                continue
+            except ConnectionRefusedError:  # ICMP from a relay not (yet) listening: retry
+                continue
+    finally:
+        sock.settimeout(previous)
+
+
+def resolve_udp(addr: p.RelayAddr) -> tuple:
+    """The relay's UDP address as recvfrom reports it, for comparing sources."""
+    info = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = info[0]
+    return family, sockaddr[:2]

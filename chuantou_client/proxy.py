@@ -1,0 +1,221 @@
+"""The gateway side (A): a local port whose connections and datagrams lead to a port on the
+target client (B) through the relay.
+
+One listener thread per protocol. Each accepted TCP connection asks the relay for a
+session, joins its data channel and is pumped by a Pipe; UDP peers are handled in udp.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+
+from common import protocol as p
+from common.errors import ChuantouError, PortInUseError
+from common.net import close_quietly, tune_tcp
+from common.pipe import Pipe
+from common.threads import ThreadGroup
+
+from .datachannel import open_data_channel
+from .udp import UdpGateway
+
+log = logging.getLogger("chuantou.client")
+
+PROTOCOL_CHOICES = ("tcp", "udp", "both")
+
+
+class Proxy:
+    """A running proxy: ``localhost:local_port -> target_client_id:target_port``. Close with ``close()``."""
+
+    def __init__(self, client, local_port: int, target_client_id: str, target_port: int,
+                 protocol: str = "both", local_host: str = "127.0.0.1"):
+        _check_proxy_args(local_port, target_client_id, target_port, protocol)
+        self.client = client
+        self.local_port = local_port
+        self.local_host = local_host
+        self.target_client_id = target_client_id
+        self.target_port = target_port
+        self.protocol = protocol
+        self.threads = ThreadGroup(f"chuantou-proxy-{local_port}")
+        self.connections_total = 0
+        self._done_bytes = [0, 0]  # of finished connections: user->target, target->user
+        self._pipes: set[Pipe] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._tcp: socket.socket | None = None
+        self.udp: UdpGateway | None = None
+
+    def __repr__(self) -> str:
+        return f"<Proxy {self.local_host}:{self.local_port} -> {self.target_client_id}:{self.target_port} {self.protocol}>"
+
+    @property
+    def description(self) -> str:
+        return f"localhost:{self.local_port} -> {self.target_client_id}:{self.target_port}"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> "Proxy":
+        """Bind the local port(s) (raising PortInUseError if taken) and start listening."""
+        tcp, udp = _bind_proxy_sockets(self.local_host, self.local_port, self.protocol)
+        self._tcp = tcp
+        if tcp is not None:
+            self.local_port = tcp.getsockname()[1]
+        if udp is not None:
+            self.local_port = udp.getsockname()[1]
+            self.udp = UdpGateway(self, udp)
+        self.threads.prefix = f"chuantou-proxy-{self.local_port}"
+        if tcp is not None:
+            self.threads.spawn("tcp", self._accept_loop)
+        if udp is not None:
+            self.threads.spawn("udp", self.udp.run)
+        log.info("proxy created: %s (%s)", self.description, self.protocol)
+        return self
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        close_quietly(self._tcp)
+        if self.udp is not None:
+            self.udp.close()
+        with self._lock:
+            pipes = list(self._pipes)
+        for pipe in pipes:
+            pipe.abort()
+        self.threads.join_all(timeout=5.0)
+        self.client._forget_proxy(self)
+        log.info("proxy closed: %s", self.description)
+
+    def __enter__(self) -> "Proxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    # --- figures ----------------------------------------------------------------------------
+
+    @property
+    def active_connections(self) -> int:
+        with self._lock:
+            tcp = len(self._pipes)
+        return tcp + (self.udp.active_flows if self.udp else 0)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes from local users towards the target."""
+        with self._lock:
+            total = self._done_bytes[0] + sum(pipe.sent[0] for pipe in self._pipes)
+        return total + (self.udp.bytes[0] if self.udp else 0)
+
+    @property
+    def bytes_received(self) -> int:
+        with self._lock:
+            total = self._done_bytes[1] + sum(pipe.sent[1] for pipe in self._pipes)
+        return total + (self.udp.bytes[1] if self.udp else 0)
+
+    def info(self) -> dict:
+        return {
+            "localPort": self.local_port,
+            "localHost": self.local_host,
+            "targetClientId": self.target_client_id,
+            "targetPort": self.target_port,
+            "protocol": self.protocol,
+            "activeConnections": self.active_connections,
+            "totalConnections": self.connections_total,
+            "bytesSent": self.bytes_sent,
+            "bytesReceived": self.bytes_received,
+        }
+
+    # --- TCP --------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                user, addr = self._tcp.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                self._closed.wait(0.1)  # e.g. out of file descriptors: do not spin
+                continue
+            tune_tcp(user)
+            self.connections_total += 1
+            try:
+                self.threads.spawn(f"conn-{addr[1]}", self._serve_connection, user, addr)
+            except RuntimeError:
+                log.warning("proxy :%d: cannot start a thread; connection from %s closed", self.local_port, addr)
+                close_quietly(user)
+
+    def _serve_connection(self, user: socket.socket, addr: tuple) -> None:
+        try:
+            reply = self.client.control.request(
+                p.ConnectRequest(toClientId=self.target_client_id, remotePort=self.target_port,
+                                 protocol="tcp", localPort=self.local_port),
+                timeout=self.client.request_timeout,
+            )
+            relay = self.client.join_session(reply, "A")
+        except ChuantouError as exc:
+            log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)
+            close_quietly(user)
+            return
+        pipe = Pipe(user, relay, on_done=self._connection_done)
+        with self._lock:
+            if self._closed.is_set():
+                pipe.abort()
+            self._pipes.add(pipe)
+        self.client._track_session(reply.sessionId, pipe)
+        try:
+            pipe.run(self.threads, f"a-{reply.sessionId[:8]}")
+        finally:
+            self.client._untrack_session(reply.sessionId)
+
+    def _connection_done(self, pipe: Pipe) -> None:
+        with self._lock:
+            self._pipes.discard(pipe)
+            self._done_bytes[0] += pipe.sent[0]
+            self._done_bytes[1] += pipe.sent[1]
+
+
+def _check_proxy_args(local_port, target_client_id, target_port, protocol) -> None:
+    if not isinstance(local_port, int) or not 0 <= local_port <= 65535:
+        raise ChuantouError(f"local port {local_port!r} is not a port number (1-65535)")
+    if not isinstance(target_port, int) or not 1 <= target_port <= 65535:
+        raise ChuantouError(f"target port {target_port!r} is not a port number (1-65535)")
+    if not isinstance(target_client_id, str) or not p.CLIENT_ID_PATTERN.match(target_client_id):
+        raise ChuantouError(f"target client ID {target_client_id!r} is not a valid client ID")
+    if protocol not in PROTOCOL_CHOICES:
+        raise ChuantouError(f"protocol {protocol!r} must be one of tcp, udp, both")
+
+
+def _bind_proxy_sockets(host: str, port: int, protocol: str):
+    """Bind what the protocol needs on one port number; PortInUseError names the port if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(20 if port == 0 else 1):
+        tcp = udp = None
+        try:
+            if protocol in ("tcp", "both"):
+                tcp = socket.socket(family, socket.SOCK_STREAM)
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind((host, port))
+                tcp.listen(512)
+            if protocol in ("udp", "both"):
+                udp = socket.socket(family, socket.SOCK_DGRAM)
+                udp.bind((host, tcp.getsockname()[1] if tcp else port))
+            return tcp, udp
+        except OSError as exc:
+            close_quietly(tcp)
+            close_quietly(udp)
+            if port == 0:
+                continue
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(port, host) from None
+            if exc.errno == errno.EACCES:
+                raise ChuantouError(f"no permission to listen on port {port} (ports below 1024 need "
+                                    f"administrator rights); choose another with --local-port") from None
+            raise ChuantouError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    raise ChuantouError("could not find a local port free for both TCP and UDP")

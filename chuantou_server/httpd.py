@@ -1,0 +1,142 @@
+"""Just enough HTTP/1.1 for the relay port: read one request head, answer or upgrade it.
+
+The accept loop has already read the first bytes; this module reads the rest of the head
+under the connection's deadline, with a size cap, and either writes a short response or
+hands the socket to simple-websocket for the control channel.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import simple_websocket
+
+MAX_HEAD_BYTES = 16 * 1024
+CONTROL_PATHS = ("/", "/ws")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, reason: str):
+        self.status = status
+        super().__init__(reason)
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    body_start: bytes = b""
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path or "/"
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name.lower(), default)
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        return (
+            self.method == "GET"
+            and "websocket" in self.header("upgrade").lower()
+            and "upgrade" in self.header("connection").lower()
+        )
+
+
+def read_request(sock: socket.socket, first: bytes, deadline: float) -> Request:
+    """Read a request head that starts with ``first``; raise BadRequest if it is not one."""
+    data = bytearray(first)
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_HEAD_BYTES:
+            raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request head not complete before the deadline")
+        sock.settimeout(remaining)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("peer closed before the request head ended")
+        data += chunk
+    head, _, rest = bytes(data).partition(b"\r\n\r\n")
+    if len(head) > MAX_HEAD_BYTES:
+        raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+    try:
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, version = lines[0].split(" ")
+    except ValueError:
+        raise BadRequest(400, "malformed request line") from None
+    if not version.startswith("HTTP/1."):
+        raise BadRequest(505, "only HTTP/1.x is spoken here")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise BadRequest(400, "malformed header line")
+        headers[name.lower()] = value.strip()
+    return Request(method, target, version, headers, rest)
+
+
+def send_response(sock: socket.socket, status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8",
+                  extra_headers: dict[str, str] | None = None) -> None:
+    if isinstance(body, str):
+        body = body.encode()
+    reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+              426: "Upgrade Required", 431: "Request Header Fields Too Large", 503: "Service Unavailable",
+              505: "HTTP Version Not Supported"}.get(status, "Error")
+    headers = {
+        "Content-Type": content_type,
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+    }
+    headers.update(extra_headers or {})
+    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    sock.sendall(head.encode("latin-1") + body)
+
+
+class _LockedSendSocket:
+    """What simple-websocket sees as its socket.
+
+    simple-websocket writes with a bare ``sock.send`` from two threads (ours, and its reader
+    answering pings and closes) and ignores partial writes; routing every write through one
+    lock and ``sendall`` fixes both.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, data: bytes) -> int:
+        with self._lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return self._sock.recv(size)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+def accept_websocket(sock: socket.socket, request: Request, thread_factory, max_message_size: int):
+    """Complete the WebSocket handshake; returns a simple_websocket.Server."""
+    environ = {"werkzeug.socket": _LockedSendSocket(sock)}
+    for name, value in request.headers.items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    return simple_websocket.Server(
+        environ,
+        receive_bytes=65536,
+        ping_interval=None,  # we run our own heartbeat messages
+        max_message_size=max_message_size,
+        thread_class=thread_factory,
+    )

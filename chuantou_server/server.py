@@ -1,0 +1,307 @@
+"""The relay server: one TCP port for the control channel, the data channels and HTTP, and
+a UDP socket on the same port number.
+
+``Server.start()`` binds and returns once listening; ``stop()`` closes every socket and joins
+every thread. The accept loop only accepts: each connection gets its own thread, which reads
+the first bytes under a deadline and dispatches on them (HTTP / WebSocket, the data-channel
+magic ``0xFD 0x01``, anything else is closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from urllib.parse import urlsplit
+
+from common import __version__
+from common import protocol as p
+from common.errors import ChuantouError
+from common.frames import DATA_MAGIC
+from common.net import close_quietly, enlarge_udp_buffers, recv_exact, tune_tcp
+from common.threads import ThreadGroup
+
+from . import httpd
+from .registry import ClientRegistry
+from .relay import serve_data_channel
+from .sessions import SessionTable
+from .signaling import ControlConnection
+from .udp import UdpRelay
+
+log = logging.getLogger("chuantou.server")
+
+HTTP_FIRST_BYTES = b"GPHDOCT"  # GET POST PUT PATCH HEAD DELETE OPTIONS CONNECT TRACE
+CONTROL_SEND_TIMEOUT = 15.0  # a client that stops reading its control channel is dropped
+
+
+class Server:
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 8200,
+        heartbeat_timeout: float = 60.0,
+        *,
+        public_host: str | None = None,
+        public_port: int | None = None,
+        session_join_timeout: float = 10.0,
+        udp_idle_timeout: float = 60.0,
+        handshake_timeout: float = 10.0,
+        max_message_size: int = p.MAX_MESSAGE_BYTES,
+    ):
+        self.host = host
+        self.port = port
+        self.heartbeat_timeout = heartbeat_timeout
+        self.public_host = public_host
+        self.public_port = public_port
+        self.session_join_timeout = session_join_timeout
+        self.udp_idle_timeout = udp_idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_message_size = max_message_size
+
+        self.registry = ClientRegistry()
+        self.sessions = SessionTable()
+        self.threads = ThreadGroup("chuantou-server")
+        self.started_at: float | None = None
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._udp_sock: socket.socket | None = None
+        self.udp: UdpRelay | None = None
+        self._conn_lock = threading.Lock()
+        self._connections: set[ControlConnection] = set()
+        self._state_lock = threading.Lock()
+        self._started = False
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "Server":
+        with self._state_lock:
+            if self._started:
+                return self
+            self._listener, self._udp_sock = self._bind()
+            self.port = self._listener.getsockname()[1]
+            self.udp = UdpRelay(self._udp_sock, self.sessions, self._stopping)
+            self._started = True
+            self.started_at = time.time()
+        self.threads.spawn("accept", self._accept_loop)
+        self.threads.spawn("udp", self.udp.run)
+        self.threads.spawn("housekeeper", self._housekeeping_loop)
+        log.info("chuantou relay %s listening on %s:%d (TCP and UDP)", __version__, self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        with self._state_lock:
+            if not self._started or self._stopping.is_set():
+                return
+            self._stopping.set()
+        close_quietly(self._listener)
+        for conn in self._live_connections():
+            conn.close()
+        for session in self.sessions.all():
+            self.close_session(session, "relay stopping", notify=False)
+        self.threads.join_all(timeout=10.0)
+        close_quietly(self._udp_sock)
+        log.info("chuantou relay on port %d stopped", self.port)
+
+    def _bind(self) -> tuple[socket.socket, socket.socket]:
+        """Bind TCP and UDP on one port number; with port 0, retry until both get the same one."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        for _ in range(20 if self.port == 0 else 1):
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((self.host, self.port))
+                tcp.listen(1024)
+            except OSError as exc:
+                tcp.close()
+                raise ChuantouError(
+                    f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
+                    f"is another relay running? choose another port with --port"
+                ) from None
+            port = tcp.getsockname()[1]
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                udp.bind((self.host, port))
+            except OSError as exc:
+                udp.close()
+                tcp.close()
+                if self.port == 0:
+                    continue
+                raise ChuantouError(
+                    f"cannot bind UDP {self.host}:{port}: {exc.strerror or exc}; "
+                    f"the UDP port is taken, choose another port with --port"
+                ) from None
+            enlarge_udp_buffers(udp)
+            return tcp, udp
+        raise ChuantouError("could not find a port free for both TCP and UDP")
+
+    # --- accept and dispatch ----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                log.warning("accept failed: %s", exc)  # e.g. out of file descriptors
+                self._stopping.wait(0.1)
+                continue
+            tune_tcp(sock)
+            try:
+                self.threads.spawn(f"conn-{addr[0]}:{addr[1]}", self._dispatch, sock, addr)
+            except RuntimeError:
+                log.warning("cannot start a thread for %s:%s; connection closed", addr[0], addr[1])
+                close_quietly(sock)
+
+    def _dispatch(self, sock: socket.socket, addr: tuple) -> None:
+        deadline = time.monotonic() + self.handshake_timeout
+        try:
+            first = recv_exact(sock, 2, deadline)
+            if first == DATA_MAGIC:
+                serve_data_channel(self, sock, first, deadline)
+            elif first[0] in HTTP_FIRST_BYTES:
+                self._serve_http(sock, addr, first, deadline)
+            else:
+                log.debug("connection from %s:%s closed: unknown first bytes %r", addr[0], addr[1], first)
+                close_quietly(sock)
+        except (OSError, ValueError) as exc:  # timeouts, resets, EOF: only this connection ends
+            log.debug("connection from %s:%s dropped: %s", addr[0], addr[1], exc)
+            close_quietly(sock)
+
+    def _serve_http(self, sock: socket.socket, addr: tuple, first: bytes, deadline: float) -> None:
+        try:
+            request = httpd.read_request(sock, first, deadline)
+        except httpd.BadRequest as exc:
+            httpd.send_response(sock, exc.status, f"{exc}\n")
+            close_quietly(sock)
+            return
+        if request.is_websocket_upgrade and request.path in httpd.CONTROL_PATHS:
+            self._serve_control(sock, addr, request)
+            return
+        try:
+            status, body = self.http_page(request)
+            httpd.send_response(sock, status, body)
+        finally:
+            close_quietly(sock)
+
+    def http_page(self, request: httpd.Request) -> tuple[int, str]:
+        if request.path == "/" and request.method in ("GET", "HEAD"):
+            return 200, f"chuantou relay {__version__}: connect clients to ws://<this host>:{self.port}\n"
+        return 404, "not found\n"
+
+    def _serve_control(self, sock: socket.socket, addr: tuple, request: httpd.Request) -> None:
+        sock.settimeout(None)  # simple-websocket needs a blocking socket; SO_SNDTIMEO bounds sends
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CONTROL_SEND_TIMEOUT))
+
+        def reader_thread(target):
+            thread = threading.Thread(target=target, name=f"chuantou-server-ws-{addr[0]}:{addr[1]}", daemon=True)
+            self.threads.adopt(thread)
+            return thread
+
+        ws = httpd.accept_websocket(sock, request, reader_thread, self.max_message_size)
+        conn = ControlConnection(self, ws, sock, addr, self._relay_host_from(request, sock))
+        with self._conn_lock:
+            if self._stopping.is_set():
+                conn.close()
+                return
+            self._connections.add(conn)
+        conn.serve()
+
+    def _relay_host_from(self, request: httpd.Request, sock: socket.socket) -> str:
+        if self.public_host:
+            return self.public_host
+        host = request.header("host")
+        if host:
+            try:
+                name = urlsplit("//" + host).hostname
+            except ValueError:
+                name = None
+            if name:
+                return name
+        return sock.getsockname()[0]
+
+    def relay_addr(self, conn: ControlConnection, protocol: str) -> p.RelayAddr:
+        """Where ``conn``'s client opens data channels: the host it used to reach us."""
+        return p.RelayAddr(host=conn.relay_host, port=self.public_port or self.port, protocol=protocol)
+
+    # --- clients and sessions ---------------------------------------------------------------
+
+    def _live_connections(self) -> list[ControlConnection]:
+        with self._conn_lock:
+            return list(self._connections)
+
+    def connection_ended(self, conn: ControlConnection) -> None:
+        with self._conn_lock:
+            self._connections.discard(conn)
+        if conn.client_id and self.registry.unregister(conn.client_id, conn):
+            log.info("client %s disconnected", conn.client_id)
+            # Sessions still waiting for this client cannot complete; running ones keep going
+            # on their own sockets until they end.
+            for session in self.sessions.for_client(conn.client_id):
+                if not session.joined:
+                    self.close_session(session, f"client '{conn.client_id}' went offline")
+
+    def drop_client(self, conn: ControlConnection, reason: str) -> None:
+        """Take a client offline (heartbeat timeout, unregister) and close all its sessions."""
+        if conn.client_id:
+            log.info("client %s dropped: %s", conn.client_id, reason)
+            if self.registry.unregister(conn.client_id, conn):
+                for session in self.sessions.for_client(conn.client_id):
+                    self.close_session(session, f"client '{conn.client_id}' {reason}")
+        conn.close()
+
+    def close_session(self, session, reason: str, notify: bool = True) -> None:
+        if not self.sessions.remove(session):
+            return
+        session.close_sockets()
+        if self.udp is not None and session.protocol == "udp":
+            self.udp.forget(session)
+        if notify:
+            for client_id in {session.client_a, session.client_b}:
+                conn = self.registry.get(client_id)
+                if conn is not None:
+                    conn.send(p.SessionClosed(sessionId=session.id, reason=reason))
+
+    # --- deadlines --------------------------------------------------------------------------
+
+    def _housekeeping_loop(self) -> None:
+        tick = max(0.05, min(0.5, self.heartbeat_timeout / 4, self.session_join_timeout / 4))
+        while not self._stopping.wait(tick):
+            self.expire_once()
+
+    def expire_once(self) -> None:
+        now = time.monotonic()
+        for conn in self._live_connections():
+            if conn.client_id is None and now - conn.opened > self.handshake_timeout:
+                log.info("%s closed: no register within %g s", conn, self.handshake_timeout)
+                conn.close()
+            elif conn.client_id is not None and now - conn.last_seen > self.heartbeat_timeout:
+                self.drop_client(conn, f"sent nothing for {self.heartbeat_timeout:g} s (heartbeat timeout)")
+        for session, reason in self.sessions.expired(self.session_join_timeout, self.udp_idle_timeout):
+            log.info("session %s closed: %s", session.id[:8], reason)
+            self.close_session(session, reason)
+
+    # --- figures ----------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        return {
+            "version": __version__,
+            "port": self.port,
+            "uptime": time.time() - self.started_at if self.started_at else 0.0,
+            "clients": len(self.registry),
+            "sessions": len(self.sessions),
+            "threads": len(self.threads),
+        }
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))

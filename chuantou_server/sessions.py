@@ -1,0 +1,148 @@
+"""The relay's table of sessions: who is joined to whom, with which secrets, and since when.
+
+A session is created when gateway A asks for target B. Each side then joins with its own
+secret: a TCP data channel (``sock_a`` / ``sock_b``) or a registered UDP address
+(``udp_a`` / ``udp_b``). The table only holds state; the relay and the UDP relay move bytes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from common.frames import ID_BYTES, SECRET_BYTES, JoinRequest, JoinStatus
+from common.net import close_quietly
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    client_a: str
+    client_b: str
+    port: int
+    protocol: str  # "tcp" or "udp"
+    secret_a: str = field(repr=False)
+    secret_b: str = field(repr=False)
+    created_at: float = field(default_factory=time.time)
+    created_mono: float = field(default_factory=time.monotonic)
+    accepted: bool = False
+    sock_a: socket.socket | None = field(default=None, repr=False)
+    sock_b: socket.socket | None = field(default=None, repr=False)
+    pipe: object | None = field(default=None, repr=False)
+    udp_a: tuple | None = None
+    udp_b: tuple | None = None
+    udp_bytes: list = field(default_factory=lambda: [0, 0])  # a->b, b->a
+    last_active: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    @property
+    def joined(self) -> bool:
+        if self.protocol == "tcp":
+            return self.pipe is not None
+        return self.udp_a is not None and self.udp_b is not None
+
+    @property
+    def bytes_a_to_b(self) -> int:
+        return self.pipe.sent[0] if self.pipe is not None else self.udp_bytes[0]
+
+    @property
+    def bytes_b_to_a(self) -> int:
+        return self.pipe.sent[1] if self.pipe is not None else self.udp_bytes[1]
+
+    def secret_for(self, side: str) -> str:
+        return self.secret_a if side == "A" else self.secret_b
+
+    def involves(self, client_id: str) -> bool:
+        return client_id in (self.client_a, self.client_b)
+
+    def close_sockets(self) -> None:
+        if self.pipe is not None:
+            self.pipe.abort()
+        close_quietly(self.sock_a)
+        close_quietly(self.sock_b)
+
+
+class SessionTable:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+
+    def create(self, client_a: str, client_b: str, port: int, protocol: str) -> Session:
+        session = Session(
+            id=secrets.token_hex(ID_BYTES),
+            client_a=client_a,
+            client_b=client_b,
+            port=port,
+            protocol=protocol,
+            secret_a=secrets.token_hex(SECRET_BYTES),
+            secret_b=secrets.token_hex(SECRET_BYTES),
+        )
+        with self._lock:
+            self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def remove(self, session: Session) -> bool:
+        """Take the session out of the table; True if this call removed it."""
+        with self._lock:
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+                session.closed = True
+                return True
+            return False
+
+    def all(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def for_client(self, client_id: str) -> list[Session]:
+        with self._lock:
+            return [s for s in self._sessions.values() if s.involves(client_id)]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def check_join(self, join: JoinRequest, protocol: str) -> tuple[JoinStatus, Session | None]:
+        """Authenticate a join without changing anything."""
+        session = self.get(join.session_id)
+        if session is None or session.closed:
+            return JoinStatus.UNKNOWN_SESSION, None
+        if not hmac.compare_digest(session.secret_for(join.side), join.secret):
+            return JoinStatus.BAD_SECRET, None
+        if session.protocol != protocol:
+            return JoinStatus.WRONG_PROTOCOL, None
+        return JoinStatus.JOINED, session
+
+    def join_tcp(self, join: JoinRequest, sock: socket.socket) -> tuple[JoinStatus, Session | None, bool]:
+        """Attach ``sock`` as the given side. Returns (status, session, both_sides_present)."""
+        status, session = self.check_join(join, "tcp")
+        if session is None:
+            return status, None, False
+        with self._lock:
+            if session.closed:
+                return JoinStatus.UNKNOWN_SESSION, None, False
+            attr = "sock_a" if join.side == "A" else "sock_b"
+            if getattr(session, attr) is not None:
+                return JoinStatus.ALREADY_JOINED, None, False
+            setattr(session, attr, sock)
+            return JoinStatus.JOINED, session, session.sock_a is not None and session.sock_b is not None
+
+    def expired(self, join_timeout: float, udp_idle_timeout: float) -> list[tuple[Session, str]]:
+        """Sessions whose other half never came, and UDP sessions idle too long, with the reason."""
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for s in self._sessions.values():
+                if not s.joined and now - s.created_mono > join_timeout:
+                    out.append((s, f"the other side did not join within {join_timeout:g} s"))
+                elif s.protocol == "udp" and s.joined and now - s.last_active > udp_idle_timeout:
+                    out.append((s, f"idle for {udp_idle_timeout:g} s"))
+        return out

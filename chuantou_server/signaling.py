@@ -1,0 +1,197 @@
+"""One client's WebSocket control channel on the relay: registration, heartbeats, and the
+messages that create, accept, reject and close sessions.
+
+Each connection is served by its own thread reading messages; every outgoing message goes
+through ``ControlConnection.send`` (one writer lock underneath, see httpd._LockedSendSocket).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import simple_websocket
+
+from common import protocol as p
+from common.net import shutdown_quietly
+
+log = logging.getLogger("chuantou.server")
+
+
+class ControlConnection:
+    def __init__(self, server, ws, sock: socket.socket, remote: tuple, relay_host: str):
+        self.server = server
+        self.ws = ws
+        self.sock = sock
+        self.remote = remote
+        self.relay_host = relay_host
+        self.client_id: str | None = None
+        self.connected_at = time.time()
+        self.opened = time.monotonic()
+        self.last_seen = time.monotonic()
+        self._closed = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<ControlConnection {self.client_id or '(unregistered)'} from {self.remote[0]}:{self.remote[1]}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    # --- I/O --------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Read and handle messages until the connection ends."""
+        try:
+            while not self._closed.is_set():
+                try:
+                    frame = self.ws.receive()
+                except simple_websocket.ConnectionClosed:
+                    break
+                if frame is None:
+                    continue
+                self.last_seen = time.monotonic()
+                self.handle_frame(frame)
+        finally:
+            self.close()
+            self.server.connection_ended(self)
+
+    def send(self, msg) -> bool:
+        """Send one message; a failure closes this connection and returns False."""
+        if self._closed.is_set():
+            return False
+        try:
+            self.ws.send(p.encode(msg))
+            return True
+        except (simple_websocket.ConnectionClosed, OSError) as exc:
+            log.info("control channel of %s lost while sending: %s", self, exc)
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self.ws.close()
+        except Exception:  # already closed by the peer, or the socket is gone
+            pass
+        shutdown_quietly(self.sock)
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def handle_frame(self, frame) -> None:
+        try:
+            msg = p.decode(frame)
+        except p.ProtocolError as exc:
+            self.send(p.Error(message=f"bad message: {exc}", code="bad_message"))
+            return
+        if self.client_id is None and not isinstance(msg, p.Register):
+            self.send(p.Error(message=f"send 'register' before '{msg.TYPE}'", code="not_registered"))
+            return
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            self.send(p.Error(message=f"'{msg.TYPE}' is not a message a client sends", code="bad_message"))
+            return
+        handler(self, msg)
+
+    def on_register(self, msg: p.Register) -> None:
+        if self.client_id is not None:
+            self.send(p.Error(message=f"already registered as '{self.client_id}'", code="bad_request"))
+            return
+        if msg.protocolVersion != p.PROTOCOL_VERSION:
+            self.send(p.RegisterResponse(
+                success=False,
+                error=f"protocol version {msg.protocolVersion} is not supported: this relay speaks "
+                      f"version {p.PROTOCOL_VERSION}; install the same chuantou version on client and server",
+            ))
+            self.close()
+            return
+        old = self.server.registry.register(msg.clientId, self)
+        self.client_id = msg.clientId
+        if old is not None:
+            old.send(p.Error(
+                message=f"client ID '{msg.clientId}' was registered by a new connection from "
+                        f"{self.remote[0]}; this connection is closed",
+                code="replaced",
+            ))
+            old.close()
+        self.send(p.RegisterResponse(success=True, assignedId=msg.clientId, existingKicked=old is not None))
+        log.info("client %s registered from %s:%s%s", msg.clientId, self.remote[0], self.remote[1],
+                 " (replaced its previous connection)" if old else "")
+
+    def on_get_client_list(self, msg: p.GetClientList) -> None:
+        clients = [p.ClientInfo(id=cid) for cid in self.server.registry.ids()]
+        self.send(p.ClientList(clients=clients, requestId=msg.requestId))
+
+    def on_connect_request(self, msg: p.ConnectRequest) -> None:
+        def refuse(code: str, text: str) -> None:
+            self.send(p.Error(message=text, code=code, requestId=msg.requestId))
+
+        if msg.toClientId == self.client_id:
+            return refuse("bad_request", "the target client is this client itself; reach the port directly")
+        target = self.server.registry.get(msg.toClientId)
+        if target is None:
+            return refuse("client_offline", f"client '{msg.toClientId}' is not online")
+        session = self.server.sessions.create(self.client_id, msg.toClientId, msg.remotePort, msg.protocol)
+        told_target = target.send(p.ConnectRequest(
+            toClientId=msg.toClientId,
+            remotePort=msg.remotePort,
+            protocol=msg.protocol,
+            localPort=msg.localPort,
+            fromClientId=self.client_id,
+            sessionId=session.id,
+            secret=session.secret_b,
+            relayAddr=self.server.relay_addr(target, msg.protocol),
+        ))
+        if not told_target:
+            self.server.close_session(session, "target went offline", notify=False)
+            return refuse("client_offline", f"client '{msg.toClientId}' went offline")
+        self.send(p.CreateSession(
+            sessionId=session.id,
+            peerClientId=msg.toClientId,
+            secret=session.secret_a,
+            service=p.Service(port=msg.remotePort, protocol=msg.protocol),
+            relayAddr=self.server.relay_addr(self, msg.protocol),
+            requestId=msg.requestId,
+        ))
+
+    def _own_session_as_target(self, session_id: str):
+        session = self.server.sessions.get(session_id)
+        if session is None or session.client_b != self.client_id:
+            self.send(p.Error(message=f"no session {session_id[:12]}... is waiting for this client",
+                              code="unknown_session"))
+            return None
+        return session
+
+    def on_accept_session(self, msg: p.AcceptSession) -> None:
+        session = self._own_session_as_target(msg.sessionId)
+        if session is not None:
+            session.accepted = True
+
+    def on_reject_session(self, msg: p.RejectSession) -> None:
+        session = self._own_session_as_target(msg.sessionId)
+        if session is not None:
+            reason = f"client '{self.client_id}' refused: {msg.reason or 'no reason given'}"
+            log.info("session %s: %s", session.id[:8], reason)
+            self.server.close_session(session, reason)
+
+    def on_heartbeat(self, msg: p.Heartbeat) -> None:
+        # Echo it, so the client can tell a silent relay from a quiet one.
+        self.send(p.Heartbeat(timestamp=msg.timestamp))
+
+    def on_unregister(self, msg: p.Unregister) -> None:
+        self.server.drop_client(self, "unregistered")
+
+
+_HANDLERS = {
+    p.Register: ControlConnection.on_register,
+    p.GetClientList: ControlConnection.on_get_client_list,
+    p.ConnectRequest: ControlConnection.on_connect_request,
+    p.AcceptSession: ControlConnection.on_accept_session,
+    p.RejectSession: ControlConnection.on_reject_session,
+    p.Heartbeat: ControlConnection.on_heartbeat,
+    p.Unregister: ControlConnection.on_unregister,
+}

@@ -1,0 +1,70 @@
+"""Small blocking-socket helpers shared by the relay and the client."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+SOCKET_BUFFER = 4 * 1024 * 1024  # UDP sockets: room for bursts of datagrams
+
+
+def tune_tcp(sock: socket.socket) -> socket.socket:
+    """Interactive traffic must not wait for Nagle: every relayed socket gets TCP_NODELAY."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+    return sock
+
+
+def enlarge_udp_buffers(sock: socket.socket) -> None:
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+def recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Read exactly ``size`` bytes before ``deadline`` (time.monotonic()).
+
+    Raises ConnectionError on EOF and TimeoutError when the deadline passes, however slowly
+    the peer trickles bytes in.
+    """
+    chunks = []
+    need = size
+    while need:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"peer sent {size - need} of {size} bytes before the deadline")
+        sock.settimeout(remaining)
+        chunk = sock.recv(need)
+        if not chunk:
+            raise ConnectionError(f"peer closed after {size - need} of {size} bytes")
+        chunks.append(chunk)
+        need -= len(chunk)
+    return b"".join(chunks)
+
+
+def shutdown_quietly(sock: socket.socket | None, how: int = socket.SHUT_RDWR) -> None:
+    if sock is None:
+        return
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
+def close_quietly(sock: socket.socket | None) -> None:
+    """Shut down (which wakes a thread blocked in recv on it) and close."""
+    if sock is None:
+        return
+    shutdown_quietly(sock)
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

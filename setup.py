@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="chuantou",
+    version="0.1.0",
+    description="Pure-relay tunnel: reach a TCP or UDP service on another private network through one relay server",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["common", "chuantou_server", "chuantou_client"],
+    install_requires=[
+        "websocket-client>=1.6",
+        "simple-websocket>=1.0",
+        "platformdirs>=3.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cts=chuantou_server.__main__:main",
+            "ctc=chuantou_client.__main__:main",
+        ],
+    },
+)
