@@ -92,13 +92,19 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self, timeout: float | None = None) -> "Client":
-        """Connect and register; raise ChuantouError if that does not happen within ``timeout``."""
+    def start(self, timeout: float | None = None, wait: bool = True) -> "Client":
+        """Connect and register; raise ChuantouError if that does not happen within ``timeout``.
+
+        With ``wait=False`` return at once and keep trying in the background (what a service
+        wants when the relay is not up yet).
+        """
         if self._started:
             return self
         self._started = True
         self.started_at = time.time()
         self.control.start()
+        if not wait:
+            return self
         deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
         while not self.control.registered.is_set():
             if self.control.finished.is_set() or time.monotonic() >= deadline:

@@ -18,7 +18,6 @@ from common.net import close_quietly, tune_tcp
 from common.pipe import Pipe
 from common.threads import ThreadGroup
 
-from .datachannel import open_data_channel
 from .udp import UdpGateway
 
 log = logging.getLogger("chuantou.client")

@@ -23,7 +23,7 @@ from common.frames import DATA_MAGIC
 from common.net import close_quietly, enlarge_udp_buffers, recv_exact, tune_tcp
 from common.threads import ThreadGroup
 
-from . import httpd
+from . import admin, httpd
 from .registry import ClientRegistry
 from .relay import serve_data_channel
 from .sessions import SessionTable
@@ -187,15 +187,10 @@ class Server:
             self._serve_control(sock, addr, request)
             return
         try:
-            status, body = self.http_page(request)
-            httpd.send_response(sock, status, body)
+            status, content_type, body = admin.handle(self, request, addr)
+            httpd.send_response(sock, status, body, content_type)
         finally:
             close_quietly(sock)
-
-    def http_page(self, request: httpd.Request) -> tuple[int, str]:
-        if request.path == "/" and request.method in ("GET", "HEAD"):
-            return 200, f"chuantou relay {__version__}: connect clients to ws://<this host>:{self.port}\n"
-        return 404, "not found\n"
 
     def _serve_control(self, sock: socket.socket, addr: tuple, request: httpd.Request) -> None:
         sock.settimeout(None)  # simple-websocket needs a blocking socket; SO_SNDTIMEO bounds sends

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-from common.frames import JoinStatus, is_udp_register, pack_udp_ack, unpack_udp_register, FrameError
+from common.frames import FrameError, is_udp_register, pack_udp_ack, unpack_udp_register
 
 log = logging.getLogger("chuantou.server")
 

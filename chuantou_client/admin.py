@@ -1,0 +1,226 @@
+"""The running client's local JSON API on 127.0.0.1:8201 (the CLI and the admin page use it).
+
+Endpoints::
+
+    GET    /api/status              client ID, relay URL, connection state, proxies
+    GET    /api/proxies             {"proxies": [...]}
+    POST   /api/proxies             {"localPort", "targetClient", "targetPort", "protocol"}
+    DELETE /api/proxies/<localPort>
+    GET    /api/clients             {"clients": [...]} online on the relay
+
+A browser page on another site must not be able to drive it: requests with a Host other
+than this address are refused (DNS rebinding), and state-changing requests need a JSON body
+and, if they carry an Origin, this origin.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import json
+import logging
+import re
+import socket
+
+from common.errors import ChuantouError, PortInUseError
+from common.threads import ThreadGroup
+
+log = logging.getLogger("chuantou.client")
+
+MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT = 10.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+class _HttpServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer whose request threads are named and joined by our ThreadGroup."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, admin: "AdminServer"):
+        self.admin = admin
+        self.threads = admin.threads
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        try:
+            self.threads.spawn(f"api-{client_address[1]}", self.process_request_thread, request, client_address)
+        except RuntimeError:
+            self.shutdown_request(request)
+
+
+class AdminServer:
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 8201):
+        self.app = app
+        self.host = host
+        self.port = port
+        self.threads = ThreadGroup("chuantou-admin")
+        self._httpd: _HttpServer | None = None
+
+    def start(self) -> "AdminServer":
+        try:
+            self._httpd = _HttpServer((self.host, self.port), ApiHandler, self)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ChuantouError(f"admin port {self.port} is already in use (is another client running?); "
+                                    f"choose another with --admin-port") from None
+            raise ChuantouError(f"cannot serve the local API on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self.port = self._httpd.server_address[1]
+        self.threads.spawn("http", self._httpd.serve_forever, 0.25)
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self.threads.join_all(timeout=5.0)
+        self._httpd = None
+
+    @property
+    def allowed_hosts(self) -> set[str]:
+        return {f"127.0.0.1:{self.port}", f"localhost:{self.port}", f"[::1]:{self.port}", f"{self.host}:{self.port}"}
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    server_version = "chuantou"
+    timeout = REQUEST_TIMEOUT
+    protocol_version = "HTTP/1.1"
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def log_message(self, fmt, *args):  # keep the API quiet in the client's log
+        log.debug("api: " + fmt, *args)
+
+    @property
+    def app(self):
+        return self.server.admin.app
+
+    @property
+    def server_ref(self) -> AdminServer:
+        return self.server.admin
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            self._check_host()
+            path = self.path.split("?", 1)[0]
+            for route_method, pattern, handler in ROUTES:
+                match = re.fullmatch(pattern, path)
+                if match and route_method == method:
+                    if method != "GET":
+                        self._check_origin()
+                    status, payload = handler(self, *match.groups())
+                    return self._send_json(status, payload)
+            if any(re.fullmatch(pattern, path) for _, pattern, _ in ROUTES):
+                raise ApiError(405, f"{method} is not allowed on {path}")
+            raise ApiError(404, f"no such endpoint: {path}")
+        except ApiError as exc:
+            self._send_json(exc.status, {"error": str(exc)})
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def _check_host(self) -> None:
+        host = self.headers.get("Host", "")
+        if host not in self.server_ref.allowed_hosts:
+            raise ApiError(403, f"requests for host {host!r} are refused; use http://127.0.0.1:{self.server_ref.port}/")
+
+    def _check_origin(self) -> None:
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.removeprefix("http://") not in self.server_ref.allowed_hosts:
+            raise ApiError(403, f"cross-origin request from {origin} refused")
+
+    def _read_json(self) -> dict:
+        if "application/json" not in self.headers.get("Content-Type", ""):
+            raise ApiError(415, "send the request body as JSON (Content-Type: application/json)")
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise ApiError(400, "bad Content-Length") from None
+        if not 0 < length <= MAX_BODY:
+            raise ApiError(400 if length <= 0 else 413, f"request body must be 1-{MAX_BODY} bytes")
+        try:
+            data = json.loads(self.rfile.read(length))
+        except ValueError:
+            raise ApiError(400, "request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return data
+
+    def _send_json(self, status: int, payload) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    # --- endpoints --------------------------------------------------------------------------
+
+    def get_status(self):
+        return 200, self.app.status()
+
+    def get_proxies(self):
+        return 200, {"proxies": self.app.proxies()}
+
+    def post_proxy(self):
+        data = self._read_json()
+        try:
+            local_port = _port(data, "localPort")
+            target_port = _port(data, "targetPort")
+            target = data.get("targetClient")
+            protocol = data.get("protocol", "both")
+            proxy = self.app.create_proxy(local_port, target, target_port, protocol)
+        except PortInUseError as exc:
+            raise ApiError(409, str(exc)) from None
+        except ChuantouError as exc:
+            raise ApiError(400, str(exc)) from None
+        return 201, {"proxy": proxy.info(), "message": f"proxy created: {proxy.description}",
+                     "address": f"localhost:{proxy.local_port}"}
+
+    def delete_proxy(self, port: str):
+        description = self.app.delete_proxy(int(port))
+        if description is None:
+            raise ApiError(404, f"no proxy on local port {port}")
+        return 200, {"message": f"proxy deleted: {description}"}
+
+    def get_clients(self):
+        try:
+            return 200, {"clients": self.app.list_clients()}
+        except ChuantouError as exc:
+            raise ApiError(503, str(exc)) from None
+
+
+def _port(data: dict, key: str) -> int:
+    value = data.get(key)
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ChuantouError(f"{key} must be a port number 1-65535, not {value!r}")
+    return value
+
+
+ROUTES = [
+    ("GET", r"/api/status", ApiHandler.get_status),
+    ("GET", r"/api/proxies", ApiHandler.get_proxies),
+    ("POST", r"/api/proxies", ApiHandler.post_proxy),
+    ("DELETE", r"/api/proxies/(\d{1,5})", ApiHandler.delete_proxy),
+    ("GET", r"/api/clients", ApiHandler.get_clients),
+]

@@ -1,0 +1,164 @@
+"""The long-running client program: a Client, its saved configuration, and its local API.
+
+The config file holds the server URL, the client ID (generated once, then reused) and the
+proxies; proxies created or deleted through the API are saved, and restored at the next
+start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from common import config
+from common import protocol as p
+from common.errors import ChuantouError
+
+from .admin import AdminServer
+from .client import DEFAULT_SERVER_URL, Client, check_server_url, generate_client_id
+from .proxy import PROTOCOL_CHOICES
+
+log = logging.getLogger("chuantou.client")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _valid_url(value: str) -> bool:
+    try:
+        check_server_url(value)
+    except ChuantouError:
+        return False
+    return True
+
+
+CONFIG_KEYS = {
+    "server": config.Key(str, "a relay URL such as \"ws://relay.example.com:8200\"", DEFAULT_SERVER_URL, _valid_url),
+    "clientId": config.Key(str, "1-64 letters, digits, '.', '_' or '-'", None,
+                           lambda v: bool(p.CLIENT_ID_PATTERN.match(v))),
+    "adminPort": config.Key(int, "a port number 1-65535", 8201, config.is_port),
+    "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
+    "proxies": config.Key(list, "a list of proxies", list),
+}
+
+PROXY_KEYS = {
+    "localPort": config.Key(int, "a port number 1-65535", None, config.is_port, required=True),
+    "targetClient": config.Key(str, "a client ID", None, lambda v: bool(p.CLIENT_ID_PATTERN.match(v)), required=True),
+    "targetPort": config.Key(int, "a port number 1-65535", None, config.is_port, required=True),
+    "protocol": config.Key(str, "one of tcp, udp, both", "both", lambda v: v in PROTOCOL_CHOICES),
+}
+
+
+def default_config_path() -> Path:
+    return config.config_dir() / "client.json"
+
+
+def load_settings(path: Path) -> dict:
+    settings = config.load(path, CONFIG_KEYS)
+    settings["proxies"] = [
+        config.validate(entry, PROXY_KEYS, f"{path}: proxies[{i}]") for i, entry in enumerate(settings["proxies"])
+    ]
+    return settings
+
+
+class ClientApp:
+    """A Client plus its config file and local API; what ``python -m chuantou_client`` runs."""
+
+    def __init__(self, config_path: Path, overrides: dict, *, admin_host: str = "127.0.0.1"):
+        self.config_path = config_path
+        self.settings = load_settings(config_path)
+        changed = False
+        for key in ("server", "clientId"):  # given on the command line: remember them
+            if overrides.get(key) and overrides[key] != self.settings[key]:
+                self.settings[key] = overrides[key]
+                changed = True
+        if not self.settings["clientId"]:
+            self.settings["clientId"] = generate_client_id()
+            changed = True
+        if changed or not config_path.exists():
+            self.save()
+        self.server_url = os.environ.get("CHUANTOU_SERVER") if not overrides.get("server") else None
+        self.server_url = self.server_url or self.settings["server"]
+        self.admin_port = overrides.get("adminPort") or self.settings["adminPort"]
+        self.admin_host = admin_host
+        self.client = Client(self.server_url, self.settings["clientId"])
+        self.admin = AdminServer(self, admin_host, self.admin_port)
+        self.failed_proxies: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def save(self) -> None:
+        config.save(self.config_path, self.settings)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> "ClientApp":
+        self.admin.start()  # first: a busy admin port is a clear, early failure
+        self.client.start(wait=False)
+        for entry in self.settings["proxies"]:
+            self._open_proxy(entry)
+        return self
+
+    def stop(self) -> None:
+        self.admin.stop()
+        self.client.stop()
+
+    def _open_proxy(self, entry: dict):
+        try:
+            proxy = self.client.create_proxy(entry["localPort"], entry["targetClient"], entry["targetPort"],
+                                             entry["protocol"])
+        except ChuantouError as exc:
+            self.failed_proxies[entry["localPort"]] = str(exc)
+            log.error("saved proxy %s -> %s:%s not restored: %s", entry["localPort"], entry["targetClient"],
+                      entry["targetPort"], exc)
+            return None
+        self.failed_proxies.pop(entry["localPort"], None)
+        return proxy
+
+    # --- what the API offers ----------------------------------------------------------------
+
+    def status(self) -> dict:
+        status = self.client.status()
+        status.update({
+            "pid": os.getpid(),
+            "configPath": str(self.config_path),
+            "adminUrl": f"http://{self.admin_host}:{self.admin.port}/",
+            "failedProxies": [{"localPort": port, "error": err} for port, err in self.failed_proxies.items()],
+        })
+        return status
+
+    def proxies(self) -> list[dict]:
+        return [proxy.info() for proxy in self.client.proxies]
+
+    def list_clients(self) -> list[str]:
+        return self.client.list_clients()
+
+    def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both"):
+        entry = config.validate(
+            {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol},
+            PROXY_KEYS, "proxy",
+        )
+        with self._lock:
+            proxy = self.client.create_proxy(local_port, target_client, target_port, protocol)
+            self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
+            self.settings["proxies"].append(entry)
+            self.failed_proxies.pop(local_port, None)
+            self.save()
+        return proxy
+
+    def delete_proxy(self, local_port: int) -> str | None:
+        """Close and forget the proxy on ``local_port``; return its description, or None if none."""
+        with self._lock:
+            proxy = next((x for x in self.client.proxies if x.local_port == local_port), None)
+            saved = [e for e in self.settings["proxies"] if e["localPort"] == local_port]
+            if proxy is None and not saved:
+                return None
+            if proxy is not None:
+                proxy.close()
+            self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
+            self.failed_proxies.pop(local_port, None)
+            self.save()
+        if proxy is not None:
+            return proxy.description
+        entry = saved[0]
+        return f"localhost:{local_port} -> {entry['targetClient']}:{entry['targetPort']}"

@@ -1,0 +1,323 @@
+"""Command line of the client: run it (foreground or background service), and drive the
+running client through its local API (proxies, online clients)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from common import __version__, service
+from common.errors import ChuantouError
+
+from .app import LOG_LEVELS, ClientApp, default_config_path
+from .client import DEFAULT_SERVER_URL
+
+MODULE = "chuantou_client"
+START_HINT = "start one with: python -m chuantou_client start --server ws://RELAY-HOST:8200"
+
+EXAMPLES = """examples:
+  python -m chuantou_client start --server ws://relay.example.com:8200 --client-id laptop
+  python -m chuantou_client proxy create --local-port 9090 --target-client office --target-port 8080
+  python -m chuantou_client proxy list
+  python -m chuantou_client clients
+  python -m chuantou_client status
+  python -m chuantou_client stop
+"""
+
+
+def files(args) -> service.ServiceFiles:
+    return service.ServiceFiles.for_role("client", getattr(args, "config", None))
+
+
+def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
+    default = argparse.SUPPRESS if inherit else None
+    parser.add_argument("--server", default=default, metavar="URL",
+                        help=f"relay URL, saved for next time (default: $CHUANTOU_SERVER, the saved one, "
+                             f"or {DEFAULT_SERVER_URL})")
+    parser.add_argument("--client-id", default=default, metavar="ID",
+                        help="this client's ID, saved (default: generated once and reused)")
+    parser.add_argument("--admin-port", type=int, default=default, metavar="PORT",
+                        help="port of the local API and page on 127.0.0.1 (default 8201)")
+    parser.add_argument("--config", default=default, metavar="FILE",
+                        help=f"config file (default {default_config_path()})")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chuantou_client", description="chuantou client: reach services on other machines "
+        "through a chuantou relay.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"chuantou {__version__}")
+    _add_run_options(parser, inherit=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    start = sub.add_parser("start", help="run in the background under a supervisor",
+                           epilog="example: python -m chuantou_client start --server ws://relay:8200 --autostart")
+    _add_run_options(start, inherit=True)
+    start.add_argument("--autostart", action="store_true", help="also start at boot (systemd user unit or crontab)")
+
+    stop = sub.add_parser("stop", help="stop the background client and remove autostart",
+                          epilog="example: python -m chuantou_client stop")
+    stop.add_argument("--keep-autostart", action="store_true", help="leave the start-at-boot entry in place")
+
+    sub.add_parser("status", help="connection state, ID, relay, proxies", epilog="example: python -m chuantou_client status")
+
+    logs = sub.add_parser("logs", help="show the background client's log",
+                          epilog="example: python -m chuantou_client logs -f")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+
+    proxy = sub.add_parser("proxy", help="create, list and delete proxies",
+                           epilog="example: python -m chuantou_client proxy list")
+    proxy_sub = proxy.add_subparsers(dest="proxy_command", metavar="ACTION", required=True)
+    create = proxy_sub.add_parser(
+        "create", help="listen on a local port that leads to a port on another client",
+        epilog="example: python -m chuantou_client proxy create --local-port 9090 --target-client B --target-port 8080")
+    create.add_argument("--local-port", type=int, required=True, help="port to listen on here (127.0.0.1)")
+    create.add_argument("--target-client", required=True, metavar="ID", help="the client whose port to reach")
+    create.add_argument("--target-port", type=int, required=True, help="port on the target client's machine")
+    create.add_argument("--protocol", choices=("tcp", "udp", "both"), default="both", help="default both")
+    proxy_sub.add_parser("list", help="proxies with their connections and bytes",
+                         epilog="example: python -m chuantou_client proxy list")
+    delete = proxy_sub.add_parser("delete", help="close a proxy and forget it",
+                                  epilog="example: python -m chuantou_client proxy delete --local-port 9090")
+    delete.add_argument("--local-port", type=int, required=True)
+
+    sub.add_parser("clients", help="clients online on the relay", epilog="example: python -m chuantou_client clients")
+
+    supervise = sub.add_parser("_supervise")  # internal: the supervisor process
+    supervise.add_argument("worker_args", nargs=argparse.REMAINDER)
+    for command in (create, proxy_sub.choices["list"], delete, sub.choices["clients"], sub.choices["status"]):
+        command.add_argument("--admin-port", type=int, default=argparse.SUPPRESS, metavar="PORT",
+                             help="talk to the client whose local API is on this port (default: the running one)")
+    for command in (stop, logs, create, proxy_sub.choices["list"], delete, sub.choices["clients"],
+                    sub.choices["status"]):
+        command.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                             help="the client started with this config file (default: the default one)")
+    return parser
+
+
+def worker_args(args) -> list[str]:
+    out = []
+    for option in ("server", "client_id", "admin_port", "config", "log_level"):
+        value = getattr(args, option, None)
+        if value is not None:
+            out += [f"--{option.replace('_', '-')}", str(value)]
+    return out
+
+
+# --- running --------------------------------------------------------------------------------
+
+def make_app(args) -> ClientApp:
+    path = Path(args.config) if getattr(args, "config", None) else default_config_path()
+    overrides = {"server": getattr(args, "server", None), "clientId": getattr(args, "client_id", None),
+                 "adminPort": getattr(args, "admin_port", None)}
+    return ClientApp(path, overrides)
+
+
+def run_foreground(args) -> int:
+    app = make_app(args)
+    level = getattr(args, "log_level", None) or app.settings["logLevel"]
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    threading.stack_size(512 * 1024)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    app.start()
+    facts = {"adminPort": app.admin.port, "clientId": app.client.client_id, "server": app.server_url,
+             "configPath": str(app.config_path)}
+    try:
+        with service.WorkerRecord(files(args), facts):
+            print(f"client {app.client.client_id} -> {app.server_url}; page and API: "
+                  f"http://127.0.0.1:{app.admin.port}/; config: {app.config_path}", flush=True)
+            if not app.client.wait_connected(5.0):
+                print(f"not registered yet ({app.client.control.last_error or 'connecting'}); "
+                      f"retrying in the background", flush=True)
+            while not stop.wait(1.0):
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.stop()
+    return 0
+
+
+def cmd_start(args) -> int:
+    running = service.running_worker(files(args))
+    if running:
+        print(f"chuantou client is already running (pid {running['pid']}, ID {running.get('clientId')})")
+        return 0
+    make_app(args)  # validates the config and saves --server / --client-id, in the user's terminal
+    worker = service.start_background(files(args), MODULE, worker_args(args))
+    print(f"chuantou client {worker.get('clientId')} started (pid {service.supervisor_pid(files(args))}), "
+          f"relay {worker.get('server')}")
+    print(f"page and API: http://127.0.0.1:{worker.get('adminPort')}/")
+    print(f"config: {worker.get('configPath')}")
+    print(f"log: {files(args).log_file}")
+    if args.autostart:
+        try:
+            print(service.install_autostart(files(args), MODULE, worker_args(args)))
+        except ChuantouError as exc:
+            print(f"warning: {exc}", file=sys.stderr)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    pid = service.stop_background(files(args))
+    print(f"chuantou client stopped (pid {pid})" if pid else "chuantou client is not running")
+    if not args.keep_autostart:
+        removed = service.remove_autostart(files(args))
+        if removed:
+            print(removed)
+    return 0
+
+
+def cmd_logs(args) -> int:
+    log_file = files(args).log_file
+    if not log_file.exists():
+        print(f"no log yet at {log_file} (the log is written by: python -m chuantou_client start)")
+        return 1
+    for line in service.read_log_tail(log_file, args.lines):
+        print(line)
+    if args.follow:
+        try:
+            service.follow_log(log_file)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_supervise(args) -> int:
+    worker = [a for a in args.worker_args if a != "--"]
+    return service.supervise(service.files_for_worker("client", worker), MODULE, worker)
+
+
+# --- talking to the running client ----------------------------------------------------------
+
+class NoClientRunning(ChuantouError):
+    pass
+
+
+def api(args, method: str, path: str, body: dict | None = None) -> dict:
+    """Call the running client's local API; raise ChuantouError with its error message."""
+    port = getattr(args, "admin_port", None)
+    if port is None:
+        worker = service.running_worker(files(args))
+        if worker is None:
+            raise NoClientRunning(f"no chuantou client is running; {START_HINT}")
+        port = worker["adminPort"]
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=15) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error") or str(exc)
+        except ValueError:
+            message = str(exc)
+        raise ChuantouError(message) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise NoClientRunning(f"no chuantou client answers on 127.0.0.1:{port} ({getattr(exc, 'reason', exc)}); "
+                              f"{START_HINT}") from None
+
+
+def cmd_status(args) -> int:
+    try:
+        status = api(args, "GET", "/api/status")
+    except NoClientRunning as exc:
+        print(str(exc).replace("no chuantou client is running", "chuantou client is not running"))
+        return 1
+    supervisor = service.read_json(files(args).supervisor_file) if service.supervisor_pid(files(args)) else None
+    state = status["state"]
+    if state == "reconnecting" and status.get("nextAttemptAt"):
+        state += f" (next attempt in {max(0.0, status['nextAttemptAt'] - time.time()):.0f} s)"
+    if status.get("lastError") and status["state"] != "connected":
+        state += f": {status['lastError']}"
+    print(f"chuantou client is running (pid {status['pid']})")
+    print(f"  client ID:  {status['clientId']}")
+    print(f"  relay:      {status['serverUrl']}")
+    print(f"  state:      {state}")
+    print(f"  uptime:     {service.format_duration(time.time() - status['startedAt'])}")
+    print(f"  proxies:    {len(status['proxies'])}, active sessions {status['activeSessions']}")
+    for failed in status.get("failedProxies", []):
+        print(f"  not running: proxy on port {failed['localPort']}: {failed['error']}")
+    if supervisor:
+        print(f"  supervisor: pid {supervisor['pid']}, restarts {supervisor['restarts']}")
+    print(f"  page:       {status['adminUrl']}")
+    print(f"  config:     {status['configPath']}")
+    print(f"  log:        {files(args).log_file}")
+    return 0
+
+
+def cmd_proxy(args) -> int:
+    if args.proxy_command == "create":
+        reply = api(args, "POST", "/api/proxies", {
+            "localPort": args.local_port, "targetClient": args.target_client,
+            "targetPort": args.target_port, "protocol": args.protocol,
+        })
+        print(reply["message"])
+        print(f"use it at: {reply['address']}")
+    elif args.proxy_command == "delete":
+        print(api(args, "DELETE", f"/api/proxies/{args.local_port}")["message"])
+    else:
+        proxies = api(args, "GET", "/api/proxies")["proxies"]
+        if not proxies:
+            print("no proxies; create one with: python -m chuantou_client proxy create --local-port 9090 "
+                  "--target-client ID --target-port 8080")
+            return 0
+        rows = [("LOCAL", "TARGET", "PROTOCOL", "ACTIVE", "SENT", "RECEIVED")]
+        for x in proxies:
+            rows.append((f"localhost:{x['localPort']}", f"{x['targetClientId']}:{x['targetPort']}", x["protocol"],
+                         str(x["activeConnections"]), format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_clients(args) -> int:
+    status = api(args, "GET", "/api/status")
+    clients = api(args, "GET", "/api/clients")["clients"]
+    for client_id in clients:
+        print(client_id + ("  (this client)" if client_id == status["clientId"] else ""))
+    return 0
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+COMMANDS = {
+    None: run_foreground,
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "proxy": cmd_proxy,
+    "clients": cmd_clients,
+    "_supervise": cmd_supervise,
+}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ChuantouError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

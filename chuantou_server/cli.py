@@ -1,0 +1,247 @@
+"""Command line of the relay: run in the foreground, or start/stop/status/logs a background
+service under a supervisor, with an optional saved config file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from common import __version__, config, service
+from common.errors import ChuantouError
+
+from .server import Server
+
+MODULE = "chuantou_server"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+CONFIG_KEYS = {
+    "host": config.Key(str, "an address such as \"0.0.0.0\"", "0.0.0.0"),
+    "port": config.Key(int, "a port number 1-65535", 8200, config.is_port),
+    "heartbeatTimeout": config.Key((int, float), "a number of seconds > 0", 60.0, config.is_positive),
+    "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
+}
+OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel"}
+
+EXAMPLES = """examples:
+  python -m chuantou_server                      run in the foreground on port 8200
+  python -m chuantou_server start --autostart    run in the background, also at boot
+  python -m chuantou_server status
+  python -m chuantou_server logs -f
+  python -m chuantou_server stop
+"""
+
+
+def files(args) -> service.ServiceFiles:
+    return service.ServiceFiles.for_role("server", getattr(args, "config", None))
+
+
+def default_config_path() -> Path:
+    return config.config_dir() / "server.json"
+
+
+def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
+    # In subcommands the defaults are SUPPRESS, so options given before the subcommand survive.
+    default = argparse.SUPPRESS if inherit else None
+    parser.add_argument("--host", default=default, help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=default, help="TCP and UDP port (default 8200)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=default,
+                        help="seconds of silence before a client is dropped (default 60)")
+    parser.add_argument("--config", default=default, metavar="FILE",
+                        help=f"config file (default {default_config_path()}, if it exists)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chuantou_server", description="chuantou relay server.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"chuantou {__version__}")
+    _add_run_options(parser, inherit=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    start = sub.add_parser("start", help="run in the background under a supervisor",
+                           epilog="example: python -m chuantou_server start --port 8200 --autostart")
+    _add_run_options(start, inherit=True)
+    start.add_argument("--autostart", action="store_true", help="also start at boot (systemd user unit or crontab)")
+
+    stop = sub.add_parser("stop", help="stop the background server and remove autostart",
+                          epilog="example: python -m chuantou_server stop")
+    stop.add_argument("--keep-autostart", action="store_true", help="leave the start-at-boot entry in place")
+
+    status = sub.add_parser("status", help="is it running; port, uptime, clients, sessions",
+                            epilog="example: python -m chuantou_server status")
+
+    logs = sub.add_parser("logs", help="show the background server's log",
+                          epilog="example: python -m chuantou_server logs -f -n 100")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+
+    for command in (stop, status, logs):
+        command.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                             help="the server started with this config file (default: the default one)")
+
+    supervise = sub.add_parser("_supervise")  # internal: the supervisor process
+    supervise.add_argument("worker_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def resolve_settings(args) -> dict:
+    """Defaults <- config file <- command-line options."""
+    path = getattr(args, "config", None)
+    if path is not None and not Path(path).exists():
+        raise config.ConfigError(f"config file {path} does not exist")
+    settings = config.load(Path(path) if path else default_config_path(), CONFIG_KEYS)
+    for option, key in OPTION_TO_KEY.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            settings[key] = value
+    if not config.is_port(settings["port"]):
+        raise config.ConfigError(f"--port {settings['port']} is not a port number 1-65535")
+    return settings
+
+
+def worker_args(args) -> list[str]:
+    """The foreground command line equivalent to ``args``' run options."""
+    out = []
+    for option in ("host", "port", "heartbeat_timeout", "config", "log_level"):
+        value = getattr(args, option, None)
+        if value is not None:
+            out += [f"--{option.replace('_', '-')}", str(value)]
+    return out
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def run_foreground(args) -> int:
+    settings = resolve_settings(args)
+    logging.basicConfig(level=settings["logLevel"].upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    threading.stack_size(512 * 1024)  # thousands of pump threads: keep their stacks modest
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = Server(host=settings["host"], port=settings["port"], heartbeat_timeout=settings["heartbeatTimeout"])
+    server.start()
+    facts = {"host": settings["host"], "port": server.port, "version": __version__}
+    with service.WorkerRecord(files(args), facts):
+        print(f"chuantou relay listening on {settings['host']}:{server.port}; "
+              f"clients connect with --server ws://<this host>:{server.port}", flush=True)
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+    return 0
+
+
+def cmd_start(args) -> int:
+    svc = files(args)
+    running = service.running_worker(svc)
+    if running:
+        print(f"chuantou server is already running (pid {running['pid']}, port {running.get('port')})")
+        return 0
+    resolve_settings(args)  # fail here, in the user's terminal, on a bad config
+    worker = service.start_background(svc, MODULE, worker_args(args))
+    port = worker.get("port")
+    print(f"chuantou server started (pid {service.supervisor_pid(svc)}), listening on port {port}")
+    print(f"clients connect with: python -m chuantou_client start --server ws://<this host's address>:{port}")
+    print(f"on this machine: ws://127.0.0.1:{port}")
+    print(f"log: {svc.log_file}")
+    if args.autostart:
+        try:
+            print(service.install_autostart(svc, MODULE, worker_args(args)))
+        except ChuantouError as exc:
+            print(f"warning: {exc}", file=sys.stderr)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    svc = files(args)
+    pid = service.stop_background(svc)
+    print(f"chuantou server stopped (pid {pid})" if pid else "chuantou server is not running")
+    if not args.keep_autostart:
+        removed = service.remove_autostart(svc)
+        if removed:
+            print(removed)
+    return 0
+
+
+def fetch_status(port: int, timeout: float = 3.0) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def cmd_status(args) -> int:
+    svc = files(args)
+    worker = service.running_worker(svc)
+    supervisor = service.read_json(svc.supervisor_file) if service.supervisor_pid(svc) else None
+    if worker is None:
+        if supervisor:
+            print(f"chuantou server is not running; its supervisor (pid {supervisor['pid']}) is restarting it")
+        else:
+            print("chuantou server is not running (start it with: python -m chuantou_server start)")
+        return 1
+    try:
+        status = fetch_status(worker["port"])
+    except (OSError, ValueError) as exc:
+        print(f"chuantou server pid {worker['pid']} is running but does not answer on port {worker['port']}: {exc}")
+        return 1
+    print(f"chuantou server is running (pid {worker['pid']})")
+    print(f"  port:       {status['port']}")
+    print(f"  uptime:     {service.format_duration(status['uptime'])}")
+    print(f"  clients:    {status['clients']}")
+    print(f"  sessions:   {status['sessions']}")
+    if supervisor:
+        print(f"  supervisor: pid {supervisor['pid']}, restarts {supervisor['restarts']}")
+    else:
+        print("  supervisor: none (running in the foreground)")
+    print(f"  log:        {svc.log_file}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    svc = files(args)
+    if not svc.log_file.exists():
+        print(f"no log yet at {svc.log_file} (the log is written by: python -m chuantou_server start)")
+        return 1
+    for line in service.read_log_tail(svc.log_file, args.lines):
+        print(line)
+    if args.follow:
+        try:
+            service.follow_log(svc.log_file)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_supervise(args) -> int:
+    worker = [a for a in args.worker_args if a != "--"]
+    return service.supervise(service.files_for_worker("server", worker), MODULE, worker)
+
+
+COMMANDS = {
+    None: run_foreground,
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "_supervise": cmd_supervise,
+}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ChuantouError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,113 @@
+"""Saved configuration: where it lives, how it is validated, how it is written.
+
+A config file is a JSON object. Each program declares its keys as ``Key`` entries (type,
+check, default) in one place; loading rejects unknown keys and bad values with the file,
+the key and what was expected. Files are written atomically with mode 0600, since they may
+hold secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import platformdirs
+
+from .errors import ChuantouError
+
+APP = "chuantou"
+
+
+class ConfigError(ChuantouError):
+    pass
+
+
+def config_dir() -> Path:
+    return Path(platformdirs.user_config_dir(APP))
+
+
+def state_dir() -> Path:
+    return Path(platformdirs.user_state_dir(APP))
+
+
+def log_dir() -> Path:
+    return Path(platformdirs.user_log_dir(APP))
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: type | tuple  # accepted JSON type(s)
+    expected: str  # what a user should write, for error messages
+    default: Any = None
+    check: Callable[[Any], bool] | None = None
+    required: bool = False
+
+
+def is_port(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def is_positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def validate(data: Any, keys: dict[str, Key], where: str) -> dict:
+    """Check a parsed JSON object against ``keys``; return it with defaults filled in."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object with keys {', '.join(keys)}")
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(keys)})")
+    out = {}
+    for name, key in keys.items():
+        if name not in data or data[name] is None:
+            if key.required:
+                raise ConfigError(f"{where}: missing key '{name}' ({key.expected})")
+            out[name] = key.default() if callable(key.default) else key.default
+            continue
+        value = data[name]
+        kinds = key.kind if isinstance(key.kind, tuple) else (key.kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if ok and key.check is not None:
+            ok = key.check(value)
+        if not ok:
+            raise ConfigError(f"{where}: key '{name}' must be {key.expected}, not {json.dumps(value)[:60]}")
+        out[name] = value
+    return out
+
+
+def load(path: Path, keys: dict[str, Key]) -> dict:
+    """Read and validate ``path``; a missing file gives the defaults."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return validate({}, keys, str(path))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); fix or delete the file") from None
+    return validate(data, keys, str(path))
+
+
+def save(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically, readable only by the owner."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
