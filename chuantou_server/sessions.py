@@ -119,6 +119,10 @@ class SessionTable:
             return JoinStatus.BAD_SECRET, None
         if session.protocol != protocol:
             return JoinStatus.WRONG_PROTOCOL, None
+        if protocol == "tcp" and (session.sock_a if join.side == "A" else session.sock_b) is not None:
+            # The relay answers the status byte before join_tcp() attaches the socket, so a
+            # second channel for a side already joined must be refused here, not after a "joined".
+            return JoinStatus.ALREADY_JOINED, None
         return JoinStatus.JOINED, session
 
     def join_tcp(self, join: JoinRequest, sock: socket.socket) -> tuple[JoinStatus, Session | None, bool]:
