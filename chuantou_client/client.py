@@ -20,6 +20,7 @@ from common.threads import ThreadGroup
 
 from .control import ControlChannel
 from .datachannel import JoinError, open_data_channel
+from .export import ExportPolicy
 from .proxy import Proxy
 from .target import serve_connect_request
 
@@ -56,7 +57,13 @@ class Client:
         reconnect_max_delay: float = 30.0,
         udp_idle_timeout: float = 60.0,
         target_host: str = "127.0.0.1",
+        token: str | None = None,
+        allow: str | None = None,
+        allow_hosts=(),
     ):
+        """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
+        reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
+        only); ``allow_hosts``: further hosts of this network they may reach."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -67,11 +74,12 @@ class Client:
         self.request_timeout = request_timeout
         self.udp_idle_timeout = udp_idle_timeout
         self.target_host = target_host
+        self.export = ExportPolicy(allow, allow_hosts, target_host)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-            connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay,
+            connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token,
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
@@ -102,6 +110,7 @@ class Client:
             return self
         self._started = True
         self.started_at = time.time()
+        log.info("client %s %s", self.client_id, self.export.describe())
         self.control.start()
         if not wait:
             return self
@@ -109,7 +118,10 @@ class Client:
         while not self.control.registered.is_set():
             if self.control.finished.is_set() or time.monotonic() >= deadline:
                 reason = self.control.last_error or "no answer"
+                refused = self.control.state == "failed"
                 self.stop()
+                if refused:
+                    raise ChuantouError(f"the relay at {self.server_url} refused registration: {reason}")
                 raise ChuantouError(
                     f"cannot register with the relay at {self.server_url}: {reason}; "
                     f"check that the server is running and that --server points at it"
@@ -144,12 +156,13 @@ class Client:
         return [c.id for c in reply.clients]
 
     def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
-                     protocol: str = "both", local_host: str = "127.0.0.1") -> Proxy:
+                     protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None) -> Proxy:
         """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
-        the target client. Raises PortInUseError if the local port is taken."""
+        the target client (on ``target_host`` of its network, if that client allows it).
+        Raises PortInUseError if the local port is taken."""
         if self._stopped:
             raise ChuantouError("this client is stopped; create a new Client")
-        proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host).open()
+        proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host).open()
         with self._lock:
             self._proxies.append(proxy)
         return proxy

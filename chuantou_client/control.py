@@ -17,6 +17,7 @@ import time
 
 import websocket
 
+from common import auth
 from common import protocol as p
 from common.errors import ChuantouError, NotConnectedError, RequestError
 
@@ -35,7 +36,8 @@ class _Waiter:
 
 class ControlChannel:
     def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
-                 heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float):
+                 heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
+                 token: str | None = None):
         self.url = url
         self.client_id = client_id
         self.threads = threads
@@ -44,6 +46,7 @@ class ControlChannel:
         self.heartbeat_timeout = heartbeat_timeout
         self.connect_timeout = connect_timeout
         self.reconnect_max_delay = reconnect_max_delay
+        self._token = token
 
         self.state = "idle"  # idle, connecting, connected, reconnecting, failed, stopped
         self.last_error: str | None = None
@@ -119,12 +122,14 @@ class ControlChannel:
     def _connect_and_register(self) -> websocket.WebSocket:
         ws = websocket.create_connection(self.url, timeout=self.connect_timeout, enable_multithread=True)
         try:
-            ws.send(p.encode(p.Register(clientId=self.client_id, protocolVersion=p.PROTOCOL_VERSION)))
+            challenge = self._receive_message(ws)
+            if not isinstance(challenge, p.Challenge):
+                raise RegistrationRefused("the relay did not open with a challenge; is it a chuantou relay "
+                                          "of the same version?")
+            proof = auth.register_proof(self._token, challenge.nonce, self.client_id) if self._token else None
+            ws.send(p.encode(p.Register(clientId=self.client_id, protocolVersion=p.PROTOCOL_VERSION, auth=proof)))
             while True:
-                opcode, data = ws.recv_data()
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    raise ConnectionError("relay closed the connection during registration")
-                reply = p.decode(data)
+                reply = self._receive_message(ws)
                 if isinstance(reply, p.RegisterResponse):
                     break
                 if isinstance(reply, p.Error):
@@ -139,6 +144,13 @@ class ControlChannel:
         if reply.existingKicked:
             log.warning("client ID %s was registered elsewhere; that connection was replaced", self.client_id)
         return ws
+
+    @staticmethod
+    def _receive_message(ws: websocket.WebSocket):
+        opcode, data = ws.recv_data()
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            raise ConnectionError("relay closed the connection during registration")
+        return p.decode(data)
 
     def _serve(self, ws: websocket.WebSocket) -> str:
         """Read until the connection ends; returns why it ended."""

@@ -29,8 +29,11 @@ class Proxy:
     """A running proxy: ``localhost:local_port -> target_client_id:target_port``. Close with ``close()``."""
 
     def __init__(self, client, local_port: int, target_client_id: str, target_port: int,
-                 protocol: str = "both", local_host: str = "127.0.0.1"):
+                 protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None):
         _check_proxy_args(local_port, target_client_id, target_port, protocol)
+        if target_host is not None and not p.HOST_PATTERN.match(target_host):
+            raise ChuantouError(f"target host {target_host!r} is not a host name or IP address")
+        self.target_host = target_host
         self.client = client
         self.local_port = local_port
         self.local_host = local_host
@@ -51,7 +54,8 @@ class Proxy:
 
     @property
     def description(self) -> str:
-        return f"localhost:{self.local_port} -> {self.target_client_id}:{self.target_port}"
+        host = f"{self.target_host}:" if self.target_host else ""
+        return f"localhost:{self.local_port} -> {self.target_client_id}:{host}{self.target_port}"
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -124,6 +128,7 @@ class Proxy:
             "localHost": self.local_host,
             "targetClientId": self.target_client_id,
             "targetPort": self.target_port,
+            "targetHost": self.target_host,
             "protocol": self.protocol,
             "activeConnections": self.active_connections,
             "totalConnections": self.connections_total,
@@ -153,8 +158,7 @@ class Proxy:
     def _serve_connection(self, user: socket.socket, addr: tuple) -> None:
         try:
             reply = self.client.control.request(
-                p.ConnectRequest(toClientId=self.target_client_id, remotePort=self.target_port,
-                                 protocol="tcp", localPort=self.local_port),
+                self.connect_request("tcp"),
                 timeout=self.client.request_timeout,
             )
             relay = self.client.join_session(reply, "A")
@@ -172,6 +176,10 @@ class Proxy:
             pipe.run(self.threads, f"a-{reply.sessionId[:8]}")
         finally:
             self.client._untrack_session(reply.sessionId)
+
+    def connect_request(self, protocol: str) -> p.ConnectRequest:
+        return p.ConnectRequest(toClientId=self.target_client_id, remotePort=self.target_port,
+                                remoteHost=self.target_host, protocol=protocol, localPort=self.local_port)
 
     def _connection_done(self, pipe: Pipe) -> None:
         with self._lock:

@@ -22,7 +22,12 @@ def serve_connect_request(client, msg: p.ConnectRequest) -> None:
     if msg.sessionId is None or msg.secret is None or msg.relayAddr is None:
         log.warning("ignoring a connect_request without session fields")
         return
-    service = (client.target_host, msg.remotePort)
+    service = (msg.remoteHost or client.target_host, msg.remotePort)
+    refusal = client.export.refusal(*service)
+    if refusal is not None:
+        log.warning("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], refusal)
+        _send_quietly(client, p.RejectSession(sessionId=msg.sessionId, reason=refusal))
+        return
     if msg.protocol == "udp":
         flow = UdpTarget(client, msg, service)
         client._track_session(msg.sessionId, flow)

@@ -130,8 +130,7 @@ class UdpFlow:
         session_id = None
         try:
             reply = client.control.request(
-                p.ConnectRequest(toClientId=proxy.target_client_id, remotePort=proxy.target_port,
-                                 protocol="udp", localPort=proxy.local_port),
+                proxy.connect_request("udp"),
                 timeout=client.request_timeout,
             )
             session_id = reply.sessionId

@@ -10,10 +10,16 @@ class ClientRegistry:
         self._lock = threading.Lock()
         self._clients: dict[str, object] = {}
 
-    def register(self, client_id: str, conn) -> object | None:
-        """Make ``conn`` the connection for ``client_id``; return the one it replaces, if any."""
+    def claim(self, client_id: str, conn) -> object | None:
+        """Make ``conn`` the connection for ``client_id`` and return the one it replaces, if any.
+
+        A live connection registered with another credential is not replaced: it is returned
+        unchanged and the caller refuses ``conn``.
+        """
         with self._lock:
             old = self._clients.get(client_id)
+            if old is not None and old.credential != conn.credential:
+                return old
             self._clients[client_id] = conn
             return old if old is not conn else None
 

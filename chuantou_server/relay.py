@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 import socket
 
-from common.frames import HEADER_SIZE, FrameError, JoinStatus, unpack_data_header
-from common.net import close_quietly, recv_exact
+from common.frames import FrameError, JoinStatus, unpack_data_header
+from common.net import close_quietly
 from common.pipe import Pipe
 
 log = logging.getLogger("chuantou.server")
 
 
-def serve_data_channel(server, sock: socket.socket, first: bytes, deadline: float) -> None:
+def serve_data_channel(server, sock: socket.socket, header: bytes) -> None:
     try:
-        join = unpack_data_header(first + recv_exact(sock, HEADER_SIZE - len(first), deadline))
+        join = unpack_data_header(header)
     except FrameError as exc:
         log.debug("data channel refused: %s", exc)
         close_quietly(sock)

@@ -16,10 +16,10 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from common import __version__
+from common import __version__, auth
 from common import protocol as p
 from common.errors import ChuantouError
-from common.frames import DATA_MAGIC
+from common.frames import DATA_MAGIC, HEADER_SIZE
 from common.net import close_quietly, enlarge_udp_buffers, recv_exact, tune_tcp
 from common.threads import ThreadGroup
 
@@ -49,7 +49,18 @@ class Server:
         udp_idle_timeout: float = 60.0,
         handshake_timeout: float = 10.0,
         max_message_size: int = p.MAX_MESSAGE_BYTES,
+        token: str | None = None,
+        client_tokens: dict[str, str] | None = None,
+        extra_tokens=(),
+        max_sessions_per_client: int = 4096,
+        max_udp_flows_per_client: int = 1024,
+        max_pending_handshakes: int = 1024,
+        max_pending_per_ip: int = 256,
     ):
+        """``token=None`` (and no other tokens) runs an open relay: any client may register.
+        ``client_tokens`` maps a client ID to the only token that may register it;
+        ``extra_tokens`` are further relay-wide tokens (one per person, say). A live client
+        ID can be taken over only with the token that registered it."""
         self.host = host
         self.port = port
         self.heartbeat_timeout = heartbeat_timeout
@@ -59,6 +70,12 @@ class Server:
         self.udp_idle_timeout = udp_idle_timeout
         self.handshake_timeout = handshake_timeout
         self.max_message_size = max_message_size
+        self.token = token
+        self.client_tokens = dict(client_tokens or {})
+        self.extra_tokens = list(extra_tokens)
+        self.max_sessions_per_client = max_sessions_per_client
+        self.max_udp_flows_per_client = max_udp_flows_per_client
+        self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_per_ip)
 
         self.registry = ClientRegistry()
         self.sessions = SessionTable()
@@ -154,35 +171,54 @@ class Server:
                 log.warning("accept failed: %s", exc)  # e.g. out of file descriptors
                 self._stopping.wait(0.1)
                 continue
+            if not self.handshakes.enter(addr[0]):
+                log.debug("connection from %s:%s closed: too many pending handshakes", addr[0], addr[1])
+                close_quietly(sock)
+                continue
             tune_tcp(sock)
             try:
                 self.threads.spawn(f"conn-{addr[0]}:{addr[1]}", self._dispatch, sock, addr)
             except RuntimeError:
+                self.handshakes.leave(addr[0])
                 log.warning("cannot start a thread for %s:%s; connection closed", addr[0], addr[1])
                 close_quietly(sock)
 
     def _dispatch(self, sock: socket.socket, addr: tuple) -> None:
+        """Read the first bytes under the handshake deadline and hand the connection on."""
         deadline = time.monotonic() + self.handshake_timeout
+        handshaking = True
         try:
             first = recv_exact(sock, 2, deadline)
             if first == DATA_MAGIC:
-                serve_data_channel(self, sock, first, deadline)
+                header = first + recv_exact(sock, HEADER_SIZE - 2, deadline)
+                self.handshakes.leave(addr[0])
+                handshaking = False
+                serve_data_channel(self, sock, header)
             elif first[0] in HTTP_FIRST_BYTES:
-                self._serve_http(sock, addr, first, deadline)
+                request = self._read_http(sock, first, deadline)
+                self.handshakes.leave(addr[0])
+                handshaking = False
+                if request is not None:
+                    self._serve_http(sock, addr, request)
             else:
                 log.debug("connection from %s:%s closed: unknown first bytes %r", addr[0], addr[1], first)
                 close_quietly(sock)
         except (OSError, ValueError) as exc:  # timeouts, resets, EOF: only this connection ends
             log.debug("connection from %s:%s dropped: %s", addr[0], addr[1], exc)
             close_quietly(sock)
+        finally:
+            if handshaking:
+                self.handshakes.leave(addr[0])
 
-    def _serve_http(self, sock: socket.socket, addr: tuple, first: bytes, deadline: float) -> None:
+    def _read_http(self, sock: socket.socket, first: bytes, deadline: float) -> httpd.Request | None:
         try:
-            request = httpd.read_request(sock, first, deadline)
+            return httpd.read_request(sock, first, deadline)
         except httpd.BadRequest as exc:
             httpd.send_response(sock, exc.status, f"{exc}\n")
             close_quietly(sock)
-            return
+            return None
+
+    def _serve_http(self, sock: socket.socket, addr: tuple, request: httpd.Request) -> None:
         if request.is_websocket_upgrade and request.path in httpd.CONTROL_PATHS:
             self._serve_control(sock, addr, request)
             return
@@ -222,6 +258,24 @@ class Server:
             if name:
                 return name
         return sock.getsockname()[0]
+
+    @property
+    def auth_required(self) -> bool:
+        return self.token is not None or bool(self.client_tokens) or bool(self.extra_tokens)
+
+    def authenticate(self, client_id: str, nonce: str, proof: str | None) -> tuple[str | None, str | None]:
+        """Check a registration's proof. Returns (credential, None) or (None, problem); the
+        credential is a fingerprint of the token that matched (None on an open relay)."""
+        bound = self.client_tokens.get(client_id)
+        candidates = [bound] if bound else [t for t in (self.token, *self.extra_tokens) if t]
+        if not candidates:
+            return None, None
+        if not proof:
+            return None, "authentication failed: this relay requires a token; pass --token (or set CHUANTOU_TOKEN)"
+        for token in candidates:
+            if auth.proof_matches(token, nonce, client_id, proof):
+                return auth.fingerprint(token), None
+        return None, "authentication failed"
 
     def relay_addr(self, conn: ControlConnection, protocol: str) -> p.RelayAddr:
         """Where ``conn``'s client opens data channels: the host it used to reach us."""
@@ -300,3 +354,36 @@ class Server:
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
+class HandshakeGate:
+    """Caps connections still in their first-bytes handshake, in all and per source address,
+    so a flood of silent or trickling connections cannot starve everyone else."""
+
+    def __init__(self, total: int, per_ip: int):
+        self.total = total
+        self.per_ip = per_ip
+        self._lock = threading.Lock()
+        self._count = 0
+        self._by_ip: dict[str, int] = {}
+
+    def enter(self, ip: str) -> bool:
+        with self._lock:
+            if self._count >= self.total or self._by_ip.get(ip, 0) >= self.per_ip:
+                return False
+            self._count += 1
+            self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
+            return True
+
+    def leave(self, ip: str) -> None:
+        with self._lock:
+            self._count -= 1
+            left = self._by_ip.get(ip, 1) - 1
+            if left:
+                self._by_ip[ip] = left
+            else:
+                self._by_ip.pop(ip, None)
+
+    @property
+    def pending(self) -> int:
+        return self._count

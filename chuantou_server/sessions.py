@@ -7,6 +7,7 @@ secret: a TCP data channel (``sock_a`` / ``sock_b``) or a registered UDP address
 
 from __future__ import annotations
 
+import collections
 import hmac
 import secrets
 import socket
@@ -70,6 +71,7 @@ class SessionTable:
     def __init__(self):
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
+        self._opened_by: collections.Counter = collections.Counter()  # (client A, protocol) -> open sessions
 
     def create(self, client_a: str, client_b: str, port: int, protocol: str) -> Session:
         session = Session(
@@ -83,6 +85,7 @@ class SessionTable:
         )
         with self._lock:
             self._sessions[session.id] = session
+            self._opened_by[client_a, protocol] += 1
         return session
 
     def get(self, session_id: str) -> Session | None:
@@ -95,6 +98,10 @@ class SessionTable:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
                 session.closed = True
+                key = (session.client_a, session.protocol)
+                self._opened_by[key] -= 1
+                if self._opened_by[key] <= 0:
+                    del self._opened_by[key]
                 return True
             return False
 
@@ -105,6 +112,11 @@ class SessionTable:
     def for_client(self, client_id: str) -> list[Session]:
         with self._lock:
             return [s for s in self._sessions.values() if s.involves(client_id)]
+
+    def opened_by(self, client_id: str, protocol: str) -> int:
+        """How many open sessions of ``protocol`` ``client_id`` asked for (as gateway A)."""
+        with self._lock:
+            return self._opened_by[client_id, protocol]
 
     def __len__(self) -> int:
         with self._lock:

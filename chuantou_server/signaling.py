@@ -14,6 +14,7 @@ import time
 
 import simple_websocket
 
+from common import auth
 from common import protocol as p
 from common.net import shutdown_quietly
 
@@ -28,6 +29,8 @@ class ControlConnection:
         self.remote = remote
         self.relay_host = relay_host
         self.client_id: str | None = None
+        self.credential: str | None = None  # which token this connection proved (None: open relay)
+        self.nonce = auth.make_nonce()
         self.connected_at = time.time()
         self.opened = time.monotonic()
         self.last_seen = time.monotonic()
@@ -45,6 +48,7 @@ class ControlConnection:
     def serve(self) -> None:
         """Read and handle messages until the connection ends."""
         try:
+            self.send(p.Challenge(nonce=self.nonce, authRequired=self.server.auth_required))
             while not self._closed.is_set():
                 try:
                     frame = self.ws.receive()
@@ -109,7 +113,22 @@ class ControlConnection:
             ))
             self.close()
             return
-        old = self.server.registry.register(msg.clientId, self)
+        credential, problem = self.server.authenticate(msg.clientId, self.nonce, msg.auth)
+        if problem is not None:
+            log.warning("registration as %s from %s refused: %s", msg.clientId, self.remote[0], problem)
+            self.send(p.RegisterResponse(success=False, error=problem))
+            self.close()
+            return
+        self.credential = credential
+        old = self.server.registry.claim(msg.clientId, self)
+        if old is not None and old.credential != credential:
+            self.send(p.RegisterResponse(
+                success=False,
+                error=f"client ID '{msg.clientId}' is online with a different credential; "
+                      f"choose another --client-id",
+            ))
+            self.close()
+            return
         self.client_id = msg.clientId
         if old is not None:
             old.send(p.Error(
@@ -135,10 +154,15 @@ class ControlConnection:
         target = self.server.registry.get(msg.toClientId)
         if target is None:
             return refuse("client_offline", f"client '{msg.toClientId}' is not online")
+        limit = self.server.max_sessions_per_client if msg.protocol == "tcp" else self.server.max_udp_flows_per_client
+        if self.server.sessions.opened_by(self.client_id, msg.protocol) >= limit:
+            return refuse("limit", f"this client already has {limit} open {msg.protocol.upper()} sessions, the "
+                                   f"relay's limit per client; close some connections or raise the limit")
         session = self.server.sessions.create(self.client_id, msg.toClientId, msg.remotePort, msg.protocol)
         told_target = target.send(p.ConnectRequest(
             toClientId=msg.toClientId,
             remotePort=msg.remotePort,
+            remoteHost=msg.remoteHost,
             protocol=msg.protocol,
             localPort=msg.localPort,
             fromClientId=self.client_id,

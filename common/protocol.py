@@ -18,6 +18,7 @@ from dataclasses import dataclass
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
 PROTOCOLS = ("tcp", "udp")
 
 
@@ -79,10 +80,20 @@ class Service:
 
 # --- messages --------------------------------------------------------------------------------
 
+@message("challenge")
+class Challenge:
+    """First message of the relay on a new control channel: prove the token over ``nonce``."""
+
+    nonce: str
+    authRequired: bool = False
+    protocolVersion: int = PROTOCOL_VERSION
+
+
 @message("register")
 class Register:
     clientId: str
     protocolVersion: int
+    auth: str | None = None  # common.auth.register_proof(token, nonce, clientId)
 
     def check(self) -> None:
         _require(
@@ -118,6 +129,7 @@ class ConnectRequest:
 
     toClientId: str
     remotePort: int
+    remoteHost: str | None = None  # a host on B's network; B decides whether to allow it
     requestId: str | None = None
     protocol: str = "tcp"
     localPort: int | None = None
@@ -131,6 +143,8 @@ class ConnectRequest:
         _require(self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}")
         if self.localPort is not None:
             _require(valid_port(self.localPort), f"localPort {self.localPort} is outside 1-65535")
+        if self.remoteHost is not None:
+            _require(bool(HOST_PATTERN.match(self.remoteHost)), "remoteHost must be a host name or IP address")
 
 
 @message("create_session")

@@ -1,0 +1,37 @@
+"""Token authentication by challenge: plain functions, no I/O.
+
+The relay sends a random nonce when a control channel opens; the client proves it holds
+the token with an HMAC over the nonce and the client ID it registers. The token itself
+never crosses the wire, and a proof is useless on any other connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+NONCE_BYTES = 32
+TOKEN_BYTES = 24
+
+
+def generate_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def make_nonce() -> str:
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def register_proof(token: str, nonce: str, client_id: str) -> str:
+    message = f"chuantou-register\n{nonce}\n{client_id}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def proof_matches(token: str, nonce: str, client_id: str, proof: str) -> bool:
+    return hmac.compare_digest(register_proof(token, nonce, client_id), proof)
+
+
+def fingerprint(token: str) -> str:
+    """A short, non-reversible label for logs and status output."""
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
