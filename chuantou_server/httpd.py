@@ -86,9 +86,9 @@ def send_response(sock: socket.socket, status: int, body: bytes | str, content_t
                   extra_headers: dict[str, str] | None = None) -> None:
     if isinstance(body, str):
         body = body.encode()
-    reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-              426: "Upgrade Required", 431: "Request Header Fields Too Large", 503: "Service Unavailable",
-              505: "HTTP Version Not Supported"}.get(status, "Error")
+    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+              405: "Method Not Allowed", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
+              503: "Service Unavailable", 505: "HTTP Version Not Supported"}.get(status, "Error")
     headers = {
         "Content-Type": content_type,
         "Content-Length": str(len(body)),

@@ -27,6 +27,7 @@ from . import admin, httpd
 from .registry import ClientRegistry
 from .relay import serve_data_channel
 from .sessions import SessionTable
+from .traffic import RelayTraffic
 from .signaling import ControlConnection
 from .udp import UdpRelay
 
@@ -79,6 +80,7 @@ class Server:
 
         self.registry = ClientRegistry()
         self.sessions = SessionTable()
+        self.traffic = RelayTraffic(self.sessions, self.registry)  # figures for the admin page
         self.threads = ThreadGroup("chuantou-server")
         self.started_at: float | None = None
         self._stopping = threading.Event()
@@ -110,6 +112,7 @@ class Server:
         self.threads.spawn("accept", self._accept_loop)
         self.threads.spawn("udp", self.udp.run)
         self.threads.spawn("housekeeper", self._housekeeping_loop)
+        self.threads.spawn("traffic", self.traffic.run, self._stopping)
         log.info("chuantou relay %s listening on %s:%d (TCP and UDP)", __version__, self.host, self.port)
         return self
 
@@ -223,8 +226,8 @@ class Server:
             self._serve_control(sock, addr, request)
             return
         try:
-            status, content_type, body = admin.handle(self, request, addr)
-            httpd.send_response(sock, status, body, content_type)
+            status, content_type, body, *headers = admin.handle(self, request, addr)  # headers: optional dict
+            httpd.send_response(sock, status, body, content_type, *headers)
         finally:
             close_quietly(sock)
 
@@ -310,6 +313,7 @@ class Server:
     def close_session(self, session, reason: str, notify: bool = True) -> None:
         if not self.sessions.remove(session):
             return
+        self.traffic.session_closed(session)
         session.close_sockets()
         if self.udp is not None and session.protocol == "udp":
             self.udp.forget(session)

@@ -1,0 +1,82 @@
+"""Byte figures of the relay for the admin page: totals, per-client totals, per-session rates,
+and a five-minute history of throughput.
+
+``Server`` calls ``session_closed()`` once per session it removes, and runs ``run()`` on a
+thread of its own; everything else reads counters the sessions already keep.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from common.traffic import SAMPLE_INTERVAL, RateHistory
+
+
+class RelayTraffic:
+    def __init__(self, sessions, registry, interval: float = SAMPLE_INTERVAL):
+        self.sessions = sessions
+        self.registry = registry
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._finished = 0  # bytes moved by sessions that ended
+        self._finished_by_client: dict[str, list[int]] = {}  # client id -> [sent, received]
+        self._session_rates: dict[str, tuple[float, float]] = {}
+        self._last_bytes: dict[str, tuple[int, int]] = {}
+        self._last_sample: float | None = None
+        self.history = RateHistory(self.total_bytes)
+
+    def session_closed(self, session) -> None:
+        a_to_b, b_to_a = session.bytes_a_to_b, session.bytes_b_to_a
+        with self._lock:
+            self._finished += a_to_b + b_to_a
+            for client_id, sent, received in ((session.client_a, a_to_b, b_to_a),
+                                              (session.client_b, b_to_a, a_to_b)):
+                totals = self._finished_by_client.setdefault(client_id, [0, 0])
+                totals[0] += sent
+                totals[1] += received
+
+    def total_bytes(self) -> tuple[int]:
+        live = sum(s.bytes_a_to_b + s.bytes_b_to_a for s in self.sessions.all())
+        with self._lock:
+            return (self._finished + live,)
+
+    def client_bytes(self, client_id: str, live_sessions) -> tuple[int, int]:
+        """(sent, received) by ``client_id`` through the relay: ended sessions plus ``live_sessions``."""
+        with self._lock:
+            sent, received = self._finished_by_client.get(client_id, (0, 0))
+        for s in live_sessions:
+            if s.client_a == client_id:
+                sent, received = sent + s.bytes_a_to_b, received + s.bytes_b_to_a
+            if s.client_b == client_id:
+                sent, received = sent + s.bytes_b_to_a, received + s.bytes_a_to_b
+        return sent, received
+
+    def session_rate(self, session_id: str) -> tuple[float, float]:
+        """(A->B, B->A) bytes/s over the last sample interval."""
+        with self._lock:
+            return self._session_rates.get(session_id, (0.0, 0.0))
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        sessions = self.sessions.all()
+        current = {s.id: (s.bytes_a_to_b, s.bytes_b_to_a) for s in sessions}
+        # Per-client totals live as long as the client is online or has a session running.
+        keep = set(self.registry.ids()).union(*({s.client_a, s.client_b} for s in sessions))
+        with self._lock:
+            for client_id in [c for c in self._finished_by_client if c not in keep]:
+                del self._finished_by_client[client_id]
+            if self._last_sample is not None and now > self._last_sample:
+                elapsed = now - self._last_sample
+                self._session_rates = {
+                    sid: tuple(max(0.0, (new - old) / elapsed) for new, old in zip(pair, self._last_bytes.get(sid, (0, 0))))
+                    for sid, pair in current.items()
+                }
+            self._last_bytes = current
+            self._last_sample = now
+        self.history.sample()
+
+    def run(self, stopping: threading.Event) -> None:
+        self.sample()
+        while not stopping.wait(self.interval):
+            self.sample()
