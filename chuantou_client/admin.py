@@ -187,7 +187,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             target_port = _port(data, "targetPort")
             target = data.get("targetClient")
             protocol = data.get("protocol", "both")
-            proxy = self.app.create_proxy(local_port, target, target_port, protocol)
+            proxy = self.app.create_proxy(local_port, target, target_port, protocol, data.get("targetHost"))
         except PortInUseError as exc:
             raise ApiError(409, str(exc)) from None
         except ChuantouError as exc:

@@ -18,6 +18,7 @@ from common.errors import ChuantouError
 
 from .admin import AdminServer
 from .client import DEFAULT_SERVER_URL, Client, check_server_url, generate_client_id
+from .export import parse_ports
 from .proxy import PROTOCOL_CHOICES
 
 log = logging.getLogger("chuantou.client")
@@ -33,6 +34,14 @@ def _valid_url(value: str) -> bool:
     return True
 
 
+def _valid_allow(value: str) -> bool:
+    try:
+        parse_ports(value)
+    except ChuantouError:
+        return False
+    return True
+
+
 CONFIG_KEYS = {
     "server": config.Key(str, "a relay URL such as \"ws://relay.example.com:8200\"", DEFAULT_SERVER_URL, _valid_url),
     "clientId": config.Key(str, "1-64 letters, digits, '.', '_' or '-'", None,
@@ -40,6 +49,11 @@ CONFIG_KEYS = {
     "adminPort": config.Key(int, "a port number 1-65535", 8201, config.is_port),
     "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
     "proxies": config.Key(list, "a list of proxies", list),
+    "token": config.Key(str, "the relay's token (a string)", None),
+    "allow": config.Key(str, "ports other clients may reach here, like \"22,3000-3999\" or \"none\"", None,
+                        _valid_allow),
+    "allowHosts": config.Key(list, "a list of host names or addresses", list,
+                             lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
 }
 
 PROXY_KEYS = {
@@ -47,6 +61,8 @@ PROXY_KEYS = {
     "targetClient": config.Key(str, "a client ID", None, lambda v: bool(p.CLIENT_ID_PATTERN.match(v)), required=True),
     "targetPort": config.Key(int, "a port number 1-65535", None, config.is_port, required=True),
     "protocol": config.Key(str, "one of tcp, udp, both", "both", lambda v: v in PROTOCOL_CHOICES),
+    "targetHost": config.Key(str, "a host on the target client's network", None,
+                             lambda v: bool(p.HOST_PATTERN.match(v))),
 }
 
 
@@ -69,7 +85,9 @@ class ClientApp:
         self.config_path = config_path
         self.settings = load_settings(config_path)
         changed = False
-        for key in ("server", "clientId"):  # given on the command line: remember them
+        if overrides.get("allow") is not None:
+            parse_ports(overrides["allow"])  # a clear error for a bad --allow
+        for key in ("server", "clientId", "token", "allow", "allowHosts"):  # given on the command line: remember
             if overrides.get(key) and overrides[key] != self.settings[key]:
                 self.settings[key] = overrides[key]
                 changed = True
@@ -82,7 +100,9 @@ class ClientApp:
         self.server_url = self.server_url or self.settings["server"]
         self.admin_port = overrides.get("adminPort") or self.settings["adminPort"]
         self.admin_host = admin_host
-        self.client = Client(self.server_url, self.settings["clientId"])
+        token = overrides.get("token") or os.environ.get("CHUANTOU_TOKEN") or self.settings["token"]
+        self.client = Client(self.server_url, self.settings["clientId"], token=token,
+                             allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"])
         self.admin = AdminServer(self, admin_host, self.admin_port)
         self.failed_proxies: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -106,7 +126,7 @@ class ClientApp:
     def _open_proxy(self, entry: dict):
         try:
             proxy = self.client.create_proxy(entry["localPort"], entry["targetClient"], entry["targetPort"],
-                                             entry["protocol"])
+                                             entry["protocol"], target_host=entry["targetHost"])
         except ChuantouError as exc:
             self.failed_proxies[entry["localPort"]] = str(exc)
             log.error("saved proxy %s -> %s:%s not restored: %s", entry["localPort"], entry["targetClient"],
@@ -133,13 +153,17 @@ class ClientApp:
     def list_clients(self) -> list[str]:
         return self.client.list_clients()
 
-    def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both"):
+    def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both",
+                     target_host: str | None = None):
         entry = config.validate(
-            {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol},
+            {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol,
+             "targetHost": target_host},
             PROXY_KEYS, "proxy",
         )
+        if entry["targetHost"] is None:
+            del entry["targetHost"]
         with self._lock:
-            proxy = self.client.create_proxy(local_port, target_client, target_port, protocol)
+            proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host)
             self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
             self.settings["proxies"].append(entry)
             self.failed_proxies.pop(local_port, None)

@@ -49,6 +49,13 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     parser.add_argument("--config", default=default, metavar="FILE",
                         help=f"config file (default {default_config_path()})")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
+    parser.add_argument("--token", default=default, help="the relay's token, saved (default: $CHUANTOU_TOKEN or "
+                        "the saved one)")
+    parser.add_argument("--allow", default=default, metavar="PORTS",
+                        help="ports other clients may reach on this machine, e.g. 22,3000-3999, or none (saved; "
+                             "default: every port on 127.0.0.1)")
+    parser.add_argument("--allow-host", action="append", dest="allow_hosts", default=default, metavar="HOST",
+                        help="also let other clients reach this host of your network (repeatable, saved)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--target-client", required=True, metavar="ID", help="the client whose port to reach")
     create.add_argument("--target-port", type=int, required=True, help="port on the target client's machine")
     create.add_argument("--protocol", choices=("tcp", "udp", "both"), default="both", help="default both")
+    create.add_argument("--target-host", metavar="HOST",
+                        help="a host on the target's network (default its 127.0.0.1; it must --allow-host it)")
     proxy_sub.add_parser("list", help="proxies with their connections and bytes",
                          epilog="example: python -m chuantou_client proxy list")
     delete = proxy_sub.add_parser("delete", help="close a proxy and forget it",
@@ -112,7 +121,7 @@ def worker_args(args) -> list[str]:
         value = getattr(args, option, None)
         if value is not None:
             out += [f"--{option.replace('_', '-')}", str(value)]
-    return out
+    return out  # token, --allow and --allow-host are saved in the config file by make_app
 
 
 # --- running --------------------------------------------------------------------------------
@@ -120,7 +129,8 @@ def worker_args(args) -> list[str]:
 def make_app(args) -> ClientApp:
     path = Path(args.config) if getattr(args, "config", None) else default_config_path()
     overrides = {"server": getattr(args, "server", None), "clientId": getattr(args, "client_id", None),
-                 "adminPort": getattr(args, "admin_port", None)}
+                 "adminPort": getattr(args, "admin_port", None), "token": getattr(args, "token", None),
+                 "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None)}
     return ClientApp(path, overrides)
 
 
@@ -156,12 +166,14 @@ def cmd_start(args) -> int:
     if running:
         print(f"chuantou client is already running (pid {running['pid']}, ID {running.get('clientId')})")
         return 0
-    make_app(args)  # validates the config and saves --server / --client-id, in the user's terminal
+    app = make_app(args)  # validates the config and saves --server, --client-id, --token, in the user's terminal
     worker = service.start_background(files(args), MODULE, worker_args(args))
     print(f"chuantou client {worker.get('clientId')} started (pid {service.supervisor_pid(files(args))}), "
           f"relay {worker.get('server')}")
     print(f"page and API: http://127.0.0.1:{worker.get('adminPort')}/")
     print(f"config: {worker.get('configPath')}")
+    print(f"this client {app.client.export.describe()}")
+    print(registration_outcome(args))
     print(f"log: {files(args).log_file}")
     if args.autostart:
         try:
@@ -169,6 +181,24 @@ def cmd_start(args) -> int:
         except ChuantouError as exc:
             print(f"warning: {exc}", file=sys.stderr)
     return 0
+
+
+def registration_outcome(args, wait: float = 5.0) -> str:
+    """One line on whether the freshly started client registered, waiting a few seconds."""
+    deadline = time.monotonic() + wait
+    status = {}
+    while time.monotonic() < deadline:
+        try:
+            status = api(args, "GET", "/api/status")
+        except ChuantouError:
+            status = {}
+        if status.get("state") in ("connected", "failed"):
+            break
+        time.sleep(0.1)  # polling another process's API, bounded by the deadline
+    if status.get("state") == "connected":
+        return f"registered with the relay as {status['clientId']}"
+    return f"warning: not registered ({status.get('lastError') or status.get('state', 'no answer')}); " \
+           f"see: python -m chuantou_client status"
 
 
 def cmd_stop(args) -> int:
@@ -264,7 +294,7 @@ def cmd_proxy(args) -> int:
     if args.proxy_command == "create":
         reply = api(args, "POST", "/api/proxies", {
             "localPort": args.local_port, "targetClient": args.target_client,
-            "targetPort": args.target_port, "protocol": args.protocol,
+            "targetPort": args.target_port, "protocol": args.protocol, "targetHost": args.target_host,
         })
         print(reply["message"])
         print(f"use it at: {reply['address']}")

@@ -182,6 +182,7 @@ class Client:
             "reconnects": self.control.reconnects,
             "startedAt": self.started_at,
             "activeSessions": len(self._sessions),
+            "exports": self.export.describe(),
             "proxies": [proxy.info() for proxy in self.proxies],
         }
 

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common import __version__, config, service
+from common import __version__, auth, config, service
 from common.errors import ChuantouError
 
 from .server import Server
@@ -26,8 +26,15 @@ CONFIG_KEYS = {
     "port": config.Key(int, "a port number 1-65535", 8200, config.is_port),
     "heartbeatTimeout": config.Key((int, float), "a number of seconds > 0", 60.0, config.is_positive),
     "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
+    "token": config.Key(str, "a token string of 16 or more characters", None, lambda v: len(v) >= 16),
+    "clientTokens": config.Key(dict, "an object mapping client IDs to their tokens", dict,
+                               lambda v: all(isinstance(t, str) and len(t) >= 16 for t in v.values())),
+    "extraTokens": config.Key(list, "a list of token strings", list,
+                              lambda v: all(isinstance(t, str) and len(t) >= 16 for t in v)),
+    "noAuth": config.Key(bool, "true or false", False),
 }
-OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel"}
+OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
+                 "token": "token"}
 
 EXAMPLES = """examples:
   python -m chuantou_server                      run in the foreground on port 8200
@@ -56,6 +63,10 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     parser.add_argument("--config", default=default, metavar="FILE",
                         help=f"config file (default {default_config_path()}, if it exists)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
+    parser.add_argument("--token", default=default, help="token clients must prove (default: the saved one, "
+                        "generated on first start)")
+    parser.add_argument("--no-auth", action="store_true", default=default,
+                        help="run an open relay: anyone who reaches the port may register (not recommended)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
 
-    for command in (stop, status, logs):
+    token = sub.add_parser(
+        "token", help="show the relay's token; add, list or remove tokens",
+        epilog="examples:\n  python -m chuantou_server token\n  python -m chuantou_server token add --client-id B\n"
+               "  python -m chuantou_server token list\n  python -m chuantou_server token remove --client-id B",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    token.add_argument("action", nargs="?", choices=("show", "add", "list", "remove"), default="show")
+    token.add_argument("--client-id", metavar="ID", help="with add/remove: a token only this client ID may use "
+                       "(and the only one that may register it)")
+    token.add_argument("--fingerprint", help="with remove: the extra token with this fingerprint (see token list)")
+
+    for command in (stop, status, logs, token):
         command.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                              help="the server started with this config file (default: the default one)")
 
@@ -105,7 +126,52 @@ def resolve_settings(args) -> dict:
             settings[key] = value
     if not config.is_port(settings["port"]):
         raise config.ConfigError(f"--port {settings['port']} is not a port number 1-65535")
+    if getattr(args, "no_auth", None):
+        settings["noAuth"] = True
     return settings
+
+
+def config_path(args) -> Path:
+    return Path(args.config) if getattr(args, "config", None) else default_config_path()
+
+
+def ensure_token(args, settings: dict, port: int | str = "PORT") -> None:
+    """Secure by default: with no token configured, make one, save it (0600) and show it once.
+
+    A --token given on the command line is saved too, so a background worker reads it from
+    the file rather than from its command line.
+    """
+    if settings["noAuth"]:
+        return
+    path = config_path(args)
+    given = getattr(args, "token", None)
+    if settings["token"] and not given:
+        return
+    saved = load_file_settings(path)
+    saved["token"] = given or auth.generate_token()
+    config.save(path, saved)
+    settings["token"] = saved["token"]
+    if not given:
+        print(f"generated a token for this relay, saved in {path} (mode 0600):")
+        print(f"  {saved['token']}")
+        print("clients connect with:")
+        print(f"  python -m chuantou_client start --server ws://<this host's address>:{port} --token {saved['token']}")
+        print("show it again with: python -m chuantou_server token", flush=True)
+
+
+def load_file_settings(path: Path) -> dict:
+    """The config file's own keys (no defaults filled in), for rewriting it."""
+    config.load(path, CONFIG_KEYS)  # validates
+    return service.read_json(path) or {}
+
+
+def make_server(settings: dict) -> Server:
+    return Server(
+        host=settings["host"], port=settings["port"], heartbeat_timeout=settings["heartbeatTimeout"],
+        token=None if settings["noAuth"] else settings["token"],
+        client_tokens={} if settings["noAuth"] else settings["clientTokens"],
+        extra_tokens=[] if settings["noAuth"] else settings["extraTokens"],
+    )
 
 
 def worker_args(args) -> list[str]:
@@ -115,7 +181,9 @@ def worker_args(args) -> list[str]:
         value = getattr(args, option, None)
         if value is not None:
             out += [f"--{option.replace('_', '-')}", str(value)]
-    return out
+    if getattr(args, "no_auth", None):
+        out.append("--no-auth")
+    return out  # never the token: it is saved in the config file, not shown in `ps`
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -127,8 +195,13 @@ def run_foreground(args) -> int:
     threading.stack_size(512 * 1024)  # thousands of pump threads: keep their stacks modest
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    server = Server(host=settings["host"], port=settings["port"], heartbeat_timeout=settings["heartbeatTimeout"])
+    ensure_token(args, settings, settings["port"])
+    server = make_server(settings)
     server.start()
+    if not server.auth_required:
+        logging.getLogger("chuantou.server").warning(
+            "running an OPEN relay (--no-auth): anyone who reaches port %d can register clients and reach "
+            "the ports they expose; drop --no-auth to require a token", server.port)
     facts = {"host": settings["host"], "port": server.port, "version": __version__}
     with service.WorkerRecord(files(args), facts):
         print(f"chuantou relay listening on {settings['host']}:{server.port}; "
@@ -149,7 +222,8 @@ def cmd_start(args) -> int:
     if running:
         print(f"chuantou server is already running (pid {running['pid']}, port {running.get('port')})")
         return 0
-    resolve_settings(args)  # fail here, in the user's terminal, on a bad config
+    settings = resolve_settings(args)  # fail here, in the user's terminal, on a bad config
+    ensure_token(args, settings, settings["port"])
     worker = service.start_background(svc, MODULE, worker_args(args))
     port = worker.get("port")
     print(f"chuantou server started (pid {service.supervisor_pid(svc)}), listening on port {port}")
@@ -223,6 +297,60 @@ def cmd_logs(args) -> int:
     return 0
 
 
+def cmd_token(args) -> int:
+    settings = resolve_settings(args)
+    path = config_path(args)
+    if args.action == "show":
+        if settings["noAuth"]:
+            print(f"this relay is configured as open (noAuth in {path}); remove that to require a token")
+            return 0
+        if not settings["token"]:
+            ensure_token(args, settings, settings["port"])
+            return 0
+        print(settings["token"])
+        print(f"clients connect with: python -m chuantou_client start --server ws://<this host's address>:"
+              f"{settings['port']} --token {settings['token']}")
+        return 0
+    saved = load_file_settings(path)
+    if args.action == "list":
+        if settings["token"]:
+            print(f"relay token      {auth.fingerprint(settings['token'])}")
+        for token in settings["extraTokens"]:
+            print(f"extra token      {auth.fingerprint(token)}")
+        for client_id, token in settings["clientTokens"].items():
+            print(f"client {client_id:<10}{auth.fingerprint(token)}")
+        return 0
+    if args.action == "add":
+        new = auth.generate_token()
+        if args.client_id:
+            saved.setdefault("clientTokens", {})[args.client_id] = new
+        else:
+            saved.setdefault("extraTokens", []).append(new)
+        config.save(path, saved)
+        print(new)
+        scope = f"only client ID {args.client_id} may use it" if args.client_id else "any client ID may use it"
+        print(f"saved in {path} ({scope}); the client connects with: python -m chuantou_client start "
+              f"--server ws://<this host's address>:{settings['port']} --token {new}"
+              + (f" --client-id {args.client_id}" if args.client_id else ""))
+    else:
+        if args.client_id:
+            found = saved.get("clientTokens", {}).pop(args.client_id, None)
+        elif args.fingerprint:
+            extras = saved.get("extraTokens", [])
+            kept = [t for t in extras if auth.fingerprint(t) != args.fingerprint]
+            found = len(kept) != len(extras)
+            saved["extraTokens"] = kept
+        else:
+            raise config.ConfigError("say which token to remove: --client-id ID or --fingerprint FP")
+        if not found:
+            raise config.ConfigError("no such token (see: python -m chuantou_server token list)")
+        config.save(path, saved)
+        print(f"token removed from {path}")
+    if service.running_worker(files(args)):
+        print("restart the relay to apply: python -m chuantou_server stop && python -m chuantou_server start")
+    return 0
+
+
 def cmd_supervise(args) -> int:
     worker = [a for a in args.worker_args if a != "--"]
     return service.supervise(service.files_for_worker("server", worker), MODULE, worker)
@@ -234,6 +362,7 @@ COMMANDS = {
     "stop": cmd_stop,
     "status": cmd_status,
     "logs": cmd_logs,
+    "token": cmd_token,
     "_supervise": cmd_supervise,
 }
 
