@@ -17,9 +17,10 @@ from urllib.parse import urlsplit
 from common import protocol as p
 from common.errors import ChuantouError
 from common.threads import ThreadGroup
+from common.tls import client_context, normalize_fingerprint
 
 from .control import ControlChannel
-from .datachannel import JoinError, open_data_channel
+from .datachannel import JoinError, TlsSettings, open_data_channel
 from .export import ExportPolicy
 from .proxy import Proxy
 from .target import serve_connect_request
@@ -44,6 +45,20 @@ def check_server_url(url: str) -> str:
     return url
 
 
+def make_tls_settings(url: str, ca_file, fingerprint, insecure):
+    """The TLS settings for a wss:// relay, or None for ws://."""
+    if urlsplit(url).scheme != "wss":
+        if ca_file or fingerprint or insecure:
+            raise ChuantouError("--ca, --tls-fingerprint and --tls-insecure need a wss:// server URL")
+        return None
+    if fingerprint:
+        fingerprint = normalize_fingerprint(fingerprint)
+    if insecure and not fingerprint:
+        log.warning("TLS certificate verification is OFF (--tls-insecure): anyone on the path can read and "
+                    "change this client's traffic; use --ca or --tls-fingerprint instead")
+    return TlsSettings(client_context(ca_file, fingerprint, insecure), fingerprint)
+
+
 class Client:
     def __init__(
         self,
@@ -60,10 +75,15 @@ class Client:
         token: str | None = None,
         allow: str | None = None,
         allow_hosts=(),
+        ca_file: str | None = None,
+        tls_fingerprint: str | None = None,
+        tls_insecure: bool = False,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
-        only); ``allow_hosts``: further hosts of this network they may reach."""
+        only); ``allow_hosts``: further hosts of this network they may reach. With a
+        ``wss://`` URL the control channel and every data channel use TLS, verified against
+        the system CAs, or ``ca_file``, or pinned by ``tls_fingerprint`` (SHA-256)."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -75,15 +95,18 @@ class Client:
         self.udp_idle_timeout = udp_idle_timeout
         self.target_host = target_host
         self.export = ExportPolicy(allow, allow_hosts, target_host)
+        self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-            connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token,
+            connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
         self._sessions: dict[str, object] = {}  # session id -> Pipe / UDP flow (abort())
+        self._session_info: dict[str, dict] = {}  # session id -> side, peer, port... (for the admin page)
+        self._done_bytes = [0, 0]  # received, sent: by ended sessions as B and by closed proxies
         self._closed_reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._started = False
@@ -121,7 +144,7 @@ class Client:
                 refused = self.control.state == "failed"
                 self.stop()
                 if refused:
-                    raise ChuantouError(f"the relay at {self.server_url} refused registration: {reason}")
+                    raise ChuantouError(f"registration with the relay at {self.server_url} failed: {reason}")
                 raise ChuantouError(
                     f"cannot register with the relay at {self.server_url}: {reason}; "
                     f"check that the server is running and that --server points at it"
@@ -186,20 +209,67 @@ class Client:
             "proxies": [proxy.info() for proxy in self.proxies],
         }
 
+    def connections(self) -> list[dict]:
+        """Sessions running through this client, as A (from a proxy) and as B (to a local port)."""
+        pipe_ports = {}
+        for proxy in self.proxies:
+            with proxy._lock:
+                pipe_ports.update((id(pipe), proxy.local_port) for pipe in proxy._pipes)
+        with self._lock:
+            items = [(sid, handle, dict(self._session_info.get(sid) or _udp_session_info(handle)))
+                     for sid, handle in self._sessions.items()]
+        out = []
+        for sid, handle, info in items:
+            sent = getattr(handle, "sent", None)  # a Pipe: [a->b, b->a]; UDP flows count per proxy only
+            if sent is not None and info.get("side") == "A":
+                info.update(bytesSent=sent[0], bytesReceived=sent[1], localPort=pipe_ports.get(id(handle)))
+            elif sent is not None:  # B: Pipe(relay, local service)
+                info.update(bytesSent=sent[1], bytesReceived=sent[0])
+            out.append({"id": sid, "shortId": sid[:8], **info})
+        out.sort(key=lambda c: c.get("startedAt") or 0)
+        return out
+
+    def byte_totals(self) -> tuple[int, int]:
+        """(received, sent) through the relay since start: proxies (A) plus sessions as B."""
+        received, sent = self._done_bytes
+        for proxy in self.proxies:
+            received, sent = received + proxy.bytes_received, sent + proxy.bytes_sent
+        for info in self.connections():
+            if info.get("side") == "B":
+                received, sent = received + info.get("bytesReceived", 0), sent + info.get("bytesSent", 0)
+        return received, sent
+
     # --- used by proxies and the target side ------------------------------------------------
 
     def join_session(self, msg, side: str):
         """Open the data channel for a create_session (side A) or connect_request (side B)."""
+        if side == "A":
+            info = {"side": "A", "peer": msg.peerClientId, "port": msg.service.port, "protocol": msg.service.protocol}
+        else:
+            info = {"side": "B", "peer": msg.fromClientId, "port": msg.remotePort, "protocol": msg.protocol}
+        with self._lock:
+            self._session_info[msg.sessionId] = {**info, "startedAt": time.time()}
+        joined = False
         try:
-            return open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, side, timeout=self.request_timeout)
+            sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, side, timeout=self.request_timeout,
+                                     tls=self.tls)
+            joined = True
+            return sock
         except JoinError as exc:
             reason = self._closed_reasons.get(msg.sessionId)
             raise JoinError(reason or str(exc)) from None
+        finally:
+            if not joined:
+                with self._lock:
+                    self._session_info.pop(msg.sessionId, None)
 
     def _forget_proxy(self, proxy: Proxy) -> None:
+        received, sent = proxy.bytes_received, proxy.bytes_sent
         with self._lock:
             if proxy in self._proxies:
                 self._proxies.remove(proxy)
+                self._done_bytes[0] += received
+                self._done_bytes[1] += sent
 
     def _track_session(self, session_id: str, handle) -> None:
         with self._lock:
@@ -210,7 +280,12 @@ class Client:
 
     def _untrack_session(self, session_id: str) -> None:
         with self._lock:
-            self._sessions.pop(session_id, None)
+            handle = self._sessions.pop(session_id, None)
+            info = self._session_info.pop(session_id, None)
+            sent = getattr(handle, "sent", None)
+            if sent is not None and info is not None and info["side"] == "B":  # A's bytes stay with its proxy
+                self._done_bytes[0] += sent[0]
+                self._done_bytes[1] += sent[1]
 
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""
@@ -234,3 +309,15 @@ class Client:
             log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)
         if handle is not None:
             handle.abort()
+
+
+def _udp_session_info(handle) -> dict:
+    """What a UDP flow (tracked without join_session) is: a gateway flow on A or a target flow on B."""
+    proxy = getattr(getattr(handle, "gateway", None), "proxy", None)
+    if proxy is not None:
+        return {"side": "A", "peer": proxy.target_client_id, "port": proxy.target_port, "protocol": "udp",
+                "localPort": proxy.local_port}
+    msg = getattr(handle, "msg", None)
+    if msg is not None:
+        return {"side": "B", "peer": msg.fromClientId, "port": msg.remotePort, "protocol": "udp"}
+    return {"side": "?", "peer": None, "port": None, "protocol": None}

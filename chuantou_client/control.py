@@ -12,12 +12,13 @@ import dataclasses
 import itertools
 import logging
 import random
+import ssl
 import threading
 import time
 
 import websocket
 
-from common import auth
+from common import auth, tls
 from common import protocol as p
 from common.errors import ChuantouError, NotConnectedError, RequestError
 
@@ -37,7 +38,7 @@ class _Waiter:
 class ControlChannel:
     def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
                  heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
-                 token: str | None = None):
+                 token: str | None = None, tls=None):
         self.url = url
         self.client_id = client_id
         self.threads = threads
@@ -47,6 +48,7 @@ class ControlChannel:
         self.connect_timeout = connect_timeout
         self.reconnect_max_delay = reconnect_max_delay
         self._token = token
+        self._tls = tls
 
         self.state = "idle"  # idle, connecting, connected, reconnecting, failed, stopped
         self.last_error: str | None = None
@@ -94,8 +96,8 @@ class ControlChannel:
                 self.state = "connecting" if attempt == 0 and not self.reconnects else "reconnecting"
                 try:
                     ws = self._connect_and_register()
-                except RegistrationRefused as exc:
-                    self.last_error = str(exc)
+                except (RegistrationRefused, tls.TlsError, ssl.SSLCertVerificationError) as exc:
+                    self.last_error = _describe(exc)
                     self.state = "failed"
                     log.error("relay refused registration: %s", exc)
                     return
@@ -120,8 +122,12 @@ class ControlChannel:
             self.finished.set()
 
     def _connect_and_register(self) -> websocket.WebSocket:
-        ws = websocket.create_connection(self.url, timeout=self.connect_timeout, enable_multithread=True)
+        sslopt = {"context": self._tls.context} if self._tls else None
+        ws = websocket.create_connection(self.url, timeout=self.connect_timeout, enable_multithread=True,
+                                         sslopt=sslopt)
         try:
+            if self._tls is not None:
+                tls.check_pin(ws.sock.getpeercert(binary_form=True), self._tls.fingerprint)
             challenge = self._receive_message(ws)
             if not isinstance(challenge, p.Challenge):
                 raise RegistrationRefused("the relay did not open with a challenge; is it a chuantou relay "
@@ -269,6 +275,9 @@ class ControlChannel:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the relay's TLS certificate is not trusted ({exc.verify_message}); for a private CA pass "
+                f"--ca FILE, or pin the certificate with --tls-fingerprint SHA256")
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the relay running on that host and port?)"
     return text

@@ -3,28 +3,40 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
+from dataclasses import dataclass
 
 from common import protocol as p
 from common.errors import ChuantouError
 from common.frames import JoinRequest, JoinStatus, pack_data_header, pack_udp_register, unpack_udp_ack
 from common.net import close_quietly, recv_exact, tune_tcp
+from common.tls import TlsError, TlsStream, check_pin
 
 
 class JoinError(ChuantouError):
     pass
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    context: ssl.SSLContext
+    fingerprint: str | None = None  # pinned SHA-256 of the relay's certificate
+
+
 def open_data_channel(addr: p.RelayAddr, session_id: str, secret: str, side: str,
-                      timeout: float = 10.0) -> socket.socket:
+                      timeout: float = 10.0, tls: TlsSettings | None = None) -> socket.socket:
     """Connect to the relay, present the session header, and return the joined socket (blocking)."""
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
     try:
         tune_tcp(sock)
+        if tls is not None:
+            sock = TlsStream.handshake(sock, tls.context, False, deadline, server_hostname=addr.host)
+            check_pin(sock.peer_certificate(), tls.fingerprint)
         sock.sendall(pack_data_header(JoinRequest(side, session_id, secret)))
         status = JoinStatus(recv_exact(sock, 1, deadline)[0])
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TlsError) as exc:
         close_quietly(sock)
         raise JoinError(f"data channel to relay {addr.host}:{addr.port} failed: {exc}") from None
     if status != JoinStatus.JOINED:

@@ -16,7 +16,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from common import __version__, auth
+from common import __version__, auth, tls
 from common import protocol as p
 from common.errors import ChuantouError
 from common.frames import DATA_MAGIC, HEADER_SIZE
@@ -57,6 +57,9 @@ class Server:
         max_udp_flows_per_client: int = 1024,
         max_pending_handshakes: int = 1024,
         max_pending_per_ip: int = 256,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_only: bool = False,
     ):
         """``token=None`` (and no other tokens) runs an open relay: any client may register.
         ``client_tokens`` maps a client ID to the only token that may register it;
@@ -77,6 +80,10 @@ class Server:
         self.max_sessions_per_client = max_sessions_per_client
         self.max_udp_flows_per_client = max_udp_flows_per_client
         self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_per_ip)
+        if tls_only and not tls_cert:
+            raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
+        self.tls_context = tls.server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
+        self.tls_only = tls_only
 
         self.registry = ClientRegistry()
         self.sessions = SessionTable()
@@ -191,6 +198,13 @@ class Server:
         deadline = time.monotonic() + self.handshake_timeout
         handshaking = True
         try:
+            if self.tls_context is not None:
+                if tls.peek_first_byte(sock, deadline) == tls.TLS_RECORD_START:
+                    sock = tls.TlsStream.handshake(sock, self.tls_context, True, deadline)
+                elif self.tls_only:
+                    log.debug("plain connection from %s:%s refused (TLS only)", addr[0], addr[1])
+                    close_quietly(sock)
+                    return
             first = recv_exact(sock, 2, deadline)
             if first == DATA_MAGIC:
                 header = first + recv_exact(sock, HEADER_SIZE - 2, deadline)

@@ -1,0 +1,206 @@
+"""TLS for the relay port and the data channels, over blocking sockets.
+
+``TlsStream`` runs OpenSSL over memory BIOs so that one reader thread and one writer thread
+can share a connection safely (an ``SSLSocket`` may not be used by two threads at once), and
+so that a half-close works: ``shutdown(SHUT_WR)`` sends close_notify and a TCP FIN while
+the read side keeps delivering data, as the relay's Pipe expects of any socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import ssl
+import threading
+import time
+
+from .errors import ChuantouError
+
+TLS_RECORD_START = 0x16  # first byte of a TLS ClientHello
+READ_CHUNK = 256 * 1024
+
+
+class TlsError(ChuantouError):
+    pass
+
+
+def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsError(f"cannot load TLS certificate {cert_file} / key {key_file}: {exc}") from None
+    return context
+
+
+def client_context(ca_file: str | None = None, fingerprint: str | None = None,
+                   insecure: bool = False) -> ssl.SSLContext:
+    """Verification on by default; a private CA with ``ca_file``; with ``fingerprint`` or
+    ``insecure`` the chain is not verified (the pin is checked after the handshake)."""
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if fingerprint or insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def normalize_fingerprint(value: str) -> str:
+    digest = value.replace(":", "").strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise TlsError(f"TLS fingerprint {value!r} is not a SHA-256 hex digest (64 hex digits, colons allowed)")
+    return digest
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def check_pin(der: bytes | None, fingerprint: str | None) -> None:
+    if fingerprint is None:
+        return
+    if der is None or not hmac.compare_digest(certificate_fingerprint(der), normalize_fingerprint(fingerprint)):
+        got = certificate_fingerprint(der) if der else "none"
+        raise TlsError(f"the relay's certificate fingerprint is {got}, not the pinned one; "
+                       f"refusing to connect (check --tls-fingerprint)")
+
+
+class TlsStream:
+    """A TLS connection over a blocking TCP socket, with the socket methods the relay uses."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
+                 server_hostname: str | None = None):
+        self._sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                     server_hostname=server_hostname)
+        self._ssl_lock = threading.Lock()  # guards the SSL object and the BIOs
+        self._write_lock = threading.Lock()  # orders reads of the outgoing BIO with socket writes
+        self._eof = False
+
+    @classmethod
+    def handshake(cls, sock: socket.socket, context: ssl.SSLContext, server_side: bool, deadline: float,
+                  server_hostname: str | None = None) -> "TlsStream":
+        stream = cls(sock, context, server_side, server_hostname)
+        while True:
+            try:
+                stream._obj.do_handshake()
+                stream._flush()
+                return stream
+            except ssl.SSLWantReadError:
+                stream._flush()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("TLS handshake not finished before the deadline") from None
+                sock.settimeout(remaining)
+                data = sock.recv(READ_CHUNK)
+                if not data:
+                    raise ConnectionError("peer closed during the TLS handshake") from None
+                stream._incoming.write(data)
+
+    def peer_certificate(self) -> bytes | None:
+        return self._obj.getpeercert(binary_form=True)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        size = nbytes or len(buffer)
+        while True:
+            with self._ssl_lock:
+                try:
+                    n = self._obj.read(size, buffer)
+                except ssl.SSLWantReadError:
+                    n = None
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    n = 0
+                pending = self._outgoing.pending
+            if pending:  # e.g. a key update answer produced while reading
+                self._flush()
+            if n is not None:
+                return n
+            data = self._sock.recv(READ_CHUNK)
+            if not data:
+                return 0  # TCP EOF without close_notify: treat as the end of the stream
+            with self._ssl_lock:
+                self._incoming.write(data)
+
+    def recv(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        n = self.recv_into(buffer, size)
+        return bytes(buffer[:n])
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def sendall(self, data) -> None:
+        view = memoryview(data)
+        with self._write_lock:
+            while view:
+                with self._ssl_lock:
+                    n = self._obj.write(view[:READ_CHUNK])
+                    out = self._outgoing.read()
+                view = view[n:]
+                self._sock.sendall(out)
+
+    def send(self, data) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def _flush(self) -> None:
+        with self._write_lock:
+            with self._ssl_lock:
+                out = self._outgoing.read()
+            if out:
+                self._sock.sendall(out)
+
+    # --- socket-like rest -------------------------------------------------------------------
+
+    def shutdown(self, how: int) -> None:
+        if how == socket.SHUT_WR:
+            with self._write_lock:
+                with self._ssl_lock:
+                    try:
+                        self._obj.unwrap()  # queues close_notify; the read side stays open
+                    except (ssl.SSLWantReadError, ssl.SSLError):
+                        pass
+                    out = self._outgoing.read()
+                try:
+                    self._sock.sendall(out)
+                except OSError:
+                    pass
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def settimeout(self, value) -> None:
+        self._sock.settimeout(value)
+
+    def gettimeout(self):
+        return self._sock.gettimeout()
+
+    def setsockopt(self, *args) -> None:
+        self._sock.setsockopt(*args)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def getpeername(self):
+        return self._sock.getpeername()
+
+    def getsockname(self):
+        return self._sock.getsockname()
+
+
+def peek_first_byte(sock: socket.socket, deadline: float) -> int:
+    """Look at the first byte of a fresh connection without consuming it."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("no bytes before the deadline")
+    sock.settimeout(remaining)
+    data = sock.recv(1, socket.MSG_PEEK)
+    if not data:
+        raise ConnectionError("peer closed before sending anything")
+    return data[0]
