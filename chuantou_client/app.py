@@ -52,6 +52,9 @@ CONFIG_KEYS = {
     "token": config.Key(str, "the relay's token (a string)", None),
     "allow": config.Key(str, "ports other clients may reach here, like \"22,3000-3999\" or \"none\"", None,
                         _valid_allow),
+    "ca": config.Key(str, "the path of a PEM file of trusted CA certificates", None),
+    "tlsFingerprint": config.Key(str, "the SHA-256 fingerprint of the relay's certificate", None),
+    "tlsInsecure": config.Key(bool, "true or false", False),
     "allowHosts": config.Key(list, "a list of host names or addresses", list,
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
 }
@@ -87,7 +90,7 @@ class ClientApp:
         changed = False
         if overrides.get("allow") is not None:
             parse_ports(overrides["allow"])  # a clear error for a bad --allow
-        for key in ("server", "clientId", "token", "allow", "allowHosts"):  # given on the command line: remember
+        for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure"):
             if overrides.get(key) and overrides[key] != self.settings[key]:
                 self.settings[key] = overrides[key]
                 changed = True
@@ -102,7 +105,9 @@ class ClientApp:
         self.admin_host = admin_host
         token = overrides.get("token") or os.environ.get("CHUANTOU_TOKEN") or self.settings["token"]
         self.client = Client(self.server_url, self.settings["clientId"], token=token,
-                             allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"])
+                             allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"],
+                             ca_file=self.settings["ca"], tls_fingerprint=self.settings["tlsFingerprint"],
+                             tls_insecure=self.settings["tlsInsecure"])
         self.admin = AdminServer(self, admin_host, self.admin_port)
         self.failed_proxies: dict[int, str] = {}
         self._lock = threading.Lock()

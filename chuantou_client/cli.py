@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -56,6 +57,11 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                              "default: every port on 127.0.0.1)")
     parser.add_argument("--allow-host", action="append", dest="allow_hosts", default=default, metavar="HOST",
                         help="also let other clients reach this host of your network (repeatable, saved)")
+    parser.add_argument("--ca", default=default, metavar="PEM", help="trust this CA for a wss:// relay (saved)")
+    parser.add_argument("--tls-fingerprint", default=default, metavar="SHA256",
+                        help="pin the wss:// relay's certificate by its SHA-256 fingerprint (saved)")
+    parser.add_argument("--tls-insecure", action="store_true", default=default,
+                        help="do not verify the relay's certificate (dangerous; saved)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +126,8 @@ def worker_args(args) -> list[str]:
     for option in ("server", "client_id", "admin_port", "config", "log_level"):
         value = getattr(args, option, None)
         if value is not None:
+            if option == "config":
+                value = os.path.abspath(value)  # the worker may run from another directory (at boot)
             out += [f"--{option.replace('_', '-')}", str(value)]
     return out  # token, --allow and --allow-host are saved in the config file by make_app
 
@@ -130,7 +138,9 @@ def make_app(args) -> ClientApp:
     path = Path(args.config) if getattr(args, "config", None) else default_config_path()
     overrides = {"server": getattr(args, "server", None), "clientId": getattr(args, "client_id", None),
                  "adminPort": getattr(args, "admin_port", None), "token": getattr(args, "token", None),
-                 "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None)}
+                 "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None),
+                 "ca": os.path.abspath(args.ca) if getattr(args, "ca", None) else None, "tlsFingerprint": getattr(args, "tls_fingerprint", None),
+                 "tlsInsecure": getattr(args, "tls_insecure", None)}
     return ClientApp(path, overrides)
 
 

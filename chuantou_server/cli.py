@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,9 +33,12 @@ CONFIG_KEYS = {
     "extraTokens": config.Key(list, "a list of token strings", list,
                               lambda v: all(isinstance(t, str) and len(t) >= 16 for t in v)),
     "noAuth": config.Key(bool, "true or false", False),
+    "tlsCert": config.Key(str, "the path of a PEM certificate (chain)", None),
+    "tlsKey": config.Key(str, "the path of its PEM private key", None),
+    "tlsOnly": config.Key(bool, "true or false", False),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
-                 "token": "token"}
+                 "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
 
 EXAMPLES = """examples:
   python -m chuantou_server                      run in the foreground on port 8200
@@ -67,6 +71,10 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         "generated on first start)")
     parser.add_argument("--no-auth", action="store_true", default=default,
                         help="run an open relay: anyone who reaches the port may register (not recommended)")
+    parser.add_argument("--tls-cert", default=default, metavar="PEM", help="serve TLS (wss://) on the same port "
+                        "with this certificate chain")
+    parser.add_argument("--tls-key", default=default, metavar="PEM", help="the certificate's private key")
+    parser.add_argument("--tls-only", action="store_true", default=default, help="refuse plain connections")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,11 +136,19 @@ def resolve_settings(args) -> dict:
         raise config.ConfigError(f"--port {settings['port']} is not a port number 1-65535")
     if getattr(args, "no_auth", None):
         settings["noAuth"] = True
+    if getattr(args, "tls_only", None):
+        settings["tlsOnly"] = True
+    if settings["tlsOnly"] and not settings["tlsCert"]:
+        raise config.ConfigError("--tls-only needs --tls-cert and --tls-key")
     return settings
 
 
 def config_path(args) -> Path:
     return Path(args.config) if getattr(args, "config", None) else default_config_path()
+
+
+def scheme(settings: dict) -> str:
+    return "wss" if settings.get("tlsCert") else "ws"
 
 
 def ensure_token(args, settings: dict, port: int | str = "PORT") -> None:
@@ -155,7 +171,7 @@ def ensure_token(args, settings: dict, port: int | str = "PORT") -> None:
         print(f"generated a token for this relay, saved in {path} (mode 0600):")
         print(f"  {saved['token']}")
         print("clients connect with:")
-        print(f"  python -m chuantou_client start --server ws://<this host's address>:{port} --token {saved['token']}")
+        print(f"  python -m chuantou_client start --server {scheme(settings)}://<this host's address>:{port} --token {saved['token']}")
         print("show it again with: python -m chuantou_server token", flush=True)
 
 
@@ -171,18 +187,22 @@ def make_server(settings: dict) -> Server:
         token=None if settings["noAuth"] else settings["token"],
         client_tokens={} if settings["noAuth"] else settings["clientTokens"],
         extra_tokens=[] if settings["noAuth"] else settings["extraTokens"],
+        tls_cert=settings["tlsCert"], tls_key=settings["tlsKey"], tls_only=settings["tlsOnly"],
     )
 
 
 def worker_args(args) -> list[str]:
     """The foreground command line equivalent to ``args``' run options."""
     out = []
-    for option in ("host", "port", "heartbeat_timeout", "config", "log_level"):
+    for option in ("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key"):
         value = getattr(args, option, None)
         if value is not None:
+            if option in ("config", "tls_cert", "tls_key"):
+                value = os.path.abspath(value)  # the worker may run from another directory (at boot)
             out += [f"--{option.replace('_', '-')}", str(value)]
-    if getattr(args, "no_auth", None):
-        out.append("--no-auth")
+    for flag in ("no_auth", "tls_only"):
+        if getattr(args, flag, None):
+            out.append(f"--{flag.replace('_', '-')}")
     return out  # never the token: it is saved in the config file, not shown in `ps`
 
 
@@ -205,7 +225,7 @@ def run_foreground(args) -> int:
     facts = {"host": settings["host"], "port": server.port, "version": __version__}
     with service.WorkerRecord(files(args), facts):
         print(f"chuantou relay listening on {settings['host']}:{server.port}; "
-              f"clients connect with --server ws://<this host>:{server.port}", flush=True)
+              f"clients connect with --server {scheme(settings)}://<this host>:{server.port}", flush=True)
         try:
             while not stop.wait(1.0):
                 pass
@@ -227,8 +247,9 @@ def cmd_start(args) -> int:
     worker = service.start_background(svc, MODULE, worker_args(args))
     port = worker.get("port")
     print(f"chuantou server started (pid {service.supervisor_pid(svc)}), listening on port {port}")
-    print(f"clients connect with: python -m chuantou_client start --server ws://<this host's address>:{port}")
-    print(f"on this machine: ws://127.0.0.1:{port}")
+    print(f"clients connect with: python -m chuantou_client start --server {scheme(settings)}://<this host's address>:"
+          f"{port}" + ("" if settings["noAuth"] else " --token TOKEN (see: python -m chuantou_server token)"))
+    print(f"on this machine: {scheme(settings)}://127.0.0.1:{port}")
     print(f"log: {svc.log_file}")
     if args.autostart:
         try:
@@ -308,7 +329,7 @@ def cmd_token(args) -> int:
             ensure_token(args, settings, settings["port"])
             return 0
         print(settings["token"])
-        print(f"clients connect with: python -m chuantou_client start --server ws://<this host's address>:"
+        print(f"clients connect with: python -m chuantou_client start --server {scheme(settings)}://<this host's address>:"
               f"{settings['port']} --token {settings['token']}")
         return 0
     saved = load_file_settings(path)
@@ -330,7 +351,7 @@ def cmd_token(args) -> int:
         print(new)
         scope = f"only client ID {args.client_id} may use it" if args.client_id else "any client ID may use it"
         print(f"saved in {path} ({scope}); the client connects with: python -m chuantou_client start "
-              f"--server ws://<this host's address>:{settings['port']} --token {new}"
+              f"--server {scheme(settings)}://<this host's address>:{settings['port']} --token {new}"
               + (f" --client-id {args.client_id}" if args.client_id else ""))
     else:
         if args.client_id:
