@@ -29,7 +29,9 @@ def register_proof(token: str, nonce: str, client_id: str) -> str:
 
 
 def proof_matches(token: str, nonce: str, client_id: str, proof: str) -> bool:
-    return hmac.compare_digest(register_proof(token, nonce, client_id), proof)
+    # compare_digest raises TypeError on str with non-ASCII characters: compare bytes instead
+    expected = register_proof(token, nonce, client_id).encode()
+    return hmac.compare_digest(expected, proof.encode("utf-8", "replace"))
 
 
 def fingerprint(token: str) -> str:
