@@ -20,6 +20,11 @@ from common.net import shutdown_quietly
 
 log = logging.getLogger("chuantou.server")
 
+# simple-websocket can close a connection without waking a blocked receive(): when a message
+# exceeds max_message_size it sets its event before it marks itself disconnected, and a
+# receive() that wakes in between goes back to waiting forever. Waiting in slices bounds that.
+RECEIVE_POLL = 1.0
+
 
 class ControlConnection:
     def __init__(self, server, ws, sock: socket.socket, remote: tuple, relay_host: str):
@@ -51,10 +56,12 @@ class ControlConnection:
             self.send(p.Challenge(nonce=self.nonce, authRequired=self.server.auth_required))
             while not self._closed.is_set():
                 try:
-                    frame = self.ws.receive()
+                    frame = self.ws.receive(timeout=RECEIVE_POLL)
                 except simple_websocket.ConnectionClosed:
                     break
                 if frame is None:
+                    if not self.ws.connected:  # closed without waking us (see RECEIVE_POLL)
+                        break
                     continue
                 self.last_seen = time.monotonic()
                 self.handle_frame(frame)
