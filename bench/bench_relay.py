@@ -567,6 +567,9 @@ def run(args) -> dict:
         d, t, sc = env["direct"], env["tunnel"], env["socat"]
         print(f"chuantou relay benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
               f"logs in {logdir}")
+        results["loadavg_start"] = os.getloadavg()
+        print("load average at start: %.2f %.2f %.2f (the machine may be shared; wake-up-bound figures "
+              "follow the load)" % results["loadavg_start"])
         print(f"processes: server={env['pids']['server']} A={env['pids']['A']} B={env['pids']['B']}; "
               f"socat {'3 hops' if sc else 'not used'}")
         print()
@@ -695,6 +698,7 @@ def run(args) -> dict:
                       f"   rate {u['rate_achieved']:.0f}/s")
             results["udp"] = udp
         results["seconds"] = time.monotonic() - t_start
+        results["loadavg_end"] = os.getloadavg()
     finally:
         procs.stop_all()
     return results
@@ -762,7 +766,8 @@ def main(argv=None) -> int:
     rows = summary(results, args)
     results["summary"] = [dict(zip(("figure", "value", "target", "result"), row)) for row in rows]
     print()
-    print(f"summary ({results['seconds']:.0f} s)")
+    print(f"summary ({results['seconds']:.0f} s, load average at end "
+          f"{' '.join(f'{x:.2f}' for x in results['loadavg_end'])})")
     w = max(len(r[0]) for r in rows)
     print(f"  {'figure':{w}s}  {'value':>12s}  {'target':>12s}  result")
     for name, value, target, verdict in rows:
