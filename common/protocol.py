@@ -273,7 +273,10 @@ def _convert(value, hint, where: str):
         _require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer")
     elif hint is float:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer literal of hundreds of digits
+            raise ProtocolError(f"{where} is too large a number") from None
     elif hint is str:
         _require(isinstance(value, str), f"{where} must be a string")
     return value
