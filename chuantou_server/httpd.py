@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import simple_websocket
+from wsproto.utilities import ProtocolError as WebSocketProtocolError
 
 MAX_HEAD_BYTES = 16 * 1024
 CONTROL_PATHS = ("/", "/ws")
@@ -129,14 +130,20 @@ class _LockedSendSocket:
 
 
 def accept_websocket(sock: socket.socket, request: Request, thread_factory, max_message_size: int):
-    """Complete the WebSocket handshake; returns a simple_websocket.Server."""
+    """Complete the WebSocket handshake; returns a simple_websocket.Server.
+
+    Raises BadRequest for an upgrade request the WebSocket library refuses (no or a wrong
+    Sec-WebSocket-Version or -Key, ...)."""
     environ = {"werkzeug.socket": _LockedSendSocket(sock)}
     for name, value in request.headers.items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
-    return simple_websocket.Server(
-        environ,
-        receive_bytes=65536,
-        ping_interval=None,  # we run our own heartbeat messages
-        max_message_size=max_message_size,
-        thread_class=thread_factory,
-    )
+    try:
+        return simple_websocket.Server(
+            environ,
+            receive_bytes=65536,
+            ping_interval=None,  # we run our own heartbeat messages
+            max_message_size=max_message_size,
+            thread_class=thread_factory,
+        )
+    except (WebSocketProtocolError, simple_websocket.ConnectionError) as exc:
+        raise BadRequest(400, f"bad WebSocket handshake: {exc}") from None

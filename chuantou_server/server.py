@@ -254,7 +254,13 @@ class Server:
             self.threads.adopt(thread)
             return thread
 
-        ws = httpd.accept_websocket(sock, request, reader_thread, self.max_message_size)
+        try:
+            ws = httpd.accept_websocket(sock, request, reader_thread, self.max_message_size)
+        except httpd.BadRequest as exc:
+            log.debug("connection from %s:%s refused: %s", addr[0], addr[1], exc)
+            httpd.send_response(sock, exc.status, f"{exc}\n")
+            close_quietly(sock)
+            return
         conn = ControlConnection(self, ws, sock, addr, self._relay_host_from(request, sock))
         with self._conn_lock:
             if self._stopping.is_set():
