@@ -68,8 +68,9 @@ class RelayTraffic:
                 del self._finished_by_client[client_id]
             if self._last_sample is not None and now > self._last_sample:
                 elapsed = now - self._last_sample
+                previous = self._last_bytes
                 self._session_rates = {
-                    sid: tuple(max(0.0, (new - old) / elapsed) for new, old in zip(pair, self._last_bytes.get(sid, (0, 0))))
+                    sid: tuple(max(0.0, (new - old) / elapsed) for new, old in zip(pair, previous.get(sid, (0, 0))))
                     for sid, pair in current.items()
                 }
             self._last_bytes = current

@@ -1,0 +1,133 @@
+/* The relay's admin page: polls /api/status, /api/clients, /api/sessions and /api/traffic. */
+"use strict";
+
+(() => {
+  const { el, setText, api, syncRows, confirmButton, bytes, rate, duration, ago, clock } = UI;
+  const POLL_MS = 2000;
+  const chart = new UI.Chart(document.getElementById("chart"), [{ label: "total", color: "--accent" }]);
+  const banner = document.getElementById("error");
+  let keepErrorUntil = 0;  // an action's error stays a while; a poll's clears with the next success
+
+  function showError(text) {
+    banner.textContent = text || "";
+    banner.hidden = !text;
+  }
+
+  async function act(method, path) {
+    const { ok, data } = await api(method, path);
+    if (!ok) {
+      showError(data.error || "the action failed");
+      keepErrorUntil = Date.now() + 8000;
+    }
+    await refresh();
+  }
+
+  // --- sections ----------------------------------------------------------------------------
+
+  function renderStatus(s) {
+    setText("version", `v${s.version}`);
+    setText("port", s.port);
+    setText("uptime", duration(s.uptime));
+    setText("stat-clients", s.clients);
+    setText("stat-sessions", s.sessions);
+    setText("stat-rate", rate(s.bytesPerSecond));
+    setText("stat-total", bytes(s.totalBytes));
+    setText("stat-since", `since start, ${clock(s.startedAt)}`);
+    document.getElementById("logout").hidden = !s.tokenRequired;
+    const facts = [
+      ["Version", s.version],
+      ["Uptime", `${duration(s.uptime)} (since ${clock(s.startedAt)})`],
+      ["Port", `${s.port} (TCP and UDP)`],
+      ["Threads", `${s.processThreads} in the process, ${s.threads} of the relay`],
+      ["Open sockets", s.openSockets === null ? "unknown" : `${s.openSockets} (${s.openFiles} open files)`],
+      ["Memory (RSS)", s.rssBytes === null ? "unknown" : bytes(s.rssBytes)],
+      ["Heartbeat timeout", `${s.heartbeatTimeout} s`],
+      ["Access", s.tokenRequired ? "token (log in or Authorization: Bearer)" : "this machine only (SSH tunnel)"],
+    ];
+    const dl = document.getElementById("system");
+    const text = JSON.stringify(facts);
+    if (dl.dataset.text !== text) {
+      dl.replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+      dl.dataset.text = text;
+    }
+  }
+
+  function renderClients(clients) {
+    setText("clients-hint", clients.length ? `${clients.length} online` : "");
+    syncRows(document.querySelector("#clients tbody"), clients, {
+      key: (c) => c.id,
+      empty: "No client is connected. Start one with: python -m chuantou_client --server ws://THIS-HOST:PORT",
+      columns: [
+        { label: "Client", value: (c) => el("span", { class: "id" }, c.id) },
+        { label: "Address", cls: "mono", value: (c) => c.remote },
+        { label: "Connected", value: (c) => [ago(c.connectedAt), el("span", { class: "sub" }, clock(c.connectedAt))] },
+        { label: "Last heartbeat", value: (c) => ago(c.lastSeen) },
+        { label: "Sessions", cls: "num", value: (c) => c.sessions },
+        { label: "Sent", cls: "num", value: (c) => [bytes(c.bytesSent), el("span", { class: "sub" }, rate(c.rateSent))] },
+        {
+          label: "Received", cls: "num",
+          value: (c) => [bytes(c.bytesReceived), el("span", { class: "sub" }, rate(c.rateReceived))],
+        },
+      ],
+      actions: (c) => confirmButton("Disconnect", "Disconnect?",
+        () => act("POST", `/api/clients/${encodeURIComponent(c.id)}/disconnect`)),
+    });
+  }
+
+  function renderSessions(sessions) {
+    syncRows(document.querySelector("#sessions tbody"), sessions, {
+      key: (s) => s.id,
+      empty: "No active session. One opens when a client's proxy gets a connection.",
+      columns: [
+        {
+          label: "Session",
+          value: (s) => [el("span", { class: "mono", title: s.id }, s.shortId),
+            s.state === "relaying" ? null : el("span", { class: "sub" }, s.state)],
+        },
+        {
+          label: "Clients",
+          value: (s) => [el("span", { class: "id" }, s.a), el("span", { class: "arrow" }, "→"),
+            el("span", { class: "id" }, s.b)],
+        },
+        { label: "Port on B", cls: "num", value: (s) => s.port },
+        { label: "Protocol", value: (s) => el("span", { class: s.protocol === "udp" ? "tag b" : "tag" }, s.protocol) },
+        { label: "Started", value: (s) => [ago(s.startedAt), el("span", { class: "sub" }, clock(s.startedAt))] },
+        { label: "Sent by A", cls: "num", value: (s) => bytes(s.bytesAToB) },
+        { label: "Sent by B", cls: "num", value: (s) => bytes(s.bytesBToA) },
+        { label: "Rate", cls: "num", value: (s) => rate(s.rateAToB + s.rateBToA) },
+      ],
+      actions: (s) => confirmButton("Close", "Close?", () => act("POST", `/api/sessions/${s.id}/close`)),
+    });
+  }
+
+  // --- refresh -----------------------------------------------------------------------------
+
+  async function refresh() {
+    const [status, clients, sessions, traffic] = await Promise.all([
+      api("GET", "/api/status"), api("GET", "/api/clients"), api("GET", "/api/sessions"), api("GET", "/api/traffic"),
+    ]);
+    const all = [status, clients, sessions, traffic];
+    if (all.some((r) => r.status === 401)) {
+      window.location.replace("/");  // the login form
+      return false;
+    }
+    const failed = all.find((r) => !r.ok);
+    if (failed) {
+      showError(failed.data.error || "the relay did not answer");
+      return false;
+    }
+    if (Date.now() > keepErrorUntil) showError("");
+    renderStatus(status.data);
+    renderClients(clients.data.clients);
+    renderSessions(sessions.data.sessions);
+    chart.update(traffic.data.samples);
+    return true;
+  }
+
+  document.getElementById("logout").addEventListener("click", async () => {
+    await api("POST", "/logout");
+    window.location.replace("/");
+  });
+
+  UI.poll(refresh, POLL_MS, document.getElementById("live"));
+})();
