@@ -1,12 +1,15 @@
-"""The running client's local JSON API on 127.0.0.1:8201 (the CLI and the admin page use it).
+"""The running client's admin page and local JSON API on 127.0.0.1:8201 (the CLI uses the API).
 
 Endpoints::
 
+    GET    /                        the admin page; GET /static/<file>: its CSS and JavaScript
     GET    /api/status              client ID, relay URL, connection state, proxies
     GET    /api/proxies             {"proxies": [...]}
     POST   /api/proxies             {"localPort", "targetClient", "targetPort", "protocol"}
     DELETE /api/proxies/<localPort>
     GET    /api/clients             {"clients": [...]} online on the relay
+    GET    /api/connections         {"connections": [...]} sessions through this client, as A and as B
+    GET    /api/traffic             {"samples": [[unix time, received/s, sent/s], ...]} for five minutes
 
 A browser page on another site must not be able to drive it: requests with a Host other
 than this address are refused (DNS rebinding), and state-changing requests need a JSON body
@@ -21,14 +24,19 @@ import json
 import logging
 import re
 import socket
+import threading
+from pathlib import Path
 
+from common import pages
 from common.errors import ChuantouError, PortInUseError
 from common.threads import ThreadGroup
+from common.traffic import SAMPLE_INTERVAL, RateHistory
 
 log = logging.getLogger("chuantou.client")
 
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0
+STATIC = Path(__file__).with_name("static")
 
 
 class ApiError(Exception):
@@ -62,6 +70,9 @@ class AdminServer:
         self.port = port
         self.threads = ThreadGroup("chuantou-admin")
         self._httpd: _HttpServer | None = None
+        self._stopping = threading.Event()
+        client = getattr(app, "client", None)
+        self.traffic = RateHistory(client.byte_totals if client is not None else lambda: (0, 0))
 
     def start(self) -> "AdminServer":
         try:
@@ -72,12 +83,15 @@ class AdminServer:
                                     f"choose another with --admin-port") from None
             raise ChuantouError(f"cannot serve the local API on {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.port = self._httpd.server_address[1]
+        self._stopping.clear()
         self.threads.spawn("http", self._httpd.serve_forever, 0.25)
+        self.threads.spawn("traffic", self.traffic.run, self._stopping)
         return self
 
     def stop(self) -> None:
         if self._httpd is None:
             return
+        self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self.threads.join_all(timeout=5.0)
@@ -110,6 +124,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         try:
             self._check_host()
             path = self.path.split("?", 1)[0]
+            if method == "GET" and (path == "/" or path.startswith("/static/")):
+                return self._send_static("index.html" if path == "/" else path[len("/static/"):])
             for route_method, pattern, handler in ROUTES:
                 match = re.fullmatch(pattern, path)
                 if match and route_method == method:
@@ -126,6 +142,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_GET(self):
+        self._dispatch("GET")
+
+    def do_HEAD(self):
         self._dispatch("GET")
 
     def do_POST(self):
@@ -162,12 +181,23 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return data
 
     def _send_json(self, status: int, payload) -> None:
-        body = json.dumps(payload).encode()
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _send_static(self, name: str) -> None:
+        found = pages.static_file(STATIC, name)
+        if found is None:
+            raise ApiError(404, f"no such file: {name}")
+        content_type, body, headers = found
+        self._send(200, body, content_type, headers)
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -207,6 +237,14 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         except ChuantouError as exc:
             raise ApiError(503, str(exc)) from None
 
+    def get_connections(self):
+        return 200, {"connections": self.app.client.connections()}
+
+    def get_traffic(self):
+        received, sent = self.app.client.byte_totals()
+        return 200, {"interval": SAMPLE_INTERVAL, "bytesReceived": received, "bytesSent": sent,
+                     "samples": self.server_ref.traffic.history()}
+
 
 def _port(data: dict, key: str) -> int:
     value = data.get(key)
@@ -223,4 +261,6 @@ ROUTES = [
     ("POST", r"/api/proxies", ApiHandler.post_proxy),
     ("DELETE", r"/api/proxies/(\d{1,5})", ApiHandler.delete_proxy),
     ("GET", r"/api/clients", ApiHandler.get_clients),
+    ("GET", r"/api/connections", ApiHandler.get_connections),
+    ("GET", r"/api/traffic", ApiHandler.get_traffic),
 ]

@@ -101,7 +101,8 @@ class ClientApp:
             self.save()
         self.server_url = os.environ.get("CHUANTOU_SERVER") if not overrides.get("server") else None
         self.server_url = self.server_url or self.settings["server"]
-        self.admin_port = overrides.get("adminPort") or self.settings["adminPort"]
+        admin_port = overrides.get("adminPort")  # 0: any free port (tests)
+        self.admin_port = admin_port if admin_port is not None else self.settings["adminPort"]
         self.admin_host = admin_host
         token = overrides.get("token") or os.environ.get("CHUANTOU_TOKEN") or self.settings["token"]
         self.client = Client(self.server_url, self.settings["clientId"], token=token,
