@@ -8,13 +8,18 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["common", "chuantou_server", "chuantou_client"],
+    package_data={  # the admin pages: static HTML/CSS/JS served by the relay and the client
+        "common": ["static/*"],
+        "chuantou_server": ["static/*"],
+        "chuantou_client": ["static/*"],
+    },
     install_requires=[
         "websocket-client>=1.6",
         "simple-websocket>=1.0",
         "platformdirs>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10"],
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,510 @@
+"""The admin JSON APIs over HTTP, with a real relay and real clients: the relay's /api/ on its
+own port, the client's on its local admin port, and who may use them."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from chuantou_client import Client
+from chuantou_client.app import ClientApp
+from chuantou_server import Server
+from chuantou_server import admin as server_admin
+from chuantou_server.httpd import Request
+from common import __version__
+
+DEADLINE = 10.0
+PAYLOAD = 300_000
+TOKEN = "admin-test-token-0123456789"
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def wait_for(predicate, timeout: float = DEADLINE, message: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; return that, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {message}")
+        time.sleep(0.02)
+
+
+def request(port: int, method: str, path: str, headers: dict | None = None, body=None):
+    """(status, headers, decoded body) of one HTTP request to 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
+    try:
+        data = None
+        headers = dict(headers or {})
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+        kind = response.getheader("Content-Type", "")
+        payload = json.loads(raw) if kind.startswith("application/json") else raw.decode()
+        return response.status, response, payload
+    finally:
+        conn.close()
+
+
+def get_json(port: int, path: str, headers: dict | None = None):
+    status, _, payload = request(port, "GET", path, headers)
+    assert status == 200, payload
+    return payload
+
+
+def same_origin(port: int) -> dict:
+    return {"Origin": f"http://127.0.0.1:{port}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EchoService:
+    """A TCP echo service on 127.0.0.1 with named threads joined at stop()."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.conns: list[socket.socket] = []
+        self._spawn("svc-admin-echo", self._accept)
+
+    def _spawn(self, name, target, *args):
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self._spawn("svc-admin-echo-conn", self._echo, conn)
+
+    @staticmethod
+    def _echo(conn):
+        try:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        except OSError:
+            pass
+        self.listener.close()
+        for conn in self.conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(5)
+        assert not [t.name for t in self.threads if t.is_alive()]
+
+
+def exchange(sock: socket.socket, size: int) -> None:
+    """Send ``size`` bytes through an echo path and read them all back."""
+    sock.sendall(b"x" * size)
+    got = 0
+    while got < size:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "the echo path closed early"
+        got += len(chunk)
+
+
+class Pump:
+    """Keeps bytes flowing through an echo path until stopped, so rates are non-zero."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="svc-admin-pump", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while not self.stopping.is_set():
+                exchange(self.sock, 32_000)
+                self.stopping.wait(0.02)
+        except (OSError, AssertionError):
+            pass
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def relay():
+    server = Server(host="127.0.0.1", port=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def echo():
+    service = EchoService()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def clients(relay):
+    made = []
+
+    def make(client_id: str) -> Client:
+        client = Client(f"ws://127.0.0.1:{relay.port}", client_id).start()
+        made.append(client)
+        return client
+
+    yield make
+    for client in reversed(made):
+        client.stop()
+
+
+@pytest.fixture
+def a_and_b(clients):
+    return clients("A"), clients("B")
+
+
+@pytest.fixture
+def user_sockets():
+    opened = []
+
+    def connect(port: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        opened.append(sock)
+        return sock
+
+    yield connect
+    for sock in opened:
+        sock.close()
+
+
+@pytest.fixture
+def client_app(relay, tmp_path):
+    app = ClientApp(tmp_path / "client.json", {"server": f"ws://127.0.0.1:{relay.port}", "clientId": "A",
+                                                "adminPort": 0}).start()
+    yield app
+    app.stop()
+
+
+# --- the relay's API --------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_status_describes_the_relay(relay, a_and_b):
+    status = get_json(relay.port, "/api/status")
+    assert status["version"] == __version__
+    assert status["port"] == relay.port
+    assert status["clients"] == 2 and status["sessions"] == 0
+    assert 0 <= status["uptime"] < 60
+    assert status["heartbeatTimeout"] == relay.heartbeat_timeout
+    assert status["processThreads"] >= status["threads"] > 0
+    assert status["openSockets"] >= 4  # listener, UDP socket, two control channels
+    assert status["rssBytes"] > 1_000_000
+    assert status["totalBytes"] == 0 and status["bytesPerSecond"] == 0
+    assert status["tokenRequired"] is False
+
+
+@pytest.mark.timeout(40)
+def test_clients_sessions_and_traffic_follow_a_live_session(relay, a_and_b, echo, user_sockets):
+    a, b = a_and_b
+    proxy = a.create_proxy(0, "B", echo.port, "tcp")
+    user = user_sockets(proxy.local_port)
+    exchange(user, PAYLOAD)
+
+    def the_session():
+        sessions = get_json(relay.port, "/api/sessions")["sessions"]
+        return sessions[0] if len(sessions) == 1 and sessions[0]["bytesBToA"] >= PAYLOAD else None
+
+    session = wait_for(the_session, message="one session with the payload counted both ways")
+    assert (session["a"], session["b"], session["port"], session["protocol"]) == ("A", "B", echo.port, "tcp")
+    assert session["bytesAToB"] >= PAYLOAD and session["state"] == "relaying"
+    assert session["shortId"] == session["id"][:8]
+    assert time.time() - 30 < session["startedAt"] <= time.time()
+
+    clients = {c["id"]: c for c in get_json(relay.port, "/api/clients")["clients"]}
+    assert set(clients) == {"A", "B"}
+    for info in clients.values():
+        assert info["remote"].startswith("127.0.0.1:")
+        assert info["sessions"] == 1
+        assert time.time() - 30 < info["connectedAt"] <= info["lastSeen"] <= time.time() + 1
+    assert clients["A"]["bytesSent"] >= PAYLOAD and clients["A"]["bytesReceived"] >= PAYLOAD
+    assert clients["B"]["bytesReceived"] >= PAYLOAD and clients["B"]["bytesSent"] >= PAYLOAD
+
+    pump = Pump(user)
+    try:
+        wait_for(lambda: get_json(relay.port, "/api/sessions")["sessions"][0]["rateAToB"] > 0,
+                 message="a current rate on the session")
+        wait_for(lambda: get_json(relay.port, "/api/clients")["clients"][0]["rateSent"] > 0,
+                 message="a current rate on the client")
+        wait_for(lambda: get_json(relay.port, "/api/status")["bytesPerSecond"] > 0, message="throughput in status")
+    finally:
+        pump.stop()
+
+    traffic = get_json(relay.port, "/api/traffic")
+    assert traffic["interval"] == 1.0
+    assert traffic["totalBytes"] >= 2 * PAYLOAD
+    times = [sample[0] for sample in traffic["samples"]]
+    assert times == sorted(times) and len(times) >= 1
+    assert any(rate > 0 for _, rate in traffic["samples"])
+    assert get_json(relay.port, "/api/status")["totalBytes"] == pytest.approx(traffic["totalBytes"], rel=0.5)
+
+
+@pytest.mark.timeout(30)
+def test_bytes_of_ended_sessions_still_count(relay, a_and_b, echo, user_sockets):
+    a, _ = a_and_b
+    proxy = a.create_proxy(0, "B", echo.port, "tcp")
+    user = user_sockets(proxy.local_port)
+    exchange(user, PAYLOAD)
+    user.close()
+    wait_for(lambda: not get_json(relay.port, "/api/sessions")["sessions"], message="the session to end")
+    clients = {c["id"]: c for c in get_json(relay.port, "/api/clients")["clients"]}
+    assert clients["A"]["sessions"] == 0
+    assert clients["A"]["bytesSent"] >= PAYLOAD and clients["B"]["bytesReceived"] >= PAYLOAD
+    assert get_json(relay.port, "/api/status")["totalBytes"] >= 2 * PAYLOAD
+
+
+@pytest.mark.timeout(30)
+def test_traffic_history_is_a_ring_of_one_sample_a_second(relay):
+    history = relay.traffic.history
+    for _ in range(history._samples.maxlen + 20):
+        history.sample()
+    samples = get_json(relay.port, "/api/traffic")["samples"]
+    assert len(samples) == 300  # five minutes
+    assert all(len(sample) == 2 and sample[1] >= 0 for sample in samples)
+
+
+@pytest.mark.timeout(30)
+def test_close_session_action(relay, a_and_b, echo, user_sockets):
+    a, _ = a_and_b
+    proxy = a.create_proxy(0, "B", echo.port, "tcp")
+    user = user_sockets(proxy.local_port)
+    exchange(user, 1000)
+    session_id = wait_for(lambda: [s["id"] for s in get_json(relay.port, "/api/sessions")["sessions"]],
+                          message="the session")[0]
+
+    status, _, reply = request(relay.port, "POST", "/api/sessions/ffffffffff/close", same_origin(relay.port))
+    assert status == 404 and "not an open session" in reply["error"]
+    status, _, reply = request(relay.port, "POST", f"/api/sessions/{session_id}/close", same_origin(relay.port))
+    assert status == 200, reply
+    assert reply["message"] == f"session {session_id[:8]} closed"
+
+    user.settimeout(DEADLINE)
+    assert user.recv(1) == b"", "the user's connection ends when the admin closes its session"
+    assert get_json(relay.port, "/api/sessions")["sessions"] == []
+    status, _, _ = request(relay.port, "GET", f"/api/sessions/{session_id}/close")
+    assert status == 405
+
+
+@pytest.mark.timeout(30)
+def test_disconnect_client_action(relay, a_and_b):
+    _, b = a_and_b
+    old = relay.registry.get("B")
+    status, _, reply = request(relay.port, "POST", "/api/clients/nobody/disconnect", same_origin(relay.port))
+    assert status == 404 and "not online" in reply["error"]
+    status, _, reply = request(relay.port, "POST", "/api/clients/B/disconnect")  # a script: no Origin
+    assert status == 200, reply
+    assert "B disconnected" in reply["message"]
+    assert old.closed
+    # The client notices and registers again on its own.
+    wait_for(lambda: b.control.reconnects >= 1 and b.connected, message="B to reconnect")
+    wait_for(lambda: relay.registry.get("B") not in (None, old), message="B's new registration")
+
+
+@pytest.mark.timeout(30)
+def test_cross_origin_post_is_refused(relay, a_and_b):
+    for origin in ("http://evil.example", f"http://127.0.0.1:{relay.port + 1}", "null"):
+        status, _, reply = request(relay.port, "POST", "/api/clients/B/disconnect", {"Origin": origin})
+        assert status == 403 and "cross-origin" in reply["error"], origin
+    assert relay.registry.get("B") is not None and not relay.registry.get("B").closed
+    status, _, reply = request(relay.port, "POST", "/api/clients/B/disconnect",
+                               {"Origin": f"http://localhost:{relay.port}", "Host": f"localhost:{relay.port}"})
+    assert status == 200, reply
+
+
+@pytest.mark.timeout(30)
+def test_foreign_host_header_is_refused_without_a_token(relay):
+    for host in ("evil.example", f"evil.example:{relay.port}", "192.168.1.20:8200"):
+        status, _, body = request(relay.port, "GET", "/api/status", {"Host": host})
+        assert status == 403 and "refused" in body, host
+    for host in (f"127.0.0.1:{relay.port}", f"localhost:{relay.port}", "localhost:8200"):  # an SSH tunnel's port
+        status, _, _ = request(relay.port, "GET", "/api/status", {"Host": host})
+        assert status == 200, host
+
+
+@pytest.mark.timeout(30)
+def test_only_loopback_without_a_token(relay):
+    outside = ("203.0.113.9", 40000)
+    for path in ("/", "/api/status", "/static/ui.js"):
+        request_from_outside = Request("GET", path, "HTTP/1.1", {"host": "relay"})
+        status, kind, body, *_ = server_admin.handle(relay, request_from_outside, outside)
+        assert status == 403 and kind.startswith("text/plain"), path
+        assert "ssh -L 8200:127.0.0.1:" in body
+    status, *_ = server_admin.handle(relay, Request("GET", "/", "HTTP/1.1", {"host": "127.0.0.1"}), ("127.0.0.1", 1))
+    assert status == 200
+
+
+@pytest.mark.timeout(30)
+def test_page_and_static_files(relay):
+    status, response, body = request(relay.port, "GET", "/")
+    assert status == 200 and response.getheader("Content-Type").startswith("text/html")
+    assert "/static/server.js" in body and "/static/ui.js" in body
+    assert "default-src 'self'" in response.getheader("Content-Security-Policy")
+    assert response.getheader("X-Frame-Options") == "DENY"
+    for name, kind in (("ui.js", "text/javascript"), ("ui.css", "text/css"), ("server.js", "text/javascript"),
+                       ("icon.svg", "image/svg+xml")):
+        status, response, _ = request(relay.port, "GET", f"/static/{name}")
+        assert status == 200 and response.getheader("Content-Type").startswith(kind), name
+    for path in ("/static/../admin.py", "/static/admin.py", "/static/%2e%2e/server.py", "/nothing"):
+        status, _, _ = request(relay.port, "GET", path)
+        assert status == 404, path
+    status, _, reply = request(relay.port, "GET", "/api/nothing")
+    assert status == 404 and "no such endpoint" in reply["error"]
+    status, _, _ = request(relay.port, "DELETE", "/api/status")
+    assert status == 405
+
+
+@pytest.mark.timeout(30)
+def test_token_is_required_when_the_relay_has_one(relay):
+    relay.token = TOKEN
+    port = relay.port
+    status, _, reply = request(port, "GET", "/api/status")
+    assert status == 401 and "Authorization: Bearer" in reply["error"]
+    status, _, _ = request(port, "GET", "/api/status", {"Authorization": "Bearer wrong-token"})
+    assert status == 401
+    assert get_json(port, "/api/status", {"Authorization": f"Bearer {TOKEN}"})["tokenRequired"] is True
+
+    # Not logged in: the page is the login form, which never carries the token.
+    status, _, page = request(port, "GET", "/")
+    assert status == 200 and "login.js" in page and TOKEN not in page
+
+    status, response, reply = request(port, "POST", "/login", {"Authorization": "Bearer nope", **same_origin(port)})
+    assert status == 401 and response.getheader("Set-Cookie") is None
+    status, response, reply = request(port, "POST", "/login", {"Authorization": f"Bearer {TOKEN}", **same_origin(port)})
+    assert status == 200, reply
+    cookie = response.getheader("Set-Cookie")
+    expected = hmac.new(TOKEN.encode(), b"chuantou-admin", hashlib.sha256).hexdigest()
+    assert cookie.startswith(f"chuantou_admin_{port}={expected};")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
+    jar = {"Cookie": cookie.split(";", 1)[0]}
+
+    status, _, page = request(port, "GET", "/", jar)
+    assert status == 200 and "server.js" in page and TOKEN not in page
+    assert get_json(port, "/api/clients", jar) == {"clients": []}
+    status, _, _ = request(port, "GET", "/api/status", {"Cookie": f"chuantou_admin_{port}={'0' * 64}"})
+    assert status == 401
+    # Logged in is not enough for a cross-origin action.
+    status, _, _ = request(port, "POST", "/api/clients/A/disconnect", {**jar, "Origin": "http://evil.example"})
+    assert status == 403
+
+    # With a token, the relay answers from anywhere and for any host name, but only with it.
+    outside = ("203.0.113.9", 40000)
+    headers = {"host": "relay.example.com:8200"}
+    status, *_ = server_admin.handle(relay, Request("GET", "/api/status", "HTTP/1.1", headers), outside)
+    assert status == 401
+    headers["authorization"] = f"Bearer {TOKEN}"
+    status, _, body, *_ = server_admin.handle(relay, Request("GET", "/api/status", "HTTP/1.1", headers), outside)
+    assert status == 200 and TOKEN not in body
+
+    status, response, _ = request(port, "POST", "/logout", same_origin(port))
+    assert status == 200 and "Max-Age=0" in response.getheader("Set-Cookie")
+
+
+# --- the client's API -------------------------------------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_client_api_lists_connections_both_ways_and_traffic(relay, client_app, clients, echo, user_sockets):
+    b = clients("B")
+    assert client_app.client.wait_connected(DEADLINE)
+    api = client_app.admin.port
+    local_port = free_port()
+    status, _, reply = request(api, "POST", "/api/proxies", same_origin(api),
+                               {"localPort": local_port, "targetClient": "B", "targetPort": echo.port,
+                                "protocol": "tcp"})
+    assert status == 201, reply
+    user = user_sockets(local_port)
+    exchange(user, PAYLOAD)
+
+    def a_connection():
+        found = get_json(api, "/api/connections")["connections"]
+        return found if found and found[0].get("bytesReceived", 0) >= PAYLOAD else None
+
+    (conn,) = wait_for(a_connection, message="A's connection with the payload")
+    assert (conn["side"], conn["peer"], conn["port"], conn["protocol"]) == ("A", "B", echo.port, "tcp")
+    assert conn["localPort"] == local_port and conn["bytesSent"] >= PAYLOAD
+    assert time.time() - 30 < conn["startedAt"] <= time.time()
+    (on_b,) = wait_for(b.connections, message="B's side of it")
+    assert (on_b["side"], on_b["peer"], on_b["port"]) == ("B", "A", echo.port)
+    assert on_b["bytesReceived"] >= PAYLOAD and on_b["id"] == conn["id"]
+
+    wait_for(lambda: any(s[1] > 0 and s[2] > 0 for s in get_json(api, "/api/traffic")["samples"]),
+             message="traffic samples in both directions")
+    traffic = get_json(api, "/api/traffic")
+    assert traffic["bytesReceived"] >= PAYLOAD and traffic["bytesSent"] >= PAYLOAD
+
+    proxies = get_json(api, "/api/proxies")["proxies"]
+    assert proxies[0]["activeConnections"] == 1 and proxies[0]["bytesReceived"] >= PAYLOAD
+    user.close()
+    wait_for(lambda: not get_json(api, "/api/connections")["connections"], message="the connection to end")
+    # Ended connections keep counting in the totals.
+    assert get_json(api, "/api/traffic")["bytesReceived"] >= PAYLOAD
+
+
+@pytest.mark.timeout(30)
+def test_client_api_port_conflict_message(client_app, clients):
+    clients("B")
+    api = client_app.admin.port
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        status, _, reply = request(api, "POST", "/api/proxies", same_origin(api),
+                                   {"localPort": port, "targetClient": "B", "targetPort": 22})
+    assert status == 409
+    assert reply["error"] == f"port {port} is already in use; choose another with --local-port"
+    status, _, reply = request(api, "POST", "/api/proxies", same_origin(api),
+                               {"localPort": "70000", "targetClient": "B", "targetPort": 22})
+    assert status == 400 and "localPort must be a port number 1-65535" in reply["error"]
+
+
+@pytest.mark.timeout(30)
+def test_client_refuses_cross_origin_and_foreign_host(client_app):
+    api = client_app.admin.port
+    body = {"localPort": free_port(), "targetClient": "B", "targetPort": 22}
+    status, _, reply = request(api, "POST", "/api/proxies", {"Origin": "http://evil.example"}, body)
+    assert status == 403 and "cross-origin" in reply["error"]
+    status, _, reply = request(api, "DELETE", "/api/proxies/9999", {"Origin": "http://evil.example"})
+    assert status == 403
+    assert get_json(api, "/api/proxies") == {"proxies": []}
+    for path in ("/", "/static/client.js", "/api/status"):
+        status, _, reply = request(api, "GET", path, {"Host": f"evil.example:{api}"})
+        assert status == 403, path
+    status, response, page = request(api, "GET", "/")
+    assert status == 200 and response.getheader("Content-Type").startswith("text/html")
+    assert "/static/client.js" in page
+    assert "default-src 'self'" in response.getheader("Content-Security-Policy")
+    status, _, _ = request(api, "GET", "/static/../admin.py")
+    assert status == 404

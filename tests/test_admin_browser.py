@@ -1,0 +1,439 @@
+"""The admin pages in headless Chromium, driven with Selenium: the relay's page shows clients and
+a live session and closes it; the client's page adds a proxy through its form, shows the
+connection and bytes rise as we fetch through it, deletes it, and shows a bad port's error
+inline. Screenshots at laptop and phone widths go to test-artifacts/."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from chuantou_client import Client
+from chuantou_client.app import ClientApp
+from chuantou_server import Server
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+WAIT = 20.0
+LAPTOP, PHONE = (1366, 900), (390, 844)
+PAGE_BYTES = 512 * 1024
+UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
+
+pytestmark = pytest.mark.skipif(not Path(CHROMEDRIVER).exists(),
+                                reason="needs chromium and chromium-driver (apt-get install chromium chromium-driver)")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def parse_bytes(text: str) -> float:
+    """'1.50 MiB' -> 1572864.0; what the pages show back to a number."""
+    match = re.search(r"([\d.]+) (B|KiB|MiB|GiB)", text)
+    assert match, f"no byte count in {text!r}"
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def wait(driver, predicate, message: str, timeout: float = WAIT):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: predicate(d), message)
+
+
+def find(driver, css: str):
+    found = driver.find_elements(By.CSS_SELECTOR, css)
+    return found[0] if found else None
+
+
+def cell(row, index: int) -> str:
+    return row.find_elements(By.TAG_NAME, "td")[index].text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Console:
+    """The browser's console log, collected as it is drained."""
+
+    def __init__(self, driver):
+        self.driver = driver
+        self.entries: list[dict] = []
+
+    def errors(self, allow: tuple[str, ...] = ()) -> list[str]:
+        self.entries += self.driver.get_log("browser")
+        return [e["message"] for e in self.entries
+                if e["level"] == "SEVERE" and not any(re.search(pattern, e["message"]) for pattern in allow)]
+
+
+def screenshot(driver, name: str, size: tuple[int, int]) -> Path:
+    """A full-page screenshot at a laptop or phone viewport, saved under test-artifacts/."""
+    width, height = size
+    mobile = width < 600
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 2 if mobile else 1, "mobile": mobile}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    wait(driver, lambda d: d.execute_script("return window.innerWidth") == width, "the viewport to resize")
+    full = max(height, driver.execute_script("return document.documentElement.scrollHeight"))
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": full})
+    wait(driver, lambda d: d.execute_script("return window.innerHeight") == full, "the viewport to grow")
+    # The chart redraws on resize; one animation frame later it has.
+    driver.execute_async_script("requestAnimationFrame(() => requestAnimationFrame(arguments[0]))")
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    assert driver.save_screenshot(str(path)), path
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    return path
+
+
+class EchoService:
+    """TCP echo on 127.0.0.1 with named threads, joined at stop()."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.conns: list[socket.socket] = []
+        self._spawn("svc-browser-echo", self._accept)
+
+    def _spawn(self, name, target, *args):
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self._spawn("svc-browser-echo-conn", self._echo, conn)
+
+    @staticmethod
+    def _echo(conn):
+        try:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for conn in self.conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(5)
+
+
+class _PageHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"a" * PAGE_BYTES
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Pump:
+    """Keeps bytes flowing through an echo path until stopped."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="svc-browser-pump", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while not self.stopping.is_set():
+                self.sock.sendall(b"x" * 64_000)
+                got = 0
+                while got < 64_000:
+                    chunk = self.sock.recv(1 << 20)
+                    if not chunk:
+                        return
+                    got += len(chunk)
+                self.stopping.wait(0.05)
+        except OSError:
+            pass
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def driver(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--window-size={LAPTOP[0]},{LAPTOP[1]}", f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    browser.set_script_timeout(WAIT)
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture
+def relay():
+    server = Server(host="127.0.0.1", port=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clients(relay):
+    made = []
+
+    def make(client_id: str) -> Client:
+        client = Client(f"ws://127.0.0.1:{relay.port}", client_id).start()
+        made.append(client)
+        return client
+
+    yield make
+    for client in reversed(made):
+        client.stop()
+
+
+@pytest.fixture
+def echo():
+    service = EchoService()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def web_service():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
+    httpd.block_on_close = True
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.1,), name="svc-browser-http", daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def sockets():
+    opened = []
+
+    def connect(port: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        opened.append(sock)
+        return sock
+
+    yield connect
+    for sock in opened:
+        sock.close()
+
+
+@pytest.fixture
+def client_app(relay, tmp_path):
+    app = ClientApp(tmp_path / "client.json", {"server": f"ws://127.0.0.1:{relay.port}", "clientId": "A",
+                                                "adminPort": 0}).start()
+    yield app
+    app.stop()
+
+
+# --- the relay's page -------------------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, sockets, driver):
+    a, _ = clients("A"), clients("B")
+    proxy = a.create_proxy(0, "B", echo.port, "tcp")
+    user = sockets(proxy.local_port)
+    pump = Pump(user)
+    console = Console(driver)
+    try:
+        driver.get(f"http://127.0.0.1:{relay.port}/")
+        assert driver.title == "chuantou relay"
+        wait(driver, lambda d: find(d, '#clients tr[data-key="A"]') and find(d, '#clients tr[data-key="B"]'),
+             "both clients listed")
+        session_id = wait(driver, lambda d: [s.id for s in relay.sessions.all() if s.joined], "the relay's session")[0]
+        row_css = f'#sessions tr[data-key="{session_id}"]'
+        row = wait(driver, lambda d: find(d, row_css), "the session listed")
+        assert "A" in cell(row, 1) and "B" in cell(row, 1)
+        assert cell(row, 2) == str(echo.port) and cell(row, 3) == "TCP"
+        first = parse_bytes(cell(row, 5))
+        wait(driver, lambda d: parse_bytes(cell(find(d, row_css), 5)) > first, "bytes sent by A to rise")
+        wait(driver, lambda d: d.find_element(By.ID, "stat-rate").text not in ("0 B/s", "–"), "a live throughput")
+        assert driver.find_element(By.ID, "stat-clients").text == "2"
+        # A's "Sent" cell: the bytes, then the current rate.
+        wait(driver, lambda d: cell(find(d, '#clients tr[data-key="A"]'), 5).split("\n")[-1] != "0 B/s", "A's rate")
+        wait(driver, lambda d: float(d.find_element(By.ID, "chart").get_attribute("data-peak") or 0) > 0,
+             "the chart to show the traffic")
+        system = driver.find_element(By.ID, "system").text
+        assert "Heartbeat timeout" in system and "Memory (RSS)" in system and "Open sockets" in system
+
+        screenshot(driver, "server-laptop", LAPTOP)
+        screenshot(driver, "server-phone", PHONE)
+    finally:
+        pump.stop()
+
+    # Close the session from the page: two clicks (the first arms the button).
+    button = find(driver, f"{row_css} td.actions button")
+    button.click()
+    wait(driver, lambda d: find(d, f"{row_css} td.actions button").text == "Close?", "the button to arm")
+    find(driver, f"{row_css} td.actions button").click()
+    wait(driver, lambda d: find(d, "#sessions tr.empty"), "the empty sessions list")
+    assert "No active session" in driver.find_element(By.CSS_SELECTOR, "#sessions tr.empty").text
+    user.settimeout(WAIT)
+    try:
+        while user.recv(65536):  # what was in flight, then the end
+            pass
+    except ConnectionResetError:
+        pass
+    assert not relay.sessions.all()
+    assert console.errors() == []
+
+
+@pytest.mark.timeout(60)
+def test_server_page_empty_states(relay, driver):
+    console = Console(driver)
+    driver.get(f"http://127.0.0.1:{relay.port}/")
+    wait(driver, lambda d: find(d, "#clients tr.empty") and find(d, "#sessions tr.empty"), "empty lists")
+    assert "No client is connected" in find(driver, "#clients tr.empty").text
+    wait(driver, lambda d: d.find_element(By.ID, "live").text == "live", "the live badge")
+    assert console.errors() == []
+
+
+@pytest.mark.timeout(60)
+def test_server_login_form_when_the_relay_has_a_token(relay, driver):
+    relay.token = "browser-test-token-0123456789"
+    console = Console(driver)
+    driver.get(f"http://127.0.0.1:{relay.port}/")
+    token_input = wait(driver, lambda d: find(d, "#token"), "the login form")
+    token_input.send_keys("wrong token")
+    driver.find_element(By.CSS_SELECTOR, "#login button").click()
+    wait(driver, lambda d: d.find_element(By.ID, "message").text == "wrong token", "the login error")
+    token_input.clear()
+    token_input.send_keys(relay.token)
+    driver.find_element(By.CSS_SELECTOR, "#login button").click()
+    wait(driver, lambda d: find(d, "#clients tr.empty"), "the admin page after logging in")
+    assert relay.token not in driver.page_source
+    assert driver.get_cookies()[0]["httpOnly"] is True
+    assert driver.execute_script("return document.cookie") == ""  # HttpOnly: scripts cannot read it
+    find(driver, "#logout").click()
+    wait(driver, lambda d: find(d, "#token"), "the login form after logging out")
+    assert console.errors(allow=(r"/login - Failed to load resource.*401",)) == []
+
+
+# --- the client's page ------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_service, sockets, driver):
+    clients("B")
+    console = Console(driver)
+    driver.get(f"http://127.0.0.1:{client_app.admin.port}/")
+    assert driver.title == "chuantou client"
+    wait(driver, lambda d: d.find_element(By.ID, "state").text.lower() == "connected", "the connected state")
+    assert driver.find_element(By.ID, "client-id").text == "A"
+    assert driver.find_element(By.ID, "server-url").text == client_app.server_url
+    wait(driver, lambda d: find(d, "#proxies tr.empty") and find(d, "#connections tr.empty"), "empty lists")
+
+    # "Connect" on another client pre-fills the form.
+    peer = wait(driver, lambda d: find(d, '#peers li[data-client="B"] button'), "B among the online clients")
+    peer.click()
+    assert driver.find_element(By.ID, "target-client").get_attribute("value") == "B"
+    assert driver.switch_to.active_element.get_attribute("id") == "target-port"
+
+    local_port = free_port()
+    driver.find_element(By.ID, "local-port").send_keys(str(local_port))
+    driver.find_element(By.ID, "target-port").send_keys(str(web_service))
+    Select(driver.find_element(By.ID, "protocol")).select_by_value("tcp")
+    driver.find_element(By.ID, "add-button").click()
+    row_css = f'#proxies tr[data-key="{local_port}"]'
+    row = wait(driver, lambda d: find(d, row_css), "the new proxy listed")
+    assert "proxy created" in driver.find_element(By.ID, "form-message").text
+    assert cell(row, 0) == f"localhost:{local_port}" and cell(row, 1) == f"B:{web_service}"
+
+    # A connection held open shows as active, here and in the connections list.
+    held = sockets(local_port)
+    wait(driver, lambda d: cell(find(d, row_css), 3).startswith("1"), "one active connection")
+    conn_row = wait(driver, lambda d: find(d, "#connections tbody tr[data-key]"), "the connection listed")
+    assert "A · OUT" in cell(conn_row, 0).upper()
+    assert cell(conn_row, 1) == "B" and cell(conn_row, 2) == str(web_service)
+
+    # Fetch through the proxy: the totals and the bytes rise.
+    with urllib.request.urlopen(f"http://127.0.0.1:{local_port}/", timeout=WAIT) as response:
+        assert len(response.read()) == PAGE_BYTES
+    wait(driver, lambda d: "2 in total" in cell(find(d, row_css), 3), "two connections in total")
+    wait(driver, lambda d: parse_bytes(cell(find(d, row_css), 5)) >= PAGE_BYTES, "received bytes to rise")
+    wait(driver, lambda d: parse_bytes(d.find_element(By.ID, "stat-total").text) >= PAGE_BYTES, "the totals")
+    wait(driver, lambda d: float(d.find_element(By.ID, "chart").get_attribute("data-peak") or 0) > PAGE_BYTES / 10,
+         "the chart to show the fetch")
+
+    screenshot(driver, "client-laptop", LAPTOP)
+    screenshot(driver, "client-phone", PHONE)
+
+    held.close()
+    wait(driver, lambda d: cell(find(d, row_css), 3).startswith("0"), "no active connection")
+    wait(driver, lambda d: find(d, "#connections tr.empty"), "the connections list empty again")
+
+    # Delete it with the row's button (two clicks).
+    find(driver, f"{row_css} td.actions button").click()
+    wait(driver, lambda d: find(d, f"{row_css} td.actions button").text == "Delete?", "the button to arm")
+    find(driver, f"{row_css} td.actions button").click()
+    wait(driver, lambda d: find(d, "#proxies tr.empty"), "the proxy gone")
+    assert "proxy deleted" in driver.find_element(By.ID, "form-message").text
+    assert not client_app.client.proxies
+    assert console.errors() == []
+
+
+@pytest.mark.timeout(60)
+def test_client_page_shows_a_bad_port_inline(client_app, clients, driver):
+    clients("B")
+    console = Console(driver)
+    driver.get(f"http://127.0.0.1:{client_app.admin.port}/")
+    wait(driver, lambda d: d.find_element(By.ID, "state").text.lower() == "connected", "the connected state")
+    message = driver.find_element(By.ID, "form-message")
+    local = driver.find_element(By.ID, "local-port")
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        local.send_keys(str(port))
+        driver.find_element(By.ID, "target-client").send_keys("B")
+        driver.find_element(By.ID, "target-port").send_keys("8080")
+        driver.find_element(By.ID, "add-button").click()
+        expected = f"port {port} is already in use; choose another with --local-port"
+        wait(driver, lambda d: message.text == expected, "the port conflict message")
+    assert "error" in message.get_attribute("class")
+    assert local.get_attribute("aria-invalid") == "true"
+
+    local.clear()
+    local.send_keys("70000")
+    driver.find_element(By.ID, "add-button").click()
+    wait(driver, lambda d: "localPort must be a port number 1-65535" in message.text, "the invalid port message")
+    assert find(driver, "#proxies tr.empty")
+    # The refusals reach the console only as the failed requests themselves.
+    assert console.errors(allow=(r"/api/proxies - Failed to load resource.*(409|400)",)) == []
