@@ -13,6 +13,7 @@ import threading
 import time
 
 import simple_websocket
+from wsproto.utilities import LocalProtocolError
 
 from common import auth
 from common import protocol as p
@@ -76,7 +77,9 @@ class ControlConnection:
         try:
             self.ws.send(p.encode(msg))
             return True
-        except (simple_websocket.ConnectionClosed, OSError) as exc:
+        except (simple_websocket.ConnectionClosed, LocalProtocolError, OSError) as exc:
+            # LocalProtocolError: simple-websocket already sent a close frame (e.g. for a message
+            # over max_message_size) but still counts itself connected
             log.info("control channel of %s lost while sending: %s", self, exc)
             self.close()
             return False
