@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import urllib.error
@@ -222,7 +223,8 @@ def run_foreground(args) -> int:
         logging.getLogger("chuantou.server").warning(
             "running an OPEN relay (--no-auth): anyone who reaches port %d can register clients and reach "
             "the ports they expose; drop --no-auth to require a token", server.port)
-    facts = {"host": settings["host"], "port": server.port, "version": __version__}
+    facts = {"host": settings["host"], "port": server.port, "version": __version__,
+             "tls": server.tls_context is not None}
     with service.WorkerRecord(files(args), facts):
         print(f"chuantou relay listening on {settings['host']}:{server.port}; "
               f"clients connect with --server {scheme(settings)}://<this host>:{server.port}", flush=True)
@@ -270,8 +272,17 @@ def cmd_stop(args) -> int:
     return 0
 
 
-def fetch_status(port: int, timeout: float = 3.0) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=timeout) as resp:
+def fetch_status(worker: dict, token: str | None, timeout: float = 3.0) -> dict:
+    """Ask the running relay itself, over loopback, with the saved token."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{'https' if worker.get('tls') else 'http'}://127.0.0.1:{worker['port']}"
+                                     "/api/status", headers=headers)
+    context = None
+    if worker.get("tls"):  # our own relay on loopback: the certificate names its public host, not 127.0.0.1
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
         return json.load(resp)
 
 
@@ -286,7 +297,8 @@ def cmd_status(args) -> int:
             print("chuantou server is not running (start it with: python -m chuantou_server start)")
         return 1
     try:
-        status = fetch_status(worker["port"])
+        settings = resolve_settings(args)
+        status = fetch_status(worker, None if settings["noAuth"] else settings["token"])
     except (OSError, ValueError) as exc:
         print(f"chuantou server pid {worker['pid']} is running but does not answer on port {worker['port']}: {exc}")
         return 1
