@@ -164,14 +164,16 @@ class WorkerRecord:
 def start_background(files: ServiceFiles, module: str, worker_args: list[str], timeout: float = 20.0) -> dict:
     """Start ``python -m module _supervise -- worker_args`` detached; wait until its worker runs.
 
-    Returns the worker facts. Raises config.ConfigError (a ChuantouError) with the log's
-    last lines if it does not come up.
+    Returns the worker facts. Raises config.ConfigError (a ChuantouError) with the worker's
+    error, or the log's last lines, if it does not come up: as soon as the first worker has
+    exited, since a worker that fails at once (busy port, bad setting) fails again.
     """
     files.log_dir.mkdir(parents=True, exist_ok=True)
     files.state_dir.mkdir(parents=True, exist_ok=True)
     _rotate_log(files.log_file)
     remove(files.worker_file)
     with open(files.log_file, "ab") as log:
+        log_start = log.tell()
         proc = subprocess.Popen(
             [sys.executable, "-m", module, "_supervise", "--", *worker_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -182,12 +184,22 @@ def start_background(files: ServiceFiles, module: str, worker_args: list[str], t
         worker = running_worker(files)
         if worker is not None:
             return worker
-        if proc.poll() is not None:
+        supervisor = read_json(files.supervisor_file)
+        if proc.poll() is not None or (supervisor and supervisor.get("pid") == proc.pid and supervisor["restarts"]):
             break
         time.sleep(0.05)  # polling a file another process writes; bounded by the deadline
-    tail = "\n".join(read_log_tail(files.log_file, 10))
     if proc.poll() is None:
         proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    lines = read_log_tail(files.log_file, 10, start=log_start)
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        raise config.ConfigError(f"the {files.name} did not start: {errors[-1][len('error: '):]} "
+                                 f"(log: {files.log_file})")
+    tail = "\n".join(lines)
     raise config.ConfigError(f"the {files.name} did not start; last lines of {files.log_file}:\n{tail}")
 
 
@@ -272,12 +284,13 @@ def _rotate_log(path: Path) -> None:
         pass
 
 
-def read_log_tail(path: Path, lines: int) -> list[str]:
+def read_log_tail(path: Path, lines: int, start: int = 0) -> list[str]:
+    """The last ``lines`` lines of the log (of what was written after offset ``start``)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - 256 * 1024))
+            f.seek(max(start, size - 256 * 1024))
             data = f.read()
     except OSError:
         return []
