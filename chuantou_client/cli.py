@@ -247,6 +247,10 @@ class NoClientRunning(ChuantouError):
     pass
 
 
+# The API is on 127.0.0.1: never send it through the user's http_proxy.
+LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def api(args, method: str, path: str, body: dict | None = None) -> dict:
     """Call the running client's local API; raise ChuantouError with its error message."""
     port = getattr(args, "admin_port", None)
@@ -259,7 +263,7 @@ def api(args, method: str, path: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json"} if data else {})
     try:
-        with urllib.request.urlopen(request, timeout=15) as resp:
+        with LOCAL_OPENER.open(request, timeout=15) as resp:
             return json.load(resp)
     except urllib.error.HTTPError as exc:
         try:

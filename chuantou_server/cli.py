@@ -282,7 +282,9 @@ def fetch_status(worker: dict, token: str | None, timeout: float = 3.0) -> dict:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),  # loopback: never via http_proxy
+                                         urllib.request.HTTPSHandler(context=context))
+    with opener.open(request, timeout=timeout) as resp:
         return json.load(resp)
 
 
