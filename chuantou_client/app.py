@@ -97,8 +97,6 @@ class ClientApp:
         if not self.settings["clientId"]:
             self.settings["clientId"] = generate_client_id()
             changed = True
-        if changed or not config_path.exists():
-            self.save()
         self.server_url = os.environ.get("CHUANTOU_SERVER") if not overrides.get("server") else None
         self.server_url = self.server_url or self.settings["server"]
         admin_port = overrides.get("adminPort")  # 0: any free port (tests)
@@ -109,6 +107,8 @@ class ClientApp:
                              allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"],
                              ca_file=self.settings["ca"], tls_fingerprint=self.settings["tlsFingerprint"],
                              tls_insecure=self.settings["tlsInsecure"])
+        if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
+            self.save()
         self.admin = AdminServer(self, admin_host, self.admin_port)
         self.failed_proxies: dict[int, str] = {}
         self._lock = threading.Lock()
