@@ -100,6 +100,8 @@ class ClientApp:
         self.server_url = os.environ.get("CHUANTOU_SERVER") if not overrides.get("server") else None
         self.server_url = self.server_url or self.settings["server"]
         admin_port = overrides.get("adminPort")  # 0: any free port (tests)
+        if admin_port is not None and admin_port != 0 and not config.is_port(admin_port):
+            raise config.ConfigError(f"--admin-port {admin_port} is not a port number 1-65535")
         self.admin_port = admin_port if admin_port is not None else self.settings["adminPort"]
         self.admin_host = admin_host
         token = overrides.get("token") or os.environ.get("CHUANTOU_TOKEN") or self.settings["token"]
