@@ -135,6 +135,9 @@ def resolve_settings(args) -> dict:
             settings[key] = value
     if not config.is_port(settings["port"]):
         raise config.ConfigError(f"--port {settings['port']} is not a port number 1-65535")
+    if not config.is_positive(settings["heartbeatTimeout"]):
+        raise config.ConfigError(
+            f"--heartbeat-timeout {settings['heartbeatTimeout']:g} must be a number of seconds > 0")
     if getattr(args, "no_auth", None):
         settings["noAuth"] = True
     if getattr(args, "tls_only", None):
