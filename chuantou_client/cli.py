@@ -159,7 +159,10 @@ def run_foreground(args) -> int:
         with service.WorkerRecord(files(args), facts):
             print(f"client {app.client.client_id} -> {app.server_url}; page and API: "
                   f"http://127.0.0.1:{app.admin.port}/; config: {app.config_path}", flush=True)
-            if not app.client.wait_connected(5.0):
+            deadline = time.monotonic() + 5.0
+            while not (app.client.connected or stop.is_set()) and time.monotonic() < deadline:
+                stop.wait(0.1)  # SIGTERM sets `stop`: answer it now, not after this wait
+            if not (app.client.connected or stop.is_set()):
                 print(f"not registered yet ({app.client.control.last_error or 'connecting'}); "
                       f"retrying in the background", flush=True)
             while not stop.wait(1.0):
