@@ -1,0 +1,351 @@
+"""Helpers for the command-line tests: run ``python -m chuantou_server`` / ``chuantou_client`` as
+real processes in a private set of XDG directories, wait on their state files and local APIs
+with deadlines, and tear down whatever they started, even when a test fails.
+
+Nothing here touches the user's home: every process gets ``XDG_CONFIG_HOME``,
+``XDG_STATE_HOME``, ``XDG_CACHE_HOME`` and ``XDG_DATA_HOME`` under the test's ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from common import service
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER = "chuantou_server"
+CLIENT = "chuantou_client"
+HOST = "127.0.0.1"
+TOKEN = "cli-test-token-0123456789abcdef"  # the relay's token in these tests (16+ characters)
+COMMAND_TIMEOUT = 40.0  # no single CLI command may take longer (start waits up to 20 s for its worker)
+STOP_TIMEOUT = 15.0
+SERVICE_THREAD_PREFIX = "svc-"  # conftest's leak check watches threads named like this
+
+# A direct opener: a user's http_proxy must never capture requests to 127.0.0.1.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# --- waiting and ports -------------------------------------------------------------------------
+
+def poll(predicate, timeout: float, message: str, interval: float = 0.05):
+    """Call ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:g} s: {message}")
+        time.sleep(interval)  # the polling interval of a deadline loop
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def free_tcp_udp_port() -> int:
+    """A port number free for both TCP and UDP on 127.0.0.1 (the relay and 'both' proxies need that)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind((HOST, 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free for both TCP and UDP")
+
+
+def pid_alive(pid) -> bool:
+    return service.pid_alive(pid)
+
+
+def is_chuantou_process(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"chuantou_" in f.read()
+    except OSError:
+        return False
+
+
+# --- talking to processes over HTTP ------------------------------------------------------------
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with _DIRECT.open(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def fetch(port: int, path: str = "/", timeout: float = 5.0) -> bytes | None:
+    """GET http://127.0.0.1:port/path; the body on 200, None if it fails in any way."""
+    try:
+        status, body = http_get(f"http://{HOST}:{port}{path}", timeout)
+    except (OSError, ValueError):
+        return None
+    return body if status == 200 else None
+
+
+def api_status(admin_port: int) -> dict | None:
+    """The running client's /api/status, or None if it does not answer."""
+    try:
+        status, body = http_get(f"http://{HOST}:{admin_port}/api/status", timeout=3.0)
+        return json.loads(body) if status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
+def wait_connected(admin_port: int, timeout: float = 15.0) -> dict:
+    """Wait until the client on ``admin_port`` is registered with its relay; return its status."""
+    def connected():
+        status = api_status(admin_port)
+        return status if status and status.get("state") == "connected" else None
+    return poll(connected, timeout, f"client with admin port {admin_port} connected to its relay")
+
+
+def wait_fetch(port: int, expected: bytes, timeout: float = 15.0) -> None:
+    """Wait until a GET through ``port`` returns ``expected`` (a proxy coming back after a restart)."""
+    poll(lambda: fetch(port, timeout=3.0) == expected, timeout, f"GET through port {port} returns {expected!r}")
+
+
+class TextHttpService:
+    """An ``http.server`` on 127.0.0.1 port 0 answering every GET with one text; the service
+    a client exposes to the others in these tests."""
+
+    def __init__(self, text: bytes):
+        body = text
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format, *args):  # keep test output quiet
+                pass
+
+        self.text = text
+        self._httpd = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.1,),
+                                        name=f"{SERVICE_THREAD_PREFIX}cli-http-{self.port}", daemon=True)
+
+    def start(self) -> "TextHttpService":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5.0)
+
+
+# --- the command line in a private home ----------------------------------------------------------
+
+def one_line(text: str) -> str:
+    """The text, asserted to be exactly one non-empty line."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got {text!r}"
+    return lines[0]
+
+
+class Cli:
+    """Runs the two programs with XDG directories under ``root`` and cleans up after them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("CHUANTOU_") and not k.lower().endswith("_proxy")}
+        for name in ("CONFIG", "STATE", "CACHE", "DATA"):
+            path = root / "xdg" / name.lower()
+            path.mkdir(parents=True, exist_ok=True)
+            self.env[f"XDG_{name}_HOME"] = str(path)
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        # An empty PATH: `stop` removes autostart entries, and must never reach the user's real
+        # crontab or systemctl (tests that want them put stand-ins in a PATH of their own).
+        self.bin_dir = root / "bin"
+        self.bin_dir.mkdir(exist_ok=True)
+        self.env["PATH"] = str(self.bin_dir)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self._procs: list[subprocess.Popen] = []
+        self._services: set[tuple[str, str | None]] = set()  # (module, config) that `start` was run for
+
+    # --- where things are ---------------------------------------------------------------------
+
+    @property
+    def config_dir(self) -> Path:
+        return Path(self.env["XDG_CONFIG_HOME"]) / "chuantou"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.env["XDG_STATE_HOME"]) / "chuantou"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "log"
+
+    def files(self, role: str, config: Path | str | None = None) -> service.ServiceFiles:
+        """The state files of the ``role`` ("server"/"client") instance using ``config``."""
+        name = service.ServiceFiles.for_role(role, str(config) if config else None).name
+        return service.ServiceFiles(name, self.state_dir, self.log_dir)
+
+    def worker(self, role: str, config=None) -> dict | None:
+        """The running worker's facts (pid, ports), or None."""
+        return service.running_worker(self.files(role, config))
+
+    def supervisor(self, role: str, config=None) -> dict | None:
+        return service.read_json(self.files(role, config).supervisor_file)
+
+    def wait_worker(self, role: str, config=None, timeout: float = 15.0, other_than: int | None = None) -> dict:
+        """Wait for a live worker (one whose pid is not ``other_than``) to announce itself."""
+        def found():
+            info = self.worker(role, config)
+            return info if info and info["pid"] != other_than else None
+        return poll(found, timeout, f"a {role} worker running (config {config})")
+
+    # --- running commands -----------------------------------------------------------------------
+
+    def run(self, module: str, *args: str, env: dict | None = None,
+            timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
+        args = [str(a) for a in args]
+        if "start" in args:
+            self._services.add((module, _option(args, "--config")))
+        return subprocess.run([sys.executable, "-m", module, *args], env={**self.env, **(env or {})},
+                              cwd=self.root, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def server(self, *args, **kwargs) -> subprocess.CompletedProcess:
+        return self.run(SERVER, *args, **kwargs)
+
+    def client(self, *args, **kwargs) -> subprocess.CompletedProcess:
+        return self.run(CLIENT, *args, **kwargs)
+
+    def popen(self, module: str, *args, env: dict | None = None) -> subprocess.Popen:
+        """Start a foreground program; its output goes to a file in ``root`` (see ``output``)."""
+        output_path = self.root / f"{module}-{len(self._procs)}.out"
+        with open(output_path, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], env={**self.env, **(env or {})},
+                                    cwd=self.root, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc.output_path = output_path
+        self._procs.append(proc)
+        return proc
+
+    @staticmethod
+    def output(proc: subprocess.Popen) -> str:
+        return proc.output_path.read_text(errors="replace")
+
+    # --- the usual set-ups --------------------------------------------------------------------
+
+    def start_relay(self, *extra: str) -> int:
+        """``chuantou_server start`` on a free port of 127.0.0.1 with TOKEN; return the port."""
+        port = free_tcp_udp_port()
+        result = self.server("start", "--host", HOST, "--port", port, "--token", TOKEN, *extra)
+        assert result.returncode == 0, result.stderr
+        return port
+
+    def start_client(self, relay_port: int | None, client_id: str | None, admin_port: int,
+                     config: Path | None = None, env: dict | None = None) -> dict:
+        """``chuantou_client start``; wait until it is registered and return its API status."""
+        args = ["start", "--admin-port", admin_port, "--token", TOKEN]
+        if relay_port is not None:
+            args += ["--server", f"ws://{HOST}:{relay_port}"]
+        if client_id is not None:
+            args += ["--client-id", client_id]
+        if config is not None:
+            args += ["--config", config]
+        result = self.client(*args, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return wait_connected(admin_port)
+
+    # --- teardown -----------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Stop everything this Cli started: `stop` each service, end foreground processes, and as
+        a last resort SIGKILL any chuantou pid still named in the state files."""
+        for module, config in sorted(self._services, key=lambda s: (s[0] == SERVER, s[1] or "")):
+            args = ["stop", "--keep-autostart"] + (["--config", config] if config else [])
+            try:
+                subprocess.run([sys.executable, "-m", module, *args], env=self.env, cwd=self.root,
+                               capture_output=True, timeout=STOP_TIMEOUT + 10, stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        for pid in self._pids_in_state_files():
+            if pid_alive(pid) and is_chuantou_process(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def _pids_in_state_files(self) -> set[int]:
+        pids = set()
+        if not self.state_dir.exists():
+            return pids
+        for path in self.state_dir.iterdir():
+            if path.suffix == ".pid":
+                try:
+                    pids.add(int(path.read_text().strip()))
+                except (OSError, ValueError):
+                    pass
+            elif path.suffix == ".json":
+                info = service.read_json(path) or {}
+                pids.update(v for k, v in info.items() if k in ("pid", "workerPid") and isinstance(v, int))
+        return pids
+
+
+def _option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+# --- stand-ins for crontab(1) and systemctl(1) ---------------------------------------------------
+
+def _script(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(0o755)
+    return path
+
+
+def fake_crontab(bin_dir: Path, table: Path) -> Path:
+    """A ``crontab`` in ``bin_dir`` that keeps its table in ``table`` (``-l`` and ``-`` only)."""
+    return _script(bin_dir / "crontab", f"""\
+case "$1" in
+  -l) [ -f '{table}' ] || {{ echo "no crontab for $USER" >&2; exit 1; }}; exec /bin/cat '{table}' ;;
+  -) exec /bin/cat > '{table}' ;;
+esac
+echo "fake crontab: unsupported arguments: $*" >&2
+exit 2
+""")
+
+
+def fake_systemctl(bin_dir: Path, calls: Path, state: str = "running") -> Path:
+    """A ``systemctl`` in ``bin_dir`` that logs its arguments to ``calls`` and reports ``state``."""
+    return _script(bin_dir / "systemctl", f"""\
+echo "$*" >> '{calls}'
+[ "$2" = "is-system-running" ] && echo '{state}'
+exit 0
+""")
