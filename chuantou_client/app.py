@@ -103,6 +103,9 @@ class ClientApp:
         if admin_port is not None and admin_port != 0 and not config.is_port(admin_port):
             raise config.ConfigError(f"--admin-port {admin_port} is not a port number 1-65535")
         self.admin_port = admin_port if admin_port is not None else self.settings["adminPort"]
+        if admin_port and admin_port != self.settings["adminPort"]:  # remembered, like --server
+            self.settings["adminPort"] = admin_port
+            changed = True
         self.admin_host = admin_host
         token = overrides.get("token") or os.environ.get("CHUANTOU_TOKEN") or self.settings["token"]
         self.client = Client(self.server_url, self.settings["clientId"], token=token,

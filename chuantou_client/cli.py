@@ -175,9 +175,9 @@ def run_foreground(args) -> int:
 
 
 def cmd_start(args) -> int:
-    running = service.running_worker(files(args))
-    if running:
-        print(f"chuantou client is already running (pid {running['pid']}, ID {running.get('clientId')})")
+    pid = service.already_running(files(args))
+    if pid:
+        print(f"chuantou client is already running (pid {pid}, ID {service.running_worker(files(args)).get('clientId')})")
         return 0
     app = make_app(args)  # validates the config and saves --server, --client-id, --token, in the user's terminal
     worker = service.start_background(files(args), MODULE, worker_args(args))
@@ -189,10 +189,10 @@ def cmd_start(args) -> int:
     print(registration_outcome(args))
     print(f"log: {files(args).log_file}")
     if args.autostart:
-        try:
-            print(service.install_autostart(files(args), MODULE, worker_args(args)))
-        except ChuantouError as exc:
-            print(f"warning: {exc}", file=sys.stderr)
+        boot_args = worker_args(args)
+        if "--server" not in boot_args:  # at boot $CHUANTOU_SERVER is not set: name the relay used now
+            boot_args += ["--server", app.server_url]
+        service.install_autostart_or_warn(files(args), MODULE, boot_args)
     return 0
 
 
@@ -215,28 +215,11 @@ def registration_outcome(args, wait: float = 5.0) -> str:
 
 
 def cmd_stop(args) -> int:
-    pid = service.stop_background(files(args))
-    print(f"chuantou client stopped (pid {pid})" if pid else "chuantou client is not running")
-    if not args.keep_autostart:
-        removed = service.remove_autostart(files(args))
-        if removed:
-            print(removed)
-    return 0
+    return service.stop_command(files(args), args.keep_autostart)
 
 
 def cmd_logs(args) -> int:
-    log_file = files(args).log_file
-    if not log_file.exists():
-        print(f"no log yet at {log_file} (the log is written by: python -m chuantou_client start)")
-        return 1
-    for line in service.read_log_tail(log_file, args.lines):
-        print(line)
-    if args.follow:
-        try:
-            service.follow_log(log_file)
-        except KeyboardInterrupt:
-            pass
-    return 0
+    return service.logs_command(files(args), args.lines, args.follow)
 
 
 def cmd_supervise(args) -> int:
@@ -283,7 +266,7 @@ def cmd_status(args) -> int:
     try:
         status = api(args, "GET", "/api/status")
     except NoClientRunning as exc:
-        print(str(exc).replace("no chuantou client is running", "chuantou client is not running"))
+        print(str(exc).replace("no chuantou client is running", "chuantou client is not running"), file=sys.stderr)
         return 1
     supervisor = service.read_json(files(args).supervisor_file) if service.supervisor_pid(files(args)) else None
     state = status["state"]

@@ -243,9 +243,9 @@ def run_foreground(args) -> int:
 
 def cmd_start(args) -> int:
     svc = files(args)
-    running = service.running_worker(svc)
-    if running:
-        print(f"chuantou server is already running (pid {running['pid']}, port {running.get('port')})")
+    pid = service.already_running(svc)
+    if pid:
+        print(f"chuantou server is already running (pid {pid}, port {service.running_worker(svc).get('port')})")
         return 0
     settings = resolve_settings(args)  # fail here, in the user's terminal, on a bad config
     ensure_token(args, settings, settings["port"])
@@ -257,22 +257,12 @@ def cmd_start(args) -> int:
     print(f"on this machine: {scheme(settings)}://127.0.0.1:{port}")
     print(f"log: {svc.log_file}")
     if args.autostart:
-        try:
-            print(service.install_autostart(svc, MODULE, worker_args(args)))
-        except ChuantouError as exc:
-            print(f"warning: {exc}", file=sys.stderr)
+        service.install_autostart_or_warn(svc, MODULE, worker_args(args))
     return 0
 
 
 def cmd_stop(args) -> int:
-    svc = files(args)
-    pid = service.stop_background(svc)
-    print(f"chuantou server stopped (pid {pid})" if pid else "chuantou server is not running")
-    if not args.keep_autostart:
-        removed = service.remove_autostart(svc)
-        if removed:
-            print(removed)
-    return 0
+    return service.stop_command(files(args), args.keep_autostart)
 
 
 def fetch_status(worker: dict, token: str | None, timeout: float = 3.0) -> dict:
@@ -297,15 +287,17 @@ def cmd_status(args) -> int:
     supervisor = service.read_json(svc.supervisor_file) if service.supervisor_pid(svc) else None
     if worker is None:
         if supervisor:
-            print(f"chuantou server is not running; its supervisor (pid {supervisor['pid']}) is restarting it")
+            print(f"chuantou server is not running; its supervisor (pid {supervisor['pid']}) is restarting it",
+                  file=sys.stderr)
         else:
-            print("chuantou server is not running (start it with: python -m chuantou_server start)")
+            print("chuantou server is not running (start it with: python -m chuantou_server start)", file=sys.stderr)
         return 1
     try:
         settings = resolve_settings(args)
         status = fetch_status(worker, None if settings["noAuth"] else settings["token"])
     except (OSError, ValueError) as exc:
-        print(f"chuantou server pid {worker['pid']} is running but does not answer on port {worker['port']}: {exc}")
+        print(f"chuantou server pid {worker['pid']} is running but does not answer on port {worker['port']}: {exc}",
+              file=sys.stderr)
         return 1
     print(f"chuantou server is running (pid {worker['pid']})")
     print(f"  port:       {status['port']}")
@@ -321,18 +313,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    svc = files(args)
-    if not svc.log_file.exists():
-        print(f"no log yet at {svc.log_file} (the log is written by: python -m chuantou_server start)")
-        return 1
-    for line in service.read_log_tail(svc.log_file, args.lines):
-        print(line)
-    if args.follow:
-        try:
-            service.follow_log(svc.log_file)
-        except KeyboardInterrupt:
-            pass
-    return 0
+    return service.logs_command(files(args), args.lines, args.follow)
 
 
 def cmd_token(args) -> int:

@@ -334,7 +334,8 @@ def systemd_unit_text(files: ServiceFiles, module: str, args: list[str]) -> str:
 
 
 def crontab_line(files: ServiceFiles, module: str, args: list[str]) -> str:
-    return f"@reboot {shlex.join([sys.executable, '-m', module, 'start', *args])}  # chuantou-{files.name}\n"
+    command = shlex.join([sys.executable, "-m", module, "start", *args]).replace("%", "\\%")  # cron: % is newline
+    return f"@reboot {command}  # chuantou-{files.name}\n"
 
 
 def systemd_user_available() -> bool:
@@ -402,3 +403,51 @@ def _read_crontab() -> str:
 
 def _write_crontab(text: str) -> None:
     subprocess.run(["crontab", "-"], input=text, text=True, check=True, timeout=15)
+
+
+# --- the commands both programs share ---------------------------------------------------------
+
+def role_of(files: ServiceFiles) -> str:
+    return files.name.split("-", 1)[0]  # "server" or "client"
+
+
+def stop_command(files: ServiceFiles, keep_autostart: bool) -> int:
+    """``stop``: stop the background instance (or a foreground one) and remove autostart."""
+    pid = stop_background(files)
+    print(f"chuantou {role_of(files)} stopped (pid {pid})" if pid else f"chuantou {role_of(files)} is not running")
+    if not keep_autostart:
+        removed = remove_autostart(files)
+        if removed:
+            print(removed)
+    return 0
+
+
+def logs_command(files: ServiceFiles, lines: int, follow: bool) -> int:
+    """``logs [-f] [-n N]``."""
+    if not files.log_file.exists():
+        print(f"no log yet at {files.log_file} (the log is written by: python -m chuantou_{role_of(files)} start)",
+              file=sys.stderr)
+        return 1
+    for line in read_log_tail(files.log_file, lines):
+        print(line)
+    if follow:
+        try:
+            follow_log(files.log_file)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def already_running(files: ServiceFiles) -> int | None:
+    """The pid to report if an instance runs: its supervisor's, else the foreground worker's."""
+    worker = running_worker(files)
+    if worker is None:
+        return None
+    return supervisor_pid(files) or worker["pid"]
+
+
+def install_autostart_or_warn(files: ServiceFiles, module: str, args: list[str]) -> None:
+    try:
+        print(install_autostart(files, module, args))
+    except config.ConfigError as exc:
+        print(f"warning: {exc}", file=sys.stderr)

@@ -143,7 +143,7 @@ def test_server_start_status_logs_stop(cli):
 
     again = cli.server("start", "--host", HOST, "--port", port)
     assert again.returncode == 0, again.stderr
-    assert "already running" in again.stdout and f"pid {worker['pid']}" in again.stdout
+    assert "already running" in again.stdout and f"pid {supervisor_pid}" in again.stdout  # as "started" said
 
     status = cli.server("status")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -179,9 +179,10 @@ def test_client_start_status_logs_stop(cli):
     admin = free_port()
     cli.start_client(relay, "A", admin)
     worker = cli.worker("client")
+    supervisor_pid = int(cli.files("client").pid_file.read_text())
     again = cli.client("start", "--admin-port", admin)
     assert again.returncode == 0, again.stderr
-    assert "already running" in again.stdout and f"pid {worker['pid']}" in again.stdout
+    assert "already running" in again.stdout and f"pid {supervisor_pid}" in again.stdout
 
     status = cli.client("status")
     assert status.returncode == 0, status.stdout + status.stderr

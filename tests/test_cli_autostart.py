@@ -75,6 +75,11 @@ def test_crontab_line_runs_start_at_reboot_and_is_marked(files, module):
     assert f"-m {module} start --host 0.0.0.0 --port 8300" in command
 
 
+def test_crontab_line_escapes_percent_which_cron_reads_as_a_newline(files):
+    line = service.crontab_line(files, "chuantou_client", ["--config", "/home/u/50%/client.json"])
+    assert "50\\%" in line and "50%/" not in line.replace("\\%", "")
+
+
 def test_the_installed_command_has_the_start_options_an_absolute_config_and_no_token(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = server_cli.build_parser().parse_args(
