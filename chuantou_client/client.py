@@ -278,6 +278,17 @@ class Client:
         if reason is not None:  # the relay closed it before we got here
             handle.abort()
 
+    def end_session(self, session_id: str, reason: str) -> None:
+        """Tell the relay a session ended here (UDP flows end without a socket closing at the relay)."""
+        with self._lock:
+            known_closed = session_id in self._closed_reasons
+        if known_closed or not self.connected:
+            return
+        try:
+            self.control.send(p.SessionClosed(sessionId=session_id, reason=reason))
+        except ChuantouError:
+            pass  # the relay's own idle expiry will end it
+
     def _untrack_session(self, session_id: str) -> None:
         with self._lock:
             handle = self._sessions.pop(session_id, None)
@@ -305,7 +316,7 @@ class Client:
             while len(self._closed_reasons) > 256:
                 self._closed_reasons.popitem(last=False)
             handle = self._sessions.get(msg.sessionId)
-        if msg.reason not in ("", "ended"):
+        if handle is not None and msg.reason not in ("", "ended"):
             log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)
         if handle is not None:
             handle.abort()

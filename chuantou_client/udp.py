@@ -155,6 +155,7 @@ class UdpFlow:
             self.gateway._forget(self)
             if session_id:
                 client._untrack_session(session_id)
+                client.end_session(session_id, "the UDP flow ended on the gateway")
 
     def _pump_replies(self, idle_timeout: float) -> None:
         self.sock.settimeout(min(1.0, idle_timeout / 2))
@@ -203,6 +204,7 @@ class UdpTarget:
                 log.warning("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         finally:
             self.abort()
+            self.client.end_session(msg.sessionId, "the UDP flow ended on the target")
 
     def _pump(self, relay: tuple, idle_timeout: float) -> None:
         sock = self.sock

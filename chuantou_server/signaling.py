@@ -212,6 +212,17 @@ class ControlConnection:
             log.info("session %s: %s", session.id[:8], reason)
             self.server.close_session(session, reason)
 
+    def on_session_closed(self, msg: p.SessionClosed) -> None:
+        """A party ended a session the relay cannot see end (a UDP flow that went idle or was closed)."""
+        session = self.server.sessions.get(msg.sessionId)
+        if session is None or not session.involves(self.client_id):
+            return  # already gone, or not this client's: nothing to do, nothing to reveal
+        self.server.close_session(session, msg.reason, notify=False)
+        other = session.client_b if self.client_id == session.client_a else session.client_a
+        peer = self.server.registry.get(other)
+        if peer is not None:
+            peer.send(p.SessionClosed(sessionId=session.id, reason=f"closed by '{self.client_id}': {msg.reason}"))
+
     def on_heartbeat(self, msg: p.Heartbeat) -> None:
         # Echo it, so the client can tell a silent relay from a quiet one.
         self.send(p.Heartbeat(timestamp=msg.timestamp))
@@ -228,4 +239,5 @@ _HANDLERS = {
     p.RejectSession: ControlConnection.on_reject_session,
     p.Heartbeat: ControlConnection.on_heartbeat,
     p.Unregister: ControlConnection.on_unregister,
+    p.SessionClosed: ControlConnection.on_session_closed,
 }

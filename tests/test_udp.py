@@ -82,3 +82,13 @@ def test_udp_proxy_to_an_offline_client_drops_quietly_and_recovers(server, clien
         make_client(server, "B")
         assert udp_roundtrip(user, proxy.local_port, b"somebody") == b"somebody"
     proxy.close()
+
+
+def test_closing_a_udp_proxy_ends_its_sessions_on_the_relay_and_the_target(server, client_a, client_b, udp_echo):
+    # The relay sees no socket close for UDP: the gateway tells it, so nothing waits for the idle timeout.
+    proxy = client_a.create_proxy(0, "B", udp_echo.port, protocol="udp")
+    with udp_user() as user:
+        assert udp_roundtrip(user, proxy.local_port, b"ping") == b"ping"
+    assert wait_until(lambda: len(server.sessions) == 1 and len(client_b._sessions) == 1, 5)
+    proxy.close()
+    assert wait_until(lambda: len(server.sessions) == 0 and len(client_b._sessions) == 0, 5)
