@@ -316,7 +316,7 @@ class Client:
             while len(self._closed_reasons) > 256:
                 self._closed_reasons.popitem(last=False)
             handle = self._sessions.get(msg.sessionId)
-        if handle is not None and msg.reason not in ("", "ended"):
+        if msg.reason not in ("", "ended"):
             log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)
         if handle is not None:
             handle.abort()
