@@ -123,8 +123,9 @@ class ControlChannel:
 
     def _connect_and_register(self) -> websocket.WebSocket:
         sslopt = {"context": self._tls.context} if self._tls else None
+        # protocol.decode rejects invalid UTF-8 itself; websocket-client's own check is a slow Python loop
         ws = websocket.create_connection(self.url, timeout=self.connect_timeout, enable_multithread=True,
-                                         sslopt=sslopt)
+                                         sslopt=sslopt, skip_utf8_validation=True)
         try:
             if self._tls is not None:
                 tls.check_pin(ws.sock.getpeercert(binary_form=True), self._tls.fingerprint)

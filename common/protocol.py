@@ -235,9 +235,20 @@ def decode(text: str | bytes):
     return _build(cls, payload, type_name)
 
 
+_HINTS: dict[type, dict] = {}
+
+
+def _hints(cls) -> dict:
+    """Resolved field types of a message class; resolving is slow (it compiles), so once per class."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
 def _build(cls, payload, where: str):
     _require(isinstance(payload, dict), f"{where}: payload must be an object")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in payload:
