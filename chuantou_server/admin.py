@@ -217,6 +217,7 @@ def status(server) -> tuple:
         "rssBytes": _rss_bytes(),
         "heartbeatTimeout": server.heartbeat_timeout,
         "tokenRequired": getattr(server, "token", None) is not None,
+        "openRelay": not server.auth_required,
         "totalBytes": server.traffic.total_bytes()[0],
         "bytesPerSecond": server.traffic.history.current()[0],
     })

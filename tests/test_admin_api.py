@@ -228,6 +228,13 @@ def test_status_describes_the_relay(relay, a_and_b):
     assert status["rssBytes"] > 1_000_000
     assert status["totalBytes"] == 0 and status["bytesPerSecond"] == 0
     assert status["tokenRequired"] is False
+    assert status["openRelay"] is True  # the page shows its open-relay warning from this
+
+
+def test_a_relay_with_tokens_is_not_reported_open():
+    with Server(host="127.0.0.1", port=0, client_tokens={"B": "b-token-of-sixteen+"}) as server:
+        status = get_json(server.port, "/api/status")
+        assert status["openRelay"] is False and status["tokenRequired"] is False
 
 
 @pytest.mark.timeout(40)

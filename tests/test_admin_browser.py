@@ -294,6 +294,8 @@ def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, sock
              "the chart to show the traffic")
         system = driver.find_element(By.ID, "system").text
         assert "Heartbeat timeout" in system and "Memory (RSS)" in system and "Open sockets" in system
+        warning = driver.find_element(By.ID, "open-relay")  # this relay has no token
+        assert warning.is_displayed() and "--no-auth" in warning.text
 
         screenshot(driver, "server-laptop", LAPTOP)
         screenshot(driver, "server-phone", PHONE)
@@ -340,6 +342,8 @@ def test_server_login_form_when_the_relay_has_a_token(relay, driver):
     token_input.send_keys(relay.token)
     driver.find_element(By.CSS_SELECTOR, "#login button").click()
     wait(driver, lambda d: find(d, "#clients tr.empty"), "the admin page after logging in")
+    wait(driver, lambda d: d.find_element(By.ID, "system").text, "the first status poll")
+    assert not driver.find_element(By.ID, "open-relay").is_displayed()  # a token: not an open relay
     assert relay.token not in driver.page_source
     assert driver.get_cookies()[0]["httpOnly"] is True
     assert driver.execute_script("return document.cookie") == ""  # HttpOnly: scripts cannot read it

@@ -34,6 +34,7 @@
     setText("stat-total", bytes(s.totalBytes));
     setText("stat-since", `since start, ${clock(s.startedAt)}`);
     document.getElementById("logout").hidden = !s.tokenRequired;
+    document.getElementById("open-relay").hidden = !s.openRelay;
     const facts = [
       ["Version", s.version],
       ["Uptime", `${duration(s.uptime)} (since ${clock(s.startedAt)})`],
