@@ -313,6 +313,10 @@ def cmd_proxy(args) -> int:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        for x in proxies:
+            if x.get("lastError"):
+                when = service.format_duration(time.time() - x["lastErrorAt"])
+                print(f"localhost:{x['localPort']}: last failure {when} ago: {x['lastError']}")
     return 0
 
 

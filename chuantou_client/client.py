@@ -278,6 +278,12 @@ class Client:
         if reason is not None:  # the relay closed it before we got here
             handle.abort()
 
+    def closed_reason(self, session_id: str) -> str | None:
+        """Why the relay closed this session, if it did so abnormally (not a plain end)."""
+        with self._lock:
+            reason = self._closed_reasons.get(session_id)
+        return reason if reason not in (None, "", "ended") else None
+
     def end_session(self, session_id: str, reason: str) -> None:
         """Tell the relay a session ended here (UDP flows end without a socket closing at the relay)."""
         with self._lock:

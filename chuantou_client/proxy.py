@@ -11,6 +11,7 @@ import errno
 import logging
 import socket
 import threading
+import time
 
 from common import protocol as p
 from common.errors import ChuantouError, PortInUseError
@@ -47,6 +48,8 @@ class Proxy:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._tcp: socket.socket | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
         self.udp: UdpGateway | None = None
 
     def __repr__(self) -> str:
@@ -134,7 +137,14 @@ class Proxy:
             "totalConnections": self.connections_total,
             "bytesSent": self.bytes_sent,
             "bytesReceived": self.bytes_received,
+            "lastError": self.last_error,
+            "lastErrorAt": self.last_error_at,
         }
+
+    def record_failure(self, reason: str) -> None:
+        """Remember why the latest connection through this proxy failed, for `proxy list` and the page."""
+        self.last_error = reason
+        self.last_error_at = time.time()
 
     # --- TCP --------------------------------------------------------------------------------
 
@@ -164,6 +174,7 @@ class Proxy:
             relay = self.client.join_session(reply, "A")
         except ChuantouError as exc:
             log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)
+            self.record_failure(str(exc))
             close_quietly(user)
             return
         pipe = Pipe(user, relay, on_done=self._connection_done)
@@ -176,6 +187,9 @@ class Proxy:
             pipe.run(self.threads, f"a-{reply.sessionId[:8]}")
         finally:
             self.client._untrack_session(reply.sessionId)
+        reason = self.client.closed_reason(reply.sessionId)  # the relay's word, e.g. B's refusal
+        if reason:
+            self.record_failure(reason)
 
     def connect_request(self, protocol: str) -> p.ConnectRequest:
         return p.ConnectRequest(toClientId=self.target_client_id, remotePort=self.target_port,

@@ -150,6 +150,7 @@ class UdpFlow:
         except (ChuantouError, OSError) as exc:
             if not self._closed.is_set():
                 log.warning("proxy %s: UDP from %s:%s dropped: %s", proxy.description, self.user[0], self.user[1], exc)
+                proxy.record_failure(str(exc))
         finally:
             self.close()
             self.gateway._forget(self)

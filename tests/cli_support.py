@@ -264,9 +264,9 @@ class Cli:
         return port
 
     def start_client(self, relay_port: int | None, client_id: str | None, admin_port: int,
-                     config: Path | None = None, env: dict | None = None) -> dict:
+                     config: Path | None = None, env: dict | None = None, extra: tuple = ()) -> dict:
         """``chuantou_client start``; wait until it is registered and return its API status."""
-        args = ["start", "--admin-port", admin_port, "--token", TOKEN]
+        args = ["start", "--admin-port", admin_port, "--token", TOKEN, *extra]
         if relay_port is not None:
             args += ["--server", f"ws://{HOST}:{relay_port}"]
         if client_id is not None:

@@ -304,6 +304,24 @@ def test_proxy_create_list_delete_round_trip_with_traffic(cli, web):
 
 
 @pytest.mark.timeout(60)
+def test_a_refusal_by_the_target_shows_in_proxy_list(cli, web):
+    relay = cli.start_relay()
+    cli.start_client(relay, "B", free_port(), config=cli.root / "b.json", extra=("--allow", web.port))
+    cli.start_client(relay, "A", free_port())
+    local = free_tcp_udp_port()
+    create_proxy(cli, local, web.port + 1 if web.port < 65535 else web.port - 1)
+    assert fetch(local, timeout=3) is None  # B refuses the port; the user's connection is closed
+
+    def listing():
+        out = cli.client("proxy", "list").stdout
+        return out if "last failure" in out else None
+
+    out = poll(listing, 10, "the refusal to show in proxy list")
+    assert f"localhost:{local}: last failure" in out
+    assert "is not allowed on this client (it allows " in out
+
+
+@pytest.mark.timeout(60)
 def test_client_restarted_keeps_its_id_and_its_proxies(cli, web):
     relay = cli.start_relay()
     cli.start_client(relay, "B", free_port(), config=cli.root / "b.json")
