@@ -108,6 +108,7 @@ class Client:
         self._session_info: dict[str, dict] = {}  # session id -> side, peer, port... (for the admin page)
         self._done_bytes = [0, 0]  # received, sent: by ended sessions as B and by closed proxies
         self._closed_reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._session_owners: collections.OrderedDict[str, Proxy] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False
@@ -278,11 +279,13 @@ class Client:
         if reason is not None:  # the relay closed it before we got here
             handle.abort()
 
-    def closed_reason(self, session_id: str) -> str | None:
-        """Why the relay closed this session, if it did so abnormally (not a plain end)."""
+    def note_session_owner(self, session_id: str, proxy) -> None:
+        """Remember which proxy asked for a session, so the relay's reason for closing it (which
+        may come after the connection is gone) reaches that proxy's last failure."""
         with self._lock:
-            reason = self._closed_reasons.get(session_id)
-        return reason if reason not in (None, "", "ended") else None
+            self._session_owners[session_id] = proxy
+            while len(self._session_owners) > 1024:
+                self._session_owners.popitem(last=False)
 
     def end_session(self, session_id: str, reason: str) -> None:
         """Tell the relay a session ended here (UDP flows end without a socket closing at the relay)."""
@@ -322,8 +325,11 @@ class Client:
             while len(self._closed_reasons) > 256:
                 self._closed_reasons.popitem(last=False)
             handle = self._sessions.get(msg.sessionId)
+            owner = self._session_owners.pop(msg.sessionId, None)
         if msg.reason not in ("", "ended"):
             log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)
+            if owner is not None:
+                owner.record_failure(msg.reason)
         if handle is not None:
             handle.abort()
 

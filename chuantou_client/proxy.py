@@ -171,6 +171,7 @@ class Proxy:
                 self.connect_request("tcp"),
                 timeout=self.client.request_timeout,
             )
+            self.client.note_session_owner(reply.sessionId, self)
             relay = self.client.join_session(reply, "A")
         except ChuantouError as exc:
             log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)
@@ -187,9 +188,6 @@ class Proxy:
             pipe.run(self.threads, f"a-{reply.sessionId[:8]}")
         finally:
             self.client._untrack_session(reply.sessionId)
-        reason = self.client.closed_reason(reply.sessionId)  # the relay's word, e.g. B's refusal
-        if reason:
-            self.record_failure(reason)
 
     def connect_request(self, protocol: str) -> p.ConnectRequest:
         return p.ConnectRequest(toClientId=self.target_client_id, remotePort=self.target_port,

@@ -134,6 +134,7 @@ class UdpFlow:
                 timeout=client.request_timeout,
             )
             session_id = reply.sessionId
+            client.note_session_owner(session_id, proxy)
             client._track_session(session_id, self)
             family, self.relay = resolve_udp(reply.relayAddr)
             self.sock = socket.socket(family, socket.SOCK_DGRAM)
