@@ -349,9 +349,4 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except ChuantouError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return service.run_command(COMMANDS, build_parser().parse_args(argv))

@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 from common import __version__, auth, config, service
-from common.errors import ChuantouError
 
 from .server import Server
 
@@ -387,9 +386,4 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except ChuantouError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return service.run_command(COMMANDS, build_parser().parse_args(argv))

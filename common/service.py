@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config
+from .errors import ChuantouError
 
 RESTART_DELAYS = (0.5, 1, 2, 4, 8, 15, 30)
 BURST_WINDOW = 60.0  # seconds
@@ -451,3 +452,12 @@ def install_autostart_or_warn(files: ServiceFiles, module: str, args: list[str])
         print(install_autostart(files, module, args))
     except config.ConfigError as exc:
         print(f"warning: {exc}", file=sys.stderr)
+
+
+def run_command(commands: dict, args) -> int:
+    """Run the chosen command; a ChuantouError becomes one line on stderr and exit code 1."""
+    try:
+        return commands[args.command](args)
+    except ChuantouError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
