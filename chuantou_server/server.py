@@ -20,7 +20,7 @@ from common import __version__, auth, tls
 from common import protocol as p
 from common.errors import ChuantouError
 from common.frames import DATA_MAGIC, HEADER_SIZE
-from common.net import close_quietly, enlarge_udp_buffers, recv_exact, tune_tcp
+from common.net import close_quietly, enlarge_udp_buffers, recv_exact, shutdown_quietly, tune_tcp
 from common.threads import ThreadGroup
 
 from . import admin, httpd
@@ -129,6 +129,7 @@ class Server:
                 return
             self._stopping.set()
         close_quietly(self._listener)
+        self.handshakes.abort_all()  # wakes threads still reading a first request
         for conn in self._live_connections():
             conn.close()
         for session in self.sessions.all():
@@ -181,7 +182,7 @@ class Server:
                 log.warning("accept failed: %s", exc)  # e.g. out of file descriptors
                 self._stopping.wait(0.1)
                 continue
-            if not self.handshakes.enter(addr[0]):
+            if not self.handshakes.enter(addr[0], sock):
                 log.debug("connection from %s:%s closed: too many pending handshakes", addr[0], addr[1])
                 close_quietly(sock)
                 continue
@@ -189,13 +190,14 @@ class Server:
             try:
                 self.threads.spawn(f"conn-{addr[0]}:{addr[1]}", self._dispatch, sock, addr)
             except RuntimeError:
-                self.handshakes.leave(addr[0])
+                self.handshakes.leave(addr[0], sock)
                 log.warning("cannot start a thread for %s:%s; connection closed", addr[0], addr[1])
                 close_quietly(sock)
 
     def _dispatch(self, sock: socket.socket, addr: tuple) -> None:
         """Read the first bytes under the handshake deadline and hand the connection on."""
         deadline = time.monotonic() + self.handshake_timeout
+        raw = sock
         handshaking = True
         try:
             if self.tls_context is not None:
@@ -208,12 +210,12 @@ class Server:
             first = recv_exact(sock, 2, deadline)
             if first == DATA_MAGIC:
                 header = first + recv_exact(sock, HEADER_SIZE - 2, deadline)
-                self.handshakes.leave(addr[0])
+                self.handshakes.leave(addr[0], raw)
                 handshaking = False
                 serve_data_channel(self, sock, header)
             elif first[0] in HTTP_FIRST_BYTES:
                 request = self._read_http(sock, first, deadline)
-                self.handshakes.leave(addr[0])
+                self.handshakes.leave(addr[0], raw)
                 handshaking = False
                 if request is not None:
                     self._serve_http(sock, addr, request)
@@ -225,7 +227,7 @@ class Server:
             close_quietly(sock)
         finally:
             if handshaking:
-                self.handshakes.leave(addr[0])
+                self.handshakes.leave(addr[0], raw)
 
     def _read_http(self, sock: socket.socket, first: bytes, deadline: float) -> httpd.Request | None:
         try:
@@ -390,17 +392,27 @@ class HandshakeGate:
         self._lock = threading.Lock()
         self._count = 0
         self._by_ip: dict[str, int] = {}
+        self._sockets: set[socket.socket] = set()
 
-    def enter(self, ip: str) -> bool:
+    def enter(self, ip: str, sock: socket.socket) -> bool:
         with self._lock:
             if self._count >= self.total or self._by_ip.get(ip, 0) >= self.per_ip:
                 return False
             self._count += 1
             self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
+            self._sockets.add(sock)
             return True
 
-    def leave(self, ip: str) -> None:
+    def abort_all(self) -> None:
+        """Shut down every connection still in its handshake (at stop)."""
         with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            shutdown_quietly(sock)
+
+    def leave(self, ip: str, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
             self._count -= 1
             left = self._by_ip.get(ip, 1) - 1
             if left:

@@ -214,6 +214,23 @@ def test_stop_with_traffic_in_flight_returns_promptly(server, client_a, client_b
             user.close()
 
 
+@pytest.mark.timeout(30)
+def test_stop_does_not_wait_for_connections_still_silent_in_their_handshake():
+    server = Server(host="127.0.0.1", port=0, handshake_timeout=60.0).start()
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    half = socket.create_connection(("127.0.0.1", server.port))
+    half.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # a request head that never ends
+    try:
+        assert wait_until(lambda: server.handshakes.pending == 4, 5)
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 3.0  # not the 60 s handshake deadline
+        assert not [t for t in threading.enumerate() if t.name.startswith("chuantou-")]
+    finally:
+        for sock in silent + [half]:
+            sock.close()
+
+
 def test_client_start_raises_a_clear_error_when_the_relay_is_unreachable(make_client):
     port = free_port()
     started = time.monotonic()
