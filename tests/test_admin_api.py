@@ -8,21 +8,24 @@ import hmac
 import http.client
 import json
 import socket
-import threading
 import time
 
 import pytest
 
-from chuantou_client import Client
-from chuantou_client.app import ClientApp
 from chuantou_server import Server
 from chuantou_server import admin as server_admin
 from chuantou_server.httpd import Request
 from common import __version__
 
+from admin_support import FixtureSettings, Pump
+from admin_support import client_app, clients, echo, relay, user_sockets  # noqa: F401 (fixtures)
+from helpers import free_port
+
 DEADLINE = 10.0
 PAYLOAD = 300_000
 TOKEN = "admin-test-token-0123456789"
+FIXTURE_SETTINGS = FixtureSettings(echo_thread="svc-admin-echo", socket_timeout=DEADLINE,
+                                   echo_threads_must_end=True)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -68,62 +71,6 @@ def same_origin(port: int) -> dict:
     return {"Origin": f"http://127.0.0.1:{port}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EchoService:
-    """A TCP echo service on 127.0.0.1 with named threads joined at stop()."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.threads: list[threading.Thread] = []
-        self.conns: list[socket.socket] = []
-        self._spawn("svc-admin-echo", self._accept)
-
-    def _spawn(self, name, target, *args):
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        self.threads.append(thread)
-        thread.start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            self._spawn("svc-admin-echo-conn", self._echo, conn)
-
-    @staticmethod
-    def _echo(conn):
-        try:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self):
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
-        except OSError:
-            pass
-        self.listener.close()
-        for conn in self.conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in self.threads:
-            thread.join(5)
-        assert not [t.name for t in self.threads if t.is_alive()]
-
-
 def exchange(sock: socket.socket, size: int) -> None:
     """Send ``size`` bytes through an echo path and read them all back."""
     sock.sendall(b"x" * size)
@@ -134,83 +81,11 @@ def exchange(sock: socket.socket, size: int) -> None:
         got += len(chunk)
 
 
-class Pump:
-    """Keeps bytes flowing through an echo path until stopped, so rates are non-zero."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="svc-admin-pump", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            while not self.stopping.is_set():
-                exchange(self.sock, 32_000)
-                self.stopping.wait(0.02)
-        except (OSError, AssertionError):
-            pass
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
-
-
 # --- fixtures ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def relay():
-    server = Server(host="127.0.0.1", port=0).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def echo():
-    service = EchoService()
-    yield service
-    service.stop()
-
-
-@pytest.fixture
-def clients(relay):
-    made = []
-
-    def make(client_id: str) -> Client:
-        client = Client(f"ws://127.0.0.1:{relay.port}", client_id).start()
-        made.append(client)
-        return client
-
-    yield make
-    for client in reversed(made):
-        client.stop()
-
 
 @pytest.fixture
 def a_and_b(clients):
     return clients("A"), clients("B")
-
-
-@pytest.fixture
-def user_sockets():
-    opened = []
-
-    def connect(port: int) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-        opened.append(sock)
-        return sock
-
-    yield connect
-    for sock in opened:
-        sock.close()
-
-
-@pytest.fixture
-def client_app(relay, tmp_path):
-    app = ClientApp(tmp_path / "client.json", {"server": f"ws://127.0.0.1:{relay.port}", "clientId": "A",
-                                                "adminPort": 0}).start()
-    yield app
-    app.stop()
 
 
 # --- the relay's API --------------------------------------------------------------------------
@@ -263,7 +138,7 @@ def test_clients_sessions_and_traffic_follow_a_live_session(relay, a_and_b, echo
     assert clients["A"]["bytesSent"] >= PAYLOAD and clients["A"]["bytesReceived"] >= PAYLOAD
     assert clients["B"]["bytesReceived"] >= PAYLOAD and clients["B"]["bytesSent"] >= PAYLOAD
 
-    pump = Pump(user)
+    pump = Pump(user, "svc-admin-pump")
     try:
         wait_for(lambda: get_json(relay.port, "/api/sessions")["sessions"][0]["rateAToB"] > 0,
                  message="a current rate on the session")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from chuantou_client import Client
-from chuantou_client.app import ClientApp
-from chuantou_server import Server
+from admin_support import FixtureSettings, Pump
+from admin_support import client_app, clients, echo, relay, user_sockets  # noqa: F401 (fixtures)
+from helpers import free_port
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -31,6 +31,7 @@ WAIT = 20.0
 LAPTOP, PHONE = (1366, 900), (390, 844)
 PAGE_BYTES = 512 * 1024
 UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
+FIXTURE_SETTINGS = FixtureSettings(echo_thread="svc-browser-echo", socket_timeout=WAIT)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMEDRIVER).exists(),
                                 reason="needs chromium and chromium-driver (apt-get install chromium chromium-driver)")
@@ -56,12 +57,6 @@ def find(driver, css: str):
 
 def cell(row, index: int) -> str:
     return row.find_elements(By.TAG_NAME, "td")[index].text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Console:
@@ -96,55 +91,6 @@ def screenshot(driver, name: str, size: tuple[int, int]) -> Path:
     return path
 
 
-class EchoService:
-    """TCP echo on 127.0.0.1 with named threads, joined at stop()."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.threads: list[threading.Thread] = []
-        self.conns: list[socket.socket] = []
-        self._spawn("svc-browser-echo", self._accept)
-
-    def _spawn(self, name, target, *args):
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        self.threads.append(thread)
-        thread.start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            self._spawn("svc-browser-echo-conn", self._echo, conn)
-
-    @staticmethod
-    def _echo(conn):
-        try:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self):
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        for conn in self.conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in self.threads:
-            thread.join(5)
-
-
 class _PageHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         body = b"a" * PAGE_BYTES
@@ -156,34 +102,6 @@ class _PageHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-class Pump:
-    """Keeps bytes flowing through an echo path until stopped."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="svc-browser-pump", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            while not self.stopping.is_set():
-                self.sock.sendall(b"x" * 64_000)
-                got = 0
-                while got < 64_000:
-                    chunk = self.sock.recv(1 << 20)
-                    if not chunk:
-                        return
-                    got += len(chunk)
-                self.stopping.wait(0.05)
-        except OSError:
-            pass
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -204,34 +122,6 @@ def driver(tmp_path):
 
 
 @pytest.fixture
-def relay():
-    server = Server(host="127.0.0.1", port=0).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def clients(relay):
-    made = []
-
-    def make(client_id: str) -> Client:
-        client = Client(f"ws://127.0.0.1:{relay.port}", client_id).start()
-        made.append(client)
-        return client
-
-    yield make
-    for client in reversed(made):
-        client.stop()
-
-
-@pytest.fixture
-def echo():
-    service = EchoService()
-    yield service
-    service.stop()
-
-
-@pytest.fixture
 def web_service():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
     httpd.block_on_close = True
@@ -243,36 +133,14 @@ def web_service():
     thread.join(5)
 
 
-@pytest.fixture
-def sockets():
-    opened = []
-
-    def connect(port: int) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        opened.append(sock)
-        return sock
-
-    yield connect
-    for sock in opened:
-        sock.close()
-
-
-@pytest.fixture
-def client_app(relay, tmp_path):
-    app = ClientApp(tmp_path / "client.json", {"server": f"ws://127.0.0.1:{relay.port}", "clientId": "A",
-                                                "adminPort": 0}).start()
-    yield app
-    app.stop()
-
-
 # --- the relay's page -------------------------------------------------------------------------
 
 @pytest.mark.timeout(90)
-def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, sockets, driver):
+def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, user_sockets, driver):
     a, _ = clients("A"), clients("B")
     proxy = a.create_proxy(0, "B", echo.port, "tcp")
-    user = sockets(proxy.local_port)
-    pump = Pump(user)
+    user = user_sockets(proxy.local_port)
+    pump = Pump(user, "svc-browser-pump", size=64_000, pause=0.05)
     console = Console(driver)
     try:
         driver.get(f"http://127.0.0.1:{relay.port}/")
@@ -355,7 +223,7 @@ def test_server_login_form_when_the_relay_has_a_token(relay, driver):
 # --- the client's page ------------------------------------------------------------------------
 
 @pytest.mark.timeout(120)
-def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_service, sockets, driver):
+def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_service, user_sockets, driver):
     clients("B")
     console = Console(driver)
     driver.get(f"http://127.0.0.1:{client_app.admin.port}/")
@@ -382,7 +250,7 @@ def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_serv
     assert cell(row, 0) == f"localhost:{local_port}" and cell(row, 1) == f"B:{web_service}"
 
     # A connection held open shows as active, here and in the connections list.
-    held = sockets(local_port)
+    held = user_sockets(local_port)
     wait(driver, lambda d: cell(find(d, row_css), 3).startswith("1"), "one active connection")
     conn_row = wait(driver, lambda d: find(d, "#connections tbody tr[data-key]"), "the connection listed")
     assert "A · OUT" in cell(conn_row, 0).upper()
