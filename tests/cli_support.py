@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from common import service
 
 REPO = Path(__file__).resolve().parent.parent
@@ -349,3 +351,13 @@ echo "$*" >> '{calls}'
 [ "$2" = "is-system-running" ] && echo '{state}'
 exit 0
 """)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """A Cli with its own XDG directories; everything it started is stopped afterwards."""
+    env = Cli(tmp_path)
+    try:
+        yield env
+    finally:
+        env.cleanup()

@@ -17,12 +17,12 @@ import time
 
 import pytest
 
-from cli_support import (
+from cli_support import (  # noqa: F401 (cli is a fixture)
+    cli,
     CLIENT,
     HOST,
     SERVER,
     TOKEN,
-    Cli,
     TextHttpService,
     api_status,
     fetch,
@@ -36,15 +36,6 @@ from cli_support import (
 )
 
 WEB_TEXT = b"This is client B's web service"
-
-
-@pytest.fixture
-def cli(tmp_path):
-    env = Cli(tmp_path)
-    try:
-        yield env
-    finally:
-        env.cleanup()
 
 
 @pytest.fixture

@@ -15,19 +15,19 @@ import pytest
 
 from chuantou_client import cli as client_cli
 from chuantou_server import cli as server_cli
-from cli_support import HOST, TOKEN, Cli, fake_crontab, fake_systemctl, free_port, free_tcp_udp_port, one_line
+from cli_support import (  # noqa: F401 (cli is a fixture)
+    cli,
+    HOST,
+    TOKEN,
+    fake_crontab,
+    fake_systemctl,
+    free_port,
+    free_tcp_udp_port,
+    one_line,
+)
 from common import config, service
 
 ARGS = ["--host", "0.0.0.0", "--port", "8300", "--config", "/srv/my relay/server.json"]
-
-
-@pytest.fixture
-def cli(tmp_path):
-    env = Cli(tmp_path)
-    try:
-        yield env
-    finally:
-        env.cleanup()
 
 
 @pytest.fixture

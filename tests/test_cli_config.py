@@ -7,18 +7,9 @@ import json
 
 import pytest
 
-from cli_support import CLIENT, SERVER, Cli, free_port, one_line
+from cli_support import cli, CLIENT, SERVER, free_port, one_line  # noqa: F401 (cli is a fixture)
 
 QUICK = 15.0  # a command that fails on its input answers at once; never wait long for it
-
-
-@pytest.fixture
-def cli(tmp_path):
-    env = Cli(tmp_path)
-    try:
-        yield env
-    finally:
-        env.cleanup()
 
 
 BAD_CONFIGS = [
