@@ -116,29 +116,17 @@ class ControlConnection:
             self.send(p.Error(message=f"already registered as '{self.client_id}'", code="bad_request"))
             return
         if msg.protocolVersion != p.PROTOCOL_VERSION:
-            self.send(p.RegisterResponse(
-                success=False,
-                error=f"protocol version {msg.protocolVersion} is not supported: this relay speaks "
-                      f"version {p.PROTOCOL_VERSION}; install the same chuantou version on client and server",
-            ))
-            self.close()
-            return
+            return self._refuse_registration(
+                msg, f"protocol version {msg.protocolVersion} is not supported: this relay speaks version "
+                     f"{p.PROTOCOL_VERSION}; install the same chuantou version on client and server")
         credential, problem = self.server.authenticate(msg.clientId, self.nonce, msg.auth)
         if problem is not None:
-            log.warning("registration as %s from %s refused: %s", msg.clientId, self.remote[0], problem)
-            self.send(p.RegisterResponse(success=False, error=problem))
-            self.close()
-            return
+            return self._refuse_registration(msg, problem)
         self.credential = credential
         old = self.server.registry.claim(msg.clientId, self)
         if old is not None and old.credential != credential:
-            self.send(p.RegisterResponse(
-                success=False,
-                error=f"client ID '{msg.clientId}' is online with a different credential; "
-                      f"choose another --client-id",
-            ))
-            self.close()
-            return
+            return self._refuse_registration(
+                msg, f"client ID '{msg.clientId}' is online with a different credential; choose another --client-id")
         self.client_id = msg.clientId
         if old is not None:
             old.send(p.Error(
@@ -150,6 +138,11 @@ class ControlConnection:
         self.send(p.RegisterResponse(success=True, assignedId=msg.clientId, existingKicked=old is not None))
         log.info("client %s registered from %s:%s%s", msg.clientId, self.remote[0], self.remote[1],
                  " (replaced its previous connection)" if old else "")
+
+    def _refuse_registration(self, msg: p.Register, problem: str) -> None:
+        log.warning("registration as %s from %s refused: %s", msg.clientId, self.remote[0], problem)
+        self.send(p.RegisterResponse(success=False, error=problem))
+        self.close()
 
     def on_get_client_list(self, msg: p.GetClientList) -> None:
         clients = [p.ClientInfo(id=cid) for cid in self.server.registry.ids()]
