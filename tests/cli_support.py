@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from common import service
+from helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER = "chuantou_server"
@@ -42,14 +42,7 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def poll(predicate, timeout: float, message: str, interval: float = 0.05):
     """Call ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {timeout:g} s: {message}")
-        time.sleep(interval)  # the polling interval of a deadline loop
+    return wait_until(predicate, timeout, interval, message)
 
 
 def free_port() -> int:
