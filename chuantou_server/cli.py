@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common import __version__, auth, config, service
 
+from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
 
 MODULE = "chuantou_server"
@@ -36,6 +37,10 @@ CONFIG_KEYS = {
     "tlsCert": config.Key(str, "the path of a PEM certificate (chain)", None),
     "tlsKey": config.Key(str, "the path of its PEM private key", None),
     "tlsOnly": config.Key(bool, "true or false", False),
+    "idReservationTime": config.Key((int, float), "a number of seconds >= 0 (0: only while online)",
+                                    DEFAULT_RESERVATION_TIME, lambda v: v >= 0),
+    "maxReservedIdsPerToken": config.Key(int, "a whole number >= 0", DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
+                                         lambda v: v >= 0),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
                  "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
@@ -191,6 +196,8 @@ def make_server(settings: dict) -> Server:
         client_tokens={} if settings["noAuth"] else settings["clientTokens"],
         extra_tokens=[] if settings["noAuth"] else settings["extraTokens"],
         tls_cert=settings["tlsCert"], tls_key=settings["tlsKey"], tls_only=settings["tlsOnly"],
+        id_reservation_time=settings["idReservationTime"],
+        max_reserved_ids_per_token=settings["maxReservedIdsPerToken"],
     )
 
 

@@ -1,35 +1,138 @@
-"""The relay's registry of online clients: client ID -> its live control connection."""
+"""The relay's registry of online clients: client ID -> its live control connection, and which
+credential each ID belongs to.
+
+An ID registered with a credential (a token's fingerprint) stays reserved for that credential
+while it is online and for ``reservation_time`` seconds after it goes offline, so another token
+cannot take it during a network blip. Offline reservations are capped per credential (the
+oldest goes first), so one token holder cannot grow the table without bound.
+"""
 
 from __future__ import annotations
 
+import collections
+import logging
 import threading
+import time
+from dataclasses import dataclass
+
+from common.limits import LimitLog
+
+log = logging.getLogger("chuantou.server")
+
+DEFAULT_RESERVATION_TIME = 24 * 3600.0
+DEFAULT_MAX_RESERVED_PER_CREDENTIAL = 4096
+
+# why a claim was refused
+ONLINE_ELSEWHERE = "online_elsewhere"  # live with another credential
+RESERVED = "reserved"  # offline, but still reserved for another credential
+IN_USE = "in_use"  # live with the same credential, and the claim asked not to take over
+
+
+@dataclass(frozen=True)
+class Claim:
+    replaced: object | None = None  # the connection the claim replaced, if any
+    refused: str | None = None  # ONLINE_ELSEWHERE, RESERVED, IN_USE, or None: granted
 
 
 class ClientRegistry:
-    def __init__(self):
+    def __init__(self, reservation_time: float = DEFAULT_RESERVATION_TIME,
+                 max_reserved_per_credential: int = DEFAULT_MAX_RESERVED_PER_CREDENTIAL):
+        self.reservation_time = reservation_time
+        self.max_reserved_per_credential = max_reserved_per_credential
+        self.limit_log = LimitLog(log)
         self._lock = threading.Lock()
         self._clients: dict[str, object] = {}
+        self._owner: dict[str, str] = {}  # client ID -> credential it is bound to (online or reserved)
+        # credential -> {client ID: monotonic time it went offline}, oldest first
+        self._offline: dict[str, collections.OrderedDict[str, float]] = {}
 
-    def claim(self, client_id: str, conn) -> object | None:
-        """Make ``conn`` the connection for ``client_id`` and return the one it replaces, if any.
-
-        A live connection registered with another credential is not replaced: it is returned
-        unchanged and the caller refuses ``conn``.
-        """
+    def claim(self, client_id: str, conn, takeover: bool = True) -> Claim:
+        """Make ``conn`` the connection for ``client_id`` unless the ID belongs to another
+        credential, or is live and ``takeover`` is False. A granted claim returns the live
+        connection it replaced (same credential), which the caller closes."""
         with self._lock:
             old = self._clients.get(client_id)
             if old is not None and old.credential != conn.credential:
-                return old
+                return Claim(refused=ONLINE_ELSEWHERE)
+            if old is None and self._reserved_for_another(client_id, conn.credential):
+                return Claim(refused=RESERVED)
+            if old is not None and not takeover:
+                return Claim(refused=IN_USE)
             self._clients[client_id] = conn
-            return old if old is not conn else None
+            self._bind(client_id, conn.credential)
+            return Claim(replaced=old if old is not conn else None)
 
     def unregister(self, client_id: str, conn) -> bool:
-        """Remove ``conn`` only if it is still the one registered (a replaced one is not)."""
+        """Remove ``conn`` only if it is still the one registered (a replaced one is not); its
+        ID stays reserved for its credential."""
         with self._lock:
-            if self._clients.get(client_id) is conn:
-                del self._clients[client_id]
-                return True
+            if self._clients.get(client_id) is not conn:
+                return False
+            del self._clients[client_id]
+            if conn.credential is not None and self.reservation_time > 0:
+                self._reserve(client_id, conn.credential)
+            else:
+                self._owner.pop(client_id, None)
+            return True
+
+    def reserved_for(self, client_id: str) -> str | None:
+        """The credential an ID is bound to now (online or reserved), or None."""
+        with self._lock:
+            if client_id in self._clients:
+                return self._owner.get(client_id)
+            return self._owner.get(client_id) if self._reservation_left(client_id) > 0 else None
+
+    # --- reservations (callers hold the lock) ----------------------------------------------------
+
+    def _reservation_left(self, client_id: str) -> float:
+        credential = self._owner.get(client_id)
+        offline_since = self._offline.get(credential, {}).get(client_id) if credential else None
+        if offline_since is None:
+            return 0.0
+        return self.reservation_time - (time.monotonic() - offline_since)
+
+    def _reserved_for_another(self, client_id: str, credential: str | None) -> bool:
+        owner = self._owner.get(client_id)
+        if owner is None or owner == credential:
             return False
+        if self._reservation_left(client_id) > 0:
+            return True
+        self._forget(client_id)  # expired: the ID is free again
+        return False
+
+    def _bind(self, client_id: str, credential: str | None) -> None:
+        owner = self._owner.get(client_id)
+        if owner is not None:
+            self._offline.get(owner, {}).pop(client_id, None)
+        if credential is None:
+            self._owner.pop(client_id, None)
+        else:
+            self._owner[client_id] = credential
+
+    def _reserve(self, client_id: str, credential: str) -> None:
+        now = time.monotonic()
+        offline = self._offline.setdefault(credential, collections.OrderedDict())
+        offline.pop(client_id, None)
+        offline[client_id] = now
+        while offline and now - next(iter(offline.values())) >= self.reservation_time:
+            self._forget(next(iter(offline)))  # expired ones first, oldest at the front
+        if len(offline) > self.max_reserved_per_credential:
+            oldest = next(iter(offline))
+            self._forget(oldest)
+            self.limit_log.bit("reserved_ids", credential,
+                               "credential %s holds more than %d offline client IDs; the reservation of the "
+                               "oldest, %s, was dropped (raise maxReservedIdsPerToken to keep more)",
+                               credential, self.max_reserved_per_credential, oldest)
+
+    def _forget(self, client_id: str) -> None:
+        credential = self._owner.pop(client_id, None)
+        offline = self._offline.get(credential)
+        if offline is not None:
+            offline.pop(client_id, None)
+            if not offline:
+                del self._offline[credential]
+
+    # --- reading -----------------------------------------------------------------------------------
 
     def get(self, client_id: str):
         with self._lock:

@@ -24,7 +24,7 @@ from common.net import close_quietly, enlarge_udp_buffers, recv_exact, shutdown_
 from common.threads import ThreadGroup
 
 from . import admin, httpd
-from .registry import ClientRegistry
+from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME, ClientRegistry
 from .relay import serve_data_channel
 from .sessions import SessionTable
 from .traffic import RelayTraffic
@@ -60,11 +60,15 @@ class Server:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_only: bool = False,
+        id_reservation_time: float = DEFAULT_RESERVATION_TIME,
+        max_reserved_ids_per_token: int = DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
     ):
         """``token=None`` (and no other tokens) runs an open relay: any client may register.
         ``client_tokens`` maps a client ID to the only token that may register it;
-        ``extra_tokens`` are further relay-wide tokens (one per person, say). A live client
-        ID can be taken over only with the token that registered it."""
+        ``extra_tokens`` are further relay-wide tokens (one per person, say). A client ID can
+        be taken over only with the token that registered it, while it is online and for
+        ``id_reservation_time`` seconds after it goes offline (0: only while online); each
+        token keeps at most ``max_reserved_ids_per_token`` offline IDs reserved."""
         self.host = host
         self.port = port
         self.heartbeat_timeout = heartbeat_timeout
@@ -85,7 +89,7 @@ class Server:
         self.tls_context = tls.server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
         self.tls_only = tls_only
 
-        self.registry = ClientRegistry()
+        self.registry = ClientRegistry(id_reservation_time, max_reserved_ids_per_token)
         self.sessions = SessionTable()
         self.traffic = RelayTraffic(self.sessions, self.registry)  # figures for the admin page
         self.threads = ThreadGroup("chuantou-server")

@@ -19,6 +19,8 @@ from common import auth
 from common import protocol as p
 from common.net import shutdown_quietly
 
+from . import registry
+
 log = logging.getLogger("chuantou.server")
 
 # simple-websocket can close a connection without waking a blocked receive(): when a message
@@ -123,10 +125,10 @@ class ControlConnection:
         if problem is not None:
             return self._refuse_registration(msg, problem)
         self.credential = credential
-        old = self.server.registry.claim(msg.clientId, self)
-        if old is not None and old.credential != credential:
-            return self._refuse_registration(
-                msg, f"client ID '{msg.clientId}' is online with a different credential; choose another --client-id")
+        claim = self.server.registry.claim(msg.clientId, self, takeover=msg.takeover is not False)
+        if claim.refused is not None:
+            return self._refuse_registration(msg, *_claim_refusal(self.server, msg.clientId, claim.refused))
+        old = claim.replaced
         self.client_id = msg.clientId
         if old is not None:
             old.send(p.Error(
@@ -139,9 +141,9 @@ class ControlConnection:
         log.info("client %s registered from %s:%s%s", msg.clientId, self.remote[0], self.remote[1],
                  " (replaced its previous connection)" if old else "")
 
-    def _refuse_registration(self, msg: p.Register, problem: str) -> None:
+    def _refuse_registration(self, msg: p.Register, problem: str, code: str | None = None) -> None:
         log.warning("registration as %s from %s refused: %s", msg.clientId, self.remote[0], problem)
-        self.send(p.RegisterResponse(success=False, error=problem))
+        self.send(p.RegisterResponse(success=False, error=problem, code=code))
         self.close()
 
     def on_get_client_list(self, msg: p.GetClientList) -> None:
@@ -222,6 +224,20 @@ class ControlConnection:
 
     def on_unregister(self, msg: p.Unregister) -> None:
         self.server.drop_client(self, "unregistered")
+
+
+def _claim_refusal(server, client_id: str, refused: str) -> tuple[str, str]:
+    """The message and code for a registration the registry refused."""
+    if refused == registry.IN_USE:
+        return (f"client ID '{client_id}' is in use by another live connection with the same token, and this "
+                f"registration asked not to replace it; if both run on purpose, give one another --client-id",
+                p.ID_IN_USE)
+    if refused == registry.RESERVED:
+        held = server.registry.reservation_time
+        held = f"{held / 3600:g} h" if held >= 3600 else f"{held:g} s"
+        return (f"client ID '{client_id}' belongs to another credential: it stays reserved for the token that "
+                f"registered it for {held} after it goes offline; choose another --client-id", p.ID_TAKEN)
+    return f"client ID '{client_id}' is online with a different credential; choose another --client-id", p.ID_TAKEN
 
 
 _HANDLERS = {

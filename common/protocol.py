@@ -20,6 +20,10 @@ MAX_MESSAGE_BYTES = 64 * 1024
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
 PROTOCOLS = ("tcp", "udp")
+# register_response codes: the ID is live with the same credential and takeover was false; the
+# ID is online with, or reserved for, another credential
+ID_IN_USE = "id_in_use"
+ID_TAKEN = "id_taken"
 
 
 class ProtocolError(ValueError):
@@ -94,6 +98,9 @@ class Register:
     clientId: str
     protocolVersion: int
     auth: str | None = None  # common.auth.register_proof(token, nonce, clientId)
+    # False: do not replace a live connection holding this ID (a client that was itself replaced
+    # asks this, so two holders of one token do not take turns kicking each other); unset: replace
+    takeover: bool | None = None
 
     def check(self) -> None:
         _require(
@@ -110,6 +117,7 @@ class RegisterResponse:
     existingKicked: bool = False
     error: str | None = None
     protocolVersion: int = PROTOCOL_VERSION
+    code: str | None = None  # why a registration failed: ID_IN_USE, ID_TAKEN, or None for any other reason
 
 
 @message("get_client_list")

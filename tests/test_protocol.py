@@ -19,8 +19,8 @@ SECRET = "fedcba9876543210" * 2
 # breaks every deployed peer, so it has to be a deliberate change to this table too.
 WIRE = {
     "challenge": ["nonce", "authRequired", "protocolVersion"],
-    "register": ["clientId", "protocolVersion", "auth"],
-    "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion"],
+    "register": ["clientId", "protocolVersion", "auth", "takeover"],
+    "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion", "code"],
     "get_client_list": ["requestId"],
     "client_list": ["clients", "requestId"],
     "connect_request": ["toClientId", "remotePort", "remoteHost", "requestId", "protocol", "localPort", "fromClientId",
