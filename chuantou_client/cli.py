@@ -162,7 +162,10 @@ def run_foreground(args) -> int:
             deadline = time.monotonic() + 5.0
             while not (app.client.connected or stop.is_set()) and time.monotonic() < deadline:
                 stop.wait(0.1)  # SIGTERM sets `stop`: answer it now, not after this wait
-            if not (app.client.connected or stop.is_set()):
+            if app.client.control.state == "failed":  # refused before it ever registered: no retries
+                print(f"error: the relay refused registration: {app.client.control.last_error}; not retrying",
+                      flush=True)
+            elif not (app.client.connected or stop.is_set()):
                 print(f"not registered yet ({app.client.control.last_error or 'connecting'}); "
                       f"retrying in the background", flush=True)
             while not stop.wait(1.0):
@@ -186,7 +189,11 @@ def cmd_start(args) -> int:
     print(f"page and API: http://127.0.0.1:{worker.get('adminPort')}/")
     print(f"config: {worker.get('configPath')}")
     print(f"this client {app.client.export.describe()}")
-    print(registration_outcome(args))
+    try:
+        print(registration_outcome(args))
+    except RegistrationFailed:  # as frp's client does: a wrong token at the first start is an error
+        service.stop_background(files(args))
+        raise
     print(f"log: {files(args).log_file}")
     if args.autostart:
         boot_args = worker_args(args)
@@ -196,8 +203,13 @@ def cmd_start(args) -> int:
     return 0
 
 
+class RegistrationFailed(ChuantouError):
+    """The relay refused the first registration (wrong token, ID taken, other version)."""
+
+
 def registration_outcome(args, wait: float = 5.0) -> str:
-    """One line on whether the freshly started client registered, waiting a few seconds."""
+    """One line on whether the freshly started client registered, waiting a few seconds;
+    RegistrationFailed if the relay refused it."""
     deadline = time.monotonic() + wait
     status = {}
     while time.monotonic() < deadline:
@@ -210,6 +222,9 @@ def registration_outcome(args, wait: float = 5.0) -> str:
         time.sleep(0.1)  # polling another process's API, bounded by the deadline
     if status.get("state") == "connected":
         return f"registered with the relay as {status['clientId']}"
+    if status.get("state") == "failed":
+        raise RegistrationFailed(f"the relay refused registration: {status.get('lastError')}; the background "
+                                 f"client is stopped")
     return f"warning: not registered ({status.get('lastError') or status.get('state', 'no answer')}); " \
            f"see: python -m chuantou_client status"
 

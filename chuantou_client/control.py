@@ -4,6 +4,12 @@ matches answers to requests, and reconnects with capped, jittered backoff.
 One named thread connects and then reads; another sends heartbeats and notices a silent
 relay. Messages the relay starts (``connect_request``, ``session_closed``) go to the
 ``on_message`` callback, which must not block.
+
+A refused registration ends the loop only before the first success (a wrong token or ID at
+the first start); once registered, every failure is retried, so a relay restarted with
+another token, or an ID held by another connection, recovers when the cause goes away. A
+client replaced by another connection with its ID retries without taking it back, so the
+two do not take turns.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ log = logging.getLogger("chuantou.client")
 
 
 class RegistrationRefused(ChuantouError):
-    """The relay answered ``register`` with an error; retrying will not help."""
+    """The relay answered ``register`` with an error; ``code`` says which, if the relay did."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class _Waiter:
@@ -57,6 +67,8 @@ class ControlChannel:
         self.registered = threading.Event()  # set while registered
         self.finished = threading.Event()  # set when the connect loop gave up or stopped
         self._stopping = threading.Event()
+        self._ever_registered = False  # after the first success no failure is final
+        self._takeover = True  # False after being replaced: do not kick the live holder of the ID
         self._ws: websocket.WebSocket | None = None
         self._last_received = time.monotonic()
         self._ids = itertools.count(1)
@@ -98,21 +110,27 @@ class ControlChannel:
                     ws = self._connect_and_register()
                 except (RegistrationRefused, tls.TlsError, ssl.SSLCertVerificationError) as exc:
                     self.last_error = _describe(exc)
-                    self.state = "failed"
-                    log.error("relay refused registration: %s", exc)
-                    return
+                    if not self._ever_registered:
+                        self.state = "failed"
+                        log.error("relay refused registration: %s", self.last_error)
+                        return
+                    self._log_refused_retry(exc)
                 except Exception as exc:  # unreachable, reset, bad handshake: try again later
                     self.last_error = _describe(exc)
                     log.info("cannot reach relay at %s: %s", self.url, self.last_error)
                 else:
                     attempt = 0
-                    if self._serve(ws) == "replaced":
-                        self.state = "failed"
-                        return
+                    ended = self._serve(ws)
                     if self._stopping.is_set():
                         return
                     self.reconnects += 1
-                    log.warning("connection to relay %s lost; reconnecting", self.url)
+                    if ended == "replaced":
+                        self._takeover = False
+                        log.error("%s; retrying every %g s at most without taking the ID back, so the two do not "
+                                  "take turns; this client registers again once the other goes offline",
+                                  self.last_error, self.reconnect_max_delay)
+                    else:
+                        log.warning("connection to relay %s lost; reconnecting", self.url)
                 delay = min(self.reconnect_max_delay, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
                 attempt += 1
                 self.next_attempt_at = time.time() + delay
@@ -120,6 +138,13 @@ class ControlChannel:
         finally:
             self.next_attempt_at = None
             self.finished.set()
+
+    def _log_refused_retry(self, exc: Exception) -> None:
+        if isinstance(exc, RegistrationRefused) and exc.code == p.ID_IN_USE:
+            log.warning("client ID %s is still in use by another connection; retrying", self.client_id)
+        else:
+            log.error("relay refused registration: %s; retrying with backoff (at most every %g s), since this "
+                      "client was registered before", self.last_error, self.reconnect_max_delay)
 
     def _connect_and_register(self) -> websocket.WebSocket:
         sslopt = {"context": self._tls.context} if self._tls else None
@@ -134,7 +159,8 @@ class ControlChannel:
                 raise RegistrationRefused("the relay did not open with a challenge; is it a chuantou relay "
                                           "of the same version?")
             proof = auth.register_proof(self._token, challenge.nonce, self.client_id) if self._token else None
-            ws.send(p.encode(p.Register(clientId=self.client_id, protocolVersion=p.PROTOCOL_VERSION, auth=proof)))
+            ws.send(p.encode(p.Register(clientId=self.client_id, protocolVersion=p.PROTOCOL_VERSION, auth=proof,
+                                        takeover=None if self._takeover else False)))
             while True:
                 reply = self._receive_message(ws)
                 if isinstance(reply, p.RegisterResponse):
@@ -142,7 +168,7 @@ class ControlChannel:
                 if isinstance(reply, p.Error):
                     raise RegistrationRefused(reply.message)
             if not reply.success:
-                raise RegistrationRefused(reply.error or "registration refused")
+                raise RegistrationRefused(reply.error or "registration refused", reply.code)
             ws.settimeout(None)  # the reader blocks; stop() and the heartbeat watchdog abort it
         except BaseException:
             ws.abort()
@@ -166,6 +192,8 @@ class ControlChannel:
         self.state = "connected"
         self.next_attempt_at = None
         self.last_error = None
+        self._ever_registered = True
+        self._takeover = True  # the ID is ours again: an ordinary reconnect may replace a stale connection
         self.registered.set()
         log.info("registered with relay %s as %s", self.url, self.client_id)
         if self._stopping.is_set():  # stop() raced with the connect
@@ -188,7 +216,6 @@ class ControlChannel:
                     log.warning("ignoring a bad message from the relay: %s", exc)
                     continue
                 if isinstance(msg, p.Error) and msg.code == "replaced":
-                    log.error("%s; not reconnecting, so the two do not take turns", msg.message)
                     self.last_error = msg.message
                     ended = "replaced"
                     continue
