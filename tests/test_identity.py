@@ -10,14 +10,14 @@ import time
 
 import pytest
 
+from chuantou_server import cli as server_cli
 from chuantou_server import registry
-from common import auth
+from common import auth, config
 from common import protocol as p
 from common.errors import ChuantouError
 
-from cli_support import cli, free_port as free_admin_port  # noqa: F401 (cli is a fixture)
-from cli_support import HOST as CLI_HOST
-from helpers import wait_until
+from cli_support import cli  # noqa: F401 (fixture)
+from helpers import HOST, free_port, wait_until
 from security_support import (
     OTHER_TOKEN,
     PROMPT,
@@ -162,6 +162,17 @@ def test_an_owner_whose_id_was_taken_keeps_retrying_and_gets_it_back(make_server
     assert relay.registry.get("B").credential == auth.fingerprint(FIRST)
 
 
+def test_the_reservation_is_configured_in_server_json():
+    settings = config.validate({"idReservationTime": 600, "maxReservedIdsPerToken": 10}, server_cli.CONFIG_KEYS,
+                               "server.json")
+    relay = server_cli.make_server(settings)  # built, not started: no sockets
+    assert (relay.registry.reservation_time, relay.registry.max_reserved_per_credential) == (600, 10)
+    defaults = config.validate({}, server_cli.CONFIG_KEYS, "server.json")
+    assert server_cli.make_server(defaults).registry.reservation_time == 24 * 3600
+    with pytest.raises(config.ConfigError, match="key 'idReservationTime' must be a number of seconds >= 0"):
+        config.validate({"idReservationTime": -1}, server_cli.CONFIG_KEYS, "server.json")
+
+
 # --- a relay that refuses a registered client for a while -------------------------------------------
 
 def test_clients_come_back_after_the_relay_ran_with_another_token_for_a_while(make_server, make_client, tcp_echo):
@@ -194,9 +205,9 @@ def test_a_wrong_token_at_the_first_start_is_final(relay, make_client):
 @pytest.mark.timeout(120)
 def test_start_with_a_wrong_token_exits_1_with_the_reason(cli):
     relay = cli.start_relay()
-    admin = free_admin_port()
+    admin = free_port()
     wrong = "wrong-token-" + "w" * 20
-    start = cli.client("start", "--admin-port", admin, "--token", wrong, "--server", f"ws://{CLI_HOST}:{relay}",
+    start = cli.client("start", "--admin-port", admin, "--token", wrong, "--server", f"ws://{HOST}:{relay}",
                        "--client-id", "A")
     assert start.returncode == 1, start.stdout + start.stderr
     assert start.stderr.startswith("error: ") and "authentication failed" in start.stderr
