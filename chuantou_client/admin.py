@@ -5,7 +5,8 @@ Endpoints::
     GET    /                        the admin page; GET /static/<file>: its CSS and JavaScript
     GET    /api/status              client ID, relay URL, connection state, proxies
     GET    /api/proxies             {"proxies": [...]}
-    POST   /api/proxies             {"localPort", "targetClient", "targetPort", "protocol"}
+    POST   /api/proxies             {"localPort", "targetClient", "targetPort", "protocol", "targetHost",
+                                     "localHost"}
     DELETE /api/proxies/<localPort>
     GET    /api/clients             {"clients": [...]} online on the relay
     GET    /api/connections         {"connections": [...]} sessions through this client, as A and as B
@@ -31,6 +32,8 @@ from common import pages
 from common.errors import ChuantouError, PortInUseError
 from common.threads import ThreadGroup
 from common.traffic import SAMPLE_INTERVAL, RateHistory
+
+from .listen import use_address
 
 log = logging.getLogger("chuantou.client")
 
@@ -217,13 +220,15 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             target_port = _port(data, "targetPort")
             target = data.get("targetClient")
             protocol = data.get("protocol", "both")
-            proxy = self.app.create_proxy(local_port, target, target_port, protocol, data.get("targetHost"))
+            proxy = self.app.create_proxy(local_port, target, target_port, protocol, data.get("targetHost"),
+                                          local_host=data.get("localHost"))
         except PortInUseError as exc:
             raise ApiError(409, str(exc)) from None
         except ChuantouError as exc:
             raise ApiError(400, str(exc)) from None
         return 201, {"proxy": proxy.info(), "message": f"proxy created: {proxy.description}",
-                     "address": f"localhost:{proxy.local_port}"}
+                     "address": use_address(proxy.local_host, proxy.local_port),
+                     "warning": proxy.exposure_warning}
 
     def delete_proxy(self, port: str):
         description = self.app.delete_proxy(int(port))

@@ -19,6 +19,7 @@ from common.errors import ChuantouError
 from .admin import AdminServer
 from .client import DEFAULT_SERVER_URL, Client, check_server_url, generate_client_id
 from .export import parse_ports
+from .listen import LOCAL_HOST_HELP, is_valid_local_host, parse_local_host
 from .proxy import PROTOCOL_CHOICES
 
 log = logging.getLogger("chuantou.client")
@@ -66,6 +67,7 @@ PROXY_KEYS = {
     "protocol": config.Key(str, "one of tcp, udp, both", "both", lambda v: v in PROTOCOL_CHOICES),
     "targetHost": config.Key(str, "a host on the target client's network", None,
                              lambda v: bool(p.HOST_PATTERN.match(v))),
+    "localHost": config.Key(str, LOCAL_HOST_HELP, None, is_valid_local_host),  # --local-host (10.12)
 }
 
 
@@ -137,7 +139,8 @@ class ClientApp:
     def _open_proxy(self, entry: dict):
         try:
             proxy = self.client.create_proxy(entry["localPort"], entry["targetClient"], entry["targetPort"],
-                                             entry["protocol"], target_host=entry["targetHost"])
+                                             entry["protocol"], target_host=entry["targetHost"],
+                                             **_local_host_argument(entry["localHost"]))
         except ChuantouError as exc:
             self.failed_proxies[entry["localPort"]] = str(exc)
             log.error("saved proxy %s -> %s:%s not restored: %s", entry["localPort"], entry["targetClient"],
@@ -165,16 +168,20 @@ class ClientApp:
         return self.client.list_clients()
 
     def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both",
-                     target_host: str | None = None):
+                     target_host: str | None = None, local_host: str | None = None):
+        if local_host is not None:
+            local_host = parse_local_host(local_host)  # a clear error naming the value
         entry = config.validate(
             {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol,
-             "targetHost": target_host},
+             "targetHost": target_host, "localHost": local_host},
             PROXY_KEYS, "proxy",
         )
-        if entry["targetHost"] is None:
-            del entry["targetHost"]
+        for key in ("targetHost", "localHost"):
+            if entry[key] is None:
+                del entry[key]
         with self._lock:
-            proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host)
+            proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host,
+                                             **_local_host_argument(local_host))
             self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
             self.settings["proxies"].append(entry)
             self.failed_proxies.pop(local_port, None)
@@ -197,3 +204,8 @@ class ClientApp:
             return proxy.description
         entry = saved[0]
         return f"localhost:{local_port} -> {entry['targetClient']}:{entry['targetPort']}"
+
+
+def _local_host_argument(local_host: str | None) -> dict:
+    """Client.create_proxy's keyword for a saved or given localHost (none: its loopback default)."""
+    return {} if local_host is None else {"local_host": local_host}

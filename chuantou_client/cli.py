@@ -20,6 +20,7 @@ from common.errors import ChuantouError
 
 from .app import LOG_LEVELS, ClientApp, default_config_path
 from .client import DEFAULT_SERVER_URL
+from .listen import DEFAULT_LOCAL_HOST, listen_address
 
 MODULE = "chuantou_client"
 START_HINT = "start one with: python -m chuantou_client start --server ws://RELAY-HOST:8200"
@@ -27,6 +28,7 @@ START_HINT = "start one with: python -m chuantou_client start --server ws://RELA
 EXAMPLES = """examples:
   python -m chuantou_client start --server ws://relay.example.com:8200 --client-id laptop
   python -m chuantou_client proxy create --local-port 9090 --target-client office --target-port 8080
+  python -m chuantou_client proxy create --local-host 0.0.0.0 --local-port 9090 --target-client office --target-port 22
   python -m chuantou_client proxy list
   python -m chuantou_client clients
   python -m chuantou_client status
@@ -95,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     create = proxy_sub.add_parser(
         "create", help="listen on a local port that leads to a port on another client",
         epilog="example: python -m chuantou_client proxy create --local-port 9090 --target-client B --target-port 8080")
-    create.add_argument("--local-port", type=int, required=True, help="port to listen on here (127.0.0.1)")
+    create.add_argument("--local-port", type=int, required=True, help="port to listen on here")
+    create.add_argument("--local-host", metavar="ADDR",
+                        help="address to listen on, like ssh -L's bind_address (default 127.0.0.1; ::1 for IPv6, "
+                             "0.0.0.0 or :: to let other machines use the proxy too)")
     create.add_argument("--target-client", required=True, metavar="ID", help="the client whose port to reach")
     create.add_argument("--target-port", type=int, required=True, help="port on the target client's machine")
     create.add_argument("--protocol", choices=("tcp", "udp", "both"), default="both", help="default both")
@@ -310,9 +315,12 @@ def cmd_proxy(args) -> int:
         reply = api(args, "POST", "/api/proxies", {
             "localPort": args.local_port, "targetClient": args.target_client,
             "targetPort": args.target_port, "protocol": args.protocol, "targetHost": args.target_host,
+            "localHost": args.local_host,
         })
         print(reply["message"])
         print(f"use it at: {reply['address']}")
+        if reply.get("warning"):
+            print(f"warning: {reply['warning']}", file=sys.stderr)
     elif args.proxy_command == "delete":
         print(api(args, "DELETE", f"/api/proxies/{args.local_port}")["message"])
     else:
@@ -323,7 +331,7 @@ def cmd_proxy(args) -> int:
             return 0
         rows = [("LOCAL", "TARGET", "PROTOCOL", "ACTIVE", "SENT", "RECEIVED")]
         for x in proxies:
-            rows.append((f"localhost:{x['localPort']}", f"{x['targetClientId']}:{x['targetPort']}", x["protocol"],
+            rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]), f"{x['targetClientId']}:{x['targetPort']}", x["protocol"],
                          str(x["activeConnections"]), format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
@@ -331,7 +339,7 @@ def cmd_proxy(args) -> int:
         for x in proxies:
             if x.get("lastError"):
                 when = service.format_duration(time.time() - x["lastErrorAt"])
-                print(f"localhost:{x['localPort']}: last failure {when} ago: {x['lastError']}")
+                print(f"{listen_address(x.get('localHost') or DEFAULT_LOCAL_HOST, x['localPort'])}: last failure {when} ago: {x['lastError']}")
     return 0
 
 

@@ -19,6 +19,7 @@ from common.net import close_quietly, tune_tcp
 from common.pipe import Pipe
 from common.threads import ThreadGroup
 
+from .listen import DEFAULT_LOCAL_HOST, exposure_warning, listen_address, parse_local_host
 from .udp import UdpGateway
 
 log = logging.getLogger("chuantou.client")
@@ -30,14 +31,14 @@ class Proxy:
     """A running proxy: ``localhost:local_port -> target_client_id:target_port``. Close with ``close()``."""
 
     def __init__(self, client, local_port: int, target_client_id: str, target_port: int,
-                 protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None):
+                 protocol: str = "both", local_host: str = DEFAULT_LOCAL_HOST, target_host: str | None = None):
         _check_proxy_args(local_port, target_client_id, target_port, protocol)
         if target_host is not None and not p.HOST_PATTERN.match(target_host):
             raise ChuantouError(f"target host {target_host!r} is not a host name or IP address")
         self.target_host = target_host
         self.client = client
         self.local_port = local_port
-        self.local_host = local_host
+        self.local_host = parse_local_host(local_host)
         self.target_client_id = target_client_id
         self.target_port = target_port
         self.protocol = protocol
@@ -57,8 +58,17 @@ class Proxy:
 
     @property
     def description(self) -> str:
+        return f"{listen_address(self.local_host, self.local_port)} -> {self.target}"
+
+    @property
+    def target(self) -> str:
         host = f"{self.target_host}:" if self.target_host else ""
-        return f"localhost:{self.local_port} -> {self.target_client_id}:{host}{self.target_port}"
+        return f"{self.target_client_id}:{host}{self.target_port}"
+
+    @property
+    def exposure_warning(self) -> str | None:
+        """Why listening off loopback is worth a second thought (None on loopback)."""
+        return exposure_warning(self.local_host, self.local_port, self.target)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -77,6 +87,8 @@ class Proxy:
         if udp is not None:
             self.threads.spawn("udp", self.udp.run)
         log.info("proxy created: %s (%s)", self.description, self.protocol)
+        if self.exposure_warning:
+            log.warning("%s", self.exposure_warning)
         return self
 
     def close(self) -> None:
@@ -211,6 +223,12 @@ def _check_proxy_args(local_port, target_client_id, target_port, protocol) -> No
         raise ChuantouError(f"protocol {protocol!r} must be one of tcp, udp, both")
 
 
+def _dual_stack_if_all(sock: socket.socket, host: str) -> None:
+    """``::`` means every address, IPv4 ones too, whatever the system's bindv6only says."""
+    if host == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+
+
 def _bind_proxy_sockets(host: str, port: int, protocol: str):
     """Bind what the protocol needs on one port number; PortInUseError names the port if taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -220,10 +238,12 @@ def _bind_proxy_sockets(host: str, port: int, protocol: str):
             if protocol in ("tcp", "both"):
                 tcp = socket.socket(family, socket.SOCK_STREAM)
                 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                _dual_stack_if_all(tcp, host)
                 tcp.bind((host, port))
                 tcp.listen(512)
             if protocol in ("udp", "both"):
                 udp = socket.socket(family, socket.SOCK_DGRAM)
+                _dual_stack_if_all(udp, host)
                 udp.bind((host, tcp.getsockname()[1] if tcp else port))
             return tcp, udp
         except OSError as exc:
@@ -236,5 +256,8 @@ def _bind_proxy_sockets(host: str, port: int, protocol: str):
             if exc.errno == errno.EACCES:
                 raise ChuantouError(f"no permission to listen on port {port} (ports below 1024 need "
                                     f"administrator rights); choose another with --local-port") from None
-            raise ChuantouError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ChuantouError(f"cannot listen on {listen_address(host, port)}: no network interface of this "
+                                    f"machine has the address {host}; choose another with --local-host") from None
+            raise ChuantouError(f"cannot listen on {listen_address(host, port)}: {exc.strerror or exc}") from None
     raise ChuantouError("could not find a local port free for both TCP and UDP")
