@@ -110,6 +110,7 @@ class ClientApp:
             changed = True
         self.admin_host = admin_host
         token = overrides.get("token") or os.environ.get("CHUANTOU_TOKEN") or self.settings["token"]
+        self.token = token  # the one in use, for the worker record's options (compared by fingerprint)
         self.client = Client(self.server_url, self.settings["clientId"], token=token,
                              allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"],
                              ca_file=self.settings["ca"], tls_fingerprint=self.settings["tlsFingerprint"],

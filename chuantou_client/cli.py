@@ -17,10 +17,12 @@ from pathlib import Path
 
 from common import __version__, service
 from common.errors import ChuantouError
+from common.startcheck import check_start_options, config_restored_on_failure
 
 from .app import LOG_LEVELS, ClientApp, default_config_path
 from .client import DEFAULT_SERVER_URL
 from .listen import DEFAULT_LOCAL_HOST, listen_address
+from .startopts import given_options, running_options
 
 MODULE = "chuantou_client"
 START_HINT = "start one with: python -m chuantou_client start --server ws://RELAY-HOST:8200"
@@ -139,8 +141,12 @@ def worker_args(args) -> list[str]:
 
 # --- running --------------------------------------------------------------------------------
 
+def config_file(args) -> Path:
+    return Path(args.config) if getattr(args, "config", None) else default_config_path()
+
+
 def make_app(args) -> ClientApp:
-    path = Path(args.config) if getattr(args, "config", None) else default_config_path()
+    path = config_file(args)
     overrides = {"server": getattr(args, "server", None), "clientId": getattr(args, "client_id", None),
                  "adminPort": getattr(args, "admin_port", None), "token": getattr(args, "token", None),
                  "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None),
@@ -150,6 +156,9 @@ def make_app(args) -> ClientApp:
 
 
 def run_foreground(args) -> int:
+    running = refuse_if_running(args, "command")  # before make_app, which saves the options
+    if running:  # a second copy would fight the first for its ID and its ports
+        raise ChuantouError(f"{running}; stop it first: python -m chuantou_client stop")
     app = make_app(args)
     level = getattr(args, "log_level", None) or app.settings["logLevel"]
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -159,7 +168,7 @@ def run_foreground(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     app.start()
     facts = {"adminPort": app.admin.port, "clientId": app.client.client_id, "server": app.server_url,
-             "configPath": str(app.config_path)}
+             "configPath": str(app.config_path), "options": running_options(app, level, app.token)}
     try:
         with service.WorkerRecord(files(args), facts):
             print(f"client {app.client.client_id} -> {app.server_url}; page and API: "
@@ -183,29 +192,53 @@ def run_foreground(args) -> int:
 
 
 def cmd_start(args) -> int:
-    pid = service.already_running(files(args))
-    if pid:
-        print(f"chuantou client is already running (pid {pid}, ID {service.running_worker(files(args)).get('clientId')})")
+    if service.already_running(files(args)):
+        print(refuse_if_running(args, "start"))
+        if args.autostart:  # the one start option that can be applied to a running client
+            install_autostart(args, service.running_worker(files(args)).get("server"))
         return 0
-    app = make_app(args)  # validates the config and saves --server, --client-id, --token, in the user's terminal
-    worker = service.start_background(files(args), MODULE, worker_args(args))
-    print(f"chuantou client {worker.get('clientId')} started (pid {service.supervisor_pid(files(args))}), "
-          f"relay {worker.get('server')}")
-    print(f"page and API: http://127.0.0.1:{worker.get('adminPort')}/")
-    print(f"config: {worker.get('configPath')}")
-    print(f"this client {app.client.export.describe()}")
-    try:
-        print(registration_outcome(args))
-    except RegistrationFailed:  # as frp's client does: a wrong token at the first start is an error
-        service.stop_background(files(args))
-        raise
+    with config_restored_on_failure(config_file(args)):  # options of a client that did not start are not kept
+        app = make_app(args)  # validates the config and saves --server, --client-id, --token, in the user's terminal
+        worker = service.start_background(files(args), MODULE, worker_args(args))
+        print(f"chuantou client {worker.get('clientId')} started (pid {service.supervisor_pid(files(args))}), "
+              f"relay {worker.get('server')}")
+        print(f"page and API: http://127.0.0.1:{worker.get('adminPort')}/")
+        print(f"config: {worker.get('configPath')}")
+        print(f"this client {app.client.export.describe()}")
+        try:
+            print(registration_outcome(args))
+        except RegistrationFailed:  # as frp's client does: a wrong token at the first start is an error
+            service.stop_background(files(args))
+            raise
     print(f"log: {files(args).log_file}")
     if args.autostart:
-        boot_args = worker_args(args)
-        if "--server" not in boot_args:  # at boot $CHUANTOU_SERVER is not set: name the relay used now
-            boot_args += ["--server", app.server_url]
-        service.install_autostart_or_warn(files(args), MODULE, boot_args)
+        install_autostart(args, app.server_url)
     return 0
+
+
+def install_autostart(args, server_url: str | None) -> None:
+    boot_args = worker_args(args)
+    if "--server" not in boot_args and server_url:  # at boot $CHUANTOU_SERVER is not set: name the relay used now
+        boot_args += ["--server", server_url]
+    service.install_autostart_or_warn(files(args), MODULE, boot_args)
+
+
+def refuse_if_running(args, command: str) -> str | None:
+    """None if no client runs with this config; else the "already running" line when it uses every
+    option given, or OptionsNotApplied naming those it does not use and how to apply them."""
+    worker = service.running_worker(files(args))
+    if worker is None:
+        return None
+    pid = service.already_running(files(args))
+    config = f" --config {args.config}" if getattr(args, "config", None) else ""
+    hint = f"to apply them: python -m chuantou_client stop{config}, then run this {command} again"
+    return check_start_options(given_options(args), worker.get("options"),
+                               f"chuantou client is already running (pid {pid}, ID {worker.get('clientId')})", hint,
+                               RUN_OPTION_DEFAULTS)
+
+
+RUN_OPTION_DEFAULTS = {"--allow": "every port on 127.0.0.1", "--allow-host": "none", "--ca": "the system's CAs",
+                       "--tls-fingerprint": "none", "--token": "none"}
 
 
 class RegistrationFailed(ChuantouError):

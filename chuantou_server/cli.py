@@ -16,9 +16,11 @@ import urllib.request
 from pathlib import Path
 
 from common import __version__, auth, config, service
+from common.startcheck import check_start_options, config_restored_on_failure
 
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
+from .startopts import RUN_OPTION_DEFAULTS, given_options, running_options
 
 MODULE = "chuantou_server"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -219,6 +221,9 @@ def worker_args(args) -> list[str]:
 # --- commands -------------------------------------------------------------------------------
 
 def run_foreground(args) -> int:
+    running = refuse_if_running(args, "command")  # before ensure_token, which saves a --token
+    if running:  # a second copy would only fail on the busy port, after saving its options
+        raise config.ConfigError(f"{running}; stop it first: python -m chuantou_server stop")
     settings = resolve_settings(args)
     logging.basicConfig(level=settings["logLevel"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
@@ -233,7 +238,7 @@ def run_foreground(args) -> int:
             "running an OPEN relay (--no-auth): anyone who reaches port %d can register clients and reach "
             "the ports they expose; drop --no-auth to require a token", server.port)
     facts = {"host": settings["host"], "port": server.port, "version": __version__,
-             "tls": server.tls_context is not None}
+             "tls": server.tls_context is not None, "options": running_options(settings, server.port)}
     with service.WorkerRecord(files(args), facts):
         print(f"chuantou relay listening on {settings['host']}:{server.port}; "
               f"clients connect with --server {scheme(settings)}://<this host>:{server.port}", flush=True)
@@ -249,13 +254,15 @@ def run_foreground(args) -> int:
 
 def cmd_start(args) -> int:
     svc = files(args)
-    pid = service.already_running(svc)
-    if pid:
-        print(f"chuantou server is already running (pid {pid}, port {service.running_worker(svc).get('port')})")
+    if service.already_running(svc):
+        print(refuse_if_running(args, "start"))
+        if args.autostart:  # the one start option that can be applied to a running relay
+            service.install_autostart_or_warn(svc, MODULE, worker_args(args))
         return 0
     settings = resolve_settings(args)  # fail here, in the user's terminal, on a bad config
-    ensure_token(args, settings, settings["port"])
-    worker = service.start_background(svc, MODULE, worker_args(args))
+    with config_restored_on_failure(config_path(args)):  # a --token of a relay that did not start is not kept
+        ensure_token(args, settings, settings["port"])
+        worker = service.start_background(svc, MODULE, worker_args(args))
     port = worker.get("port")
     print(f"chuantou server started (pid {service.supervisor_pid(svc)}), listening on port {port}")
     print(f"clients connect with: python -m chuantou_client start --server {scheme(settings)}://<this host's address>:"
@@ -265,6 +272,20 @@ def cmd_start(args) -> int:
     if args.autostart:
         service.install_autostart_or_warn(svc, MODULE, worker_args(args))
     return 0
+
+
+def refuse_if_running(args, command: str) -> str | None:
+    """None if no relay runs with this config; else the "already running" line when it uses every
+    option given, or OptionsNotApplied naming those it does not use and how to apply them."""
+    worker = service.running_worker(files(args))
+    if worker is None:
+        return None
+    pid = service.already_running(files(args))
+    config_option = f" --config {args.config}" if getattr(args, "config", None) else ""
+    hint = f"to apply them: python -m chuantou_server stop{config_option}, then run this {command} again"
+    return check_start_options(given_options(args), worker.get("options"),
+                               f"chuantou server is already running (pid {pid}, port {worker.get('port')})", hint,
+                               RUN_OPTION_DEFAULTS)
 
 
 def cmd_stop(args) -> int:
