@@ -15,6 +15,7 @@ import pytest
 from cli_support import (  # noqa: F401 (cli is a fixture)
     cli,
     HOST,
+    fake_crontab,
     TOKEN,
     free_port,
     free_tcp_udp_port,
@@ -88,6 +89,13 @@ def test_relay_start_with_new_options_names_them_and_a_foreground_copy_saves_no_
     assert same.returncode == 0, same.stderr
     assert one_line(same.stdout).startswith(f"chuantou server is already running (pid ")
     assert "already with these options" in same.stdout
+
+    table = cli.root / "crontab.txt"
+    fake_crontab(cli.bin_dir, table)
+    boot = cli.server("start", "--host", HOST, "--port", port, "--autostart")  # the one live-applicable option
+    assert boot.returncode == 0, boot.stderr
+    assert "already with these options" in boot.stdout and "autostart: added to your crontab: @reboot" in boot.stdout
+    assert f"--port {port}" in table.read_text()
 
     other_port = free_tcp_udp_port()
     changed = cli.server("start", "--port", other_port, "--heartbeat-timeout", "20", "--token", OTHER_TOKEN,
