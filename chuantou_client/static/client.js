@@ -60,13 +60,20 @@
     setText("failed-proxies", failed.map((f) => `saved proxy on port ${f.localPort} not running: ${f.error}`).join("\n"));
   }
 
+  // Where the proxy listens, as the CLI's proxy list shows it (see chuantou_client/listen.py).
+  function listenAddress(p) {
+    const host = p.localHost || "127.0.0.1";
+    if (host === "127.0.0.1") return `localhost:${p.localPort}`;
+    return host.includes(":") ? `[${host}]:${p.localPort}` : `${host}:${p.localPort}`;
+  }
+
   function renderProxies(proxies) {
     proxyRates.forget(new Set(proxies.map((p) => String(p.localPort))));
     syncRows(document.querySelector("#proxies tbody"), proxies, {
       key: (p) => p.localPort,
       empty: "No proxy yet. Add one below: a local port that leads to a port on another client.",
       columns: [
-        { label: "Local port", value: (p) => el("span", { class: "mono" }, `localhost:${p.localPort}`) },
+        { label: "Local port", value: (p) => el("span", { class: "mono" }, listenAddress(p)) },
         {
           label: "Leads to",
           value: (p) => [el("span", { class: "id" }, p.targetClientId),
@@ -180,7 +187,8 @@
       const { ok, data } = await api("POST", "/api/proxies", body);
       if (ok) {
         markInvalid("");
-        say(`${data.message} — open ${data.address}`, "ok");
+        say(`${data.message} — open ${data.address}` + (data.warning ? ` (warning: ${data.warning})` : ""),
+          data.warning ? "error" : "ok");
         document.getElementById("local-port").value = "";
         document.getElementById("target-port").value = "";
       } else {
