@@ -19,7 +19,7 @@ from common.errors import ChuantouError
 from .admin import AdminServer
 from .client import DEFAULT_SERVER_URL, Client, check_server_url, generate_client_id
 from .export import parse_ports
-from .listen import LOCAL_HOST_HELP, is_valid_local_host, parse_local_host
+from .listen import DEFAULT_LOCAL_HOST, LOCAL_HOST_HELP, is_valid_local_host, listen_address, parse_local_host
 from .proxy import PROTOCOL_CHOICES
 
 log = logging.getLogger("chuantou.client")
@@ -204,7 +204,8 @@ class ClientApp:
         if proxy is not None:
             return proxy.description
         entry = saved[0]
-        return f"localhost:{local_port} -> {entry['targetClient']}:{entry['targetPort']}"
+        where = listen_address(entry.get("localHost") or DEFAULT_LOCAL_HOST, local_port)
+        return f"{where} -> {entry['targetClient']}:{entry['targetPort']}"
 
 
 def _local_host_argument(local_host: str | None) -> dict:
