@@ -4,8 +4,8 @@ Routes::
 
     GET  /                               the page (the login form while not logged in)
     GET  /static/<file>                  its CSS and JavaScript
-    POST /login                          token in "Authorization: Bearer"; sets an HttpOnly cookie
-    POST /logout                         clears it
+    POST /login                          admin token in "Authorization: Bearer"; sets a session cookie
+    POST /logout                         ends that session
     GET  /api/status                     version, uptime, port, threads, sockets, memory, totals
     GET  /api/clients                    online clients with their sessions and bytes
     GET  /api/sessions                   sessions with bytes and rates each way
@@ -13,15 +13,15 @@ Routes::
     POST /api/clients/<id>/disconnect    take a client offline (it will reconnect on its own)
     POST /api/sessions/<id>/close        close a session (full id or a unique prefix)
 
-Access: without a token (``server.token`` None) only loopback peers asking for a loopback
-host name are answered; from elsewhere, use an SSH tunnel. With a token, every page and API
-request needs ``Authorization: Bearer <token>`` or the login cookie. A POST whose Origin is
-not this page's own is refused.
+Access needs the admin token (``server.admin_token``), which is not a registration token: a
+client's token never opens this page. Without an admin token the page and API are off (403
+naming the fix). Every page and API request needs ``Authorization: Bearer <admin token>`` or
+the cookie of a login session (random, kept on the relay, expiring; see admin_sessions.py).
+Failed tokens are limited per source. A POST whose Origin is not this page's own is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -43,25 +43,31 @@ TEXT = "text/plain; charset=utf-8"
 
 def handle(server, request: Request, peer: tuple) -> tuple:
     """Return (status, content type, body[, headers]) for a plain HTTP request on the relay port."""
-    token = getattr(server, "token", None)
-    refused = _refusal(server, request, peer, token)
+    refused = _refusal(request)
     if refused is not None:
         return refused
     method, path = request.method, request.path
     if path.startswith("/static/") and method in ("GET", "HEAD"):
         return _static(path[len("/static/"):])
+    if path != "/" and path not in ("/login", "/logout") and not path.startswith("/api/"):
+        return 404, TEXT, "not found\n"
+    if server.admin_token is None:
+        return _disabled(path)
     if path == "/login" and method == "POST":
-        return _login(server, request, token)
+        return _login(server, request, peer)
     if path == "/logout" and method == "POST":
-        return _json(200, {"message": "logged out"}, {"Set-Cookie": _cookie(server, "", max_age=0)})
-    logged_in = token is None or _authenticated(server, request, token)
+        return _logout(server, request)
+    access = _access(server, request, peer)
+    if access == LIMITED:
+        return _too_many_failures()
     if path == "/" and method in ("GET", "HEAD"):
-        return _static("index.html" if logged_in else "login.html")
+        return _static("index.html" if access == ALLOWED else "login.html")
     if not path.startswith("/api/"):
         return 404, TEXT, "not found\n"
-    if not logged_in:
-        return _json(401, {"error": "this relay's admin API needs its token: send 'Authorization: Bearer <token>' "
-                                    "or log in on the page"})
+    if access != ALLOWED:
+        return _json(401, {"error": "this relay's admin API needs its admin token: send 'Authorization: Bearer "
+                                    "<admin token>' or log in on the page (show the admin token with: "
+                                    "python -m chuantou_server token --admin)"})
     for route_method, pattern, view in ROUTES:
         match = re.fullmatch(pattern, path)
         if match and route_method == method:
@@ -73,6 +79,12 @@ def handle(server, request: Request, peer: tuple) -> tuple:
 
 # --- access -------------------------------------------------------------------------------------
 
+ALLOWED, DENIED, LIMITED = "allowed", "denied", "limited"
+DISABLED = ("the admin page and API of this relay are off: it has no admin token. Make one with\n"
+            "    python -m chuantou_server token --admin\n"
+            "(saved as adminToken in the relay's config file, mode 0600) and restart the relay.\n")
+
+
 def is_loopback(addr: tuple) -> bool:
     try:
         return ipaddress.ip_address(addr[0]).is_loopback
@@ -80,35 +92,11 @@ def is_loopback(addr: tuple) -> bool:
         return False
 
 
-def _is_loopback_name(host: str) -> bool:
-    try:
-        name = urlsplit("//" + host).hostname
-    except ValueError:
-        return False
-    if name == "localhost":
-        return True
-    try:
-        return name is not None and ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def _refusal(server, request: Request, peer: tuple, token: str | None):
+def _refusal(request: Request):
     """A 403/405 response if this request may not be served at all, else None."""
     if request.method not in ("GET", "HEAD", "POST"):
         return 405, TEXT, f"{request.method} is not allowed here\n"
     host = request.header("host")
-    if token is None:
-        if not is_loopback(peer):
-            return 403, TEXT, (
-                "the admin page and API of this relay answer only on the relay's own machine, because it has "
-                "no token. Reach them through an SSH tunnel:\n"
-                f"    ssh -L 8200:127.0.0.1:{server.port} relay-host\n"
-                "then open http://127.0.0.1:8200/ (or start the relay with a token).\n")
-        if host and not _is_loopback_name(host):
-            # A loopback peer asking for another name is a browser fooled by DNS rebinding.
-            return 403, TEXT, (f"requests for host {host!r} are refused; "
-                               f"open http://127.0.0.1:{server.port}/ on the relay's machine\n")
     if request.method == "POST":
         origin = request.header("origin")
         if origin and (not host or urlsplit(origin).netloc != host):
@@ -116,13 +104,34 @@ def _refusal(server, request: Request, peer: tuple, token: str | None):
     return None
 
 
-def cookie_value(token: str) -> str:
-    return hmac.new(token.encode(), b"chuantou-admin", hashlib.sha256).hexdigest()
+def _disabled(path: str) -> tuple:
+    if path.startswith("/api/") or path in ("/login", "/logout"):
+        return _json(403, {"error": " ".join(DISABLED.split())})
+    return 403, TEXT, DISABLED
 
 
-def _cookie(server, value: str, max_age: int | None = None) -> str:
-    extra = f"; Max-Age={max_age}" if max_age is not None else ""
-    return f"{COOKIE_PREFIX}{server.port}={value}; Path=/; HttpOnly; SameSite=Strict{extra}"
+def _too_many_failures() -> tuple:
+    return _json(429, {"error": "too many failed logins from your address: wait a minute, then use the admin "
+                                "token (python -m chuantou_server token --admin)"}, {"Retry-After": "60"})
+
+
+def cookie_name(server) -> str:
+    return f"{COOKIE_PREFIX}{server.port}"
+
+
+def _cookie(server, value: str, max_age: int) -> str:
+    # No Domain: the cookie stays with this host. Cookies ignore ports, hence the port in the name.
+    return f"{cookie_name(server)}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict"
+
+
+def _session_ids(server, request: Request) -> list[str]:
+    """Every value sent under this relay's cookie name (a page on another port may add one)."""
+    found = []
+    for part in request.header("cookie").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == cookie_name(server) and value:
+            found.append(value)
+    return found
 
 
 def _bearer(request: Request) -> str | None:
@@ -130,24 +139,44 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _authenticated(server, request: Request, token: str) -> bool:
+def _token_matches(server, given: str, peer: tuple) -> str:
+    """ALLOWED, DENIED (and counted against the source) or LIMITED (too many failures: not checked)."""
+    failures = server.admin_login_failures
+    if failures.blocked(peer[0]):
+        return LIMITED
+    if hmac.compare_digest(given.encode("utf-8", "replace"), server.admin_token.encode()):
+        return ALLOWED
+    failures.failed(peer[0])
+    return DENIED
+
+
+def _access(server, request: Request, peer: tuple) -> str:
     bearer = _bearer(request)
     if bearer is not None:
-        return hmac.compare_digest(bearer.encode(), token.encode())
-    for part in request.header("cookie").split(";"):
-        name, _, value = part.strip().partition("=")
-        if name == f"{COOKIE_PREFIX}{server.port}":
-            return hmac.compare_digest(value.encode(), cookie_value(token).encode())
-    return False
+        return _token_matches(server, bearer, peer)
+    if any(server.admin_sessions.check(value) for value in _session_ids(server, request)):
+        return ALLOWED
+    return DENIED
 
 
-def _login(server, request: Request, token: str | None):
-    if token is None:
-        return _json(400, {"error": "this relay has no token; its page is open on the relay's machine"})
+def _login(server, request: Request, peer: tuple):
     given = _bearer(request)
-    if given is None or not hmac.compare_digest(given.encode(), token.encode()):
-        return _json(401, {"error": "wrong token"})
-    return _json(200, {"message": "logged in"}, {"Set-Cookie": _cookie(server, cookie_value(token))})
+    if given is None:
+        return _json(401, {"error": "send the admin token as 'Authorization: Bearer <admin token>'"})
+    result = _token_matches(server, given, peer)
+    if result == LIMITED:
+        return _too_many_failures()
+    if result == DENIED:
+        return _json(401, {"error": "wrong admin token"})
+    session_id = server.admin_sessions.create()
+    return _json(200, {"message": "logged in"},
+                 {"Set-Cookie": _cookie(server, session_id, server.admin_sessions.max_age())})
+
+
+def _logout(server, request: Request):
+    for value in _session_ids(server, request):
+        server.admin_sessions.revoke(value)
+    return _json(200, {"message": "logged out"}, {"Set-Cookie": _cookie(server, "", max_age=0)})
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -217,6 +246,7 @@ def status(server) -> tuple:
         "rssBytes": _rss_bytes(),
         "heartbeatTimeout": server.heartbeat_timeout,
         "tokenRequired": getattr(server, "token", None) is not None,
+        "adminLogin": server.admin_token is not None,
         "openRelay": not server.auth_required,
         "totalBytes": server.traffic.total_bytes()[0],
         "bytesPerSecond": server.traffic.history.current()[0],

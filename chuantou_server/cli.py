@@ -18,6 +18,7 @@ from pathlib import Path
 from common import __version__, auth, config, service
 from common.startcheck import check_start_options, config_restored_on_failure
 
+from . import admin_sessions
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
 from .startopts import RUN_OPTION_DEFAULTS, given_options, running_options
@@ -30,11 +31,13 @@ CONFIG_KEYS = {
     "port": config.Key(int, "a port number 1-65535", 8200, config.is_port),
     "heartbeatTimeout": config.Key((int, float), "a number of seconds > 0", 60.0, config.is_positive),
     "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
-    "token": config.Key(str, "a token string of 16 or more characters", None, lambda v: len(v) >= 16),
+    "token": config.Key(str, "a token string of 16 or more characters", None, lambda v: len(v) >= 16,
+                        secret=True),
     "clientTokens": config.Key(dict, "an object mapping client IDs to their tokens", dict,
-                               lambda v: all(isinstance(t, str) and len(t) >= 16 for t in v.values())),
+                               lambda v: all(isinstance(t, str) and len(t) >= 16 for t in v.values()),
+                               secret=True),
     "extraTokens": config.Key(list, "a list of token strings", list,
-                              lambda v: all(isinstance(t, str) and len(t) >= 16 for t in v)),
+                              lambda v: all(isinstance(t, str) and len(t) >= 16 for t in v), secret=True),
     "noAuth": config.Key(bool, "true or false", False),
     "tlsCert": config.Key(str, "the path of a PEM certificate (chain)", None),
     "tlsKey": config.Key(str, "the path of its PEM private key", None),
@@ -43,6 +46,17 @@ CONFIG_KEYS = {
                                     DEFAULT_RESERVATION_TIME, lambda v: v >= 0),
     "maxReservedIdsPerToken": config.Key(int, "a whole number >= 0", DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
                                          lambda v: v >= 0),
+    # the admin page: its own credential and login sessions (issue 9.10, 9.11)
+    "adminToken": config.Key(str, "a token string of 16 or more characters (not a client token)", None,
+                             lambda v: len(v) >= 16, secret=True),
+    "adminSessionIdle": config.Key((int, float), "a number of seconds > 0", admin_sessions.DEFAULT_IDLE,
+                                   config.is_positive),
+    "adminSessionLifetime": config.Key((int, float), "a number of seconds > 0", admin_sessions.DEFAULT_LIFETIME,
+                                       config.is_positive),
+    "maxAdminSessions": config.Key(int, "a whole number >= 1", admin_sessions.DEFAULT_MAX_SESSIONS,
+                                   lambda v: v >= 1),
+    "adminLoginFailuresPerMinute": config.Key(int, "a whole number >= 0 (0: no limit)",
+                                              admin_sessions.DEFAULT_LOGIN_FAILURES_PER_MINUTE, lambda v: v >= 0),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
                  "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
@@ -112,13 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser(
         "token", help="show the relay's token; add, list or remove tokens",
-        epilog="examples:\n  python -m chuantou_server token\n  python -m chuantou_server token add --client-id B\n"
+        epilog="examples:\n  python -m chuantou_server token\n  python -m chuantou_server token --admin\n"
+               "  python -m chuantou_server token add --client-id B\n"
                "  python -m chuantou_server token list\n  python -m chuantou_server token remove --client-id B",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     token.add_argument("action", nargs="?", choices=("show", "add", "list", "remove"), default="show")
     token.add_argument("--client-id", metavar="ID", help="with add/remove: a token only this client ID may use "
                        "(and the only one that may register it)")
     token.add_argument("--fingerprint", help="with remove: the extra token with this fingerprint (see token list)")
+    token.add_argument("--admin", action="store_true", help="the admin page's token instead of a client token: "
+                       "show it (made if missing) or add a new one in its place")
 
     for command in (stop, status, logs, token):
         command.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
@@ -134,6 +151,9 @@ def resolve_settings(args) -> dict:
     path = getattr(args, "config", None)
     if path is not None and not Path(path).exists():
         raise config.ConfigError(f"config file {path} does not exist")
+    given_token = getattr(args, "token", None)
+    if given_token is not None and auth.token_problem(given_token, "--token"):
+        raise config.ConfigError(auth.token_problem(given_token, "--token"))
     settings = config.load(Path(path) if path else default_config_path(), CONFIG_KEYS)
     for option, key in OPTION_TO_KEY.items():
         value = getattr(args, option, None)
@@ -163,10 +183,12 @@ def scheme(settings: dict) -> str:
 
 def ensure_token(args, settings: dict, port: int | str = "PORT") -> None:
     """Secure by default: with no token configured, make one, save it (0600) and show it once.
+    The admin page's own token is made the same way (also on an open relay).
 
     A --token given on the command line is saved too, so a background worker reads it from
     the file rather than from its command line.
     """
+    ensure_admin_token(args, settings, port)
     if settings["noAuth"]:
         return
     path = config_path(args)
@@ -185,6 +207,20 @@ def ensure_token(args, settings: dict, port: int | str = "PORT") -> None:
         print("show it again with: python -m chuantou_server token", flush=True)
 
 
+def ensure_admin_token(args, settings: dict, port: int | str = "PORT") -> None:
+    """The admin page needs its own token (never a client's): make and save one if there is none."""
+    if settings["adminToken"]:
+        return
+    path = config_path(args)
+    saved = load_file_settings(path)
+    saved["adminToken"] = settings["adminToken"] = auth.generate_token()
+    config.save(path, saved)
+    print(f"generated an admin token for this relay's page and API, saved in {path} (mode 0600):")
+    print(f"  {settings['adminToken']}")
+    print(f"log in on http://127.0.0.1:{port}/ (or through an SSH tunnel); "
+          "show it again with: python -m chuantou_server token --admin", flush=True)
+
+
 def load_file_settings(path: Path) -> dict:
     """The config file's own keys (no defaults filled in), for rewriting it."""
     config.load(path, CONFIG_KEYS)  # validates
@@ -200,6 +236,11 @@ def make_server(settings: dict) -> Server:
         tls_cert=settings["tlsCert"], tls_key=settings["tlsKey"], tls_only=settings["tlsOnly"],
         id_reservation_time=settings["idReservationTime"],
         max_reserved_ids_per_token=settings["maxReservedIdsPerToken"],
+        admin_token=settings["adminToken"],
+        admin_session_idle=settings["adminSessionIdle"],
+        admin_session_lifetime=settings["adminSessionLifetime"],
+        max_admin_sessions=settings["maxAdminSessions"],
+        admin_login_failures_per_minute=settings["adminLoginFailuresPerMinute"],
     )
 
 
@@ -321,7 +362,7 @@ def cmd_status(args) -> int:
         return 1
     try:
         settings = resolve_settings(args)
-        status = fetch_status(worker, None if settings["noAuth"] else settings["token"])
+        status = fetch_status(worker, settings["adminToken"])
     except (OSError, ValueError) as exc:
         print(f"chuantou server pid {worker['pid']} is running but does not answer on port {worker['port']}: {exc}",
               file=sys.stderr)
@@ -346,6 +387,8 @@ def cmd_logs(args) -> int:
 def cmd_token(args) -> int:
     settings = resolve_settings(args)
     path = config_path(args)
+    if args.admin and args.action != "list":
+        return admin_token_command(args, settings, path)
     if args.action == "show":
         if settings["noAuth"]:
             print(f"this relay is configured as open (noAuth in {path}); remove that to require a token")
@@ -359,6 +402,8 @@ def cmd_token(args) -> int:
         return 0
     saved = load_file_settings(path)
     if args.action == "list":
+        if settings["adminToken"]:
+            print(f"admin token      {auth.fingerprint(settings['adminToken'])}")
         if settings["token"]:
             print(f"relay token      {auth.fingerprint(settings['token'])}")
         for token in settings["extraTokens"]:
@@ -392,6 +437,28 @@ def cmd_token(args) -> int:
             raise config.ConfigError("no such token (see: python -m chuantou_server token list)")
         config.save(path, saved)
         print(f"token removed from {path}")
+    if service.running_worker(files(args)):
+        print("restart the relay to apply: python -m chuantou_server stop && python -m chuantou_server start")
+    return 0
+
+
+def admin_token_command(args, settings: dict, path: Path) -> int:
+    """token --admin: show (making it if missing), add (replace) or remove the admin page's token."""
+    if args.action == "show":
+        if settings["adminToken"]:
+            print(settings["adminToken"])
+            print(f"log in on http://127.0.0.1:{settings['port']}/ with it (or send 'Authorization: Bearer <it>')")
+        else:
+            ensure_admin_token(args, settings, settings["port"])
+        return 0
+    saved = load_file_settings(path)
+    if args.action == "add":
+        saved["adminToken"] = auth.generate_token()
+        config.save(path, saved)
+        print(saved["adminToken"])
+        print(f"saved in {path} as the admin token (the old one no longer works once the relay restarts)")
+    else:
+        raise config.ConfigError("the admin token cannot be removed, only replaced: token add --admin")
     if service.running_worker(files(args)):
         print("restart the relay to apply: python -m chuantou_server stop && python -m chuantou_server start")
     return 0

@@ -23,7 +23,7 @@ from common.frames import DATA_MAGIC, HEADER_SIZE
 from common.net import close_quietly, enlarge_udp_buffers, recv_exact, shutdown_quietly, tune_tcp
 from common.threads import ThreadGroup
 
-from . import admin, httpd
+from . import admin, admin_sessions, httpd
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME, ClientRegistry
 from .relay import serve_data_channel
 from .sessions import SessionTable
@@ -62,13 +62,23 @@ class Server:
         tls_only: bool = False,
         id_reservation_time: float = DEFAULT_RESERVATION_TIME,
         max_reserved_ids_per_token: int = DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
+        # the admin page's credential and login sessions (admin_sessions.py)
+        admin_token: str | None = None,
+        admin_session_idle: float = admin_sessions.DEFAULT_IDLE,
+        admin_session_lifetime: float = admin_sessions.DEFAULT_LIFETIME,
+        max_admin_sessions: int = admin_sessions.DEFAULT_MAX_SESSIONS,
+        admin_login_failures_per_minute: int = admin_sessions.DEFAULT_LOGIN_FAILURES_PER_MINUTE,
     ):
         """``token=None`` (and no other tokens) runs an open relay: any client may register.
         ``client_tokens`` maps a client ID to the only token that may register it;
         ``extra_tokens`` are further relay-wide tokens (one per person, say). A client ID can
         be taken over only with the token that registered it, while it is online and for
         ``id_reservation_time`` seconds after it goes offline (0: only while online); each
-        token keeps at most ``max_reserved_ids_per_token`` offline IDs reserved."""
+        token keeps at most ``max_reserved_ids_per_token`` offline IDs reserved.
+
+        ``admin_token`` opens the admin page and API (never a registration token); None turns
+        them off. Its login sessions expire after ``admin_session_idle`` seconds unused and
+        ``admin_session_lifetime`` seconds in all; at most ``max_admin_sessions`` live at once."""
         self.host = host
         self.port = port
         self.heartbeat_timeout = heartbeat_timeout
@@ -82,6 +92,15 @@ class Server:
         self.client_tokens = dict(client_tokens or {})
         self.extra_tokens = list(extra_tokens)
         self.max_sessions_per_client = max_sessions_per_client
+        if admin_token is not None and auth.token_problem(admin_token):
+            raise ChuantouError(auth.token_problem(admin_token, "the admin token"))
+        if admin_token is not None and admin_token in (token, *self.client_tokens.values(), *self.extra_tokens):
+            raise ChuantouError("the admin token must not be a client registration token: "
+                                "make a separate one with python -m chuantou_server token --admin")
+        self.admin_token = admin_token
+        self.admin_sessions = admin_sessions.AdminSessions(admin_session_idle, admin_session_lifetime,
+                                                           max_admin_sessions)
+        self.admin_login_failures = admin_sessions.LoginFailures(admin_login_failures_per_minute)
         self.max_udp_flows_per_client = max_udp_flows_per_client
         self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_per_ip)
         if tls_only and not tls_cert:

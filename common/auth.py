@@ -13,6 +13,15 @@ import secrets
 
 NONCE_BYTES = 32
 TOKEN_BYTES = 24
+MIN_TOKEN_LENGTH = 16  # a shorter token can be guessed; generated ones have 32 characters
+
+
+def token_problem(token: str, what: str = "the token") -> str | None:
+    """Why ``token`` may not be used, or None. The message never repeats the token."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        return (f"{what} is too short ({len(token)} characters; at least {MIN_TOKEN_LENGTH} are needed): "
+                "use a generated one (python -m chuantou_server token add) or a longer random string")
+    return None
 
 
 def generate_token() -> str:

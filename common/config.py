@@ -2,7 +2,7 @@
 
 A config file is a JSON object. Each program declares its keys as ``Key`` entries (type,
 check, default) in one place; loading rejects unknown keys and bad values with the file,
-the key and what was expected. Files are written atomically with mode 0600, since they may
+the key and what was expected (never the value of a secret key). Files are written atomically with mode 0600, since they may
 hold secrets.
 """
 
@@ -45,6 +45,18 @@ class Key:
     default: Any = None
     check: Callable[[Any], bool] | None = None
     required: bool = False
+    secret: bool = False  # a token or password: never printed, not even in an error
+
+
+def shown(value, key: Key) -> str:
+    """How a value may appear in a message: secrets never do."""
+    return "the value given (hidden: it is a secret)" if key.secret else json.dumps(value)[:60]
+
+
+def redacted(settings: dict, keys: dict[str, Key]) -> dict:
+    """``settings`` fit for printing: every secret key that is set reads "(hidden)"."""
+    return {name: "(hidden)" if keys.get(name, Key(object, "")).secret and value else value
+            for name, value in settings.items()}
 
 
 def is_port(value) -> bool:
@@ -75,7 +87,7 @@ def validate(data: Any, keys: dict[str, Key], where: str) -> dict:
         if ok and key.check is not None:
             ok = key.check(value)
         if not ok:
-            raise ConfigError(f"{where}: key '{name}' must be {key.expected}, not {json.dumps(value)[:60]}")
+            raise ConfigError(f"{where}: key '{name}' must be {key.expected}, not {shown(value, key)}")
         out[name] = value
     return out
 

@@ -122,11 +122,17 @@ class Pump:
 
 # --- fixtures ---------------------------------------------------------------------------------
 
+ADMIN_TOKEN = "admin-support-admin-token-0123"  # the fixture relay's admin page credential
+ADMIN_PORTS: set[int] = set()  # ports of fixture relays, whose requests send ADMIN_TOKEN by default
+
+
 @pytest.fixture
 def relay():
-    server = Server(host="127.0.0.1", port=0).start()
+    server = Server(host="127.0.0.1", port=0, admin_token=ADMIN_TOKEN).start()
+    ADMIN_PORTS.add(server.port)
     yield server
     server.stop()
+    ADMIN_PORTS.discard(server.port)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from admin_support import FixtureSettings, Pump
+from admin_support import ADMIN_TOKEN, FixtureSettings, Pump
 from admin_support import client_app, clients, echo, relay, user_sockets  # noqa: F401 (fixtures)
 from helpers import free_port
 
@@ -135,6 +135,14 @@ def web_service():
 
 # --- the relay's page -------------------------------------------------------------------------
 
+def log_in(driver, relay, token: str = ADMIN_TOKEN) -> None:
+    """Open the relay's page and log in through its form."""
+    driver.get(f"http://127.0.0.1:{relay.port}/")
+    wait(driver, lambda d: find(d, "#token"), "the login form").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#login button").click()
+    wait(driver, lambda d: find(d, "#clients"), "the admin page after logging in")
+
+
 @pytest.mark.timeout(90)
 def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, user_sockets, driver):
     a, _ = clients("A"), clients("B")
@@ -143,7 +151,7 @@ def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, user
     pump = Pump(user, "svc-browser-pump", size=64_000, pause=0.05)
     console = Console(driver)
     try:
-        driver.get(f"http://127.0.0.1:{relay.port}/")
+        log_in(driver, relay)
         assert driver.title == "chuantou relay"
         wait(driver, lambda d: find(d, '#clients tr[data-key="A"]') and find(d, '#clients tr[data-key="B"]'),
              "both clients listed")
@@ -190,7 +198,7 @@ def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, user
 @pytest.mark.timeout(60)
 def test_server_page_empty_states(relay, driver):
     console = Console(driver)
-    driver.get(f"http://127.0.0.1:{relay.port}/")
+    log_in(driver, relay)
     wait(driver, lambda d: find(d, "#clients tr.empty") and find(d, "#sessions tr.empty"), "empty lists")
     assert "No client is connected" in find(driver, "#clients tr.empty").text
     wait(driver, lambda d: d.find_element(By.ID, "live").text == "live", "the live badge")
@@ -199,20 +207,25 @@ def test_server_page_empty_states(relay, driver):
 
 @pytest.mark.timeout(60)
 def test_server_login_form_when_the_relay_has_a_token(relay, driver):
-    relay.token = "browser-test-token-0123456789"
+    relay.token = "browser-test-token-0123456789"  # a client token: not the admin one
     console = Console(driver)
     driver.get(f"http://127.0.0.1:{relay.port}/")
     token_input = wait(driver, lambda d: find(d, "#token"), "the login form")
     token_input.send_keys("wrong token")
     driver.find_element(By.CSS_SELECTOR, "#login button").click()
-    wait(driver, lambda d: d.find_element(By.ID, "message").text == "wrong token", "the login error")
+    wait(driver, lambda d: d.find_element(By.ID, "message").text == "wrong admin token", "the login error")
     token_input.clear()
     token_input.send_keys(relay.token)
+    driver.find_element(By.CSS_SELECTOR, "#login button").click()
+    wait(driver, lambda d: d.find_element(By.ID, "message").text == "wrong admin token",
+         "the client token refused")  # the message is the same; it was cleared and set again
+    token_input.clear()
+    token_input.send_keys(relay.admin_token)
     driver.find_element(By.CSS_SELECTOR, "#login button").click()
     wait(driver, lambda d: find(d, "#clients tr.empty"), "the admin page after logging in")
     wait(driver, lambda d: d.find_element(By.ID, "system").text, "the first status poll")
     assert not driver.find_element(By.ID, "open-relay").is_displayed()  # a token: not an open relay
-    assert relay.token not in driver.page_source
+    assert relay.token not in driver.page_source and relay.admin_token not in driver.page_source
     assert driver.get_cookies()[0]["httpOnly"] is True
     assert driver.execute_script("return document.cookie") == ""  # HttpOnly: scripts cannot read it
     find(driver, "#logout").click()

@@ -1,4 +1,4 @@
-/* The relay's login form: POST /login with the token as a bearer; the answer sets an HttpOnly cookie. */
+/* The relay's login form: POST /login with the admin token as a bearer; the answer sets a session cookie. */
 "use strict";
 
 document.getElementById("login").addEventListener("submit", async (event) => {

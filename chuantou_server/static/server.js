@@ -33,7 +33,7 @@
     setText("stat-rate", rate(s.bytesPerSecond));
     setText("stat-total", bytes(s.totalBytes));
     setText("stat-since", `since start, ${clock(s.startedAt)}`);
-    document.getElementById("logout").hidden = !s.tokenRequired;
+    document.getElementById("logout").hidden = !s.adminLogin;
     document.getElementById("open-relay").hidden = !s.openRelay;
     const facts = [
       ["Version", s.version],
@@ -43,7 +43,7 @@
       ["Open sockets", s.openSockets === null ? "unknown" : `${s.openSockets} (${s.openFiles} open files)`],
       ["Memory (RSS)", s.rssBytes === null ? "unknown" : bytes(s.rssBytes)],
       ["Heartbeat timeout", `${s.heartbeatTimeout} s`],
-      ["Access", s.tokenRequired ? "token (log in or Authorization: Bearer)" : "this machine only (SSH tunnel)"],
+      ["Access", "admin token (log in, or Authorization: Bearer)"],
     ];
     const dl = document.getElementById("system");
     const text = JSON.stringify(facts);
