@@ -41,6 +41,10 @@ CONFIG_KEYS = {
                                     DEFAULT_RESERVATION_TIME, lambda v: v >= 0),
     "maxReservedIdsPerToken": config.Key(int, "a whole number >= 0", DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
                                          lambda v: v >= 0),
+    # UDP hardening: the early-datagram queue and the registration rate per source
+    "udpEarlyQueueBytes": config.Key(int, "a whole number of bytes > 0", 256 * 1024, config.is_positive),
+    "udpEarlyQueueTotalBytes": config.Key(int, "a whole number of bytes > 0", 64 * 1024 * 1024, config.is_positive),
+    "udpRegistrationsPerSecond": config.Key((int, float), "a number > 0", 1000.0, config.is_positive),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
                  "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
@@ -198,6 +202,9 @@ def make_server(settings: dict) -> Server:
         tls_cert=settings["tlsCert"], tls_key=settings["tlsKey"], tls_only=settings["tlsOnly"],
         id_reservation_time=settings["idReservationTime"],
         max_reserved_ids_per_token=settings["maxReservedIdsPerToken"],
+        udp_early_queue_bytes=settings["udpEarlyQueueBytes"],
+        udp_early_queue_total_bytes=settings["udpEarlyQueueTotalBytes"],
+        udp_registrations_per_second=settings["udpRegistrationsPerSecond"],
     )
 
 

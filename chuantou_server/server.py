@@ -29,7 +29,7 @@ from .relay import serve_data_channel
 from .sessions import SessionTable
 from .traffic import RelayTraffic
 from .signaling import ControlConnection
-from .udp import UdpRelay
+from .udp import EARLY_QUEUE_BYTES, EARLY_QUEUE_TOTAL_BYTES, REGISTRATIONS_PER_SECOND, UdpRelay
 
 log = logging.getLogger("chuantou.server")
 
@@ -62,6 +62,9 @@ class Server:
         tls_only: bool = False,
         id_reservation_time: float = DEFAULT_RESERVATION_TIME,
         max_reserved_ids_per_token: int = DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
+        udp_early_queue_bytes: int = EARLY_QUEUE_BYTES,
+        udp_early_queue_total_bytes: int = EARLY_QUEUE_TOTAL_BYTES,
+        udp_registrations_per_second: float = REGISTRATIONS_PER_SECOND,
     ):
         """``token=None`` (and no other tokens) runs an open relay: any client may register.
         ``client_tokens`` maps a client ID to the only token that may register it;
@@ -83,6 +86,9 @@ class Server:
         self.extra_tokens = list(extra_tokens)
         self.max_sessions_per_client = max_sessions_per_client
         self.max_udp_flows_per_client = max_udp_flows_per_client
+        self.udp_limits = {"early_queue_bytes": udp_early_queue_bytes,  # UDP hardening
+                           "early_queue_total_bytes": udp_early_queue_total_bytes,
+                           "registrations_per_second": udp_registrations_per_second}
         self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_per_ip)
         if tls_only and not tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
@@ -117,7 +123,7 @@ class Server:
                 return self
             self._listener, self._udp_sock = self._bind()
             self.port = self._listener.getsockname()[1]
-            self.udp = UdpRelay(self._udp_sock, self.sessions, self._stopping)
+            self.udp = UdpRelay(self._udp_sock, self.sessions, self._stopping, **self.udp_limits)
             self._started = True
             self.started_at = time.time()
         self.threads.spawn("accept", self._accept_loop)
