@@ -326,7 +326,9 @@ class Client:
                 self._closed_reasons.popitem(last=False)
             handle = self._sessions.get(msg.sessionId)
             owner = self._session_owners.pop(msg.sessionId, None)
-        if msg.reason not in ("", "ended"):
+        if p.is_normal_end(msg.reason):  # e.g. a UDP flow that went idle: nothing to act on
+            log.debug("session %s... ended: %s", msg.sessionId[:8], msg.reason)
+        else:
             log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)
             if owner is not None:
                 owner.record_failure(msg.reason)

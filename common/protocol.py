@@ -192,6 +192,14 @@ class SessionClosed:
     reason: str = ""
 
 
+NORMAL_END = "ended"  # a session_closed reason starting with this is a normal end (a UDP flow went idle)
+
+
+def is_normal_end(reason: str) -> bool:
+    """A normal end is logged at INFO and is not a proxy's last error."""
+    return reason == "" or reason.startswith(NORMAL_END)
+
+
 @message("error")
 class Error:
     message: str
