@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 from common.frames import UDP_WHO_ARE_YOU, JoinRequest, JoinStatus, pack_udp_register, unpack_udp_ack, unpack_udp_challenge
 
@@ -36,3 +37,61 @@ def register_by_hand(sock: socket.socket, relay: tuple, join: JoinRequest) -> Jo
     ack = unpack_udp_ack(answer)
     assert ack is not None, f"expected an ack, got {answer!r}"
     return ack[1]
+
+
+class UdpTap:
+    """A UDP forwarder in front of the relay that records what clients send it: the wire an
+    observer sees. Each client address gets its own upstream socket, so the relay sees one
+    address per client socket, as it would through a NAT."""
+
+    def __init__(self, relay: tuple, host: str = "127.0.0.1"):
+        self.relay = relay
+        self.sent: list[bytes] = []  # client -> relay, in order
+        self._front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._front.bind((host, 0))
+        self._front.settimeout(0.05)
+        self.port = self._front.getsockname()[1]
+        self._upstreams: dict[tuple, socket.socket] = {}
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> "UdpTap":
+        self._spawn("front", self._front_loop)
+        return self
+
+    def _spawn(self, name: str, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"chuantou-test-tap-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _front_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                data, client = self._front.recvfrom(65535)
+            except OSError:
+                continue
+            self.sent.append(data)
+            upstream = self._upstreams.get(client)
+            if upstream is None:
+                upstream = self._upstreams[client] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                upstream.settimeout(0.05)
+                self._spawn(f"up-{client[1]}", self._back_loop, upstream, client)
+            upstream.sendto(data, self.relay)
+
+    def _back_loop(self, upstream: socket.socket, client: tuple) -> None:
+        while not self._stopping.is_set():
+            try:
+                data, _ = upstream.recvfrom(65535)
+                self._front.sendto(data, client)
+            except OSError:
+                continue
+
+    def registrations(self) -> list[bytes]:
+        return [d for d in self.sent if d[:2] == b"\xfd\x02"]
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(5)
+        for sock in (self._front, *self._upstreams.values()):
+            sock.close()
