@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from common import __version__, auth, config, service
+from common.net import host_for_url
 
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
@@ -267,7 +268,7 @@ def cmd_start(args) -> int:
     print(f"chuantou server started (pid {service.supervisor_pid(svc)}), listening on port {port}")
     print(f"clients connect with: python -m chuantou_client start --server {scheme(settings)}://<this host's address>:"
           f"{port}" + ("" if settings["noAuth"] else " --token TOKEN (see: python -m chuantou_server token)"))
-    print(f"on this machine: {scheme(settings)}://127.0.0.1:{port}")
+    print(f"on this machine: {local_url(scheme(settings), settings['host'], port)}")
     print(f"log: {svc.log_file}")
     if args.autostart:
         service.install_autostart_or_warn(svc, MODULE, worker_args(args))
@@ -278,11 +279,25 @@ def cmd_stop(args) -> int:
     return service.stop_command(files(args), args.keep_autostart)
 
 
+def local_address(host: str) -> str:
+    """The address a command on this machine reaches a relay listening on ``host`` at: loopback
+    of its family for a wildcard, the address itself otherwise (::1 answers on ::1 only)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def local_url(scheme_name: str, host: str, port: int) -> str:
+    return f"{scheme_name}://{host_for_url(local_address(host))}:{port}"
+
+
 def fetch_status(worker: dict, token: str | None, timeout: float = 3.0) -> dict:
     """Ask the running relay itself, over loopback, with the saved token."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(f"{'https' if worker.get('tls') else 'http'}://127.0.0.1:{worker['port']}"
-                                     "/api/status", headers=headers)
+    base = local_url("https" if worker.get("tls") else "http", worker.get("host", "127.0.0.1"), worker["port"])
+    request = urllib.request.Request(base + "/api/status", headers=headers)
     context = None
     if worker.get("tls"):  # our own relay on loopback: the certificate names its public host, not 127.0.0.1
         context = ssl.create_default_context()

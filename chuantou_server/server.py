@@ -154,6 +154,7 @@ class Server:
         for _ in range(20 if self.port == 0 else 1):
             tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _dual_stack_if_wildcard(tcp, self.host)
             try:
                 tcp.bind((self.host, self.port))
                 tcp.listen(1024)
@@ -165,6 +166,7 @@ class Server:
                 ) from None
             port = tcp.getsockname()[1]
             udp = socket.socket(family, socket.SOCK_DGRAM)
+            _dual_stack_if_wildcard(udp, self.host)
             try:
                 udp.bind((self.host, port))
             except OSError as exc:
@@ -385,6 +387,12 @@ class Server:
             "sessions": len(self.sessions),
             "threads": len(self.threads),
         }
+
+
+def _dual_stack_if_wildcard(sock: socket.socket, host: str) -> None:
+    """``::`` serves IPv4 too (as ::ffff:a.b.c.d), whatever the system's default."""
+    if host == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 
 
 def _timeval(seconds: float) -> bytes:

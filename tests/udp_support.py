@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
+from helpers import TcpService, UdpEchoService
 from common.frames import UDP_WHO_ARE_YOU, JoinRequest, JoinStatus, pack_udp_register, unpack_udp_ack, unpack_udp_challenge
 
 
@@ -95,3 +96,44 @@ class UdpTap:
             thread.join(5)
         for sock in (self._front, *self._upstreams.values()):
             sock.close()
+
+
+class HostUdpEchoService(UdpEchoService):
+    """A UdpEchoService on ``host`` (::1, say) instead of 127.0.0.1."""
+
+    def __init__(self, host: str, name: str = "udp-echo"):
+        super().__init__(name)
+        self.host = host
+
+    def start(self) -> "HostUdpEchoService":
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.bind((self.host, 0))
+        self._sock.settimeout(0.05)
+        self.port = self._sock.getsockname()[1]
+        self._threads.spawn("loop", self._loop)
+        return self
+
+
+def ipv6_loopback_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+class FamilyTcpService(TcpService):
+    """A TcpService on ``host`` of either family (the stock one listens on 127.0.0.1)."""
+
+    def __init__(self, handler, host: str, name: str = "tcp"):
+        super().__init__(handler, name)
+        self.host = host
+
+    def start(self) -> "FamilyTcpService":
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._listener = socket.create_server((self.host, 0), family=family, backlog=256)
+        self.port = self._listener.getsockname()[1]
+        self._threads.spawn("accept", self._accept_loop)
+        return self
