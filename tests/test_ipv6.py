@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from chuantou_server import cli as server_cli
+from cli_support import TOKEN, cli, free_port, wait_connected  # noqa: F401 (cli is a fixture)
 from helpers import UdpEchoService, echo_handler, recv_exactly
 
 from udp_support import FamilyTcpService, HostUdpEchoService, ipv6_loopback_available
@@ -128,3 +129,38 @@ def test_the_cli_names_an_ipv6_relay_with_brackets_and_asks_it_on_its_own_addres
     relay = make_server(host="::1", token="t" * 16)
     status = server_cli.fetch_status({"host": "::1", "port": relay.port, "tls": False}, "t" * 16)
     assert status["port"] == relay.port
+
+
+def free_v6_port() -> int:
+    """A port free for TCP and UDP on ::1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as tcp, \
+                socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("::1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind(("::1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free for TCP and UDP on ::1")
+
+
+@pytest.mark.timeout(120)
+def test_cli_start_and_status_of_a_relay_on_ipv6_loopback_and_a_client_of_it(cli):
+    port = free_v6_port()
+    start = cli.server("start", "--host", "::1", "--port", port, "--token", TOKEN)
+    assert start.returncode == 0, start.stderr
+    assert f"on this machine: ws://[::1]:{port}" in start.stdout
+    assert "127.0.0.1" not in start.stdout
+    status = cli.server("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"port:       {port}" in status.stdout
+
+    admin = free_port()
+    result = cli.client("start", "--admin-port", admin, "--token", TOKEN, "--server", f"ws://[::1]:{port}",
+                        "--client-id", "v6")
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_connected(admin)
+    status = cli.server("status")
+    assert "clients:    1" in status.stdout
