@@ -173,9 +173,11 @@ class UdpFlow:
                 client.end_session(session_id, end)
 
     def _pump_replies(self, registrar, idle_timeout: float) -> None:
-        self.sock.settimeout(min(1.0, idle_timeout / 2))
+        keepalive = self.gateway.proxy.client.udp_keepalive
+        self.sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
         relay = self.relay
         while not self._closed.is_set():
+            registrar.keep_alive(keepalive)
             try:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:
@@ -250,9 +252,11 @@ class UdpTarget:
 
     def _pump(self, registrar, relay: tuple, service: tuple, idle_timeout: float) -> None:
         sock = self.sock
-        sock.settimeout(min(1.0, idle_timeout / 2))
+        keepalive = self.client.udp_keepalive
+        sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
         last_active = time.monotonic()
         while not self._closed.is_set():
+            registrar.keep_alive(keepalive)
             try:
                 data, src = sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:

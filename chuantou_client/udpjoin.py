@@ -2,8 +2,9 @@
 
 The relay hands each source address its own challenge; the client proves its side secret
 over it (``common.frames``). ``UdpRegistrar`` holds that exchange for one socket so that a
-flow can also run it again while it pumps (when the relay says it does not know the address:
-after a relay restart or a NAT rebinding), telling the relay's control datagrams from payload.
+flow can also run it again while it pumps, telling the relay's control datagrams from payload:
+when the relay says it does not know the address (after a relay restart or a NAT rebinding),
+and as a keepalive every few seconds (a side that only receives would never hear that notice).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class UdpRegistrar:
         """Send the registration for the challenge known so far (none: a hello)."""
         self.last_hello = time.monotonic()
         self.sock.sendto(pack_udp_register(self.join, self.challenge), self.relay)
+
+    def keep_alive(self, interval: float) -> None:
+        """Register again every ``interval`` seconds: keeps a NAT mapping open, lets the relay
+        follow a mapping that changed, and tells a flow when the relay forgot its session."""
+        if time.monotonic() - self.last_hello >= interval:
+            self.send()
 
     def handle(self, data: bytes, src: tuple):
         """Answer one datagram from ``src``: PAYLOAD, HANDLED, or the JoinStatus of an ack."""

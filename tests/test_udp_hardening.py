@@ -79,6 +79,28 @@ def test_a_registration_copied_off_the_wire_and_resent_from_elsewhere_takes_over
     proxy.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_flow_follows_a_nat_rebinding_by_proving_its_secret_from_the_new_address(
+        make_server, make_client, services, tap_factory):
+    echo = services(UdpEchoService())
+    relay = make_server()
+    tap = tap_factory(relay.port)
+    relay.public_port = tap.port
+    a = make_client(relay, "A", udp_keepalive=0.5)
+    make_client(relay, "B", udp_keepalive=0.5)  # B only answers: its keepalive is what moves it
+    proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
+    with udp_socket() as user:
+        assert udp_roundtrip(user, proxy.local_port, b"before the rebinding") == b"before the rebinding"
+        session = udp_session(relay)
+        before = (session.udp_a, session.udp_b)
+        tap.rebind()  # both clients now reach the relay from new addresses
+        assert udp_roundtrip(user, proxy.local_port, b"after the rebinding", resend_every=0.3) == \
+            b"after the rebinding"
+        assert udp_session(relay) is session  # the same session, moved
+        assert session.udp_a != before[0] and session.udp_b != before[1]
+    proxy.close()
+
+
 def test_a_side_moves_only_with_a_fresh_proof_from_its_new_address(server):
     session = server.sessions.create("A", "B", 9, "udp")
     relay = ("127.0.0.1", server.port)

@@ -53,6 +53,7 @@ class UdpTap:
         self._front.settimeout(0.05)
         self.port = self._front.getsockname()[1]
         self._upstreams: dict[tuple, socket.socket] = {}
+        self._retired: list[socket.socket] = []
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -80,12 +81,17 @@ class UdpTap:
             upstream.sendto(data, self.relay)
 
     def _back_loop(self, upstream: socket.socket, client: tuple) -> None:
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and self._upstreams.get(client) is upstream:
             try:
                 data, _ = upstream.recvfrom(65535)
                 self._front.sendto(data, client)
             except OSError:
                 continue
+
+    def rebind(self) -> None:
+        """Give every client a new upstream address, as a NAT that forgot its mappings would."""
+        self._retired += self._upstreams.values()
+        self._upstreams = {}
 
     def registrations(self) -> list[bytes]:
         return [d for d in self.sent if d[:2] == b"\xfd\x02"]
@@ -95,6 +101,8 @@ class UdpTap:
         for thread in self._threads:
             thread.join(5)
         for sock in (self._front, *self._upstreams.values()):
+            sock.close()
+        for sock in self._retired:
             sock.close()
 
 
