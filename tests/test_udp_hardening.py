@@ -13,6 +13,7 @@ import pytest
 from common import frames
 from common.frames import JoinRequest, JoinStatus
 from helpers import UdpEchoService, udp_roundtrip, wait_until
+from security_support import TOKEN, make_self_signed, wss_url
 from udp_support import UdpTap, fetch_challenge, register_by_hand, relay_answer
 
 
@@ -44,15 +45,22 @@ def udp_session(server):
 
 # --- 9.14 registration replay ----------------------------------------------------------------
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("tls_only", [False, True], ids=["plain", "tls-only"])
 def test_a_registration_copied_off_the_wire_and_resent_from_elsewhere_takes_over_nothing(
-        make_server, make_client, services, tap_factory):
+        make_server, make_client, services, tap_factory, tmp_path, tls_only):
     echo = services(UdpEchoService())
-    relay = make_server()
+    if tls_only:
+        cert = make_self_signed(tmp_path, "relay")
+        relay = make_server(token=TOKEN, tls_cert=cert.cert, tls_key=cert.key, tls_only=True)
+        url, options = wss_url(relay), {"token": TOKEN, "ca_file": cert.cert}
+    else:
+        relay = make_server()
+        url, options = relay, {}
     tap = tap_factory(relay.port)
     relay.public_port = tap.port  # clients send their UDP through the tap, which records it
-    a = make_client(relay, "A")
-    make_client(relay, "B")
+    a = make_client(url, "A", **options)
+    make_client(url, "B", **options)
     proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
     with udp_socket() as user, udp_socket("127.0.0.2") as attacker:
         assert udp_roundtrip(user, proxy.local_port, b"warm up") == b"warm up"
