@@ -161,8 +161,10 @@ class UdpFlow:
         except SessionGone as exc:
             log.info("proxy %s: UDP flow from %s:%s ended: %s", proxy.description, self.user[0], self.user[1], exc)
         except (ChuantouError, OSError) as exc:
-            end = f"the UDP flow failed on the gateway: {exc}"
-            if not self._closed.is_set():
+            if self._closed.is_set():  # closed here (proxy closed, client stopping): a normal end
+                end = p.NORMAL_END + ": the proxy closed the UDP flow"
+            else:
+                end = f"the UDP flow failed on the gateway: {exc}"
                 log.warning("proxy %s: UDP from %s:%s dropped: %s", proxy.description, self.user[0], self.user[1], exc)
                 proxy.record_failure(str(exc))
         finally:
@@ -237,8 +239,10 @@ class UdpTarget:
         except SessionGone as exc:
             log.info("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         except (ChuantouError, OSError) as exc:
-            end = f"the UDP flow failed on the target: {exc}"
-            if not self._closed.is_set():
+            if self._closed.is_set():  # aborted here (session closed, client stopping): a normal end
+                end = p.NORMAL_END + ": the target closed the UDP flow"
+            else:
+                end = f"the UDP flow failed on the target: {exc}"
                 log.warning("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         finally:
             self.abort()

@@ -31,6 +31,7 @@ EARLY_QUEUE_TOTAL_BYTES = 64 * 1024 * 1024  # all sessions together
 REGISTRATIONS_PER_SECOND = 1000.0  # per source (IPv4 address or IPv6 /64); a gateway opens one per flow
 CHALLENGE_WINDOW = 30.0  # seconds a challenge stays valid (this window and the one before)
 MAX_BUCKETS = 4096  # sources tracked at once by the rate limit
+MAX_SOURCE_KEYS = 65536  # addresses whose source key is remembered (parsing one costs ~10 us)
 
 
 class UdpRelay:
@@ -53,6 +54,7 @@ class UdpRelay:
         self._early_bytes: dict[str, int] = {}  # session id -> bytes queued
         self.early_total = 0
         self._buckets: dict[tuple, TokenBucket] = {}  # (kind, source key) -> bucket
+        self._source_keys: dict[str, str] = {}  # ip -> source_key(ip), so a flood is cheap to drop
         self.dropped = 0
 
     def run(self) -> None:
@@ -90,12 +92,13 @@ class UdpRelay:
 
     def _from_stranger_or_registration(self, data: bytes, addr: tuple) -> None:
         registration = is_udp_register(data)
-        if not self._allowed("register" if registration else "notice", addr):
+        source = self._source(addr[0])
+        if not self._allowed("register" if registration else "notice", source):
             self.dropped += 1
             if registration:
-                self.limits.bit("udpRegistrationsPerSecond", source_key(addr[0]),
+                self.limits.bit("udpRegistrationsPerSecond", source,
                                 "UDP registrations from %s exceed udpRegistrationsPerSecond (%g); dropping them",
-                                source_key(addr[0]), self.registrations_per_second)
+                                source, self.registrations_per_second)
             return
         if not registration:
             self.dropped += 1
@@ -155,8 +158,16 @@ class UdpRelay:
         return any(register.challenge == self._challenge(addr, register.session_id, register.side, e)
                    for e in (epoch, epoch - 1))
 
-    def _allowed(self, kind: str, addr: tuple) -> bool:
-        key = (kind, source_key(addr[0]))
+    def _source(self, ip: str) -> str:
+        key = self._source_keys.get(ip)
+        if key is None:
+            if len(self._source_keys) >= MAX_SOURCE_KEYS:
+                self._source_keys.clear()
+            key = self._source_keys[ip] = source_key(ip)
+        return key
+
+    def _allowed(self, kind: str, source: str) -> bool:
+        key = (kind, source)
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= MAX_BUCKETS:
@@ -188,9 +199,10 @@ class UdpRelay:
                 self.early_total += size
                 return
         self.dropped += 1
-        self.limits.bit(limit, source_key(addr[0]),
+        source = self._source(addr[0])
+        self.limits.bit(limit, source,
                         "UDP datagrams from %s dropped before the other side joined: %s (%d bytes) is full",
-                        source_key(addr[0]), limit, value)
+                        source, limit, value)
 
     def _take_early(self, session_id: str) -> list:
         with self._lock:

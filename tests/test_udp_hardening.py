@@ -257,7 +257,10 @@ def test_a_normal_end_of_a_udp_flow_is_no_warning_and_no_last_error(make_server,
             assert udp_roundtrip(user, proxy.local_port, b"flow %d" % i) == b"flow %d" % i
             wait_until(lambda: len(server.sessions) == 0 and proxy.active_connections == 0
                        and b.status()["activeSessions"] == 0, timeout=10, message="the flow ended everywhere")
+        assert proxy.last_error is None
+        assert udp_roundtrip(user, proxy.local_port, b"last") == b"last"
+        proxy.close()  # closing a proxy with a live flow is a normal end too
+        wait_until(lambda: len(server.sessions) == 0 and b.status()["activeSessions"] == 0, timeout=10,
+                   message="the closed proxy's flow ended everywhere")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == []
-    assert proxy.last_error is None
-    proxy.close()
