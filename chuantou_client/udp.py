@@ -226,9 +226,9 @@ class UdpTarget:
             relay_family, relay = resolve_udp(msg.relayAddr)
             service_family, service = resolve_service(*self.service)
         except OSError as exc:
-            reason = f"cannot resolve {self.service[0]}:{self.service[1]} for UDP: {exc.strerror or exc}"
-            log.info("UDP session from %s refused: %s", msg.fromClientId, reason)
-            self._reject(reason)
+            log.warning("UDP session from %s refused: cannot resolve %s:%s: %s", msg.fromClientId,
+                        self.service[0], self.service[1], exc.strerror or exc)
+            self._reject("the target cannot reach that UDP service")  # the detail stays in this log
             return
         try:
             self.sock, (relay, service) = udp_socket_for(relay_family, relay, service_family, service)
