@@ -71,6 +71,7 @@ class Client:
         request_timeout: float = 10.0,
         reconnect_max_delay: float = 30.0,
         udp_idle_timeout: float = 60.0,
+        udp_keepalive: float = 15.0,  # UDP flows re-prove their address this often (NAT mappings, relay restarts)
         target_host: str = "127.0.0.1",
         token: str | None = None,
         allow: str | None = None,
@@ -93,6 +94,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.udp_idle_timeout = udp_idle_timeout
+        self.udp_keepalive = udp_keepalive
         self.target_host = target_host
         self.export = ExportPolicy(allow, allow_hosts, target_host)
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
@@ -326,7 +328,9 @@ class Client:
                 self._closed_reasons.popitem(last=False)
             handle = self._sessions.get(msg.sessionId)
             owner = self._session_owners.pop(msg.sessionId, None)
-        if msg.reason not in ("", "ended"):
+        if p.is_normal_end(msg.reason):  # e.g. a UDP flow that went idle: nothing to act on
+            log.debug("session %s... ended: %s", msg.sessionId[:8], msg.reason)
+        else:
             log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)
             if owner is not None:
                 owner.record_failure(msg.reason)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 from common import protocol as p
 from common.errors import ChuantouError
-from common.frames import JoinRequest, JoinStatus, pack_data_header, pack_udp_register, unpack_udp_ack
+from common.frames import JoinRequest, JoinStatus, pack_data_header
 from common.net import close_quietly, recv_exact, tune_tcp
 from common.tls import TlsError, TlsStream, check_pin
+
+from .udpjoin import UdpRegistrar, register_blocking
 
 
 class JoinError(ChuantouError):
@@ -47,37 +49,17 @@ def open_data_channel(addr: p.RelayAddr, session_id: str, secret: str, side: str
 
 
 def register_udp(sock: socket.socket, relay: tuple, session_id: str, secret: str, side: str,
-                 timeout: float = 10.0, retry_every: float = 0.2) -> None:
-    """Register ``sock``'s address with the relay for this session, retrying until acknowledged.
-
-    Datagrams that are not the ack (early payload from the relay) are dropped here; the
-    caller's socket keeps whatever timeout it had.
-    """
-    packet = pack_udp_register(JoinRequest(side, session_id, secret))
-    deadline = time.monotonic() + timeout
-    previous = sock.gettimeout()
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise JoinError(f"relay {relay[0]}:{relay[1]} did not acknowledge the UDP registration "
-                                f"within {timeout:g} s (is UDP to that port blocked?)")
-            sock.sendto(packet, relay)
-            sock.settimeout(min(retry_every, remaining))
-            try:
-                while True:
-                    data, src = sock.recvfrom(65535)
-                    ack = unpack_udp_ack(data) if src[:2] == relay else None
-                    if ack and ack[0] == session_id:
-                        if ack[1] != JoinStatus.JOINED:
-                            raise JoinError(f"relay refused the UDP registration: {ack[1].describe()}")
-                        return
-            except socket.timeout:
-                continue
-            except ConnectionRefusedError:  # ICMP from a relay not (yet) listening: retry
-                continue
-    finally:
-        sock.settimeout(previous)
+                 timeout: float = 10.0, retry_every: float = 0.2) -> UdpRegistrar:
+    """Register ``sock``'s address with the relay for this session, retrying until acknowledged,
+    and return the registrar (the flow answers the relay's later notices with it)."""
+    registrar = UdpRegistrar(sock, relay, session_id, secret, side)
+    status = register_blocking(registrar, timeout, retry_every)
+    if status is None:
+        raise JoinError(f"relay {relay[0]}:{relay[1]} did not acknowledge the UDP registration "
+                        f"within {timeout:g} s (is UDP to that port blocked?)")
+    if status != JoinStatus.JOINED:
+        raise JoinError(f"relay refused the UDP registration: {status.describe()}")
+    return registrar
 
 
 def resolve_udp(addr: p.RelayAddr) -> tuple:

@@ -15,14 +15,23 @@ import time
 
 from common import protocol as p
 from common.errors import ChuantouError
-from common.net import close_quietly, enlarge_udp_buffers
+from common.frames import JoinStatus
+from common.net import close_quietly, enlarge_udp_buffers, udp_socket_for
 
 from .datachannel import register_udp, resolve_udp
+from .udpjoin import PAYLOAD
 
 log = logging.getLogger("chuantou.client")
 
 MAX_DATAGRAM = 65535
 EARLY_QUEUE = 64  # datagrams a new flow holds while its session is being set up
+GATEWAY_END = p.NORMAL_END + ": the UDP flow went idle on the gateway"
+TARGET_END = p.NORMAL_END + ": the UDP flow went idle on the target"
+
+
+class SessionGone(ChuantouError):
+    """The relay answered a fresh registration: it no longer knows this session (it restarted,
+    or expired it). The flow ends; the user's next datagram opens a new session."""
 
 
 class UdpGateway:
@@ -128,6 +137,7 @@ class UdpFlow:
         proxy = self.gateway.proxy
         client = proxy.client
         session_id = None
+        end = GATEWAY_END
         try:
             reply = client.control.request(
                 proxy.connect_request("udp"),
@@ -141,15 +151,20 @@ class UdpFlow:
             enlarge_udp_buffers(self.sock)
             if self._closed.is_set():
                 return
-            register_udp(self.sock, self.relay, reply.sessionId, reply.secret, "A")
+            registrar = register_udp(self.sock, self.relay, reply.sessionId, reply.secret, "A")
             with self._lock:
                 for data in self._early:
                     self.sock.sendto(data, self.relay)
                 self._early.clear()
                 self.ready = True
-            self._pump_replies(client.udp_idle_timeout)
+            self._pump_replies(registrar, client.udp_idle_timeout)
+        except SessionGone as exc:
+            log.info("proxy %s: UDP flow from %s:%s ended: %s", proxy.description, self.user[0], self.user[1], exc)
         except (ChuantouError, OSError) as exc:
-            if not self._closed.is_set():
+            if self._closed.is_set():  # closed here (proxy closed, client stopping): a normal end
+                end = p.NORMAL_END + ": the proxy closed the UDP flow"
+            else:
+                end = f"the UDP flow failed on the gateway: {exc}"
                 log.warning("proxy %s: UDP from %s:%s dropped: %s", proxy.description, self.user[0], self.user[1], exc)
                 proxy.record_failure(str(exc))
         finally:
@@ -157,29 +172,40 @@ class UdpFlow:
             self.gateway._forget(self)
             if session_id:
                 client._untrack_session(session_id)
-                client.end_session(session_id, "the UDP flow ended on the gateway")
+                client.end_session(session_id, end)
 
-    def _pump_replies(self, idle_timeout: float) -> None:
-        self.sock.settimeout(min(1.0, idle_timeout / 2))
+    def _pump_replies(self, registrar, idle_timeout: float) -> None:
+        keepalive = self.gateway.proxy.client.udp_keepalive
+        self.sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
         relay = self.relay
         while not self._closed.is_set():
+            registrar.keep_alive(keepalive)
             try:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:
                 if time.monotonic() - self.last_active > idle_timeout:
                     return
                 continue
+            except ConnectionRefusedError:  # ICMP: the relay is down (restarting); its notice will come
+                continue
             if src[:2] != relay:
                 continue  # only the relay may answer on this socket
-            self.last_active = time.monotonic()
-            self.gateway.reply(data, self.user)
+            answer = registrar.handle(data, src)
+            if answer == PAYLOAD:
+                self.last_active = time.monotonic()
+                self.gateway.reply(data, self.user)
+            else:
+                _check_still_known(answer)
 
     def abort(self) -> None:
         self.close()
 
 
 class UdpTarget:
-    """One UDP session on B: relay <-> local service through a single socket."""
+    """One UDP session on B: relay <-> local service through a single socket.
+
+    The socket has the relay's family when the service's is the same, else it is a dual-stack
+    IPv6 socket that reaches both (IPv4 addresses as ::ffff:a.b.c.d)."""
 
     def __init__(self, client, msg: p.ConnectRequest, service: tuple):
         self.client = client
@@ -187,6 +213,7 @@ class UdpTarget:
         self.service = service
         self.sock: socket.socket | None = None
         self._closed = threading.Event()
+        self._service_failed = False
 
     def abort(self) -> None:
         self._closed.set()
@@ -194,26 +221,46 @@ class UdpTarget:
 
     def run(self) -> None:
         msg = self.msg
-        family, relay = resolve_udp(msg.relayAddr)
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        enlarge_udp_buffers(self.sock)
+        end = TARGET_END
         try:
-            register_udp(self.sock, relay, msg.sessionId, msg.secret, "B")
+            relay_family, relay = resolve_udp(msg.relayAddr)
+            service_family, service = resolve_service(*self.service)
+        except OSError as exc:
+            log.warning("UDP session from %s refused: cannot resolve %s:%s: %s", msg.fromClientId,
+                        self.service[0], self.service[1], exc.strerror or exc)
+            self._reject("the target cannot reach that UDP service")  # the detail stays in this log
+            return
+        try:
+            self.sock, (relay, service) = udp_socket_for(relay_family, relay, service_family, service)
+            enlarge_udp_buffers(self.sock)
+            registrar = register_udp(self.sock, relay, msg.sessionId, msg.secret, "B")
             self.client.control.send(p.AcceptSession(sessionId=msg.sessionId))
-            self._pump(relay, self.client.udp_idle_timeout)
+            self._pump(registrar, relay, service, self.client.udp_idle_timeout)
+        except SessionGone as exc:
+            log.info("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         except (ChuantouError, OSError) as exc:
-            if not self._closed.is_set():
+            if self._closed.is_set():  # aborted here (session closed, client stopping): a normal end
+                end = p.NORMAL_END + ": the target closed the UDP flow"
+            else:
+                end = f"the UDP flow failed on the target: {exc}"
                 log.warning("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         finally:
             self.abort()
-            self.client.end_session(msg.sessionId, "the UDP flow ended on the target")
+            self.client.end_session(msg.sessionId, end)
 
-    def _pump(self, relay: tuple, idle_timeout: float) -> None:
+    def _reject(self, reason: str) -> None:
+        try:
+            self.client.control.send(p.RejectSession(sessionId=self.msg.sessionId, reason=reason))
+        except ChuantouError as exc:
+            log.info("could not tell the relay reject_session: %s", exc)
+
+    def _pump(self, registrar, relay: tuple, service: tuple, idle_timeout: float) -> None:
         sock = self.sock
-        service = self.service
-        sock.settimeout(min(1.0, idle_timeout / 2))
+        keepalive = self.client.udp_keepalive
+        sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
         last_active = time.monotonic()
         while not self._closed.is_set():
+            registrar.keep_alive(keepalive)
             try:
                 data, src = sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:
@@ -222,12 +269,35 @@ class UdpTarget:
                 continue
             except ConnectionRefusedError:  # ICMP: the local service is not listening (yet)
                 continue
-            last_active = time.monotonic()
             src = src[:2]
-            try:
-                if src == relay:
-                    sock.sendto(data, service)
-                elif src == service:
-                    sock.sendto(data, relay)
-            except OSError:
-                pass
+            if src == relay:
+                answer = registrar.handle(data, src)
+                if answer != PAYLOAD:
+                    _check_still_known(answer)
+                    continue
+                last_active = time.monotonic()
+                self._send(data, service, to_service=True)
+            elif src == service:
+                last_active = time.monotonic()
+                self._send(data, relay, to_service=False)
+
+    def _send(self, data: bytes, addr: tuple, to_service: bool) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as exc:
+            if to_service and not self._service_failed:  # say it once per flow, not per datagram
+                self._service_failed = True
+                log.warning("UDP session %s... cannot send to the service %s:%s: %s",
+                            self.msg.sessionId[:8], addr[0], addr[1], exc.strerror or exc)
+
+
+def _check_still_known(answer) -> None:
+    """A control datagram from the relay: end the flow if it says the session is gone."""
+    if isinstance(answer, JoinStatus) and answer != JoinStatus.JOINED:
+        raise SessionGone(f"the relay no longer knows the session ({answer.describe()})")
+
+
+def resolve_service(host: str, port: int) -> tuple:
+    """The service's (family, address), resolved once (a name such as localhost included)."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    return family, sockaddr[:2]

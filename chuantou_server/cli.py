@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common import __version__, auth, config, service
 from common.startcheck import check_start_options, config_restored_on_failure
+from common.net import host_for_url
 
 from . import admin_sessions
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
@@ -57,6 +58,10 @@ CONFIG_KEYS = {
                                    lambda v: v >= 1),
     "adminLoginFailuresPerMinute": config.Key(int, "a whole number >= 0 (0: no limit)",
                                               admin_sessions.DEFAULT_LOGIN_FAILURES_PER_MINUTE, lambda v: v >= 0),
+    # UDP hardening: the early-datagram queue and the registration rate per source
+    "udpEarlyQueueBytes": config.Key(int, "a whole number of bytes > 0", 256 * 1024, config.is_positive),
+    "udpEarlyQueueTotalBytes": config.Key(int, "a whole number of bytes > 0", 64 * 1024 * 1024, config.is_positive),
+    "udpRegistrationsPerSecond": config.Key((int, float), "a number > 0", 1000.0, config.is_positive),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
                  "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
@@ -241,6 +246,9 @@ def make_server(settings: dict) -> Server:
         admin_session_lifetime=settings["adminSessionLifetime"],
         max_admin_sessions=settings["maxAdminSessions"],
         admin_login_failures_per_minute=settings["adminLoginFailuresPerMinute"],
+        udp_early_queue_bytes=settings["udpEarlyQueueBytes"],
+        udp_early_queue_total_bytes=settings["udpEarlyQueueTotalBytes"],
+        udp_registrations_per_second=settings["udpRegistrationsPerSecond"],
     )
 
 
@@ -308,7 +316,7 @@ def cmd_start(args) -> int:
     print(f"chuantou server started (pid {service.supervisor_pid(svc)}), listening on port {port}")
     print(f"clients connect with: python -m chuantou_client start --server {scheme(settings)}://<this host's address>:"
           f"{port}" + ("" if settings["noAuth"] else " --token TOKEN (see: python -m chuantou_server token)"))
-    print(f"on this machine: {scheme(settings)}://127.0.0.1:{port}")
+    print(f"on this machine: {local_url(scheme(settings), settings['host'], port)}")
     print(f"log: {svc.log_file}")
     if args.autostart:
         service.install_autostart_or_warn(svc, MODULE, worker_args(args))
@@ -333,11 +341,25 @@ def cmd_stop(args) -> int:
     return service.stop_command(files(args), args.keep_autostart)
 
 
+def local_address(host: str) -> str:
+    """The address a command on this machine reaches a relay listening on ``host`` at: loopback
+    of its family for a wildcard, the address itself otherwise (::1 answers on ::1 only)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def local_url(scheme_name: str, host: str, port: int) -> str:
+    return f"{scheme_name}://{host_for_url(local_address(host))}:{port}"
+
+
 def fetch_status(worker: dict, token: str | None, timeout: float = 3.0) -> dict:
     """Ask the running relay itself, over loopback, with the saved token."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(f"{'https' if worker.get('tls') else 'http'}://127.0.0.1:{worker['port']}"
-                                     "/api/status", headers=headers)
+    base = local_url("https" if worker.get("tls") else "http", worker.get("host", "127.0.0.1"), worker["port"])
+    request = urllib.request.Request(base + "/api/status", headers=headers)
     context = None
     if worker.get("tls"):  # our own relay on loopback: the certificate names its public host, not 127.0.0.1
         context = ssl.create_default_context()

@@ -29,7 +29,7 @@ from .relay import serve_data_channel
 from .sessions import SessionTable
 from .traffic import RelayTraffic
 from .signaling import ControlConnection
-from .udp import UdpRelay
+from .udp import EARLY_QUEUE_BYTES, EARLY_QUEUE_TOTAL_BYTES, REGISTRATIONS_PER_SECOND, UdpRelay
 
 log = logging.getLogger("chuantou.server")
 
@@ -68,6 +68,9 @@ class Server:
         admin_session_lifetime: float = admin_sessions.DEFAULT_LIFETIME,
         max_admin_sessions: int = admin_sessions.DEFAULT_MAX_SESSIONS,
         admin_login_failures_per_minute: int = admin_sessions.DEFAULT_LOGIN_FAILURES_PER_MINUTE,
+        udp_early_queue_bytes: int = EARLY_QUEUE_BYTES,
+        udp_early_queue_total_bytes: int = EARLY_QUEUE_TOTAL_BYTES,
+        udp_registrations_per_second: float = REGISTRATIONS_PER_SECOND,
     ):
         """``token=None`` (and no other tokens) runs an open relay: any client may register.
         ``client_tokens`` maps a client ID to the only token that may register it;
@@ -102,6 +105,9 @@ class Server:
                                                            max_admin_sessions)
         self.admin_login_failures = admin_sessions.LoginFailures(admin_login_failures_per_minute)
         self.max_udp_flows_per_client = max_udp_flows_per_client
+        self.udp_limits = {"early_queue_bytes": udp_early_queue_bytes,  # UDP hardening
+                           "early_queue_total_bytes": udp_early_queue_total_bytes,
+                           "registrations_per_second": udp_registrations_per_second}
         self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_per_ip)
         if tls_only and not tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
@@ -136,7 +142,7 @@ class Server:
                 return self
             self._listener, self._udp_sock = self._bind()
             self.port = self._listener.getsockname()[1]
-            self.udp = UdpRelay(self._udp_sock, self.sessions, self._stopping)
+            self.udp = UdpRelay(self._udp_sock, self.sessions, self._stopping, **self.udp_limits)
             self._started = True
             self.started_at = time.time()
         self.threads.spawn("accept", self._accept_loop)
@@ -167,6 +173,7 @@ class Server:
         for _ in range(20 if self.port == 0 else 1):
             tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _dual_stack_if_wildcard(tcp, self.host)
             try:
                 tcp.bind((self.host, self.port))
                 tcp.listen(1024)
@@ -178,6 +185,7 @@ class Server:
                 ) from None
             port = tcp.getsockname()[1]
             udp = socket.socket(family, socket.SOCK_DGRAM)
+            _dual_stack_if_wildcard(udp, self.host)
             try:
                 udp.bind((self.host, port))
             except OSError as exc:
@@ -398,6 +406,12 @@ class Server:
             "sessions": len(self.sessions),
             "threads": len(self.threads),
         }
+
+
+def _dual_stack_if_wildcard(sock: socket.socket, host: str) -> None:
+    """``::`` serves IPv4 too (as ::ffff:a.b.c.d), whatever the system's default."""
+    if host == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 
 
 def _timeval(seconds: float) -> bytes:

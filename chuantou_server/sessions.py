@@ -160,5 +160,5 @@ class SessionTable:
                 if not s.joined and now - s.created_mono > join_timeout:
                     out.append((s, f"the other side did not join within {join_timeout:g} s"))
                 elif s.protocol == "udp" and s.joined and now - s.last_active > udp_idle_timeout:
-                    out.append((s, f"idle for {udp_idle_timeout:g} s"))
+                    out.append((s, f"ended: idle for {udp_idle_timeout:g} s"))
         return out

@@ -216,7 +216,8 @@ class ControlConnection:
         other = session.client_b if self.client_id == session.client_a else session.client_a
         peer = self.server.registry.get(other)
         if peer is not None:
-            peer.send(p.SessionClosed(sessionId=session.id, reason=f"closed by '{self.client_id}': {msg.reason}"))
+            said = "ended" if p.is_normal_end(msg.reason) else "closed"  # keep a normal end normal for the peer
+            peer.send(p.SessionClosed(sessionId=session.id, reason=f"{said} by '{self.client_id}': {msg.reason}"))
 
     def on_heartbeat(self, msg: p.Heartbeat) -> None:
         # Echo it, so the client can tell a silent relay from a quiet one.

@@ -1,34 +1,60 @@
 """The UDP relay: one socket on the relay's port number, one thread, keyed by (ip, port).
 
-An address becomes part of a session by sending a registration datagram with the session
-id and its side's secret; from then on every datagram from it goes to the other side's
-registered address. Datagrams that arrive before the other side registers wait in a small
-per-session queue.
+An address becomes part of a session by proving its side's secret over a challenge the relay
+handed to that very address (see ``common.frames``); from then on every datagram from it goes
+to the other side's registered address. A side moves to a new address (NAT rebinding) only
+with a fresh proof from that address, so a registration copied off the wire is worth nothing
+elsewhere. Datagrams that arrive before the other side registers wait in a queue bounded in
+bytes per session and overall. Registration-shaped datagrams are rate-limited per source, and
+nothing the relay sends a stranger is bigger than what the stranger sent.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import threading
 import time
 
-from common.frames import FrameError, is_udp_register, pack_udp_ack, unpack_udp_register
+from common.frames import (
+    UDP_WHO_ARE_YOU, FrameError, JoinStatus, address_challenge, is_udp_register, pack_udp_ack,
+    pack_udp_challenge, udp_proof_matches, unpack_udp_register,
+)
+from common.limits import LimitLog, TokenBucket, source_key
 
 log = logging.getLogger("chuantou.server")
 
 MAX_DATAGRAM = 65535
-EARLY_QUEUE = 64  # datagrams held per session until the other side registers
+EARLY_QUEUE_BYTES = 256 * 1024  # per session, held until the other side registers
+EARLY_QUEUE_TOTAL_BYTES = 64 * 1024 * 1024  # all sessions together
+REGISTRATIONS_PER_SECOND = 1000.0  # per source (IPv4 address or IPv6 /64); a gateway opens one per flow
+CHALLENGE_WINDOW = 30.0  # seconds a challenge stays valid (this window and the one before)
+MAX_BUCKETS = 4096  # sources tracked at once by the rate limit
+MAX_SOURCE_KEYS = 65536  # addresses whose source key is remembered (parsing one costs ~10 us)
 
 
 class UdpRelay:
-    def __init__(self, sock: socket.socket, sessions, stopping: threading.Event):
+    def __init__(self, sock: socket.socket, sessions, stopping: threading.Event, *,
+                 early_queue_bytes: int = EARLY_QUEUE_BYTES,
+                 early_queue_total_bytes: int = EARLY_QUEUE_TOTAL_BYTES,
+                 registrations_per_second: float = REGISTRATIONS_PER_SECOND,
+                 limit_log: LimitLog | None = None):
         self.sock = sock
         self.sessions = sessions
         self.stopping = stopping
+        self.early_queue_bytes = early_queue_bytes
+        self.early_queue_total_bytes = early_queue_total_bytes
+        self.registrations_per_second = registrations_per_second
+        self.limits = limit_log or LimitLog(log)
+        self._key = secrets.token_bytes(32)  # challenges are HMACs under it: no state per stranger
         self._lock = threading.Lock()
         self._addrs: dict[tuple, tuple] = {}  # addr -> (session, side index 0=A 1=B)
         self._early: dict[str, list] = {}  # session id -> [(side index, datagram)]
+        self._early_bytes: dict[str, int] = {}  # session id -> bytes queued
+        self.early_total = 0
+        self._buckets: dict[tuple, TokenBucket] = {}  # (kind, source key) -> bucket
+        self._source_keys: dict[str, str] = {}  # ip -> source_key(ip), so a flood is cheap to drop
         self.dropped = 0
 
     def run(self) -> None:
@@ -45,58 +71,150 @@ class UdpRelay:
                 if self.stopping.is_set():
                     return
                 continue
-            entry = addrs.get(addr[:2])
+            key = addr[:2]
+            entry = addrs.get(key)
             if entry is None or is_udp_register(data):
-                self._register(data, addr)
+                self._from_stranger_or_registration(data, key)
                 continue
             session, side = entry
             session.last_active = time.monotonic()
             session.udp_bytes[side] += len(data)
             peer = session.udp_b if side == 0 else session.udp_a
             if peer is None:
-                self._hold_early(session, side, data)
+                self._hold_early(session, side, data, key)
                 continue
             try:
                 sendto(data, peer)
             except OSError:
                 self.dropped += 1
 
-    def _register(self, data: bytes, addr: tuple) -> None:
-        if not is_udp_register(data):
+    # --- registrations ----------------------------------------------------------------------
+
+    def _from_stranger_or_registration(self, data: bytes, addr: tuple) -> None:
+        registration = is_udp_register(data)
+        source = self._source(addr[0])
+        if not self._allowed("register" if registration else "notice", source):
             self.dropped += 1
+            if registration:
+                self.limits.bit("udpRegistrationsPerSecond", source,
+                                "UDP registrations from %s exceed udpRegistrationsPerSecond (%g); dropping them",
+                                source, self.registrations_per_second)
+            return
+        if not registration:
+            self.dropped += 1
+            if len(data) >= len(UDP_WHO_ARE_YOU):  # never more than the stranger sent
+                self._send(UDP_WHO_ARE_YOU, addr)
             return
         try:
-            join = unpack_udp_register(data)
+            register = unpack_udp_register(data)
         except FrameError:
             self.dropped += 1
             return
-        status, session = self.sessions.check_join(join, "udp")
-        if session is not None:
-            side = 0 if join.side == "A" else 1
-            key = addr[:2]
-            with self._lock:
-                old = session.udp_a if side == 0 else session.udp_b
-                if old is not None and old != key:
-                    self._addrs.pop(old, None)  # the side moved (NAT rebinding): follow it
-                if side == 0:
-                    session.udp_a = key
-                else:
-                    session.udp_b = key
-                self._addrs[key] = (session, side)
-                session.last_active = time.monotonic()
-                early = self._early.pop(session.id, []) if session.joined else []
-        self._send(pack_udp_ack(join.session_id, status), addr)
-        if session is not None:
-            for from_side, datagram in early:
-                self._send(datagram, session.udp_b if from_side == 0 else session.udp_a)
+        session = self.sessions.get(register.session_id)
+        if session is None or session.closed:
+            self._send(pack_udp_ack(register.session_id, JoinStatus.UNKNOWN_SESSION), addr)
+            return
+        if not self._challenge_is_current(register, addr):
+            fresh = self._challenge(addr, register.session_id, register.side, self._epoch())
+            self._send(pack_udp_challenge(register.session_id, fresh), addr)
+            return
+        status = self._check_proof(session, register)
+        if status == JoinStatus.JOINED:
+            self._bind(session, 0 if register.side == "A" else 1, addr)
+        self._send(pack_udp_ack(register.session_id, status), addr)
+        if status == JoinStatus.JOINED:
+            self._flush_early(session)
 
-    def _hold_early(self, session, side: int, data: bytes) -> None:
+    def _check_proof(self, session, register) -> JoinStatus:
+        if not udp_proof_matches(session.secret_for(register.side), register):
+            return JoinStatus.BAD_SECRET
+        if session.protocol != "udp":
+            return JoinStatus.WRONG_PROTOCOL
+        return JoinStatus.JOINED
+
+    def _bind(self, session, side: int, addr: tuple) -> None:
         with self._lock:
-            queue = self._early.setdefault(session.id, [])
-            if len(queue) < EARLY_QUEUE:
-                queue.append((side, data))
+            old = session.udp_a if side == 0 else session.udp_b
+            if old == addr:
+                return  # a repeated registration (lost ack, or a check after a notice)
+            if old is not None:
+                self._addrs.pop(old, None)  # the side moved (NAT rebinding) and proved it: follow it
+                log.debug("UDP session %s: side %s moved to %s:%s", session.id[:8], "AB"[side], *addr)
+            if side == 0:
+                session.udp_a = addr
             else:
-                self.dropped += 1
+                session.udp_b = addr
+            self._addrs[addr] = (session, side)
+            session.last_active = time.monotonic()
+
+    def _epoch(self) -> int:
+        return int(time.time() // CHALLENGE_WINDOW)
+
+    def _challenge(self, addr: tuple, session_id: str, side: str, epoch: int) -> bytes:
+        return address_challenge(self._key, addr, session_id, side, epoch)
+
+    def _challenge_is_current(self, register, addr: tuple) -> bool:
+        epoch = self._epoch()
+        return any(register.challenge == self._challenge(addr, register.session_id, register.side, e)
+                   for e in (epoch, epoch - 1))
+
+    def _source(self, ip: str) -> str:
+        key = self._source_keys.get(ip)
+        if key is None:
+            if len(self._source_keys) >= MAX_SOURCE_KEYS:
+                self._source_keys.clear()
+            key = self._source_keys[ip] = source_key(ip)
+        return key
+
+    def _allowed(self, kind: str, source: str) -> bool:
+        key = (kind, source)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._prune_buckets()
+            rate = self.registrations_per_second
+            bucket = self._buckets[key] = TokenBucket(rate, max(1.0, rate))
+        return bucket.take()
+
+    def _prune_buckets(self) -> None:
+        """Forget buckets that have refilled (they would start full anyway)."""
+        now = time.monotonic()
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b.stamp < b.burst / max(b.rate, 1e-9)}
+        if len(self._buckets) >= MAX_BUCKETS:
+            self._buckets.clear()
+
+    # --- the early queue --------------------------------------------------------------------
+
+    def _hold_early(self, session, side: int, data: bytes, addr: tuple) -> None:
+        size = len(data)
+        with self._lock:
+            held = self._early_bytes.get(session.id, 0)
+            if held + size > self.early_queue_bytes:
+                limit, value = "udpEarlyQueueBytes", self.early_queue_bytes
+            elif self.early_total + size > self.early_queue_total_bytes:
+                limit, value = "udpEarlyQueueTotalBytes", self.early_queue_total_bytes
+            else:
+                self._early.setdefault(session.id, []).append((side, data))
+                self._early_bytes[session.id] = held + size
+                self.early_total += size
+                return
+        self.dropped += 1
+        source = self._source(addr[0])
+        self.limits.bit(limit, source,
+                        "UDP datagrams from %s dropped before the other side joined: %s (%d bytes) is full",
+                        source, limit, value)
+
+    def _take_early(self, session_id: str) -> list:
+        with self._lock:
+            self.early_total -= self._early_bytes.pop(session_id, 0)
+            return self._early.pop(session_id, [])
+
+    def _flush_early(self, session) -> None:
+        """Both sides have proved their secret from their addresses: deliver what waited."""
+        if not session.joined:
+            return
+        for from_side, datagram in self._take_early(session.id):
+            self._send(datagram, session.udp_b if from_side == 0 else session.udp_a)
 
     def _send(self, data: bytes, addr) -> None:
         try:
@@ -109,7 +227,7 @@ class UdpRelay:
             for addr in (session.udp_a, session.udp_b):
                 if addr is not None and self._addrs.get(addr, (None,))[0] is session:
                     del self._addrs[addr]
-            self._early.pop(session.id, None)
+        self._take_early(session.id)
 
     @property
     def flows(self) -> int:

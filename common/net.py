@@ -68,3 +68,18 @@ def close_quietly(sock: socket.socket | None) -> None:
 
 def host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def mapped_v6(addr: tuple) -> tuple:
+    """An IPv4 (host, port) as a dual-stack IPv6 socket names it."""
+    return (addr[0] if ":" in addr[0] else f"::ffff:{addr[0]}", addr[1])
+
+
+def udp_socket_for(family_a: int, addr_a: tuple, family_b: int, addr_b: tuple) -> tuple[socket.socket, tuple]:
+    """One UDP socket that reaches both addresses, and the addresses as its recvfrom names them:
+    of their family when they share one, else dual-stack IPv6 (IPv4 as ::ffff:a.b.c.d)."""
+    if family_a == family_b:
+        return socket.socket(family_a, socket.SOCK_DGRAM), (addr_a, addr_b)
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    return sock, (mapped_v6(addr_a), mapped_v6(addr_b))

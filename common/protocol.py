@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: UDP registrations prove the secret over a relay challenge (common.frames)
 MAX_MESSAGE_BYTES = 64 * 1024
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
@@ -190,6 +190,14 @@ class Unregister:
 class SessionClosed:
     sessionId: str
     reason: str = ""
+
+
+NORMAL_END = "ended"  # a session_closed reason starting with this is a normal end (a UDP flow went idle)
+
+
+def is_normal_end(reason: str) -> bool:
+    """A normal end is logged at INFO and is not a proxy's last error."""
+    return reason == "" or reason.startswith(NORMAL_END)
 
 
 @message("error")

@@ -69,7 +69,7 @@ def recv_msg(ws: websocket.WebSocket):
 
 def register_raw(server, ws_clients, client_id: str) -> websocket.WebSocket:
     ws = raw_control(server, ws_clients)
-    ws.send(json.dumps({"type": "register", "payload": {"clientId": client_id, "protocolVersion": 1}}))
+    ws.send(json.dumps({"type": "register", "payload": {"clientId": client_id, "protocolVersion": p.PROTOCOL_VERSION}}))
     reply = recv_msg(ws)
     assert isinstance(reply, p.RegisterResponse) and reply.success, reply
     return ws

@@ -210,15 +210,26 @@ def test_data_header_layout_and_round_trip():
 
 def test_udp_register_and_ack_round_trip():
     join = JoinRequest("B", SESSION_ID, SECRET)
-    data = frames.pack_udp_register(join)
-    assert data[:2] == b"\xfd\x02" and len(data) == frames.HEADER_SIZE
+    challenge = bytes(range(16))
+    data = frames.pack_udp_register(join, challenge)
+    assert data[:2] == b"\xfd\x02" and len(data) == frames.UDP_REGISTER_SIZE == 51
+    assert bytes.fromhex(SECRET) not in data  # the secret never crosses the wire
     assert frames.is_udp_register(data)
     assert not frames.is_udp_register(frames.pack_data_header(join))
-    assert frames.unpack_udp_register(data) == join
+    register = frames.unpack_udp_register(data)
+    assert (register.side, register.session_id, register.challenge) == ("B", SESSION_ID, challenge)
+    assert frames.udp_proof_matches(SECRET, register)
+    assert not frames.udp_proof_matches("00" * 16, register)
+    assert frames.unpack_udp_challenge(frames.pack_udp_challenge(SESSION_ID, challenge)) == (SESSION_ID, challenge)
+    assert frames.UDP_CHALLENGE_SIZE < frames.UDP_REGISTER_SIZE  # no amplification
     for status in JoinStatus:
         ack = frames.pack_udp_ack(SESSION_ID, status)
         assert ack[:2] == b"\xfd\x03" and len(ack) == frames.UDP_ACK_SIZE
         assert frames.unpack_udp_ack(ack) == (SESSION_ID, status)
+
+
+def test_protocol_version_is_pinned():
+    assert p.PROTOCOL_VERSION == 2  # 2: challenge-proved UDP registrations
 
 
 def test_join_status_values_are_pinned():

@@ -29,6 +29,7 @@ from helpers import (
     udp_roundtrip,
     wait_until,
 )
+from udp_support import register_by_hand
 from security_support import (
     PROMPT,
     TOKEN,
@@ -479,9 +480,7 @@ def test_udp_garbage_spoofed_registrations_and_strangers_do_not_disturb_a_udp_se
             "unknown session": JoinRequest("A", os.urandom(16).hex(), session.secret_a),
             "a TCP session": JoinRequest("A", transfer.session.id, transfer.session.secret_a),
         }.items():
-            attacker.sendto(pack_udp_register(join), relay_addr)
-            attacker.settimeout(PROMPT)
-            acks[label] = unpack_udp_ack(attacker.recvfrom(100)[0])[1]
+            acks[label] = register_by_hand(attacker, relay_addr, join)
         assert acks == {"wrong secret A": JoinStatus.BAD_SECRET, "wrong secret B": JoinStatus.BAD_SECRET,
                         "B's secret as A": JoinStatus.BAD_SECRET, "unknown session": JoinStatus.UNKNOWN_SESSION,
                         "a TCP session": JoinStatus.WRONG_PROTOCOL}
