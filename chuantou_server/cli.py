@@ -222,7 +222,8 @@ def ensure_admin_token(args, settings: dict, port: int | str = "PORT") -> None:
     config.save(path, saved)
     print(f"generated an admin token for this relay's page and API, saved in {path} (mode 0600):")
     print(f"  {settings['adminToken']}")
-    print(f"log in on http://127.0.0.1:{port}/ (or through an SSH tunnel); "
+    page = local_url("https" if settings.get("tlsCert") else "http", settings.get("host") or "0.0.0.0", port)
+    print(f"log in on {page}/ (or through an SSH tunnel); "
           "show it again with: python -m chuantou_server token --admin", flush=True)
 
 

@@ -126,8 +126,8 @@ def test_the_cli_names_an_ipv6_relay_with_brackets_and_asks_it_on_its_own_addres
     assert server_cli.local_address("0.0.0.0") == "127.0.0.1"
     assert server_cli.local_url("ws", "::1", 8200) == "ws://[::1]:8200"
     assert server_cli.local_url("ws", "0.0.0.0", 8200) == "ws://127.0.0.1:8200"
-    relay = make_server(host="::1", token="t" * 16)
-    status = server_cli.fetch_status({"host": "::1", "port": relay.port, "tls": False}, "t" * 16)
+    relay = make_server(host="::1", token="t" * 16, admin_token="a" * 16)
+    status = server_cli.fetch_status({"host": "::1", "port": relay.port, "tls": False}, "a" * 16)
     assert status["port"] == relay.port
 
 
