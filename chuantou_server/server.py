@@ -20,10 +20,11 @@ from common import __version__, auth, tls
 from common import protocol as p
 from common.errors import ChuantouError
 from common.frames import DATA_MAGIC, HEADER_SIZE
-from common.net import close_quietly, enlarge_udp_buffers, recv_exact, shutdown_quietly, tune_tcp
+from common.net import close_quietly, enlarge_udp_buffers, recv_exact, tune_tcp
 from common.threads import ThreadGroup
 
 from . import admin, httpd
+from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE, HandshakeGate
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME, ClientRegistry
 from .relay import serve_data_channel
 from .sessions import SessionTable
@@ -55,8 +56,8 @@ class Server:
         extra_tokens=(),
         max_sessions_per_client: int = 4096,
         max_udp_flows_per_client: int = 1024,
-        max_pending_handshakes: int = 1024,
-        max_pending_per_ip: int = 256,
+        max_pending_handshakes: int = DEFAULT_MAX_PENDING,
+        max_pending_handshakes_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE,
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_only: bool = False,
@@ -83,13 +84,14 @@ class Server:
         self.extra_tokens = list(extra_tokens)
         self.max_sessions_per_client = max_sessions_per_client
         self.max_udp_flows_per_client = max_udp_flows_per_client
-        self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_per_ip)
         if tls_only and not tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
         self.tls_context = tls.server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
         self.tls_only = tls_only
 
         self.registry = ClientRegistry(id_reservation_time, max_reserved_ids_per_token)
+        self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_handshakes_per_source,
+                                        self.registry.has_source)
         self.sessions = SessionTable()
         self.traffic = RelayTraffic(self.sessions, self.registry)  # figures for the admin page
         self.threads = ThreadGroup("chuantou-server")
@@ -384,46 +386,3 @@ class Server:
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
-
-
-class HandshakeGate:
-    """Caps connections still in their first-bytes handshake, in all and per source address,
-    so a flood of silent or trickling connections cannot starve everyone else."""
-
-    def __init__(self, total: int, per_ip: int):
-        self.total = total
-        self.per_ip = per_ip
-        self._lock = threading.Lock()
-        self._count = 0
-        self._by_ip: dict[str, int] = {}
-        self._sockets: set[socket.socket] = set()
-
-    def enter(self, ip: str, sock: socket.socket) -> bool:
-        with self._lock:
-            if self._count >= self.total or self._by_ip.get(ip, 0) >= self.per_ip:
-                return False
-            self._count += 1
-            self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
-            self._sockets.add(sock)
-            return True
-
-    def abort_all(self) -> None:
-        """Shut down every connection still in its handshake (at stop)."""
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            shutdown_quietly(sock)
-
-    def leave(self, ip: str, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.discard(sock)
-            self._count -= 1
-            left = self._by_ip.get(ip, 1) - 1
-            if left:
-                self._by_ip[ip] = left
-            else:
-                self._by_ip.pop(ip, None)
-
-    @property
-    def pending(self) -> int:
-        return self._count
