@@ -17,6 +17,8 @@ from pathlib import Path
 
 from common import __version__, auth, config, service
 
+from . import caps
+from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
 
@@ -41,6 +43,21 @@ CONFIG_KEYS = {
                                     DEFAULT_RESERVATION_TIME, lambda v: v >= 0),
     "maxReservedIdsPerToken": config.Key(int, "a whole number >= 0", DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
                                          lambda v: v >= 0),
+    # handshake slots, session caps and descriptors (issue 9 items 2, 4, 5; issue 10 item 5)
+    "maxPendingHandshakes": config.Key(int, "a whole number >= 1", DEFAULT_MAX_PENDING, lambda v: v >= 1),
+    "maxPendingHandshakesPerSource": config.Key(int, "a whole number >= 1", DEFAULT_MAX_PENDING_PER_SOURCE,
+                                                lambda v: v >= 1),
+    "maxSessions": config.Key(int, "a whole number >= 1", caps.DEFAULT_MAX_SESSIONS, lambda v: v >= 1),
+    "maxSessionsPerClient": config.Key(int, "a whole number >= 1", caps.DEFAULT_MAX_SESSIONS_PER_CLIENT,
+                                       lambda v: v >= 1),
+    "maxSessionsPerTarget": config.Key(int, "a whole number >= 1", caps.DEFAULT_MAX_SESSIONS_PER_TARGET,
+                                       lambda v: v >= 1),
+    "maxUdpFlowsPerClient": config.Key(int, "a whole number >= 1", caps.DEFAULT_MAX_UDP_FLOWS_PER_CLIENT,
+                                       lambda v: v >= 1),
+    "maxPendingSessionsPerClient": config.Key(int, "a whole number >= 1",
+                                              caps.DEFAULT_MAX_PENDING_SESSIONS_PER_CLIENT, lambda v: v >= 1),
+    "descriptorReserve": config.Key(int, "a whole number >= 0", caps.DEFAULT_DESCRIPTOR_RESERVE, lambda v: v >= 0),
+    "tcpIdleTimeout": config.Key((int, float), "a number of seconds >= 0 (0: off)", 0, lambda v: v >= 0),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
                  "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
@@ -127,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def caps_settings(settings: dict) -> dict:
+    """Server arguments for the handshake, session and descriptor caps."""
+    return {
+        "max_pending_handshakes": settings["maxPendingHandshakes"],
+        "max_pending_handshakes_per_source": settings["maxPendingHandshakesPerSource"],
+        "max_sessions": settings["maxSessions"],
+        "max_sessions_per_client": settings["maxSessionsPerClient"],
+        "max_sessions_per_target": settings["maxSessionsPerTarget"],
+        "max_udp_flows_per_client": settings["maxUdpFlowsPerClient"],
+        "max_pending_sessions_per_client": settings["maxPendingSessionsPerClient"],
+        "descriptor_reserve": settings["descriptorReserve"],
+        "tcp_idle_timeout": settings["tcpIdleTimeout"],
+    }
+
+
 def resolve_settings(args) -> dict:
     """Defaults <- config file <- command-line options."""
     path = getattr(args, "config", None)
@@ -198,6 +230,7 @@ def make_server(settings: dict) -> Server:
         tls_cert=settings["tlsCert"], tls_key=settings["tlsKey"], tls_only=settings["tlsOnly"],
         id_reservation_time=settings["idReservationTime"],
         max_reserved_ids_per_token=settings["maxReservedIdsPerToken"],
+        **caps_settings(settings),
     )
 
 

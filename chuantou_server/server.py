@@ -23,7 +23,7 @@ from common.frames import DATA_MAGIC, HEADER_SIZE
 from common.net import close_quietly, enlarge_udp_buffers, recv_exact, tune_tcp
 from common.threads import ThreadGroup
 
-from . import admin, httpd
+from . import admin, caps, httpd
 from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE, HandshakeGate
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME, ClientRegistry
 from .relay import serve_data_channel
@@ -54,8 +54,13 @@ class Server:
         token: str | None = None,
         client_tokens: dict[str, str] | None = None,
         extra_tokens=(),
-        max_sessions_per_client: int = 4096,
-        max_udp_flows_per_client: int = 1024,
+        max_sessions_per_client: int = caps.DEFAULT_MAX_SESSIONS_PER_CLIENT,
+        max_udp_flows_per_client: int = caps.DEFAULT_MAX_UDP_FLOWS_PER_CLIENT,
+        max_sessions_per_target: int = caps.DEFAULT_MAX_SESSIONS_PER_TARGET,
+        max_sessions: int = caps.DEFAULT_MAX_SESSIONS,
+        max_pending_sessions_per_client: int = caps.DEFAULT_MAX_PENDING_SESSIONS_PER_CLIENT,
+        descriptor_reserve: int = caps.DEFAULT_DESCRIPTOR_RESERVE,
+        tcp_idle_timeout: float = 0.0,
         max_pending_handshakes: int = DEFAULT_MAX_PENDING,
         max_pending_handshakes_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE,
         tls_cert: str | None = None,
@@ -77,13 +82,14 @@ class Server:
         self.public_port = public_port
         self.session_join_timeout = session_join_timeout
         self.udp_idle_timeout = udp_idle_timeout
+        self.tcp_idle_timeout = tcp_idle_timeout  # 0: off (ssh sessions may idle for hours)
         self.handshake_timeout = handshake_timeout
         self.max_message_size = max_message_size
         self.token = token
         self.client_tokens = dict(client_tokens or {})
         self.extra_tokens = list(extra_tokens)
-        self.max_sessions_per_client = max_sessions_per_client
-        self.max_udp_flows_per_client = max_udp_flows_per_client
+        self.caps = caps.SessionCaps(max_sessions, max_sessions_per_client, max_udp_flows_per_client,
+                                     max_sessions_per_target, max_pending_sessions_per_client, descriptor_reserve)
         if tls_only and not tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
         self.tls_context = tls.server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
@@ -366,7 +372,8 @@ class Server:
                 conn.close()
             elif conn.client_id is not None and now - conn.last_seen > self.heartbeat_timeout:
                 self.drop_client(conn, f"sent nothing for {self.heartbeat_timeout:g} s (heartbeat timeout)")
-        for session, reason in self.sessions.expired(self.session_join_timeout, self.udp_idle_timeout):
+        for session, reason in self.sessions.expired(self.session_join_timeout, self.udp_idle_timeout,
+                                                      0):
             log.info("session %s closed: %s", session.id[:8], reason)
             self.close_session(session, reason)
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
+import time
 
 import pytest
 
 from helpers import HOST, TcpService, connect, echo_handler, recv_exactly, wait_until
-from security_support import PROMPT, TOKEN, closed_without_reply, echo_roundtrip, logged
+from security_support import (  # noqa: F401 (peers is a fixture)
+    PROMPT, TOKEN, closed_without_reply, echo_roundtrip, logged, peers, registered_peer)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -69,3 +72,100 @@ def test_a_source_beyond_its_share_cannot_evict_others(make_server):
                 assert closed_without_reply(sock, PROMPT) == (True, b"")
         assert relay.handshakes.held_by("127.0.0.2") == 10
         assert relay.handshakes.evicted == 0
+
+
+# --- 9.4 / 9.5: session caps ----------------------------------------------------------------------
+
+def open_users(port: int, count: int) -> list[socket.socket]:
+    """``count`` user connections through a proxy, each proved live by one echo."""
+    users = []
+    for i in range(count):
+        user = connect(port)
+        users.append(user)
+        user.sendall(b"user %d" % i)
+        assert recv_exactly(user, 6) == b"user %d" % i
+    return users
+
+
+def test_pending_sessions_per_client_are_capped_and_the_excess_refused_at_once(
+        make_server, make_client, peers, caplog):
+    relay = make_server(token=TOKEN, max_pending_sessions_per_client=3, session_join_timeout=60)
+    a = make_client(relay, "A", token=TOKEN)
+    registered_peer(peers, relay, "B")  # a target that takes connect_requests and never joins
+    proxy = a.create_proxy(0, "B", 9, protocol="tcp")
+    users = [connect(proxy.local_port) for _ in range(3)]
+    try:
+        wait_until(lambda: relay.sessions.unjoined_by("A") == 3, message="three sessions wait for B")
+        with connect(proxy.local_port) as fourth:
+            assert closed_without_reply(fourth, PROMPT) == (True, b"")
+        wait_until(lambda: logged(caplog, "sessions waiting to be joined, the relay's limit per client"),
+                   message="A logs the relay's clear error")
+        assert len(relay.sessions) == 3
+        assert relay.caps.limit_log.count("pending") == 1
+    finally:
+        for user in users:
+            user.close()
+    proxy.close()
+
+
+@pytest.mark.parametrize("cap", ["max_sessions", "max_sessions_per_target"])
+def test_sessions_overall_and_per_target_are_capped(make_server, make_client, services, caplog, cap):
+    relay = make_server(token=TOKEN, **{cap: 2})
+    echo = services(TcpService(echo_handler, "echo"))
+    make_client(relay, "B", token=TOKEN)
+    proxies = [make_client(relay, name, token=TOKEN).create_proxy(0, "B", echo.port, protocol="tcp")
+               for name in ("A1", "A2")]
+    users = open_users(proxies[0].local_port, 1) + open_users(proxies[1].local_port, 1)
+    try:
+        with connect(proxies[1].local_port) as third:  # another requester: the cap is not per client
+            assert closed_without_reply(third, PROMPT) == (True, b"")
+        text = "its limit" if cap == "max_sessions" else "open sessions, the relay's limit per target"
+        wait_until(lambda: logged(caplog, text), message="A2 logs the relay's clear error")
+        for user in users:  # the first two keep working
+            user.sendall(b"still")
+            assert recv_exactly(user, 5) == b"still"
+        users.pop().close()
+        wait_until(lambda: len(relay.sessions) == 1)
+        assert echo_roundtrip(proxies[1].local_port) == b"hello through the tunnel"  # room again
+    finally:
+        for user in users:
+            user.close()
+    for proxy in proxies:
+        proxy.close()
+
+
+def test_tcp_idle_timeout_closes_only_idle_sessions(make_server, make_client, services):
+    relay = make_server(token=TOKEN, tcp_idle_timeout=1.0)
+    echo = services(TcpService(echo_handler, "echo"))
+    a = make_client(relay, "A", token=TOKEN)
+    make_client(relay, "B", token=TOKEN)
+    proxy = a.create_proxy(0, "B", echo.port, protocol="tcp")
+    idle, busy = open_users(proxy.local_port, 2)
+    try:
+        started = time.monotonic()
+        closed = threading.Event()
+        while not closed.is_set() and time.monotonic() - started < 8:
+            busy.sendall(b"tick")  # the busy one talks every 0.2 s (pacing, not synchronisation)
+            assert recv_exactly(busy, 4) == b"tick"
+            idle.settimeout(0.2)
+            try:
+                if idle.recv(1) == b"":
+                    closed.set()
+            except socket.timeout:
+                pass
+            except OSError:  # a reset is a close too
+                closed.set()
+        assert closed.is_set(), "the idle session was not closed"
+        assert 0.9 <= time.monotonic() - started < 6
+        busy.sendall(b"alive")
+        assert recv_exactly(busy, 5) == b"alive"
+        assert len(relay.sessions) == 1
+    finally:
+        idle.close()
+        busy.close()
+    proxy.close()
+
+
+def test_tcp_idle_timeout_is_off_by_default(make_server):
+    relay = make_server(token=TOKEN)
+    assert relay.tcp_idle_timeout == 0
