@@ -373,7 +373,7 @@ class Server:
             elif conn.client_id is not None and now - conn.last_seen > self.heartbeat_timeout:
                 self.drop_client(conn, f"sent nothing for {self.heartbeat_timeout:g} s (heartbeat timeout)")
         for session, reason in self.sessions.expired(self.session_join_timeout, self.udp_idle_timeout,
-                                                      0):
+                                                      self.tcp_idle_timeout):
             log.info("session %s closed: %s", session.id[:8], reason)
             self.close_session(session, reason)
 
