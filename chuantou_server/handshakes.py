@@ -20,7 +20,7 @@ from common.net import shutdown_quietly
 log = logging.getLogger("chuantou.server")
 
 DEFAULT_MAX_PENDING = 1024
-DEFAULT_MAX_PENDING_PER_SOURCE = 64
+DEFAULT_MAX_PENDING_PER_SOURCE = 256
 
 
 class HandshakeGate:

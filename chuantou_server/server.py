@@ -24,6 +24,7 @@ from common.net import close_quietly, enlarge_udp_buffers, recv_exact, tune_tcp
 from common.threads import ThreadGroup
 
 from . import admin, caps, httpd
+from .busy import SpareDescriptor
 from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE, HandshakeGate
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME, ClientRegistry
 from .relay import serve_data_channel
@@ -126,6 +127,7 @@ class Server:
             self._listener, self._udp_sock = self._bind()
             self.port = self._listener.getsockname()[1]
             self.udp = UdpRelay(self._udp_sock, self.sessions, self._stopping)
+            self.spare_descriptor = SpareDescriptor()  # to refuse at once at the descriptor limit
             self._started = True
             self.started_at = time.time()
         self.threads.spawn("accept", self._accept_loop)
@@ -148,6 +150,7 @@ class Server:
             self.close_session(session, "relay stopping", notify=False)
         self.threads.join_all(timeout=10.0)
         close_quietly(self._udp_sock)
+        self.spare_descriptor.close()
         log.info("chuantou relay on port %d stopped", self.port)
 
     def _bind(self) -> tuple[socket.socket, socket.socket]:
@@ -191,8 +194,9 @@ class Server:
             except OSError as exc:
                 if self._stopping.is_set():
                     return
-                log.warning("accept failed: %s", exc)  # e.g. out of file descriptors
-                self._stopping.wait(0.1)
+                if not self.spare_descriptor.refuse_one(self._listener, exc):
+                    self.spare_descriptor.limit_log.bit("accept", "accept", "accept failed: %s", exc)
+                    self._stopping.wait(0.1)
                 continue
             if not self.handshakes.enter(addr[0], sock):
                 log.debug("connection from %s:%s closed: too many pending handshakes", addr[0], addr[1])

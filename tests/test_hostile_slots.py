@@ -5,11 +5,16 @@ sessions down at once neither takes quadratic time nor starves the relay's other
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
+
+from common.frames import JoinRequest, JoinStatus, pack_data_header
 
 from helpers import HOST, TcpService, connect, echo_handler, recv_exactly, wait_until
 from security_support import (  # noqa: F401 (peers is a fixture)
@@ -169,3 +174,68 @@ def test_tcp_idle_timeout_closes_only_idle_sessions(make_server, make_client, se
 def test_tcp_idle_timeout_is_off_by_default(make_server):
     relay = make_server(token=TOKEN)
     assert relay.tcp_idle_timeout == 0
+
+
+# --- 10.5: the descriptor limit ---------------------------------------------------------------------
+
+RELAY_AT_A_LIMIT = r"""
+import logging, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(threadName)s %(levelname)s %(message)s")
+from chuantou_server import Server
+relay = Server(host="127.0.0.1", port=0, token=sys.argv[3], handshake_timeout=60,
+               descriptor_reserve=int(sys.argv[2])).start()
+print(relay.port, flush=True)
+sys.stdin.read()  # until the test closes our stdin
+relay.stop()
+"""
+
+
+@contextlib.contextmanager
+def relay_with_fd_limit(tmp_path, limit: int, reserve: int):
+    """A relay in a subprocess whose RLIMIT_NOFILE is ``limit``; yields (port, a function reading its log)."""
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", RELAY_AT_A_LIMIT, str(limit), str(reserve), TOKEN],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        port = int(proc.stdout.readline())
+        yield port, log_path.read_text
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RelayAt:
+    """What helpers need of a relay: its port."""
+
+    def __init__(self, port: int):
+        self.port = port
+
+
+def test_at_the_descriptor_limit_a_data_channel_is_refused_at_once_with_busy(tmp_path):
+    with relay_with_fd_limit(tmp_path, limit=90, reserve=0) as (port, relay_log):
+        with silent_sockets(RelayAt(port), ["127.0.0.2"], 120) as silent:
+            def told_busy() -> int:
+                count = 0
+                for sock in silent:
+                    sock.settimeout(0)
+                    try:
+                        count += sock.recv(1, socket.MSG_PEEK) == bytes([JoinStatus.BUSY])
+                    except OSError:
+                        pass
+                return count
+            wait_until(lambda: told_busy() >= 20, timeout=30, message="connections beyond the limit are told busy")
+            started = time.monotonic()
+            with socket.create_connection((HOST, port), timeout=PROMPT) as channel:
+                channel.sendall(pack_data_header(JoinRequest("A", "ab" * 16, "cd" * 16)))
+                assert recv_exactly(channel, 1) == bytes([JoinStatus.BUSY])
+            assert time.monotonic() - started < PROMPT
+        text = relay_log()
+    assert text.count("out of file descriptors (") == 1, "logged once per interval, not ten times a second"
+    assert "accept failed" not in text
