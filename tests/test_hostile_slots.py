@@ -239,3 +239,43 @@ def test_at_the_descriptor_limit_a_data_channel_is_refused_at_once_with_busy(tmp
         text = relay_log()
     assert text.count("out of file descriptors (") == 1, "logged once per interval, not ten times a second"
     assert "accept failed" not in text
+
+
+def test_the_descriptor_reserve_refuses_new_sessions_at_once_and_keeps_room_for_registrations(
+        tmp_path, make_client, services):
+    echo = services(TcpService(echo_handler, "echo"))
+    with relay_with_fd_limit(tmp_path, limit=120, reserve=40) as (port, relay_log):
+        url = f"ws://{HOST}:{port}"
+        a = make_client(url, "A", token=TOKEN)
+        make_client(url, "B", token=TOKEN)
+        proxy = a.create_proxy(0, "B", echo.port, protocol="tcp")
+        users, refused = [], 0
+        try:
+            for i in range(60):  # 120 descriptors, 40 kept back: about 30 sessions fit
+                user = connect(proxy.local_port)
+                started = time.monotonic()
+                user.sendall(b"user %02d" % i)
+                user.settimeout(PROMPT)
+                try:
+                    got = user.recv(7)
+                except OSError:
+                    got = b""
+                if got == b"user %02d" % i:
+                    users.append(user)
+                    continue
+                assert time.monotonic() - started < PROMPT, "a refused session is refused at once"
+                refused += 1
+                user.close()
+                if refused == 3:
+                    break
+            assert refused == 3 and 10 <= len(users) <= 45, (refused, len(users))
+            late = make_client(url, "late", token=TOKEN, connect_timeout=10)  # the reserve serves it
+            assert late.connected
+            for user in users:  # the sessions that fit keep working
+                user.sendall(b"still")
+                assert recv_exactly(user, 5) == b"still"
+        finally:
+            for user in users:
+                user.close()
+        proxy.close()
+        assert relay_log().count("out of file descriptors for new sessions") == 1
