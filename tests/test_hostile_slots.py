@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from common import protocol as p
 from common.frames import JoinRequest, JoinStatus, pack_data_header
 
 from helpers import HOST, TcpService, connect, echo_handler, recv_exactly, wait_until
@@ -87,8 +88,8 @@ def open_users(port: int, count: int) -> list[socket.socket]:
     for i in range(count):
         user = connect(port)
         users.append(user)
-        user.sendall(b"user %d" % i)
-        assert recv_exactly(user, 6) == b"user %d" % i
+        user.sendall(b"u%05d" % i)
+        assert recv_exactly(user, 6) == b"u%05d" % i
     return users
 
 
@@ -279,3 +280,57 @@ def test_the_descriptor_reserve_refuses_new_sessions_at_once_and_keeps_room_for_
                 user.close()
         proxy.close()
         assert relay_log().count("out of file descriptors for new sessions") == 1
+
+
+# --- 10.4: mass teardown ------------------------------------------------------------------------------
+
+GATEWAY = r"""
+import resource, sys, threading
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+from chuantou_client import Client
+client = Client(sys.argv[1], "A", token=sys.argv[2]).start()
+proxy = client.create_proxy(0, "B", int(sys.argv[3]), protocol="tcp")
+print(proxy.local_port, flush=True)
+threading.Event().wait()
+"""
+TEARDOWN_SESSIONS = 600
+TEARDOWN_BOUND = 10.0  # seconds; about 1 s here when the machine is quiet
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_gateway_with_many_sessions_is_cleaned_up_quickly_and_heartbeats_are_answered(
+        make_server, make_client, services, peers):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 8 * TEARDOWN_SESSIONS:
+        pytest.skip(f"needs {8 * TEARDOWN_SESSIONS} descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    relay = make_server(token=TOKEN, heartbeat_timeout=60)
+    echo = services(TcpService(echo_handler, "echo"))
+    make_client(relay, "B", token=TOKEN)
+    probe = registered_peer(peers, relay, "probe")
+    gateway = subprocess.Popen([sys.executable, "-c", GATEWAY, f"ws://{HOST}:{relay.port}", TOKEN, str(echo.port)],
+                               stdout=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    users = []
+    try:
+        proxy_port = int(gateway.stdout.readline())
+        users = open_users(proxy_port, TEARDOWN_SESSIONS)
+        wait_until(lambda: len(relay.sessions) == TEARDOWN_SESSIONS)
+        started = time.monotonic()
+        gateway.kill()
+        worst = 0.0
+        while len(relay.sessions) and time.monotonic() - started < TEARDOWN_BOUND:
+            sent = time.monotonic()
+            probe.send(p.Heartbeat(timestamp=sent))
+            probe.recv_until(p.Heartbeat, timeout=TEARDOWN_BOUND)
+            worst = max(worst, time.monotonic() - sent)
+        took = time.monotonic() - started
+        assert not len(relay.sessions), f"{len(relay.sessions)} sessions left after {took:.1f} s"
+        assert worst < 3.0, f"a heartbeat took {worst:.2f} s to be answered during the {took:.1f} s teardown"
+    finally:
+        gateway.kill()
+        gateway.wait()
+        for user in users:
+            user.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
