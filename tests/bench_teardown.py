@@ -62,7 +62,8 @@ def ticker(stop: threading.Event, worst: list) -> None:
 
 
 def run(n: int) -> dict:
-    relay = Server(host="127.0.0.1", port=0, max_sessions_per_client=n + 10, heartbeat_timeout=30).start()
+    relay = Server(host="127.0.0.1", port=0, max_sessions_per_client=n + 10, max_pending_sessions_per_client=n,
+                   heartbeat_timeout=30).start()
     url = f"ws://127.0.0.1:{relay.port}"
     b, echo_port = child("B", url)
     a, proxy_port = child("A", url, str(echo_port))
