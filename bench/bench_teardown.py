@@ -3,11 +3,13 @@ clients A and B in subprocesses; A (the gateway holding the users' connections) 
 to forget every session, its CPU time meanwhile, and the longest stall a 10 ms ticker thread of
 the relay's process saw (starvation of other threads).
 
-    python tests/bench_teardown.py 500 2000
+    python bench/bench_teardown.py 500 2000
+    CHUANTOU_LIB=/path/to/other/tree python bench/bench_teardown.py 2000   (another copy of the library)
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import resource
 import signal
@@ -17,7 +19,8 @@ import sys
 import threading
 import time
 
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
+LIBRARY = os.environ.get("CHUANTOU_LIB") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, LIBRARY)
 
 from chuantou_server import Server  # noqa: E402
 
@@ -49,7 +52,8 @@ threading.Event().wait()
 
 
 def child(role: str, url: str, *args: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, role, url, *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, role, url, *args], stdout=subprocess.PIPE, text=True,
+                            cwd=LIBRARY)
     return proc, int(proc.stdout.readline())
 
 
@@ -62,8 +66,10 @@ def ticker(stop: threading.Event, worst: list) -> None:
 
 
 def run(n: int) -> dict:
-    relay = Server(host="127.0.0.1", port=0, max_sessions_per_client=n + 10, max_pending_sessions_per_client=n,
-                   heartbeat_timeout=30).start()
+    caps = {"max_sessions_per_client": n + 10, "max_pending_sessions_per_client": n, "max_sessions": n + 10}
+    accepted = inspect.signature(Server).parameters  # an older copy of the library has fewer caps
+    relay = Server(host="127.0.0.1", port=0, heartbeat_timeout=30,
+                   **{k: v for k, v in caps.items() if k in accepted}).start()
     url = f"ws://127.0.0.1:{relay.port}"
     b, echo_port = child("B", url)
     a, proxy_port = child("A", url, str(echo_port))
