@@ -66,7 +66,8 @@ def ticker(stop: threading.Event, worst: list) -> None:
 
 
 def run(n: int) -> dict:
-    caps = {"max_sessions_per_client": n + 10, "max_pending_sessions_per_client": n, "max_sessions": n + 10}
+    caps = {"max_sessions_per_client": n + 10, "max_pending_sessions_per_client": n, "max_sessions": n + 10,
+            "max_sessions_per_target": n + 10}
     accepted = inspect.signature(Server).parameters  # an older copy of the library has fewer caps
     relay = Server(host="127.0.0.1", port=0, heartbeat_timeout=30,
                    **{k: v for k, v in caps.items() if k in accepted}).start()
