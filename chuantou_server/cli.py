@@ -20,6 +20,8 @@ from common.startcheck import check_start_options, config_restored_on_failure
 from common.net import host_for_url
 
 from . import admin_sessions
+from . import caps
+from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
 from .startopts import RUN_OPTION_DEFAULTS, given_options, running_options
@@ -62,6 +64,21 @@ CONFIG_KEYS = {
     "udpEarlyQueueBytes": config.Key(int, "a whole number of bytes > 0", 256 * 1024, config.is_positive),
     "udpEarlyQueueTotalBytes": config.Key(int, "a whole number of bytes > 0", 64 * 1024 * 1024, config.is_positive),
     "udpRegistrationsPerSecond": config.Key((int, float), "a number > 0", 1000.0, config.is_positive),
+    # handshake slots, session caps and descriptors (issue 9 items 2, 4, 5; issue 10 item 5)
+    "maxPendingHandshakes": config.Key(int, "a whole number >= 1", DEFAULT_MAX_PENDING, lambda v: v >= 1),
+    "maxPendingHandshakesPerSource": config.Key(int, "a whole number >= 1", DEFAULT_MAX_PENDING_PER_SOURCE,
+                                                lambda v: v >= 1),
+    "maxSessions": config.Key(int, "a whole number >= 1", caps.DEFAULT_MAX_SESSIONS, lambda v: v >= 1),
+    "maxSessionsPerClient": config.Key(int, "a whole number >= 1", caps.DEFAULT_MAX_SESSIONS_PER_CLIENT,
+                                       lambda v: v >= 1),
+    "maxSessionsPerTarget": config.Key(int, "a whole number >= 1", caps.DEFAULT_MAX_SESSIONS_PER_TARGET,
+                                       lambda v: v >= 1),
+    "maxUdpFlowsPerClient": config.Key(int, "a whole number >= 1", caps.DEFAULT_MAX_UDP_FLOWS_PER_CLIENT,
+                                       lambda v: v >= 1),
+    "maxPendingSessionsPerClient": config.Key(int, "a whole number >= 1",
+                                              caps.DEFAULT_MAX_PENDING_SESSIONS_PER_CLIENT, lambda v: v >= 1),
+    "descriptorReserve": config.Key(int, "a whole number >= 0", caps.DEFAULT_DESCRIPTOR_RESERVE, lambda v: v >= 0),
+    "tcpIdleTimeout": config.Key((int, float), "a number of seconds >= 0 (0: off)", 0, lambda v: v >= 0),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
                  "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
@@ -149,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     supervise = sub.add_parser("_supervise")  # internal: the supervisor process
     supervise.add_argument("worker_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def caps_settings(settings: dict) -> dict:
+    """Server arguments for the handshake, session and descriptor caps."""
+    return {
+        "max_pending_handshakes": settings["maxPendingHandshakes"],
+        "max_pending_handshakes_per_source": settings["maxPendingHandshakesPerSource"],
+        "max_sessions": settings["maxSessions"],
+        "max_sessions_per_client": settings["maxSessionsPerClient"],
+        "max_sessions_per_target": settings["maxSessionsPerTarget"],
+        "max_udp_flows_per_client": settings["maxUdpFlowsPerClient"],
+        "max_pending_sessions_per_client": settings["maxPendingSessionsPerClient"],
+        "descriptor_reserve": settings["descriptorReserve"],
+        "tcp_idle_timeout": settings["tcpIdleTimeout"],
+    }
 
 
 def resolve_settings(args) -> dict:
@@ -250,6 +282,7 @@ def make_server(settings: dict) -> Server:
         udp_early_queue_bytes=settings["udpEarlyQueueBytes"],
         udp_early_queue_total_bytes=settings["udpEarlyQueueTotalBytes"],
         udp_registrations_per_second=settings["udpRegistrationsPerSecond"],
+        **caps_settings(settings),
     )
 
 

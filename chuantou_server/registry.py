@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from common.limits import LimitLog
+from common.limits import LimitLog, source_key
 
 log = logging.getLogger("chuantou.server")
 
@@ -45,6 +45,7 @@ class ClientRegistry:
         self._owner: dict[str, str] = {}  # client ID -> credential it is bound to (online or reserved)
         # credential -> {client ID: monotonic time it went offline}, oldest first
         self._offline: dict[str, collections.OrderedDict[str, float]] = {}
+        self._sources: collections.Counter = collections.Counter()  # source key -> live clients from there
 
     def claim(self, client_id: str, conn, takeover: bool = True) -> Claim:
         """Make ``conn`` the connection for ``client_id`` unless the ID belongs to another
@@ -60,6 +61,9 @@ class ClientRegistry:
                 return Claim(refused=IN_USE)
             self._clients[client_id] = conn
             self._bind(client_id, conn.credential)
+            self._count_source(conn, +1)
+            if old is not None and old is not conn:
+                self._count_source(old, -1)
             return Claim(replaced=old if old is not conn else None)
 
     def unregister(self, client_id: str, conn) -> bool:
@@ -69,6 +73,7 @@ class ClientRegistry:
             if self._clients.get(client_id) is not conn:
                 return False
             del self._clients[client_id]
+            self._count_source(conn, -1)
             if conn.credential is not None and self.reservation_time > 0:
                 self._reserve(client_id, conn.credential)
             else:
@@ -81,6 +86,19 @@ class ClientRegistry:
             if client_id in self._clients:
                 return self._owner.get(client_id)
             return self._owner.get(client_id) if self._reservation_left(client_id) > 0 else None
+
+    def has_source(self, key: str) -> bool:
+        """Is a registered client connected from this source key (see ``common.limits.source_key``)?"""
+        return self._sources.get(key, 0) > 0  # a dict read: safe without the lock
+
+    def _count_source(self, conn, delta: int) -> None:
+        remote = getattr(conn, "remote", None)
+        if not remote:
+            return
+        key = source_key(remote[0])
+        self._sources[key] += delta
+        if self._sources[key] <= 0:
+            del self._sources[key]
 
     # --- reservations (callers hold the lock) ----------------------------------------------------
 

@@ -20,10 +20,12 @@ from common import __version__, auth, tls
 from common import protocol as p
 from common.errors import ChuantouError
 from common.frames import DATA_MAGIC, HEADER_SIZE
-from common.net import close_quietly, enlarge_udp_buffers, recv_exact, shutdown_quietly, tune_tcp
+from common.net import close_quietly, enlarge_udp_buffers, recv_exact, tune_tcp
 from common.threads import ThreadGroup
 
-from . import admin, admin_sessions, httpd
+from . import admin, admin_sessions, caps, httpd
+from .busy import SpareDescriptor
+from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE, HandshakeGate
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME, ClientRegistry
 from .relay import serve_data_channel
 from .sessions import SessionTable
@@ -53,10 +55,15 @@ class Server:
         token: str | None = None,
         client_tokens: dict[str, str] | None = None,
         extra_tokens=(),
-        max_sessions_per_client: int = 4096,
-        max_udp_flows_per_client: int = 1024,
-        max_pending_handshakes: int = 1024,
-        max_pending_per_ip: int = 256,
+        max_sessions_per_client: int = caps.DEFAULT_MAX_SESSIONS_PER_CLIENT,
+        max_udp_flows_per_client: int = caps.DEFAULT_MAX_UDP_FLOWS_PER_CLIENT,
+        max_sessions_per_target: int = caps.DEFAULT_MAX_SESSIONS_PER_TARGET,
+        max_sessions: int = caps.DEFAULT_MAX_SESSIONS,
+        max_pending_sessions_per_client: int = caps.DEFAULT_MAX_PENDING_SESSIONS_PER_CLIENT,
+        descriptor_reserve: int = caps.DEFAULT_DESCRIPTOR_RESERVE,
+        tcp_idle_timeout: float = 0.0,
+        max_pending_handshakes: int = DEFAULT_MAX_PENDING,
+        max_pending_handshakes_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE,
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_only: bool = False,
@@ -89,12 +96,14 @@ class Server:
         self.public_port = public_port
         self.session_join_timeout = session_join_timeout
         self.udp_idle_timeout = udp_idle_timeout
+        self.tcp_idle_timeout = tcp_idle_timeout  # 0: off (ssh sessions may idle for hours)
         self.handshake_timeout = handshake_timeout
         self.max_message_size = max_message_size
         self.token = token
         self.client_tokens = dict(client_tokens or {})
         self.extra_tokens = list(extra_tokens)
-        self.max_sessions_per_client = max_sessions_per_client
+        self.caps = caps.SessionCaps(max_sessions, max_sessions_per_client, max_udp_flows_per_client,
+                                     max_sessions_per_target, max_pending_sessions_per_client, descriptor_reserve)
         if admin_token is not None and auth.token_problem(admin_token):
             raise ChuantouError(auth.token_problem(admin_token, "the admin token"))
         if admin_token is not None and admin_token in (token, *self.client_tokens.values(), *self.extra_tokens):
@@ -104,17 +113,17 @@ class Server:
         self.admin_sessions = admin_sessions.AdminSessions(admin_session_idle, admin_session_lifetime,
                                                            max_admin_sessions)
         self.admin_login_failures = admin_sessions.LoginFailures(admin_login_failures_per_minute)
-        self.max_udp_flows_per_client = max_udp_flows_per_client
         self.udp_limits = {"early_queue_bytes": udp_early_queue_bytes,  # UDP hardening
                            "early_queue_total_bytes": udp_early_queue_total_bytes,
                            "registrations_per_second": udp_registrations_per_second}
-        self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_per_ip)
         if tls_only and not tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
         self.tls_context = tls.server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
         self.tls_only = tls_only
 
         self.registry = ClientRegistry(id_reservation_time, max_reserved_ids_per_token)
+        self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_handshakes_per_source,
+                                        self.registry.has_source)
         self.sessions = SessionTable()
         self.traffic = RelayTraffic(self.sessions, self.registry)  # figures for the admin page
         self.threads = ThreadGroup("chuantou-server")
@@ -143,6 +152,7 @@ class Server:
             self._listener, self._udp_sock = self._bind()
             self.port = self._listener.getsockname()[1]
             self.udp = UdpRelay(self._udp_sock, self.sessions, self._stopping, **self.udp_limits)
+            self.spare_descriptor = SpareDescriptor()  # to refuse at once at the descriptor limit
             self._started = True
             self.started_at = time.time()
         self.threads.spawn("accept", self._accept_loop)
@@ -165,6 +175,7 @@ class Server:
             self.close_session(session, "relay stopping", notify=False)
         self.threads.join_all(timeout=10.0)
         close_quietly(self._udp_sock)
+        self.spare_descriptor.close()
         log.info("chuantou relay on port %d stopped", self.port)
 
     def _bind(self) -> tuple[socket.socket, socket.socket]:
@@ -210,8 +221,9 @@ class Server:
             except OSError as exc:
                 if self._stopping.is_set():
                     return
-                log.warning("accept failed: %s", exc)  # e.g. out of file descriptors
-                self._stopping.wait(0.1)
+                if not self.spare_descriptor.refuse_one(self._listener, exc):
+                    self.spare_descriptor.limit_log.bit("accept", "accept", "accept failed: %s", exc)
+                    self._stopping.wait(0.1)
                 continue
             if not self.handshakes.enter(addr[0], sock):
                 log.debug("connection from %s:%s closed: too many pending handshakes", addr[0], addr[1])
@@ -391,7 +403,8 @@ class Server:
                 conn.close()
             elif conn.client_id is not None and now - conn.last_seen > self.heartbeat_timeout:
                 self.drop_client(conn, f"sent nothing for {self.heartbeat_timeout:g} s (heartbeat timeout)")
-        for session, reason in self.sessions.expired(self.session_join_timeout, self.udp_idle_timeout):
+        for session, reason in self.sessions.expired(self.session_join_timeout, self.udp_idle_timeout,
+                                                      self.tcp_idle_timeout):
             log.info("session %s closed: %s", session.id[:8], reason)
             self.close_session(session, reason)
 
@@ -417,46 +430,3 @@ def _dual_stack_if_wildcard(sock: socket.socket, host: str) -> None:
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
-
-
-class HandshakeGate:
-    """Caps connections still in their first-bytes handshake, in all and per source address,
-    so a flood of silent or trickling connections cannot starve everyone else."""
-
-    def __init__(self, total: int, per_ip: int):
-        self.total = total
-        self.per_ip = per_ip
-        self._lock = threading.Lock()
-        self._count = 0
-        self._by_ip: dict[str, int] = {}
-        self._sockets: set[socket.socket] = set()
-
-    def enter(self, ip: str, sock: socket.socket) -> bool:
-        with self._lock:
-            if self._count >= self.total or self._by_ip.get(ip, 0) >= self.per_ip:
-                return False
-            self._count += 1
-            self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
-            self._sockets.add(sock)
-            return True
-
-    def abort_all(self) -> None:
-        """Shut down every connection still in its handshake (at stop)."""
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            shutdown_quietly(sock)
-
-    def leave(self, ip: str, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.discard(sock)
-            self._count -= 1
-            left = self._by_ip.get(ip, 1) - 1
-            if left:
-                self._by_ip[ip] = left
-            else:
-                self._by_ip.pop(ip, None)
-
-    @property
-    def pending(self) -> int:
-        return self._count

@@ -38,6 +38,7 @@ class Session:
     udp_b: tuple | None = None
     udp_bytes: list = field(default_factory=lambda: [0, 0])  # a->b, b->a
     last_active: float = field(default_factory=time.monotonic)
+    bytes_seen: int = 0  # TCP: bytes moved when the idle check last looked
     closed: bool = False
 
     @property
@@ -72,6 +73,10 @@ class SessionTable:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._opened_by: collections.Counter = collections.Counter()  # (client A, protocol) -> open sessions
+        self._targeted: collections.Counter = collections.Counter()  # client B -> open sessions
+        # Indexes, so that closing N sessions of one client costs O(N), not a scan of the table each:
+        self._by_client: dict[str, dict[str, Session]] = {}  # client (A or B) -> its sessions
+        self._unjoined_by: dict[str, dict[str, Session]] = {}  # client A -> sessions not joined yet (lazily)
 
     def create(self, client_a: str, client_b: str, port: int, protocol: str) -> Session:
         session = Session(
@@ -86,6 +91,10 @@ class SessionTable:
         with self._lock:
             self._sessions[session.id] = session
             self._opened_by[client_a, protocol] += 1
+            self._targeted[client_b] += 1
+            for client_id in {client_a, client_b}:
+                self._by_client.setdefault(client_id, {})[session.id] = session
+            self._unjoined_by.setdefault(client_a, {})[session.id] = session
         return session
 
     def get(self, session_id: str) -> Session | None:
@@ -98,10 +107,11 @@ class SessionTable:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
                 session.closed = True
-                key = (session.client_a, session.protocol)
-                self._opened_by[key] -= 1
-                if self._opened_by[key] <= 0:
-                    del self._opened_by[key]
+                _decrement(self._opened_by, (session.client_a, session.protocol))
+                _decrement(self._targeted, session.client_b)
+                for client_id in {session.client_a, session.client_b}:
+                    _discard(self._by_client, client_id, session.id)
+                _discard(self._unjoined_by, session.client_a, session.id)
                 return True
             return False
 
@@ -111,7 +121,24 @@ class SessionTable:
 
     def for_client(self, client_id: str) -> list[Session]:
         with self._lock:
-            return [s for s in self._sessions.values() if s.involves(client_id)]
+            return list(self._by_client.get(client_id, {}).values())
+
+    def unjoined_by(self, client_id: str) -> int:
+        """How many sessions ``client_id`` asked for (as A) are still waiting for a side to join."""
+        with self._lock:
+            waiting = self._unjoined_by.get(client_id)
+            if not waiting:
+                return 0
+            for session_id in [sid for sid, s in waiting.items() if s.joined]:  # each leaves once
+                del waiting[session_id]
+            if not waiting:
+                del self._unjoined_by[client_id]
+            return len(waiting)
+
+    def targeting(self, client_id: str) -> int:
+        """How many open sessions lead to ``client_id`` (as target B)."""
+        with self._lock:
+            return self._targeted[client_id]
 
     def opened_by(self, client_id: str, protocol: str) -> int:
         """How many open sessions of ``protocol`` ``client_id`` asked for (as gateway A)."""
@@ -151,14 +178,43 @@ class SessionTable:
             setattr(session, attr, sock)
             return JoinStatus.JOINED, session, session.sock_a is not None and session.sock_b is not None
 
-    def expired(self, join_timeout: float, udp_idle_timeout: float) -> list[tuple[Session, str]]:
-        """Sessions whose other half never came, and UDP sessions idle too long, with the reason."""
+    def expired(self, join_timeout: float, udp_idle_timeout: float,
+                tcp_idle_timeout: float = 0.0) -> list[tuple[Session, str]]:
+        """Sessions whose other half never came, and UDP sessions (and, if ``tcp_idle_timeout``
+        is set, TCP sessions) idle too long, with the reason."""
         now = time.monotonic()
         out = []
         with self._lock:
             for s in self._sessions.values():
-                if not s.joined and now - s.created_mono > join_timeout:
-                    out.append((s, f"the other side did not join within {join_timeout:g} s"))
-                elif s.protocol == "udp" and s.joined and now - s.last_active > udp_idle_timeout:
-                    out.append((s, f"ended: idle for {udp_idle_timeout:g} s"))
+                if not s.joined:
+                    if now - s.created_mono > join_timeout:
+                        out.append((s, f"the other side did not join within {join_timeout:g} s"))
+                elif s.protocol == "udp":
+                    if now - s.last_active > udp_idle_timeout:
+                        out.append((s, f"ended: idle for {udp_idle_timeout:g} s"))
+                elif tcp_idle_timeout > 0 and _tcp_idle(s, now) > tcp_idle_timeout:
+                    out.append((s, f"idle for {tcp_idle_timeout:g} s (tcpIdleTimeout)"))
         return out
+
+
+def _tcp_idle(session: Session, now: float) -> float:
+    """Seconds since the session last moved a byte (as far as the periodic checks saw)."""
+    moved = session.bytes_a_to_b + session.bytes_b_to_a
+    if moved != session.bytes_seen:
+        session.bytes_seen = moved
+        session.last_active = now
+    return now - session.last_active
+
+
+def _decrement(counter: collections.Counter, key) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+def _discard(index: dict[str, dict], client_id: str, session_id: str) -> None:
+    sessions = index.get(client_id)
+    if sessions is not None:
+        sessions.pop(session_id, None)
+        if not sessions:
+            del index[client_id]

@@ -159,10 +159,9 @@ class ControlConnection:
         target = self.server.registry.get(msg.toClientId)
         if target is None:
             return refuse("client_offline", f"client '{msg.toClientId}' is not online")
-        limit = self.server.max_sessions_per_client if msg.protocol == "tcp" else self.server.max_udp_flows_per_client
-        if self.server.sessions.opened_by(self.client_id, msg.protocol) >= limit:
-            return refuse("limit", f"this client already has {limit} open {msg.protocol.upper()} sessions, the "
-                                   f"relay's limit per client; close some connections or raise the limit")
+        refused = self.server.caps.refusal(self.server.sessions, self.client_id, msg.toClientId, msg.protocol)
+        if refused is not None:
+            return refuse("limit", refused)
         session = self.server.sessions.create(self.client_id, msg.toClientId, msg.remotePort, msg.protocol)
         told_target = target.send(p.ConnectRequest(
             toClientId=msg.toClientId,

@@ -350,7 +350,7 @@ class Flood:
 def test_slow_loris_from_one_address_is_capped_and_dropped_by_the_deadline(make_server, make_client, services,
                                                                            caplog):
     per_ip, count, source = 200, 1500, "127.0.0.2"
-    relay = make_server(token=TOKEN, handshake_timeout=1.5, max_pending_per_ip=per_ip)
+    relay = make_server(token=TOKEN, handshake_timeout=1.5, max_pending_handshakes_per_source=per_ip)
     echo = services(TcpService(echo_handler, "echo"))
     with long_transfer(relay, make_client, services) as transfer:
         flood = Flood(relay, count, source)
@@ -380,7 +380,7 @@ def test_slow_loris_from_one_address_is_capped_and_dropped_by_the_deadline(make_
 
 
 def test_the_global_cap_on_pending_handshakes(make_server, make_client, services):
-    relay = make_server(token=TOKEN, handshake_timeout=1.0, max_pending_handshakes=20, max_pending_per_ip=1000)
+    relay = make_server(token=TOKEN, handshake_timeout=1.0, max_pending_handshakes=20, max_pending_handshakes_per_source=1000)
     with long_transfer(relay, make_client, services):
         flood = Flood(relay, 40, "127.0.0.3", trickle_every=1000)
         try:
