@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common import __version__, auth, config, service
 
+from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
 
@@ -41,6 +42,10 @@ CONFIG_KEYS = {
                                     DEFAULT_RESERVATION_TIME, lambda v: v >= 0),
     "maxReservedIdsPerToken": config.Key(int, "a whole number >= 0", DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
                                          lambda v: v >= 0),
+    # control channels that have not registered yet (hostile load, issue 9)
+    "maxUnregistered": config.Key(int, "a whole number >= 1", DEFAULT_MAX_UNREGISTERED, lambda v: v >= 1),
+    "maxUnregisteredPerSource": config.Key(int, "a whole number >= 1", DEFAULT_MAX_UNREGISTERED_PER_SOURCE,
+                                           lambda v: v >= 1),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
                  "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
@@ -198,6 +203,8 @@ def make_server(settings: dict) -> Server:
         tls_cert=settings["tlsCert"], tls_key=settings["tlsKey"], tls_only=settings["tlsOnly"],
         id_reservation_time=settings["idReservationTime"],
         max_reserved_ids_per_token=settings["maxReservedIdsPerToken"],
+        max_unregistered=settings["maxUnregistered"],
+        max_unregistered_per_source=settings["maxUnregisteredPerSource"],
     )
 
 

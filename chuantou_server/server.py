@@ -24,6 +24,7 @@ from common.net import close_quietly, enlarge_udp_buffers, recv_exact, shutdown_
 from common.threads import ThreadGroup
 
 from . import admin, httpd
+from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE, UnregisteredGate
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME, ClientRegistry
 from .relay import serve_data_channel
 from .sessions import SessionTable
@@ -62,6 +63,8 @@ class Server:
         tls_only: bool = False,
         id_reservation_time: float = DEFAULT_RESERVATION_TIME,
         max_reserved_ids_per_token: int = DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
+        max_unregistered: int = DEFAULT_MAX_UNREGISTERED,
+        max_unregistered_per_source: int = DEFAULT_MAX_UNREGISTERED_PER_SOURCE,
     ):
         """``token=None`` (and no other tokens) runs an open relay: any client may register.
         ``client_tokens`` maps a client ID to the only token that may register it;
@@ -84,6 +87,7 @@ class Server:
         self.max_sessions_per_client = max_sessions_per_client
         self.max_udp_flows_per_client = max_udp_flows_per_client
         self.handshakes = HandshakeGate(max_pending_handshakes, max_pending_per_ip)
+        self.unregistered = UnregisteredGate(max_unregistered, max_unregistered_per_source)
         if tls_only and not tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
         self.tls_context = tls.server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
@@ -252,6 +256,19 @@ class Server:
             close_quietly(sock)
 
     def _serve_control(self, sock: socket.socket, addr: tuple, request: httpd.Request) -> None:
+        admission, problem = self.unregistered.admit(addr[0])
+        if admission is None:
+            try:
+                httpd.send_response(sock, 503, f"{problem}\n", extra_headers={"Retry-After": "10"})
+            finally:
+                close_quietly(sock)
+            return
+        try:
+            self._serve_admitted_control(sock, addr, request, admission)
+        finally:
+            admission.release()
+
+    def _serve_admitted_control(self, sock: socket.socket, addr: tuple, request: httpd.Request, admission) -> None:
         sock.settimeout(None)  # simple-websocket needs a blocking socket; SO_SNDTIMEO bounds sends
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CONTROL_SEND_TIMEOUT))
 
@@ -267,7 +284,7 @@ class Server:
             httpd.send_response(sock, exc.status, f"{exc}\n")
             close_quietly(sock)
             return
-        conn = ControlConnection(self, ws, sock, addr, self._relay_host_from(request, sock))
+        conn = ControlConnection(self, ws, sock, addr, self._relay_host_from(request, sock), admission)
         with self._conn_lock:
             if self._stopping.is_set():
                 conn.close()
