@@ -36,27 +36,32 @@ def open_flooder(rude_peers, relay, source: str = ATTACKER):
 
 def flood(sock, seconds: float, max_bytes: int) -> int:
     """Many small bad frames (each earns an error reply we leave unread), then 60 KB frames."""
-    sent = push_for(sock, masked_text_frame(b"x"), seconds / 3, max_bytes // 16)
+    sent = push_for(sock, masked_text_frame(b"x"), seconds / 4, 64 * 1024)  # ~11k replies: more than the buffers hold
     big = masked_text_frame(b"{" + b"a" * 60_000)
-    return sent + push_for(sock, big, seconds * 2 / 3, max_bytes)
+    return sent + push_for(sock, big, seconds * 3 / 4, max_bytes)
 
 
 def test_a_flood_that_never_reads_its_replies_does_not_grow_relay_memory(make_server, rude_peers):
     relay = make_server(token=TOKEN, handshake_timeout=60.0)  # the deadline must not end the attack early
     sock = open_flooder(rude_peers, relay)
     before = rss_bytes()
-    sent = flood(sock, seconds=6.0, max_bytes=256 * MiB)
+    sent = flood(sock, seconds=8.0, max_bytes=256 * MiB)
     grown = rss_bytes() - before
-    assert grown < 64 * MiB, f"relay memory grew by {grown / MiB:.0f} MiB while the peer sent {sent / MiB:.0f} MiB"
+    # unbounded, the relay takes (and keeps) whatever the peer manages to send: 50-250 MiB here
+    assert grown < 32 * MiB, f"relay memory grew by {grown / MiB:.0f} MiB while the peer sent {sent / MiB:.0f} MiB"
+    assert sent < 32 * MiB, f"the relay kept reading: the peer sent {sent / MiB:.0f} MiB"
     (conn,) = relay._live_connections()
     assert conn.ws.sock.paused > 0, "the relay stopped reading from the flooding peer"
+    started = time.monotonic()
+    relay.stop()  # its serving thread is blocked sending to the peer: stop must not wait for it
+    assert time.monotonic() - started < 5.0
 
 
 def test_the_registration_deadline_closes_a_flooding_peer_on_time(make_server, make_client, rude_peers):
     relay = make_server(token=TOKEN, handshake_timeout=2.0)
     sock = open_flooder(rude_peers, relay)
     opened = time.monotonic()
-    flood(sock, seconds=1.5, max_bytes=64 * MiB)
+    flood(sock, seconds=1.5, max_bytes=16 * MiB)
     # meanwhile the housekeeper is free: an honest client registers
     assert make_client(relay, "honest", token=TOKEN, connect_timeout=5).connected
     wait_until(lambda: not [c for c in relay._live_connections() if c.client_id is None], timeout=10,
@@ -120,11 +125,11 @@ def test_config_keys_for_the_unregistered_caps():
 
 def test_stop_is_bounded_with_many_peers_that_do_not_read(make_server, make_client, rude_peers):
     relay = make_server(token=TOKEN, handshake_timeout=60.0, max_unregistered_per_source=1000)
-    flooders = [open_flooder(rude_peers, relay, f"127.0.1.{i % 200 + 1}") for i in range(40)]
-    for sock in flooders:
-        push_for(sock, masked_text_frame(b"x"), 0.1, 2 * MiB)  # error replies fill their windows
     registered = [make_client(relay, f"c{i}", token=TOKEN) for i in range(5)]
     wait_until(lambda: len(relay.registry) == len(registered))
+    flooders = [open_flooder(rude_peers, relay, f"127.0.1.{i + 1}") for i in range(4)]
+    for sock in flooders:
+        flood(sock, seconds=1.0, max_bytes=16 * MiB)  # error replies fill their windows
     started = time.monotonic()
     relay.stop()
     took = time.monotonic() - started
