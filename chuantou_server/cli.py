@@ -22,6 +22,7 @@ from common.net import host_for_url
 from . import admin_sessions
 from . import caps
 from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
+from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
 from .startopts import RUN_OPTION_DEFAULTS, given_options, running_options
@@ -79,6 +80,10 @@ CONFIG_KEYS = {
                                               caps.DEFAULT_MAX_PENDING_SESSIONS_PER_CLIENT, lambda v: v >= 1),
     "descriptorReserve": config.Key(int, "a whole number >= 0", caps.DEFAULT_DESCRIPTOR_RESERVE, lambda v: v >= 0),
     "tcpIdleTimeout": config.Key((int, float), "a number of seconds >= 0 (0: off)", 0, lambda v: v >= 0),
+    # control channels that have not registered yet (hostile load, issue 9)
+    "maxUnregistered": config.Key(int, "a whole number >= 1", DEFAULT_MAX_UNREGISTERED, lambda v: v >= 1),
+    "maxUnregisteredPerSource": config.Key(int, "a whole number >= 1", DEFAULT_MAX_UNREGISTERED_PER_SOURCE,
+                                           lambda v: v >= 1),
 }
 OPTION_TO_KEY = {"host": "host", "port": "port", "heartbeat_timeout": "heartbeatTimeout", "log_level": "logLevel",
                  "token": "token", "tls_cert": "tlsCert", "tls_key": "tlsKey"}
@@ -283,6 +288,8 @@ def make_server(settings: dict) -> Server:
         udp_early_queue_total_bytes=settings["udpEarlyQueueTotalBytes"],
         udp_registrations_per_second=settings["udpRegistrationsPerSecond"],
         **caps_settings(settings),
+        max_unregistered=settings["maxUnregistered"],
+        max_unregistered_per_source=settings["maxUnregisteredPerSource"],
     )
 
 

@@ -8,13 +8,14 @@ hands the socket to simple-websocket for the control channel.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import simple_websocket
 from wsproto.utilities import ProtocolError as WebSocketProtocolError
+
+from .control_socket import ControlSocket
 
 MAX_HEAD_BYTES = 16 * 1024
 CONTROL_PATHS = ("/", "/ws")
@@ -102,43 +103,18 @@ def send_response(sock: socket.socket, status: int, body: bytes | str, content_t
     sock.sendall(head.encode("latin-1") + body)
 
 
-class _LockedSendSocket:
-    """What simple-websocket sees as its socket.
-
-    simple-websocket writes with a bare ``sock.send`` from two threads (ours, and its reader
-    answering pings and closes) and ignores partial writes; routing every write through one
-    lock and ``sendall`` fixes both.
-    """
-
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
-        self._lock = threading.Lock()
-
-    def send(self, data: bytes) -> int:
-        with self._lock:
-            self._sock.sendall(data)
-        return len(data)
-
-    def recv(self, size: int) -> bytes:
-        return self._sock.recv(size)
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-
 def accept_websocket(sock: socket.socket, request: Request, thread_factory, max_message_size: int):
-    """Complete the WebSocket handshake; returns a simple_websocket.Server.
+    """Complete the WebSocket handshake; returns a simple_websocket.Server whose ``sock`` is
+    the connection's ControlSocket.
 
     Raises BadRequest for an upgrade request the WebSocket library refuses (no or a wrong
     Sec-WebSocket-Version or -Key, ...)."""
-    environ = {"werkzeug.socket": _LockedSendSocket(sock)}
+    control_socket = ControlSocket(sock)
+    environ = {"werkzeug.socket": control_socket}
     for name, value in request.headers.items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
     try:
-        return simple_websocket.Server(
+        ws = simple_websocket.Server(
             environ,
             receive_bytes=65536,
             ping_interval=None,  # we run our own heartbeat messages
@@ -147,3 +123,5 @@ def accept_websocket(sock: socket.socket, request: Request, thread_factory, max_
         )
     except (WebSocketProtocolError, simple_websocket.ConnectionError) as exc:
         raise BadRequest(400, f"bad WebSocket handshake: {exc}") from None
+    control_socket.watch(ws)
+    return ws

@@ -26,6 +26,7 @@ from common.threads import ThreadGroup
 from . import admin, admin_sessions, caps, httpd
 from .busy import SpareDescriptor
 from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE, HandshakeGate
+from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE, UnregisteredGate
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME, ClientRegistry
 from .relay import serve_data_channel
 from .sessions import SessionTable
@@ -78,6 +79,8 @@ class Server:
         udp_early_queue_bytes: int = EARLY_QUEUE_BYTES,
         udp_early_queue_total_bytes: int = EARLY_QUEUE_TOTAL_BYTES,
         udp_registrations_per_second: float = REGISTRATIONS_PER_SECOND,
+        max_unregistered: int = DEFAULT_MAX_UNREGISTERED,
+        max_unregistered_per_source: int = DEFAULT_MAX_UNREGISTERED_PER_SOURCE,
     ):
         """``token=None`` (and no other tokens) runs an open relay: any client may register.
         ``client_tokens`` maps a client ID to the only token that may register it;
@@ -116,6 +119,7 @@ class Server:
         self.udp_limits = {"early_queue_bytes": udp_early_queue_bytes,  # UDP hardening
                            "early_queue_total_bytes": udp_early_queue_total_bytes,
                            "registrations_per_second": udp_registrations_per_second}
+        self.unregistered = UnregisteredGate(max_unregistered, max_unregistered_per_source)
         if tls_only and not tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
         self.tls_context = tls.server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
@@ -291,6 +295,19 @@ class Server:
             close_quietly(sock)
 
     def _serve_control(self, sock: socket.socket, addr: tuple, request: httpd.Request) -> None:
+        admission, problem = self.unregistered.admit(addr[0])
+        if admission is None:
+            try:
+                httpd.send_response(sock, 503, f"{problem}\n", extra_headers={"Retry-After": "10"})
+            finally:
+                close_quietly(sock)
+            return
+        try:
+            self._serve_admitted_control(sock, addr, request, admission)
+        finally:
+            admission.release()
+
+    def _serve_admitted_control(self, sock: socket.socket, addr: tuple, request: httpd.Request, admission) -> None:
         sock.settimeout(None)  # simple-websocket needs a blocking socket; SO_SNDTIMEO bounds sends
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CONTROL_SEND_TIMEOUT))
 
@@ -306,7 +323,7 @@ class Server:
             httpd.send_response(sock, exc.status, f"{exc}\n")
             close_quietly(sock)
             return
-        conn = ControlConnection(self, ws, sock, addr, self._relay_host_from(request, sock))
+        conn = ControlConnection(self, ws, sock, addr, self._relay_host_from(request, sock), admission)
         with self._conn_lock:
             if self._stopping.is_set():
                 conn.close()

@@ -2,7 +2,8 @@
 messages that create, accept, reject and close sessions.
 
 Each connection is served by its own thread reading messages; every outgoing message goes
-through ``ControlConnection.send`` (one writer lock underneath, see httpd._LockedSendSocket).
+through ``ControlConnection.send`` (one writer lock underneath, see control_socket). Closing
+never waits on the peer: it shuts the socket down, which also wakes a thread blocked sending.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ RECEIVE_POLL = 1.0
 
 
 class ControlConnection:
-    def __init__(self, server, ws, sock: socket.socket, remote: tuple, relay_host: str):
+    def __init__(self, server, ws, sock: socket.socket, remote: tuple, relay_host: str, admission=None):
         self.server = server
         self.ws = ws
+        self.admission = admission  # our place under the unregistered cap, released on register
         self.sock = sock
         self.remote = remote
         self.relay_host = relay_host
@@ -66,6 +68,7 @@ class ControlConnection:
                     if not self.ws.connected:  # closed without waking us (see RECEIVE_POLL)
                         break
                     continue
+                self._message_taken()
                 self.last_seen = time.monotonic()
                 self.handle_frame(frame)
         finally:
@@ -86,10 +89,19 @@ class ControlConnection:
             self.close()
             return False
 
+    def _message_taken(self) -> None:
+        taken = getattr(self.ws.sock, "message_taken", None)
+        if taken is not None:
+            taken()
+
     def close(self) -> None:
+        """Close without ever waiting on the peer (safe from the housekeeper and stop())."""
         if self._closed.is_set():
             return
         self._closed.set()
+        begin_close = getattr(self.ws.sock, "begin_close", None)
+        if begin_close is not None:
+            begin_close()  # the close frame below goes out only if it fits without waiting
         try:
             self.ws.close()
         except Exception:  # already closed by the peer, or the socket is gone
@@ -130,6 +142,8 @@ class ControlConnection:
             return self._refuse_registration(msg, *_claim_refusal(self.server, msg.clientId, claim.refused))
         old = claim.replaced
         self.client_id = msg.clientId
+        if self.admission is not None:
+            self.admission.release()
         if old is not None:
             old.send(p.Error(
                 message=f"client ID '{msg.clientId}' was registered by a new connection from "

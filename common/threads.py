@@ -56,20 +56,29 @@ class ThreadGroup:
         return len(self._threads)
 
     def join_all(self, timeout: float = 5.0) -> list[str]:
-        """Join every tracked thread (except the caller); return the names still alive."""
+        """Join every tracked thread (except the caller) under one overall deadline; return the
+        names still alive. Each pass joins a snapshot in order (O(N)); threads adopted while it
+        ran are picked up by the next pass."""
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
+        joined: set[threading.Thread] = set()
         while True:
-            threads = list(self._threads)
-            pending = [t for t in threads if t is not me and t.is_alive()]
+            threads = list(self._threads)  # a snapshot: atomic under the GIL, no lock needed
             for thread in threads:
                 if not thread.is_alive():
                     self._threads.discard(thread)
+            pending = [t for t in threads if t is not me and t not in joined and t.is_alive()]
             if not pending:
                 return []
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                names = [t.name for t in pending]
+            for thread in pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                thread.join(remaining)
+                if not thread.is_alive():
+                    joined.add(thread)
+            alive = [t for t in list(self._threads) if t is not me and t.is_alive()]
+            if alive and time.monotonic() >= deadline:
+                names = [t.name for t in alive]
                 log.warning("threads still running after stop: %s", ", ".join(sorted(names)))
                 return names
-            pending[0].join(min(remaining, 0.5))
