@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from common import protocol as p
 from common.errors import ChuantouError
+from common.net import arm_reset, keep_alive
+from common.pipe import Pipe
 from common.threads import ThreadGroup
 from common.tls import client_context, normalize_fingerprint
 
@@ -65,8 +67,8 @@ class Client:
         server_url: str = DEFAULT_SERVER_URL,
         client_id: str | None = None,
         *,
-        heartbeat_interval: float = 20.0,
-        heartbeat_timeout: float = 60.0,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 25.0,
         connect_timeout: float = 10.0,
         request_timeout: float = 10.0,
         reconnect_max_delay: float = 30.0,
@@ -79,6 +81,7 @@ class Client:
         ca_file: str | None = None,
         tls_fingerprint: str | None = None,
         tls_insecure: bool = False,
+        data_channel_timeout: float = 30.0,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -95,6 +98,7 @@ class Client:
         self.request_timeout = request_timeout
         self.udp_idle_timeout = udp_idle_timeout
         self.udp_keepalive = udp_keepalive
+        self.data_channel_timeout = data_channel_timeout  # keepalive and TCP_USER_TIMEOUT of data channels
         self.target_host = target_host
         self.export = ExportPolicy(allow, allow_hosts, target_host)
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
@@ -103,6 +107,7 @@ class Client:
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
+            on_lost=self._settle_sessions,
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
@@ -257,6 +262,8 @@ class Client:
             sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, side, timeout=self.request_timeout,
                                      tls=self.tls)
             joined = True
+            arm_reset(sock)  # should this process die, the relay sees a reset, not an end of stream
+            keep_alive(sock, self.data_channel_timeout)
             return sock
         except JoinError as exc:
             reason = self._closed_reasons.get(msg.sessionId)
@@ -265,6 +272,18 @@ class Client:
             if not joined:
                 with self._lock:
                     self._session_info.pop(msg.sessionId, None)
+
+    def _settle_sessions(self, why: str) -> None:
+        """The control channel ended: the relay closes every session of ours when it drops us, and
+        behind a dead link its resets never arrive. Reset our TCP sessions now so no user waits
+        on a connection that can never finish (UDP flows open new sessions on their own)."""
+        with self._lock:
+            pipes = [h for h in self._sessions.values() if isinstance(h, Pipe)]
+        if pipes:
+            log.warning("connection to the relay ended (%s): resetting %d session(s) it no longer relays",
+                        why, len(pipes))
+        for pipe in pipes:
+            pipe.abort()
 
     def _forget_proxy(self, proxy: Proxy) -> None:
         received, sent = proxy.bytes_received, proxy.bytes_sent

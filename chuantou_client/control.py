@@ -48,7 +48,7 @@ class _Waiter:
 class ControlChannel:
     def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
                  heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
-                 token: str | None = None, tls=None):
+                 token: str | None = None, tls=None, on_lost=None):
         self.url = url
         self.client_id = client_id
         self.threads = threads
@@ -59,6 +59,7 @@ class ControlChannel:
         self.reconnect_max_delay = reconnect_max_delay
         self._token = token
         self._tls = tls
+        self.on_lost = on_lost  # called when a registered connection ends: the relay drops our sessions
 
         self.state = "idle"  # idle, connecting, connected, reconnecting, failed, stopped
         self.last_error: str | None = None
@@ -121,6 +122,8 @@ class ControlChannel:
                 else:
                     attempt = 0
                     ended = self._serve(ws)
+                    if self.on_lost is not None:
+                        self.on_lost(ended)
                     if self._stopping.is_set():
                         return
                     self.reconnects += 1

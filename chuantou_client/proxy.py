@@ -15,7 +15,7 @@ import time
 
 from common import protocol as p
 from common.errors import ChuantouError, PortInUseError
-from common.net import close_quietly, tune_tcp
+from common.net import arm_reset, close_quietly, reset_connection, tune_tcp
 from common.pipe import Pipe
 from common.threads import ThreadGroup
 
@@ -170,6 +170,7 @@ class Proxy:
                 self._closed.wait(0.1)  # e.g. out of file descriptors: do not spin
                 continue
             tune_tcp(user)
+            arm_reset(user)  # should this process die, the user sees a reset, not an end of stream
             self.connections_total += 1
             try:
                 self.threads.spawn(f"conn-{addr[1]}", self._serve_connection, user, addr)
@@ -188,7 +189,7 @@ class Proxy:
         except ChuantouError as exc:
             log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)
             self.record_failure(str(exc))
-            close_quietly(user)
+            reset_connection(user)  # the session never started: the user must not see a clean end
             return
         pipe = Pipe(user, relay, on_done=self._connection_done)
         with self._lock:

@@ -8,7 +8,7 @@ import socket
 
 from common import protocol as p
 from common.errors import ChuantouError
-from common.net import close_quietly, tune_tcp
+from common.net import reset_connection, tune_tcp
 from common.pipe import Pipe
 
 from .udp import UdpTarget
@@ -49,7 +49,7 @@ def serve_connect_request(client, msg: p.ConnectRequest) -> None:
         relay = client.join_session(msg, "B")
     except ChuantouError as exc:
         log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
-        close_quietly(local)
+        reset_connection(local)
         return
     _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
     pipe = Pipe(relay, local)

@@ -33,7 +33,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 CONFIG_KEYS = {
     "host": config.Key(str, "an address such as \"0.0.0.0\"", "0.0.0.0"),
     "port": config.Key(int, "a port number 1-65535", 8200, config.is_port),
-    "heartbeatTimeout": config.Key((int, float), "a number of seconds > 0", 60.0, config.is_positive),
+    "heartbeatTimeout": config.Key((int, float), "a number of seconds > 0", 25.0, config.is_positive),
+    # liveness of data channels: keepalive probes and TCP_USER_TIMEOUT (issue 10 item 2)
+    "dataChannelTimeout": config.Key((int, float), "a number of seconds >= 0 (0: off)", 30.0, lambda v: v >= 0),
     "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
     "token": config.Key(str, "a token string of 16 or more characters", None, lambda v: len(v) >= 16,
                         secret=True),
@@ -288,6 +290,7 @@ def make_server(settings: dict) -> Server:
         udp_early_queue_total_bytes=settings["udpEarlyQueueTotalBytes"],
         udp_registrations_per_second=settings["udpRegistrationsPerSecond"],
         **caps_settings(settings),
+        data_channel_timeout=settings["dataChannelTimeout"],
         max_unregistered=settings["maxUnregistered"],
         max_unregistered_per_source=settings["maxUnregisteredPerSource"],
     )

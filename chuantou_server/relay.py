@@ -10,7 +10,7 @@ import logging
 import socket
 
 from common.frames import FrameError, JoinStatus, unpack_data_header
-from common.net import close_quietly
+from common.net import arm_reset, close_quietly, keep_alive
 from common.pipe import Pipe
 
 log = logging.getLogger("chuantou.server")
@@ -32,6 +32,8 @@ def serve_data_channel(server, sock: socket.socket, header: bytes) -> None:
         close_quietly(sock)
         return
     sock.settimeout(None)  # from here on the session owns the socket and closes it
+    arm_reset(sock)  # should the relay die, the client sees a reset, not an end of stream
+    keep_alive(sock, server.data_channel_timeout)
     status, session, both = server.sessions.join_tcp(join, sock)
     if status != JoinStatus.JOINED:
         close_quietly(sock)

@@ -45,7 +45,7 @@ class Server:
         self,
         host: str = "0.0.0.0",
         port: int = 8200,
-        heartbeat_timeout: float = 60.0,
+        heartbeat_timeout: float = 25.0,
         *,
         public_host: str | None = None,
         public_port: int | None = None,
@@ -79,6 +79,7 @@ class Server:
         udp_early_queue_bytes: int = EARLY_QUEUE_BYTES,
         udp_early_queue_total_bytes: int = EARLY_QUEUE_TOTAL_BYTES,
         udp_registrations_per_second: float = REGISTRATIONS_PER_SECOND,
+        data_channel_timeout: float = 30.0,
         max_unregistered: int = DEFAULT_MAX_UNREGISTERED,
         max_unregistered_per_source: int = DEFAULT_MAX_UNREGISTERED_PER_SOURCE,
     ):
@@ -95,6 +96,7 @@ class Server:
         self.host = host
         self.port = port
         self.heartbeat_timeout = heartbeat_timeout
+        self.data_channel_timeout = data_channel_timeout  # a silent data channel is dropped after it
         self.public_host = public_host
         self.public_port = public_port
         self.session_join_timeout = session_join_timeout

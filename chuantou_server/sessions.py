@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from common.frames import ID_BYTES, SECRET_BYTES, JoinRequest, JoinStatus
-from common.net import close_quietly
+from common.net import reset_connection
 
 
 @dataclass(eq=False)
@@ -62,10 +62,13 @@ class Session:
         return client_id in (self.client_a, self.client_b)
 
     def close_sockets(self) -> None:
+        """Called when the relay ends the session: a running pipe passes on how it ended (it
+        resets both halves when aborted); a parked half is reset, since nothing finished."""
         if self.pipe is not None:
             self.pipe.abort()
-        close_quietly(self.sock_a)
-        close_quietly(self.sock_b)
+            return
+        reset_connection(self.sock_a)
+        reset_connection(self.sock_b)
 
 
 class SessionTable:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 SOCKET_BUFFER = 4 * 1024 * 1024  # UDP sockets: room for bursts of datagrams
@@ -15,6 +16,59 @@ def tune_tcp(sock: socket.socket) -> socket.socket:
     except OSError:
         pass
     return sock
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # on, 0 s: close() sends RST and drops what is unsent
+_LINGER_NORMAL = struct.pack("ii", 0, 0)
+
+
+def arm_reset(sock: socket.socket) -> None:
+    """Make every close of ``sock`` a reset (RST), including the kernel's close when this process
+    dies: a peer must never take a crash for a clean end of stream. ``disarm_reset`` before a
+    clean close."""
+    _set_linger(sock, _LINGER_RESET)
+
+
+def disarm_reset(sock: socket.socket) -> None:
+    """A clean end: the next close lingers as usual, so data still unsent is delivered."""
+    _set_linger(sock, _LINGER_NORMAL)
+
+
+def _set_linger(sock: socket.socket, value: bytes) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
+    except OSError:
+        pass
+
+
+def reset_connection(sock: socket.socket | None) -> None:
+    """End a connection abnormally: the peer sees ECONNRESET, never a FIN."""
+    if sock is None:
+        return
+    arm_reset(sock)
+    shutdown_quietly(sock, socket.SHUT_RD)  # wakes a reader without sending FIN
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def keep_alive(sock: socket.socket, timeout: float) -> None:
+    """Notice a dead link within about ``timeout`` seconds: keepalive probes while idle, and
+    TCP_USER_TIMEOUT while sent data goes unacknowledged (retransmissions alone take ~15 min)."""
+    if timeout <= 0:
+        return
+    idle = max(1, int(timeout / 3))
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(1, int(timeout / 6))),
+                        ("TCP_KEEPCNT", 4), ("TCP_USER_TIMEOUT", int(timeout * 1000))):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
 
 
 def enlarge_udp_buffers(sock: socket.socket) -> None:

@@ -2,19 +2,31 @@
 
 Used by the relay (data channel A <-> data channel B), by the gateway client (user <-> relay)
 and by the target client (relay <-> local service). Per chunk it does nothing but the copy
-and a byte count. A FIN on one side becomes ``shutdown(SHUT_WR)`` on the other, so the
-reverse direction keeps flowing (half-close); an error on either side closes both.
+and a byte count.
+
+How a session ends is passed on faithfully, because a cut transfer must never look finished:
+- a FIN (the far end really finished sending) becomes ``shutdown(SHUT_WR)`` on the other side,
+  so the reverse direction keeps flowing (half-close), and once both directions have ended so
+  the sockets close cleanly;
+- anything else (a reset, an error, ``abort()`` because the relay or a client gave up on the
+  session, or this process dying) reaches both peers as a reset: the sockets are armed with
+  ``SO_LINGER`` 0 from the start, so even the kernel's close at a crash sends RST, not FIN.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+import time
 
-from .net import close_quietly, shutdown_quietly
+from .net import arm_reset, close_quietly, disarm_reset, reset_connection, shutdown_quietly
+
+log = logging.getLogger("chuantou")
 
 SMALL_READ = 16 * 1024
 BULK_BUFFER = 1024 * 1024
+STUCK_WRITE = 1.0  # a write blocked this long (its reader stopped reading) is woken by SHUT_WR on abort
 
 
 class Pipe:
@@ -30,58 +42,113 @@ class Pipe:
         self._on_done = on_done
         self._bulk_buffer = bulk_buffer
         self._aborted = threading.Event()
+        self._finished = [False, False]  # direction ended by a real FIN
+        self._writing_since = [0.0, 0.0]  # when a direction entered sendall (0: not writing)
+        self._done = [threading.Event(), threading.Event()]
+        arm_reset(a)
+        arm_reset(b)
 
     def run(self, group, name: str) -> None:
         """Pump b -> a on a new thread of ``group`` and a -> b on the calling thread; return when both end."""
         try:
             other = group.spawn(name, self._pump, self.b, self.a, 1)
         except RuntimeError:  # cannot start a thread (process limit): give up this connection only
+            self._aborted.set()
             self._finish()
             raise
         self._pump(self.a, self.b, 0)
         other.join()
         self._finish()
 
+    def _destination(self, index: int) -> socket.socket:
+        return self.b if index == 0 else self.a
+
     def abort(self) -> None:
-        """Close both directions now; wakes both pump threads."""
+        """End both directions abnormally now: each peer sees a reset. Wakes both pump threads."""
         self._aborted.set()
-        shutdown_quietly(self.a)
-        shutdown_quietly(self.b)
+        for sock in (self.a, self.b):
+            shutdown_quietly(sock, socket.SHUT_RD)  # wakes a reader and sends nothing
+        for index in (0, 1):
+            self._wake_stuck_writer(index)
+
+    def _wake_stuck_writer(self, index: int) -> None:
+        """A writer blocked on a full buffer wakes only on SHUT_WR. Its FIN queues behind the
+        unsent data its reader is not taking, and the reset at close (armed linger) overtakes and
+        discards both. A writer that is merely busy is left alone: a FIN sent now would arrive."""
+        since = self._writing_since[index]
+        if since and time.monotonic() - since > STUCK_WRITE:
+            shutdown_quietly(self._destination(index), socket.SHUT_WR)
+
+    def _await_partner(self, index: int) -> None:
+        """Wait for the other direction; if the pipe is aborted while it is stuck writing, wake it."""
+        partner = 1 - index
+        while not self._done[partner].wait(STUCK_WRITE):
+            if self._aborted.is_set():
+                self._wake_stuck_writer(partner)
 
     @property
     def aborted(self) -> bool:
         return self._aborted.is_set()
 
+    @property
+    def ended_cleanly(self) -> bool:
+        return not self._aborted.is_set() and all(self._finished)
+
     def _finish(self) -> None:
-        close_quietly(self.a)
-        close_quietly(self.b)
+        if self.ended_cleanly:
+            for sock in (self.a, self.b):
+                disarm_reset(sock)
+                close_quietly(sock)
+        else:
+            reset_connection(self.a)
+            reset_connection(self.b)
         if self._on_done is not None:
             self._on_done(self)
 
+    def _end_of_stream(self, dst: socket.socket, index: int) -> None:
+        if self._aborted.is_set():  # our own SHUT_RD woke the reader: not the peer's FIN
+            return
+        self._finished[index] = True
+        shutdown_quietly(dst, socket.SHUT_WR)
+
     def _pump(self, src: socket.socket, dst: socket.socket, index: int) -> None:
-        counts = self.sent
         try:
-            # Small reads until the stream proves to be bulk, so an idle or chatty connection
-            # holds no large buffer between reads.
-            while True:
-                data = src.recv(SMALL_READ)
-                if not data:
-                    shutdown_quietly(dst, socket.SHUT_WR)
-                    return
-                dst.sendall(data)
-                counts[index] += len(data)
-                if len(data) == SMALL_READ:
-                    break
-            buf = bytearray(self._bulk_buffer)
-            view = memoryview(buf)
-            recv_into = src.recv_into
-            sendall = dst.sendall
-            while True:
-                n = recv_into(buf)
-                if not n:
-                    shutdown_quietly(dst, socket.SHUT_WR)
-                    return
-                sendall(view[:n])
-                counts[index] += n
-        except OSError:
+            self._copy(src, dst, index)
+        except OSError as exc:
+            self._writing_since[index] = 0.0
+            log.debug("pipe %s: %s; resetting both ends", ("a->b", "b->a")[index], exc)
             self.abort()
+        finally:
+            self._done[index].set()
+        self._await_partner(index)
+
+    def _copy(self, src: socket.socket, dst: socket.socket, index: int) -> None:
+        counts = self.sent
+        writing = self._writing_since
+        clock = time.monotonic
+        # Small reads until the stream proves to be bulk, so an idle or chatty connection
+        # holds no large buffer between reads.
+        while True:
+            data = src.recv(SMALL_READ)
+            if not data:
+                self._end_of_stream(dst, index)
+                return
+            writing[index] = clock()
+            dst.sendall(data)
+            writing[index] = 0.0
+            counts[index] += len(data)
+            if len(data) == SMALL_READ:
+                break
+        buf = bytearray(self._bulk_buffer)
+        view = memoryview(buf)
+        recv_into = src.recv_into
+        sendall = dst.sendall
+        while True:
+            n = recv_into(buf)
+            if not n:
+                self._end_of_stream(dst, index)
+                return
+            writing[index] = clock()
+            sendall(view[:n])
+            writing[index] = 0.0
+            counts[index] += n
