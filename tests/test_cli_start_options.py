@@ -102,7 +102,7 @@ def test_relay_start_with_new_options_names_them_and_a_foreground_copy_saves_no_
                          "--no-auth")
     assert not_applied_lines(changed) == [
         f"--port {other_port} (running: {port})",
-        "--heartbeat-timeout 20 (running: 60)",
+        "--heartbeat-timeout 20 (running: 25)",
         "--token (running with another token)",
         "--no-auth on (running: off)",
     ]
