@@ -17,7 +17,8 @@ from pathlib import Path
 
 from common import __version__, service
 from common.errors import ChuantouError
-from common.startcheck import check_start_options, config_restored_on_failure
+from common import startcheck
+from common.startcheck import config_restored_on_failure
 
 from .app import LOG_LEVELS, ClientApp, default_config_path
 from .client import DEFAULT_SERVER_URL
@@ -226,15 +227,10 @@ def install_autostart(args, server_url: str | None) -> None:
 def refuse_if_running(args, command: str) -> str | None:
     """None if no client runs with this config; else the "already running" line when it uses every
     option given, or OptionsNotApplied naming those it does not use and how to apply them."""
-    worker = service.running_worker(files(args))
-    if worker is None:
-        return None
-    pid = service.already_running(files(args))
-    config = f" --config {args.config}" if getattr(args, "config", None) else ""
-    hint = f"to apply them: python -m chuantou_client stop{config}, then run this {command} again"
-    return check_start_options(given_options(args), worker.get("options"),
-                               f"chuantou client is already running (pid {pid}, ID {worker.get('clientId')})", hint,
-                               RUN_OPTION_DEFAULTS)
+    return startcheck.refuse_if_running(
+        files(args), MODULE, getattr(args, "config", None), command, given_options(args),
+        lambda pid, worker: f"chuantou client is already running (pid {pid}, ID {worker.get('clientId')})",
+        RUN_OPTION_DEFAULTS)
 
 
 RUN_OPTION_DEFAULTS = {"--allow": "every port on 127.0.0.1", "--allow-host": "none", "--ca": "the system's CAs",

@@ -16,7 +16,8 @@ import urllib.request
 from pathlib import Path
 
 from common import __version__, auth, config, service
-from common.startcheck import check_start_options, config_restored_on_failure
+from common import startcheck
+from common.startcheck import config_restored_on_failure
 from common.net import host_for_url
 
 from . import admin_sessions
@@ -370,15 +371,10 @@ def cmd_start(args) -> int:
 def refuse_if_running(args, command: str) -> str | None:
     """None if no relay runs with this config; else the "already running" line when it uses every
     option given, or OptionsNotApplied naming those it does not use and how to apply them."""
-    worker = service.running_worker(files(args))
-    if worker is None:
-        return None
-    pid = service.already_running(files(args))
-    config_option = f" --config {args.config}" if getattr(args, "config", None) else ""
-    hint = f"to apply them: python -m chuantou_server stop{config_option}, then run this {command} again"
-    return check_start_options(given_options(args), worker.get("options"),
-                               f"chuantou server is already running (pid {pid}, port {worker.get('port')})", hint,
-                               RUN_OPTION_DEFAULTS)
+    return startcheck.refuse_if_running(
+        files(args), MODULE, getattr(args, "config", None), command, given_options(args),
+        lambda pid, worker: f"chuantou server is already running (pid {pid}, port {worker.get('port')})",
+        RUN_OPTION_DEFAULTS)
 
 
 def cmd_stop(args) -> int:

@@ -1,7 +1,7 @@
 """``start`` when an instance is already running (issue 10 item 11): the running worker records
 the options it really uses; a new ``start`` compares the options the user gave with those and
 either says "already running" (all equal) or names each option that was not applied and how to
-apply it. Plain data and one file helper; each program says what its options are.
+apply it. Each program says what its options are.
 
 Options are kept as ``{"--flag": canonical value}``: the same canonical form on both sides, so
 ``22, 3000-3999`` equals ``22,3000-3999`` and a relative ``--ca`` equals its absolute path.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from . import service
 from .errors import ChuantouError
 
 SECRET_OPTIONS = frozenset({"--token"})
@@ -70,6 +71,20 @@ def check_start_options(given: dict, running: dict | None, running_line: str, ap
     listing = "\n  ".join(lines)
     raise OptionsNotApplied(f"{running_line} with other options; not applied (nothing was saved):\n  {listing}\n"
                             f"{apply_hint}")
+
+
+def refuse_if_running(svc, module: str, config: str | None, command: str, given: dict, describe_running,
+                      defaults: dict) -> str | None:
+    """None if no instance runs with these files; else the "already running" line when it uses
+    every option ``given``, or OptionsNotApplied naming those it does not use and how to apply
+    them. ``describe_running(pid, worker)`` words the running instance."""
+    worker = service.running_worker(svc)
+    if worker is None:
+        return None
+    pid = service.already_running(svc)
+    config_option = f" --config {config}" if config else ""
+    hint = f"to apply them: python -m {module} stop{config_option}, then run this {command} again"
+    return check_start_options(given, worker.get("options"), describe_running(pid, worker), hint, defaults)
 
 
 @contextlib.contextmanager
