@@ -101,6 +101,10 @@ class AdminServer:
         self._httpd = None
 
     @property
+    def listening_socket(self):
+        return self._httpd.socket if self._httpd is not None else None
+
+    @property
     def allowed_hosts(self) -> set[str]:
         return {f"127.0.0.1:{self.port}", f"localhost:{self.port}", f"[::1]:{self.port}", f"{self.host}:{self.port}"}
 

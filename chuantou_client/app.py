@@ -56,6 +56,7 @@ CONFIG_KEYS = {
     "ca": config.Key(str, "the path of a PEM file of trusted CA certificates", None),
     "tlsFingerprint": config.Key(str, "the SHA-256 fingerprint of the relay's certificate", None),
     "tlsInsecure": config.Key(bool, "true or false", False),
+    "maxPendingConnects": config.Key(int, "a whole number >= 1", 64, lambda v: v >= 1),  # sessions set up at once
     "allowHosts": config.Key(list, "a list of host names or addresses", list,
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
 }
@@ -114,7 +115,8 @@ class ClientApp:
         self.client = Client(self.server_url, self.settings["clientId"], token=token,
                              allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"],
                              ca_file=self.settings["ca"], tls_fingerprint=self.settings["tlsFingerprint"],
-                             tls_insecure=self.settings["tlsInsecure"])
+                             tls_insecure=self.settings["tlsInsecure"],
+                             max_pending_connects=self.settings["maxPendingConnects"])
         if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
             self.save()
         self.admin = AdminServer(self, admin_host, self.admin_port)
@@ -128,6 +130,7 @@ class ClientApp:
 
     def start(self) -> "ClientApp":
         self.admin.start()  # first: a busy admin port is a clear, early failure
+        self.client.protect_socket(self.admin.listening_socket)  # never a session's target (issue 9.9)
         self.client.start(wait=False)
         for entry in self.settings["proxies"]:
             self._open_proxy(entry)

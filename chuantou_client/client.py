@@ -25,7 +25,8 @@ from .control import ControlChannel
 from .datachannel import JoinError, TlsSettings, open_data_channel
 from .export import ExportPolicy
 from .proxy import Proxy
-from .target import serve_connect_request
+from .selfguard import SelfGuard
+from .target import PendingConnects, serve_connect_request
 
 log = logging.getLogger("chuantou.client")
 
@@ -82,12 +83,16 @@ class Client:
         tls_fingerprint: str | None = None,
         tls_insecure: bool = False,
         data_channel_timeout: float = 30.0,
+        max_pending_connects: int = 64,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
         only); ``allow_hosts``: further hosts of this network they may reach. With a
         ``wss://`` URL the control channel and every data channel use TLS, verified against
-        the system CAs, or ``ca_file``, or pinned by ``tls_fingerprint`` (SHA-256)."""
+        the system CAs, or ``ca_file``, or pinned by ``tls_fingerprint`` (SHA-256). ``max_pending_connects``: sessions B sets up at once (more are refused).
+
+        No session reaches this client's own proxies, nor a socket given to ``protect_socket``
+        (the local API), whatever ``allow`` says."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -101,6 +106,8 @@ class Client:
         self.data_channel_timeout = data_channel_timeout  # keepalive and TCP_USER_TIMEOUT of data channels
         self.target_host = target_host
         self.export = ExportPolicy(allow, allow_hosts, target_host)
+        self.self_guard = SelfGuard()
+        self.pending_connects = PendingConnects(max_pending_connects)
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
         self.control = ControlChannel(
@@ -197,6 +204,10 @@ class Client:
         with self._lock:
             self._proxies.append(proxy)
         return proxy
+
+    def protect_socket(self, sock) -> None:
+        """Keep sessions away from ``sock``, a TCP socket this program listens on (its API)."""
+        self.self_guard.protect(sock, "tcp")
 
     @property
     def proxies(self) -> list[Proxy]:

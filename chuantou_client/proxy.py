@@ -49,6 +49,7 @@ class Proxy:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._tcp: socket.socket | None = None
+        self._guard_keys: list[tuple] = []
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.udp: UdpGateway | None = None
@@ -82,6 +83,8 @@ class Proxy:
             self.local_port = udp.getsockname()[1]
             self.udp = UdpGateway(self, udp)
         self.threads.prefix = f"chuantou-proxy-{self.local_port}"
+        self._guard_keys = [self.client.self_guard.protect(sock, kind)
+                            for sock, kind in ((tcp, "tcp"), (udp, "udp")) if sock is not None]
         if tcp is not None:
             self.threads.spawn("tcp", self._accept_loop)
         if udp is not None:
@@ -95,6 +98,8 @@ class Proxy:
         if self._closed.is_set():
             return
         self._closed.set()
+        for key in self._guard_keys:
+            self.client.self_guard.release(key)
         close_quietly(self._tcp)
         if self.udp is not None:
             self.udp.close()

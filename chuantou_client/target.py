@@ -1,32 +1,77 @@
 """The target side (B): answer the relay's ``connect_request`` by connecting to the local
-service and joining the session, or rejecting it with the reason."""
+service and joining the session, or rejecting it.
+
+A requester learns only that it was refused ("not allowed by the target", "the target cannot
+reach ..."): which ports B allows, and why a host of B's network did not answer, stay in B's
+own log."""
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 from common import protocol as p
 from common.errors import ChuantouError
+from common.limits import LimitLog
 from common.net import reset_connection, tune_tcp
 from common.pipe import Pipe
 
+from .selfguard import resolve_for_connect
 from .udp import UdpTarget
 
 log = logging.getLogger("chuantou.client")
 
 LOCAL_CONNECT_TIMEOUT = 5.0
+SELF_REFUSAL = "it is one of this client's own ports (its local API or a proxy), which no session may reach"
+
+
+class PendingConnects:
+    """At most ``limit`` sessions being set up at once on B (connect to the service, then join):
+    a requester that floods ``connect_request`` cannot make B open thousands of connections
+    and threads. Sessions already joined do not count."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self.limit_log = LimitLog(log)
+
+    def try_enter(self, requester: str) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        self.limit_log.bit("maxPendingConnects", requester,
+                           "refusing sessions from %s: %d are already being set up on this client "
+                           "(max_pending_connects)", requester, self.limit)
+        return False
+
+    def leave(self) -> None:
+        self._slots.release()
+
+
+def target_label(msg: p.ConnectRequest) -> str:
+    """The target as the requester named it (B's default host is not the requester's business)."""
+    return f"{msg.remoteHost}:{msg.remotePort}" if msg.remoteHost else f"port {msg.remotePort}"
 
 
 def serve_connect_request(client, msg: p.ConnectRequest) -> None:
     if msg.sessionId is None or msg.secret is None or msg.relayAddr is None:
         log.warning("ignoring a connect_request without session fields")
         return
+    if not client.pending_connects.try_enter(msg.fromClientId or "?"):
+        _reject(client, msg, "the target client is busy setting up other sessions; try again shortly")
+        return
+    try:
+        _serve(client, msg)
+    finally:
+        client.pending_connects.leave()
+
+
+def _serve(client, msg: p.ConnectRequest) -> None:
     service = (msg.remoteHost or client.target_host, msg.remotePort)
     refusal = client.export.refusal(*service)
     if refusal is not None:
         log.warning("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], refusal)
-        _send_quietly(client, p.RejectSession(sessionId=msg.sessionId, reason=refusal))
+        _reject(client, msg, f"{target_label(msg)} is not allowed by the target client")
         return
     if msg.protocol == "udp":
         flow = UdpTarget(client, msg, service)
@@ -36,12 +81,8 @@ def serve_connect_request(client, msg: p.ConnectRequest) -> None:
         finally:
             client._untrack_session(msg.sessionId)
         return
-    try:
-        local = socket.create_connection(service, timeout=LOCAL_CONNECT_TIMEOUT)
-    except OSError as exc:
-        reason = f"cannot connect to {service[0]}:{service[1]}: {exc.strerror or exc}"
-        log.info("session from %s refused: %s", msg.fromClientId, reason)
-        _send_quietly(client, p.RejectSession(sessionId=msg.sessionId, reason=reason))
+    local = _connect_service(client, msg, service)
+    if local is None:
         return
     tune_tcp(local)
     local.settimeout(None)
@@ -58,6 +99,40 @@ def serve_connect_request(client, msg: p.ConnectRequest) -> None:
         pipe.run(client.threads, f"b-{msg.sessionId[:8]}")
     finally:
         client._untrack_session(msg.sessionId)
+
+
+def _connect_service(client, msg: p.ConnectRequest, service: tuple) -> socket.socket | None:
+    """A connection to the service at an address that was checked against this client's own
+    sockets, or None (and the session rejected)."""
+    try:
+        candidates = resolve_for_connect(*service, "tcp")
+    except OSError as exc:
+        return _unreachable(client, msg, service, f"cannot resolve it: {exc.strerror or exc}")
+    if any(client.self_guard.reaches_self(addr, "tcp") for _, addr in candidates):
+        log.warning("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], SELF_REFUSAL)
+        _reject(client, msg, f"{target_label(msg)} is not allowed by the target client")
+        return None
+    error: OSError | None = None
+    for family, addr in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(LOCAL_CONNECT_TIMEOUT)
+        try:
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+    return _unreachable(client, msg, service, f"cannot connect: {error.strerror or error}")
+
+
+def _unreachable(client, msg: p.ConnectRequest, service: tuple, detail: str) -> None:
+    log.info("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], detail)
+    _reject(client, msg, f"the target client cannot reach {target_label(msg)} (details in its log)")
+    return None
+
+
+def _reject(client, msg: p.ConnectRequest, reason: str) -> None:
+    _send_quietly(client, p.RejectSession(sessionId=msg.sessionId, reason=reason))
 
 
 def _send_quietly(client, msg) -> None:

@@ -230,6 +230,11 @@ class UdpTarget:
                         self.service[0], self.service[1], exc.strerror or exc)
             self._reject("the target cannot reach that UDP service")  # the detail stays in this log
             return
+        if self.client.self_guard.reaches_self(service, "udp"):
+            log.warning("UDP session from %s to %s:%d refused: it is one of this client's own ports (a proxy), "
+                        "which no session may reach", msg.fromClientId, self.service[0], self.service[1])
+            self._reject("that UDP service is not allowed by the target client")
+            return
         try:
             self.sock, (relay, service) = udp_socket_for(relay_family, relay, service_family, service)
             enlarge_udp_buffers(self.sock)
