@@ -178,7 +178,7 @@ def run_foreground(args) -> int:
             while not (app.client.connected or stop.is_set()) and time.monotonic() < deadline:
                 stop.wait(0.1)  # SIGTERM sets `stop`: answer it now, not after this wait
             if app.client.control.state == "failed":  # refused before it ever registered: no retries
-                print(f"error: the relay refused registration: {app.client.control.last_error}; not retrying",
+                print(f"error: {app.client.control.last_error}; not retrying",
                       flush=True)
             elif not (app.client.connected or stop.is_set()):
                 print(f"not registered yet ({app.client.control.last_error or 'connecting'}); "
@@ -257,7 +257,7 @@ def registration_outcome(args, wait: float = 5.0) -> str:
     if status.get("state") == "connected":
         return f"registered with the relay as {status['clientId']}"
     if status.get("state") == "failed":
-        raise RegistrationFailed(f"the relay refused registration: {status.get('lastError')}; the background "
+        raise RegistrationFailed(f"{status.get('lastError')}; the background "
                                  f"client is stopped")
     return f"warning: not registered ({status.get('lastError') or status.get('state', 'no answer')}); " \
            f"see: python -m chuantou_client status"

@@ -159,7 +159,7 @@ class Client:
                 refused = self.control.state == "failed"
                 self.stop()
                 if refused:
-                    raise ChuantouError(f"registration with the relay at {self.server_url} failed: {reason}")
+                    raise ChuantouError(f"cannot register with the relay at {self.server_url}: {reason}")
                 raise ChuantouError(
                     f"cannot register with the relay at {self.server_url}: {reason}; "
                     f"check that the server is running and that --server points at it"

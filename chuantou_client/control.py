@@ -39,6 +39,13 @@ class RegistrationRefused(ChuantouError):
         self.code = code
 
 
+class WrongScheme(ChuantouError):
+    """A ``ws://`` URL for a relay that accepts only TLS (it answered 426 Upgrade Required)."""
+
+    def __init__(self, url: str):
+        super().__init__(f"the relay accepts only TLS: use --server {url.replace('ws://', 'wss://', 1)}")
+
+
 class _Waiter:
     def __init__(self):
         self.event = threading.Event()
@@ -109,11 +116,11 @@ class ControlChannel:
                 self.state = "connecting" if attempt == 0 and not self.reconnects else "reconnecting"
                 try:
                     ws = self._connect_and_register()
-                except (RegistrationRefused, tls.TlsError, ssl.SSLCertVerificationError) as exc:
+                except (RegistrationRefused, tls.TlsError, ssl.SSLCertVerificationError, WrongScheme) as exc:
                     self.last_error = _describe(exc)
                     if not self._ever_registered:
                         self.state = "failed"
-                        log.error("relay refused registration: %s", self.last_error)
+                        log.error("%s", self.last_error)
                         return
                     self._log_refused_retry(exc)
                 except Exception as exc:  # unreachable, reset, bad handshake: try again later
@@ -146,14 +153,19 @@ class ControlChannel:
         if isinstance(exc, RegistrationRefused) and exc.code == p.ID_IN_USE:
             log.warning("client ID %s is still in use by another connection; retrying", self.client_id)
         else:
-            log.error("relay refused registration: %s; retrying with backoff (at most every %g s), since this "
+            log.error("%s; retrying with backoff (at most every %g s), since this "
                       "client was registered before", self.last_error, self.reconnect_max_delay)
 
     def _connect_and_register(self) -> websocket.WebSocket:
         sslopt = {"context": self._tls.context} if self._tls else None
         # protocol.decode rejects invalid UTF-8 itself; websocket-client's own check is a slow Python loop
-        ws = websocket.create_connection(self.url, timeout=self.connect_timeout, enable_multithread=True,
-                                         sslopt=sslopt, skip_utf8_validation=True)
+        try:
+            ws = websocket.create_connection(self.url, timeout=self.connect_timeout, enable_multithread=True,
+                                             sslopt=sslopt, skip_utf8_validation=True)
+        except websocket.WebSocketBadStatusException as exc:
+            if exc.status_code == 426:  # a --tls-only relay answering a ws:// URL
+                raise WrongScheme(self.url) from None
+            raise
         try:
             if self._tls is not None:
                 tls.check_pin(ws.sock.getpeercert(binary_form=True), self._tls.fingerprint)
@@ -305,9 +317,16 @@ class ControlChannel:
 
 
 def _describe(exc: BaseException) -> str:
+    """One sentence that names what went wrong and, where it can, the fix. Only a refusal the
+    relay sent is worded as the relay refusing; a certificate this client cannot trust is not."""
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, RegistrationRefused):
+        return f"the relay refused registration: {text}"
+    if isinstance(exc, tls.TlsError):
+        return f"cannot trust the relay: {text}"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"the relay's TLS certificate is not trusted ({exc.verify_message}); for a private CA pass "
+        return (f"cannot trust the relay: its TLS certificate is not trusted ({exc.verify_message}); for a "
+                f"private CA pass "
                 f"--ca FILE, or pin the certificate with --tls-fingerprint SHA256")
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the relay running on that host and port?)"

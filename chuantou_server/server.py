@@ -254,7 +254,7 @@ class Server:
                     sock = tls.TlsStream.handshake(sock, self.tls_context, True, deadline)
                 elif self.tls_only:
                     log.debug("plain connection from %s:%s refused (TLS only)", addr[0], addr[1])
-                    close_quietly(sock)
+                    refuse_plain_connection(sock, deadline)
                     return
             first = recv_exact(sock, 2, deadline)
             if first == DATA_MAGIC:
@@ -449,3 +449,23 @@ def _dual_stack_if_wildcard(sock: socket.socket, host: str) -> None:
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
+_TLS_ONLY_TEXT = b"this relay accepts only TLS: clients use --server wss://..., browsers use https://...\n"
+TLS_ONLY_REPLY = (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.3, TLS/1.2\r\nConnection: close\r\n"
+                  b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(_TLS_ONLY_TEXT), _TLS_ONLY_TEXT))
+
+
+def refuse_plain_connection(sock: socket.socket, deadline: float) -> None:
+    """On a --tls-only relay: tell a plain HTTP peer (a ws:// client, a browser) to use TLS, with
+    a 426 that websocket-client and browsers show; anything else is just closed."""
+    try:
+        sock.settimeout(max(0.01, min(1.0, deadline - time.monotonic())))
+        first = sock.recv(1, socket.MSG_PEEK)
+        if first and first in HTTP_FIRST_BYTES:
+            sock.sendall(TLS_ONLY_REPLY)
+    except OSError:
+        pass
+    finally:
+        close_quietly(sock)

@@ -68,6 +68,7 @@ def test_without_ca_file_a_self_signed_relay_is_not_trusted(tls_relay, make_clie
         make_client(wss_url(tls_relay), "A", token=TOKEN, connect_timeout=5)
     text = str(caught.value)
     assert "not trusted" in text and "--ca" in text and "--tls-fingerprint" in text
+    assert "refused" not in text  # this client's check failed: the relay refused nothing
     assert tls_relay.registry.ids() == []
 
 
@@ -105,13 +106,17 @@ def test_a_wrong_pinned_fingerprint_is_refused(tls_relay, make_client, certs):
 
 
 def test_tls_only_refuses_plain_connections(tls_relay, make_client, certs, tcp_echo):
-    with pytest.raises(ChuantouError):
-        make_client(tls_relay, "plain", token=TOKEN, connect_timeout=1.5)
-    for opening in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", pack_data_header(JoinRequest("A", "00" * 16, "00" * 16))):
-        with connect(tls_relay.port) as sock:
-            sock.sendall(opening)
-            closed, got = closed_without_reply(sock, PROMPT)
-        assert closed and got == b"", f"a plain {opening[:6]!r} got {got[:40]!r}"
+    with pytest.raises(ChuantouError, match="accepts only TLS: use --server wss://") as caught:
+        make_client(tls_relay, "plain", token=TOKEN, connect_timeout=5)
+    assert "refused registration" not in str(caught.value)
+    with connect(tls_relay.port) as sock:  # a browser or a ws:// client gets a 426 that says why
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        closed, got = closed_without_reply(sock, PROMPT)
+    assert closed and got.startswith(b"HTTP/1.1 426 ") and b"accepts only TLS" in got, got[:80]
+    with connect(tls_relay.port) as sock:
+        sock.sendall(pack_data_header(JoinRequest("A", "00" * 16, "00" * 16)))
+        closed, got = closed_without_reply(sock, PROMPT)
+    assert closed and got == b"", f"a plain data channel got {got[:40]!r}"
     assert tls_relay.registry.ids() == []
     # TLS clients are still welcome
     a = make_client(wss_url(tls_relay), "A", token=TOKEN, ca_file=certs["relay"].cert)
