@@ -128,15 +128,19 @@ def test_reads_continue_after_our_own_close_notify(cert):
     client, server = tls_pair(cert)
     try:
         payload = random_bytes(3 * MiB)
-        sender = threading.Thread(target=server.sendall, args=(payload,), name="svc-tls-sender", daemon=True)
+
+        def send() -> None:
+            server.sendall(payload)
+            server.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, name="svc-tls-sender", daemon=True)
         sender.start()
-        assert client.recv(1) == payload[:1]  # data is buffered on the way when we half-close
+        assert client.recv(1) == payload[:1]  # records are buffered on the way when we half-close
         client.shutdown(socket.SHUT_WR)
-        assert server.recv(10) == b""  # our close_notify arrived as a clean end
-        sender.join(10)
-        server.shutdown(socket.SHUT_WR)
         digest, size = hash_until_eof(client)
+        sender.join(10)
         assert (digest, size) == (sha256(payload[1:]), len(payload) - 1)
+        assert server.recv(10) == b""  # our close_notify arrived as a clean end
     finally:
         client.close()
         server.close()
