@@ -121,6 +121,8 @@ class TlsStream:
 
     def recv_into(self, buffer, nbytes: int = 0) -> int:
         size = nbytes or len(buffer)
+        if size == 0:
+            return 0
         while True:
             with self._ssl_lock:
                 if self._stash:

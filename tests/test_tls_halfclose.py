@@ -26,9 +26,11 @@ from helpers import (
     hash_until_eof,
     pattern,
     random_bytes,
+    recv_exactly,
     reply_after_eof_handler,
     send_and_close_write,
     sha256,
+    wait_until,
 )
 from security_support import TOKEN, make_self_signed, wss_url
 
@@ -172,3 +174,67 @@ def test_a_clean_close_notify_reads_as_eof(cert):
         client.close()
         server.close()
 
+
+
+# --- abnormal ends over TLS stay resets ---------------------------------------------------------------
+
+def endless_stream(conn: socket.socket, service: TcpService) -> None:
+    block = pattern(64 * 1024)
+    while True:
+        conn.sendall(block)
+
+
+def read_how_it_ends(sock: socket.socket) -> str:
+    try:
+        while sock.recv(1 << 20):
+            pass
+        return "eof"
+    except ConnectionResetError:
+        return "reset"
+
+
+def relay_session(relay):
+    sessions = wait_until(lambda: [s for s in relay.sessions.all() if s.pipe is not None], timeout=10)
+    return sessions[0]
+
+
+@pytest.fixture
+def tls_relay_and_port(make_server, make_client, cert, services):
+    relay = make_server(token=TOKEN, tls_cert=cert.cert, tls_key=cert.key, tls_only=True)
+    a = make_client(wss_url(relay), "A", token=TOKEN, ca_file=cert.cert)
+    make_client(wss_url(relay), "B", token=TOKEN, ca_file=cert.cert)
+    service = services(TcpService(endless_stream, "endless"))
+    proxy = a.create_proxy(0, "B", service.port, protocol="tcp")
+    yield relay, proxy.local_port
+    proxy.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_fin_without_close_notify_reaches_the_user_as_a_reset(tls_relay_and_port):
+    relay, port = tls_relay_and_port
+    with connect(port, timeout=30) as user:
+        recv_exactly(user, 1 << 20)  # the download is under way
+        session = relay_session(relay)
+        session.sock_a._sock.shutdown(socket.SHUT_WR)  # a bare TCP FIN: the stream is cut, not finished
+        assert read_how_it_ends(user) == "reset"
+
+
+@pytest.mark.timeout(60)
+def test_closing_a_session_whose_user_stopped_reading_is_prompt(tls_relay_and_port):
+    """The relay's writer to A is stuck on full buffers; closing the session must not wait on it."""
+    relay, port = tls_relay_and_port
+    with connect(port, timeout=30) as user:
+        recv_exactly(user, 1 << 20)
+        session = relay_session(relay)
+        wait_until(lambda: session.pipe._writing_since[1] and time.monotonic() - session.pipe._writing_since[1] > 2,
+                   timeout=20, message="the relay's writer to A is stuck")
+        # notify=False: the relay alone must get out (the clients, told, would reset their sides too)
+        closer = threading.Thread(target=relay.close_session, args=(session, "closed by the operator", False),
+                                  name="svc-closer", daemon=True)
+        started = time.monotonic()
+        closer.start()
+        closer.join(5)
+        assert not closer.is_alive(), "close_session blocked on a stuck TLS writer"
+        assert time.monotonic() - started < 3
+        assert read_how_it_ends(user) == "reset"
+        wait_until(lambda: not relay.sessions.all(), timeout=10)
