@@ -4,12 +4,17 @@
 can share a connection safely (an ``SSLSocket`` may not be used by two threads at once), and
 so that a half-close works: ``shutdown(SHUT_WR)`` sends close_notify and a TCP FIN while
 the read side keeps delivering data, as the relay's Pipe expects of any socket.
+
+How a stream ends is kept apart, as for TCP: the peer's close_notify reads as the end of the
+stream (b""); a TCP EOF without it (a cut connection, a peer that died) raises ``TlsTruncated``,
+a ``ConnectionResetError``, so a pipe passes it on as a reset and never as a finished transfer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import socket
 import ssl
 import threading
@@ -17,12 +22,19 @@ import time
 
 from .errors import ChuantouError
 
+log = logging.getLogger("chuantou")
+
 TLS_RECORD_START = 0x16  # first byte of a TLS ClientHello
 READ_CHUNK = 256 * 1024
+WRITER_WAIT = 0.1  # a half-close waits this long for a writer in another thread, then cuts under it
 
 
 class TlsError(ChuantouError):
     pass
+
+
+class TlsTruncated(ConnectionResetError):
+    """The TCP connection ended without the peer's close_notify: the stream was cut, not finished."""
 
 
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -79,7 +91,8 @@ class TlsStream:
                                      server_hostname=server_hostname)
         self._ssl_lock = threading.Lock()  # guards the SSL object and the BIOs
         self._write_lock = threading.Lock()  # orders reads of the outgoing BIO with socket writes
-        self._eof = False
+        self._stash = b""  # plaintext taken out of OpenSSL at our half-close, served before anything else
+        self._eof = False  # the peer's close_notify has been read
 
     @classmethod
     def handshake(cls, sock: socket.socket, context: ssl.SSLContext, server_side: bool, deadline: float,
@@ -108,14 +121,25 @@ class TlsStream:
 
     def recv_into(self, buffer, nbytes: int = 0) -> int:
         size = nbytes or len(buffer)
+        if size == 0:
+            return 0
         while True:
             with self._ssl_lock:
+                if self._stash:
+                    return self._take_stash(buffer, size)
+                if self._eof:
+                    return 0
                 try:
                     n = self._obj.read(size, buffer)
                 except ssl.SSLWantReadError:
                     n = None
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                except ssl.SSLZeroReturnError:  # the peer's close_notify: a clean end
+                    self._eof = True
                     n = 0
+                except ssl.SSLEOFError:
+                    raise TlsTruncated("TLS stream cut: the connection ended without close_notify") from None
+                if n == 0:
+                    self._eof = True
                 pending = self._outgoing.pending
             if pending:  # e.g. a key update answer produced while reading
                 self._flush()
@@ -123,9 +147,15 @@ class TlsStream:
                 return n
             data = self._sock.recv(READ_CHUNK)
             if not data:
-                return 0  # TCP EOF without close_notify: treat as the end of the stream
+                raise TlsTruncated("TLS stream cut: the connection ended without close_notify")
             with self._ssl_lock:
                 self._incoming.write(data)
+
+    def _take_stash(self, buffer, size: int) -> int:
+        n = min(size, len(self._stash))
+        memoryview(buffer)[:n] = self._stash[:n]
+        self._stash = self._stash[n:]
+        return n
 
     def recv(self, size: int) -> bytes:
         buffer = bytearray(size)
@@ -159,18 +189,51 @@ class TlsStream:
 
     def shutdown(self, how: int) -> None:
         if how == socket.SHUT_WR:
-            with self._write_lock:
-                with self._ssl_lock:
-                    try:
-                        self._obj.unwrap()  # queues close_notify; the read side stays open
-                    except (ssl.SSLWantReadError, ssl.SSLError):
-                        pass
-                    out = self._outgoing.read()
-                try:
-                    self._sock.sendall(out)
-                except OSError:
-                    pass
+            self._send_close_notify()
         self._sock.shutdown(how)
+
+    def _send_close_notify(self) -> None:
+        """Send close_notify without waiting for the peer's, so the read side stays open.
+
+        ``unwrap()`` calls SSL_shutdown twice; the second call reads what the peer sent and, on
+        application data, fails the connection for good (OpenSSL 3: "application data after close
+        notify"), so the rest of the peer's stream would be lost and read as a clean end. So that
+        call finds nothing to read: the plaintext OpenSSL holds is stashed and the ciphertext not
+        yet decrypted is taken out of the incoming BIO, then put back once close_notify is queued.
+        """
+        # Another thread holding the write lock for long is a writer stuck on a peer that does not
+        # read (Pipe.abort wakes it with SHUT_WR): cut under it; the peer then sees a truncation.
+        if not self._write_lock.acquire(timeout=WRITER_WAIT):
+            return
+        try:
+            with self._ssl_lock:
+                self._stash_plaintext()
+                undecrypted = self._incoming.read()
+                try:
+                    self._obj.unwrap()  # queues close_notify
+                except ssl.SSLWantReadError:
+                    pass  # the peer's close_notify has not come yet: expected, keep reading
+                except ssl.SSLError as exc:
+                    log.debug("TLS close_notify not sent cleanly: %s", exc)
+                self._incoming.write(undecrypted)
+                out = self._outgoing.read()
+            try:
+                self._sock.sendall(out)
+            except OSError:
+                pass
+        finally:
+            self._write_lock.release()
+
+    def _stash_plaintext(self) -> None:
+        """Move the decrypted bytes OpenSSL still holds (the rest of a record) into the stash."""
+        while not self._eof:
+            pending = self._obj.pending()
+            if not pending:
+                return
+            try:
+                self._stash += self._obj.read(pending)
+            except ssl.SSLError:
+                return
 
     def close(self) -> None:
         self._sock.close()
