@@ -161,7 +161,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             allowed = self._authenticated()
             if method == "GET" and path == "/":
                 return self._send_static("index.html" if allowed else "login.html")
-            if not allowed:
+            if not allowed and path.startswith("/api/"):
                 raise ApiError(401, f"this client's local API needs its secret: {apiauth.FIX}")
             for route_method, pattern, handler in ROUTES:
                 match = re.fullmatch(pattern, path)
