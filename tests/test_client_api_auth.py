@@ -21,7 +21,7 @@ from common.config import ConfigError
 
 from admin_support import FixtureSettings
 from admin_support import client_app, relay  # noqa: F401 (fixtures)
-from cli_support import CLIENT, TOKEN, cli, free_port, wait_connected  # noqa: F401 (cli is a fixture)
+from cli_support import CLIENT, TOKEN, cli, free_port, poll, wait_connected  # noqa: F401 (cli is a fixture)
 
 DEADLINE = 10.0
 FIXTURE_SETTINGS = FixtureSettings(echo_thread="svc-api-auth-echo", socket_timeout=DEADLINE)
@@ -360,3 +360,17 @@ def test_another_local_user_cannot_use_the_api(cli):
     as_nobody = subprocess.run([SYSTEM_PYTHON, "-c", script], capture_output=True, text=True, timeout=30,
                                user="nobody", env={"PATH": "/usr/bin:/bin"}, cwd="/")
     assert as_nobody.stdout.strip() == "401", as_nobody.stdout + as_nobody.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_foreground_client_prints_a_login_link_too(cli):
+    admin = free_port()
+    proc = cli.popen(CLIENT, "--server", "ws://127.0.0.1:1", "--admin-port", admin, "--config", cli.root / "a.json")
+    pattern = rf"log in to the page \(once\) at: http://127\.0\.0\.1:{admin}(/login\?key=\S+)"
+    found = poll(lambda: re.search(pattern, cli.output(proc)), 20, "the login link in the foreground output")
+    assert request(admin, "GET", found.group(1))[0] == 303
+    config_secret = cli.files("client", cli.root / "a.json").name + ".api-secret"
+    assert stat.S_IMODE((cli.state_dir / config_secret).stat().st_mode) == 0o600
+    # --admin-port alone finds this client's secret by the port it announced
+    listed = cli.client("proxy", "list", "--admin-port", admin)
+    assert listed.returncode == 0, listed.stderr
