@@ -182,7 +182,7 @@ def run_foreground(args) -> int:
         with service.WorkerRecord(files(args), facts):
             print(f"client {app.client.client_id} -> {app.server_url}; page and API: "
                   f"http://127.0.0.1:{app.admin.port}/; config: {app.config_path}", flush=True)
-            print(f"log in to the page (once) at: {app.admin.login_link()}", flush=True)
+            print(foreground_login_line(app), flush=True)
             deadline = time.monotonic() + 5.0
             while not (app.client.connected or stop.is_set()) and time.monotonic() < deadline:
                 stop.wait(0.1)  # SIGTERM sets `stop`: answer it now, not after this wait
@@ -199,6 +199,13 @@ def run_foreground(args) -> int:
     finally:
         app.stop()
     return 0
+
+
+def foreground_login_line(app) -> str:
+    # Only to a terminal: under `start` this output goes to the log file, which others may read.
+    if sys.stdout.isatty():
+        return f"log in to the page (once) at: {app.admin.login_link()}"
+    return "log in to the page with the link printed by: python -m chuantou_client login-link"
 
 
 def cmd_start(args) -> int:

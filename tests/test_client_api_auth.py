@@ -8,9 +8,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pty
 import re
+import select
 import stat
 import subprocess
+import sys
 from urllib.parse import urlsplit
 
 import pytest
@@ -317,6 +320,7 @@ def test_the_cli_sends_the_secret_and_start_prints_a_one_time_link(cli):
     [link] = re.findall(rf"log in to the page \(once\) at: (http://127\.0\.0\.1:{admin}/login\?key=\S+)",
                         result.stdout)
     assert secret not in result.stdout
+    assert "key=" not in cli.files("client").log_file.read_text()  # the link went to the terminal, not the log
 
     assert request(admin, "GET", "/api/proxies")[0] == 401  # anyone else on this machine
     local = free_port()
@@ -363,14 +367,43 @@ def test_another_local_user_cannot_use_the_api(cli):
 
 
 @pytest.mark.timeout(60)
-def test_a_foreground_client_prints_a_login_link_too(cli):
+def test_a_foreground_client_prints_a_login_link_to_a_terminal_only(cli):
     admin = free_port()
-    proc = cli.popen(CLIENT, "--server", "ws://127.0.0.1:1", "--admin-port", admin, "--config", cli.root / "a.json")
-    pattern = rf"log in to the page \(once\) at: http://127\.0\.0\.1:{admin}(/login\?key=\S+)"
-    found = poll(lambda: re.search(pattern, cli.output(proc)), 20, "the login link in the foreground output")
-    assert request(admin, "GET", found.group(1))[0] == 303
-    config_secret = cli.files("client", cli.root / "a.json").name + ".api-secret"
-    assert stat.S_IMODE((cli.state_dir / config_secret).stat().st_mode) == 0o600
+    config = cli.root / "a.json"
+    proc = cli.popen(CLIENT, "--server", "ws://127.0.0.1:1", "--admin-port", admin, "--config", config)
+    hint = "log in to the page with the link printed by: python -m chuantou_client login-link"
+    poll(lambda: hint in cli.output(proc), 20, "the login hint in the foreground output")
+    assert "key=" not in cli.output(proc)  # this output may be a log file that others can read
+    secret_file = cli.state_dir / f"{cli.files('client', config).name}.api-secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
     # --admin-port alone finds this client's secret by the port it announced
-    listed = cli.client("proxy", "list", "--admin-port", admin)
+    listed = cli.client("login-link", "--admin-port", admin)
     assert listed.returncode == 0, listed.stderr
+    link = urlsplit(listed.stdout.strip())
+    assert request(admin, "GET", f"{link.path}?{link.query}")[0] == 303
+    proc.terminate()
+    assert proc.wait(15) == 0
+
+    controller, terminal = pty.openpty()  # a person at a terminal gets the link itself
+    try:
+        admin = free_port()
+        with_tty = subprocess.Popen([sys.executable, "-m", CLIENT, "--server", "ws://127.0.0.1:1", "--admin-port",
+                                     str(admin), "--config", str(config)], env=cli.env, cwd=cli.root,
+                                    stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.STDOUT)
+        os.close(terminal)
+        terminal = None
+        seen = b""
+        pattern = rf"log in to the page \(once\) at: http://127\.0\.0\.1:{admin}(/login\?key=[\w-]+)".encode()
+        try:
+            while not re.search(pattern, seen):
+                ready, _, _ = select.select([controller], [], [], 20)
+                assert ready, f"no login link on the terminal: {seen!r}"
+                seen += os.read(controller, 4096)
+            assert request(admin, "GET", re.search(pattern, seen).group(1).decode())[0] == 303
+        finally:
+            with_tty.terminate()
+            with_tty.wait(15)
+    finally:
+        os.close(controller)
+        if terminal is not None:
+            os.close(terminal)
