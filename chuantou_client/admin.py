@@ -11,10 +11,15 @@ Endpoints::
     GET    /api/clients             {"clients": [...]} online on the relay
     GET    /api/connections         {"connections": [...]} sessions through this client, as A and as B
     GET    /api/traffic             {"samples": [[unix time, received/s, sent/s], ...]} for five minutes
+    POST   /api/login-link          {"url": a fresh one-time login link for a browser}
+    GET    /login?key=<code>        a one-time code buys a session cookie, then on to /
+    POST   /logout                  ends that session
 
-A browser page on another site must not be able to drive it: requests with a Host other
-than this address are refused (DNS rebinding), and state-changing requests need a JSON body
-and, if they carry an Origin, this origin.
+Every request but the login page and the static files needs the client's API secret (header
+X-Chuantou-Key, read by the CLI from the state directory) or a login session's cookie; see
+apiauth.py. A browser page on another site must not be able to drive it: requests with a Host
+other than this address are refused (DNS rebinding), and state-changing requests need a JSON
+body and, if they carry an Origin, this origin.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import re
 import socket
 import threading
+import urllib.parse
 from pathlib import Path
 
 from common import pages
@@ -33,6 +39,7 @@ from common.errors import ChuantouError, PortInUseError
 from common.threads import ThreadGroup
 from common.traffic import SAMPLE_INTERVAL, RateHistory
 
+from . import apiauth
 from .listen import use_address
 
 log = logging.getLogger("chuantou.client")
@@ -67,10 +74,14 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 
 
 class AdminServer:
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 8201):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 8201, secret_path: Path | None = None,
+                 auth: apiauth.ApiAuth | None = None):
+        """``secret_path``: the API secret's file, made on the first start; or ``auth`` directly."""
         self.app = app
         self.host = host
         self.port = port
+        self.secret_path = secret_path
+        self.auth = auth
         self.threads = ThreadGroup("chuantou-admin")
         self._httpd: _HttpServer | None = None
         self._stopping = threading.Event()
@@ -78,6 +89,14 @@ class AdminServer:
         self.traffic = RateHistory(client.byte_totals if client is not None else lambda: (0, 0))
 
     def start(self) -> "AdminServer":
+        if self.auth is None:
+            if self.secret_path is None:
+                raise ChuantouError("the local API needs a file for its secret (secret_path)")
+            try:
+                self.auth = apiauth.ApiAuth(apiauth.load_or_create_secret(self.secret_path))
+            except OSError as exc:
+                raise ChuantouError(f"cannot keep the local API's secret in {self.secret_path}: "
+                                    f"{exc.strerror or exc}") from None
         try:
             self._httpd = _HttpServer((self.host, self.port), ApiHandler, self)
         except OSError as exc:
@@ -99,6 +118,11 @@ class AdminServer:
         self._httpd.server_close()
         self.threads.join_all(timeout=5.0)
         self._httpd = None
+
+    def login_link(self) -> str:
+        """A one-time link that logs a browser in (it works once, for a quarter of an hour)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/login?key={self.auth.new_code()}"
 
     @property
     def listening_socket(self):
@@ -130,9 +154,19 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             self._check_host()
-            path = self.path.split("?", 1)[0]
-            if method == "GET" and (path == "/" or path.startswith("/static/")):
-                return self._send_static("index.html" if path == "/" else path[len("/static/"):])
+            path, _, query = self.path.partition("?")
+            if method == "GET" and path.startswith("/static/"):
+                return self._send_static(path[len("/static/"):])
+            if method == "GET" and path == "/login":
+                return self._login(query)
+            if method == "POST" and path == "/logout":
+                self._check_origin()
+                return self._logout()
+            allowed = self._authenticated()
+            if method == "GET" and path == "/":
+                return self._send_static("index.html" if allowed else "login.html")
+            if not allowed and path.startswith("/api/"):
+                raise ApiError(401, f"this client's local API needs its secret: {apiauth.FIX}")
             for route_method, pattern, handler in ROUTES:
                 match = re.fullmatch(pattern, path)
                 if match and route_method == method:
@@ -164,6 +198,43 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         host = self.headers.get("Host", "")
         if host not in self.server_ref.allowed_hosts:
             raise ApiError(403, f"requests for host {host!r} are refused; use http://127.0.0.1:{self.server_ref.port}/")
+
+    # --- who is asking -------------------------------------------------------------------
+
+    def _session_ids(self) -> list[str]:
+        return apiauth.cookie_values(self.server_ref.port, self.headers.get("Cookie", ""))
+
+    def _authenticated(self) -> bool:
+        auth = self.server_ref.auth
+        given = self.headers.get(apiauth.HEADER)
+        if given is not None:
+            return auth.key_matches(given)
+        return auth.session_valid(self._session_ids())
+
+    def _login(self, query: str) -> None:
+        """GET /login?key=<one-time code>: a session cookie, then the page."""
+        if self.command == "HEAD" or "prefetch" in self.headers.get("Sec-Purpose", self.headers.get("Purpose", "")):
+            raise ApiError(405, "open the login link in the browser")  # a prefetch must not use the code up
+        auth = self.server_ref.auth
+        codes = urllib.parse.parse_qs(query).get("key", [])
+        session_id = next(filter(None, (auth.redeem(code) for code in codes[:1])), None)
+        if session_id is None:
+            if auth.session_valid(self._session_ids()):  # a reload of a used link: already logged in
+                return self._redirect("/")
+            body = ("this login link is used up, expired or wrong; get a fresh one with\n"
+                    "    python -m chuantou_client login-link\n"
+                    "(run it as the user who started the client)\n").encode()
+            return self._send(401, body, "text/plain; charset=utf-8")
+        cookie = apiauth.cookie_header(self.server_ref.port, session_id, auth.sessions.max_age())
+        self._redirect("/", {"Set-Cookie": cookie})
+
+    def _logout(self) -> None:
+        self.server_ref.auth.log_out(self._session_ids())
+        self._send(200, json.dumps({"message": "logged out"}).encode(), "application/json",
+                   {"Set-Cookie": apiauth.cookie_header(self.server_ref.port, "", 0)})
+
+    def _redirect(self, location: str, headers: dict | None = None) -> None:
+        self._send(303, b"", "text/plain; charset=utf-8", {"Location": location, **(headers or {})})
 
     def _check_origin(self) -> None:
         origin = self.headers.get("Origin")
@@ -249,6 +320,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def get_connections(self):
         return 200, {"connections": self.app.client.connections()}
 
+    def post_login_link(self):
+        return 200, {"url": self.server_ref.login_link()}
+
     def get_traffic(self):
         received, sent = self.app.client.byte_totals()
         return 200, {"interval": SAMPLE_INTERVAL, "bytesReceived": received, "bytesSent": sent,
@@ -272,4 +346,5 @@ ROUTES = [
     ("GET", r"/api/clients", ApiHandler.get_clients),
     ("GET", r"/api/connections", ApiHandler.get_connections),
     ("GET", r"/api/traffic", ApiHandler.get_traffic),
+    ("POST", r"/api/login-link", ApiHandler.post_login_link),
 ]

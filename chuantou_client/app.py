@@ -2,7 +2,7 @@
 
 The config file holds the server URL, the client ID (generated once, then reused) and the
 proxies; proxies created or deleted through the API are saved, and restored at the next
-start.
+start. The local API's secret is kept apart, in the state directory (apiauth.py).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import os
 import threading
 from pathlib import Path
 
-from common import config
+from common import auth, config, service
 from common import protocol as p
 from common.errors import ChuantouError
 
+from . import apiauth
 from .admin import AdminServer
 from .client import DEFAULT_SERVER_URL, Client, check_server_url, generate_client_id
 from .export import parse_ports
@@ -50,7 +51,8 @@ CONFIG_KEYS = {
     "adminPort": config.Key(int, "a port number 1-65535", 8201, config.is_port),
     "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
     "proxies": config.Key(list, "a list of proxies", list),
-    "token": config.Key(str, "the relay's token (a string)", None),
+    # its length is checked where it is chosen (chosen_token): a good --token can replace a short one
+    "token": config.Key(str, "the relay's token (a string)", None, secret=True),
     "allow": config.Key(str, "ports other clients may reach here, like \"22,3000-3999\" or \"none\"", None,
                         _valid_allow),
     "ca": config.Key(str, "the path of a PEM file of trusted CA certificates", None),
@@ -76,6 +78,26 @@ def default_config_path() -> Path:
     return config.config_dir() / "client.json"
 
 
+def default_secret_path(config_path: Path) -> Path:
+    """Where the API secret of the client using ``config_path`` lives (as the CLI finds it)."""
+    default = config_path == default_config_path()
+    files = service.ServiceFiles.for_role("client", None if default else str(config_path))
+    return apiauth.secret_path(files.state_dir, files.name)
+
+
+def chosen_token(overrides: dict, settings: dict, config_path: Path) -> str | None:
+    """The token in use: --token, else $CHUANTOU_TOKEN, else the saved one; a short one is refused
+    (ConfigError naming where it came from, never the token)."""
+    for token, where in ((overrides.get("token"), "--token"), (os.environ.get("CHUANTOU_TOKEN"), "$CHUANTOU_TOKEN"),
+                         (settings["token"], f"the token saved in {config_path}")):
+        if token:
+            problem = auth.token_problem(token, where)
+            if problem:
+                raise config.ConfigError(problem)
+            return token
+    return None
+
+
 def load_settings(path: Path) -> dict:
     settings = config.load(path, CONFIG_KEYS)
     settings["proxies"] = [
@@ -87,9 +109,13 @@ def load_settings(path: Path) -> dict:
 class ClientApp:
     """A Client plus its config file and local API; what ``python -m chuantou_client`` runs."""
 
-    def __init__(self, config_path: Path, overrides: dict, *, admin_host: str = "127.0.0.1"):
+    def __init__(self, config_path: Path, overrides: dict, *, admin_host: str = "127.0.0.1",
+                 api_secret_path: Path | None = None):
+        """``api_secret_path``: the local API's secret (default: in the state directory, named
+        after the config file as the CLI expects)."""
         self.config_path = config_path
         self.settings = load_settings(config_path)
+        token = chosen_token(overrides, self.settings, config_path)  # before anything is saved
         changed = False
         if overrides.get("allow") is not None:
             parse_ports(overrides["allow"])  # a clear error for a bad --allow
@@ -110,7 +136,6 @@ class ClientApp:
             self.settings["adminPort"] = admin_port
             changed = True
         self.admin_host = admin_host
-        token = overrides.get("token") or os.environ.get("CHUANTOU_TOKEN") or self.settings["token"]
         self.token = token  # the one in use, for the worker record's options (compared by fingerprint)
         self.client = Client(self.server_url, self.settings["clientId"], token=token,
                              allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"],
@@ -119,7 +144,8 @@ class ClientApp:
                              max_pending_connects=self.settings["maxPendingConnects"])
         if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
             self.save()
-        self.admin = AdminServer(self, admin_host, self.admin_port)
+        self.admin = AdminServer(self, admin_host, self.admin_port,
+                                 secret_path=api_secret_path or default_secret_path(config_path))
         self.failed_proxies: dict[int, str] = {}
         self._lock = threading.Lock()
 

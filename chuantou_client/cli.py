@@ -20,6 +20,7 @@ from common.errors import ChuantouError
 from common import startcheck
 from common.startcheck import config_restored_on_failure
 
+from . import apiauth
 from .app import LOG_LEVELS, ClientApp, default_config_path
 from .client import DEFAULT_SERVER_URL
 from .listen import DEFAULT_LOCAL_HOST, listen_address
@@ -29,7 +30,8 @@ MODULE = "chuantou_client"
 START_HINT = "start one with: python -m chuantou_client start --server ws://RELAY-HOST:8200"
 
 EXAMPLES = """examples:
-  python -m chuantou_client start --server ws://relay.example.com:8200 --client-id laptop
+  CHUANTOU_TOKEN=... python -m chuantou_client start --server ws://relay.example.com:8200 --client-id laptop
+  python -m chuantou_client login-link
   python -m chuantou_client proxy create --local-port 9090 --target-client office --target-port 8080
   python -m chuantou_client proxy create --local-host 0.0.0.0 --local-port 9090 --target-client office --target-port 22
   python -m chuantou_client proxy list
@@ -55,8 +57,10 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     parser.add_argument("--config", default=default, metavar="FILE",
                         help=f"config file (default {default_config_path()})")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
-    parser.add_argument("--token", default=default, help="the relay's token, saved (default: $CHUANTOU_TOKEN or "
-                        "the saved one)")
+    parser.add_argument("--token", default=default,
+                        help="the relay's token (16+ characters), saved (default: $CHUANTOU_TOKEN or the saved one). "
+                             "While this process runs, other local users can read it in /proc/PID/cmdline: "
+                             "prefer $CHUANTOU_TOKEN or the saved config")
     parser.add_argument("--allow", default=default, metavar="PORTS",
                         help="ports other clients may reach on this machine, e.g. 22,3000-3999, or none (saved; "
                              "default: every port on 127.0.0.1)")
@@ -116,14 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--local-port", type=int, required=True)
 
     sub.add_parser("clients", help="clients online on the relay", epilog="example: python -m chuantou_client clients")
+    sub.add_parser("login-link", help="print a one-time link that logs a browser in to the page",
+                   epilog="example: python -m chuantou_client login-link")
 
     supervise = sub.add_parser("_supervise")  # internal: the supervisor process
     supervise.add_argument("worker_args", nargs=argparse.REMAINDER)
-    for command in (create, proxy_sub.choices["list"], delete, sub.choices["clients"], sub.choices["status"]):
+    api_commands = (create, proxy_sub.choices["list"], delete, sub.choices["clients"], sub.choices["status"],
+                    sub.choices["login-link"])
+    for command in api_commands:
         command.add_argument("--admin-port", type=int, default=argparse.SUPPRESS, metavar="PORT",
                              help="talk to the client whose local API is on this port (default: the running one)")
-    for command in (stop, logs, create, proxy_sub.choices["list"], delete, sub.choices["clients"],
-                    sub.choices["status"]):
+    for command in (stop, logs, *api_commands):
         command.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                              help="the client started with this config file (default: the default one)")
     return parser
@@ -153,7 +160,8 @@ def make_app(args) -> ClientApp:
                  "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None),
                  "ca": os.path.abspath(args.ca) if getattr(args, "ca", None) else None, "tlsFingerprint": getattr(args, "tls_fingerprint", None),
                  "tlsInsecure": getattr(args, "tls_insecure", None)}
-    return ClientApp(path, overrides)
+    service_files = files(args)
+    return ClientApp(path, overrides, api_secret_path=apiauth.secret_path(service_files.state_dir, service_files.name))
 
 
 def run_foreground(args) -> int:
@@ -174,6 +182,7 @@ def run_foreground(args) -> int:
         with service.WorkerRecord(files(args), facts):
             print(f"client {app.client.client_id} -> {app.server_url}; page and API: "
                   f"http://127.0.0.1:{app.admin.port}/; config: {app.config_path}", flush=True)
+            print(foreground_login_line(app), flush=True)
             deadline = time.monotonic() + 5.0
             while not (app.client.connected or stop.is_set()) and time.monotonic() < deadline:
                 stop.wait(0.1)  # SIGTERM sets `stop`: answer it now, not after this wait
@@ -190,6 +199,13 @@ def run_foreground(args) -> int:
     finally:
         app.stop()
     return 0
+
+
+def foreground_login_line(app) -> str:
+    # Only to a terminal: under `start` this output goes to the log file, which others may read.
+    if sys.stdout.isatty():
+        return f"log in to the page (once) at: {app.admin.login_link()}"
+    return "log in to the page with the link printed by: python -m chuantou_client login-link"
 
 
 def cmd_start(args) -> int:
@@ -211,6 +227,7 @@ def cmd_start(args) -> int:
         except RegistrationFailed:  # as frp's client does: a wrong token at the first start is an error
             service.stop_background(files(args))
             raise
+        print(login_link_line(args))
     print(f"log: {files(args).log_file}")
     if args.autostart:
         install_autostart(args, app.server_url)
@@ -263,6 +280,13 @@ def registration_outcome(args, wait: float = 5.0) -> str:
            f"see: python -m chuantou_client status"
 
 
+def login_link_line(args) -> str:
+    try:
+        return f"log in to the page (once) at: {api(args, 'POST', '/api/login-link')['url']}"
+    except ChuantouError as exc:
+        return f"warning: no login link for the page ({exc})"
+
+
 def cmd_stop(args) -> int:
     return service.stop_command(files(args), args.keep_autostart)
 
@@ -286,21 +310,42 @@ class NoClientRunning(ChuantouError):
 LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def secret_file(args, port: int) -> Path:
+    """The API secret of the client on ``port``: the one of --config's client, or of whichever
+    running client of this user announced that port (``--admin-port`` alone)."""
+    own = files(args)
+    worker = service.running_worker(own)
+    if worker is None or worker.get("adminPort") != port:
+        for record in sorted(own.state_dir.glob("client*.worker.json")):
+            info = service.read_json(record)
+            if info and info.get("adminPort") == port and service.pid_alive(info.get("pid")):
+                return apiauth.secret_path(own.state_dir, record.name[:-len(".worker.json")])
+    return apiauth.secret_path(own.state_dir, own.name)
+
+
 def api(args, method: str, path: str, body: dict | None = None) -> dict:
-    """Call the running client's local API; raise ChuantouError with its error message."""
+    """Call the running client's local API with its secret; raise ChuantouError with its error message."""
     port = getattr(args, "admin_port", None)
     if port is None:
         worker = service.running_worker(files(args))
         if worker is None:
             raise NoClientRunning(f"no chuantou client is running; {START_HINT}")
         port = worker["adminPort"]
+    headers, secret_problem = {}, None
+    try:
+        headers[apiauth.HEADER] = apiauth.read_secret(secret_file(args, port))
+    except apiauth.SecretError as exc:  # ask anyway: is a client there at all? Its 401 gets this reason
+        secret_problem = exc
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+    if data:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers)
     try:
         with LOCAL_OPENER.open(request, timeout=15) as resp:
             return json.load(resp)
     except urllib.error.HTTPError as exc:
+        if exc.code == 401 and secret_problem is not None:
+            raise secret_problem from None
         try:
             message = json.load(exc).get("error") or str(exc)
         except ValueError:
@@ -380,6 +425,11 @@ def cmd_clients(args) -> int:
     return 0
 
 
+def cmd_login_link(args) -> int:
+    print(api(args, "POST", "/api/login-link")["url"])
+    return 0
+
+
 def format_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -396,6 +446,7 @@ COMMANDS = {
     "logs": cmd_logs,
     "proxy": cmd_proxy,
     "clients": cmd_clients,
+    "login-link": cmd_login_link,
     "_supervise": cmd_supervise,
 }
 

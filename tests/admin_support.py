@@ -124,6 +124,7 @@ class Pump:
 
 ADMIN_TOKEN = "admin-support-admin-token-0123"  # the fixture relay's admin page credential
 ADMIN_PORTS: set[int] = set()  # ports of fixture relays, whose requests send ADMIN_TOKEN by default
+CLIENT_API_KEYS: dict[int, str] = {}  # local API port of a fixture client app -> its API secret
 
 
 @pytest.fixture
@@ -178,8 +179,12 @@ def user_sockets(request):
 
 @pytest.fixture
 def client_app(relay, tmp_path):
-    """A started ClientApp "A" of ``relay`` with its local admin API on a free port."""
+    """A started ClientApp "A" of ``relay`` with its local admin API on a free port (its secret in
+    ``tmp_path``, and in CLIENT_API_KEYS for the tests' requests)."""
+    secret_file = tmp_path / "client.api-secret"
     app = ClientApp(tmp_path / "client.json", {"server": f"ws://127.0.0.1:{relay.port}", "clientId": "A",
-                                                "adminPort": 0}).start()
+                                                "adminPort": 0}, api_secret_path=secret_file).start()
+    CLIENT_API_KEYS[app.admin.port] = secret_file.read_text().strip()
     yield app
     app.stop()
+    CLIENT_API_KEYS.pop(app.admin.port, None)

@@ -81,9 +81,32 @@ def is_chuantou_process(pid: int) -> bool:
 
 # --- talking to processes over HTTP ------------------------------------------------------------
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+_STATE_DIRS: list[Path] = []  # of the live Cli instances: where api_key finds a client's secret
+KEY_HEADER = "X-Chuantou-Key"
+
+
+def api_key(admin_port: int) -> str | None:
+    """The API secret of the client (started by a live Cli) whose local API is on ``admin_port``."""
+    for state_dir in list(_STATE_DIRS):
+        for record in state_dir.glob("client*.worker.json"):
+            info = service.read_json(record) or {}
+            if info.get("adminPort") == admin_port:
+                try:
+                    return (state_dir / f"{record.name[:-len('.worker.json')]}.api-secret").read_text().strip()
+                except OSError:
+                    pass
+    return None
+
+
+def api_headers(admin_port: int) -> dict:
+    """Headers that let a test use the local API on ``admin_port`` as the CLI does."""
+    key = api_key(admin_port)
+    return {KEY_HEADER: key} if key else {}
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes]:
     try:
-        with _DIRECT.open(url, timeout=timeout) as resp:
+        with _DIRECT.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -101,7 +124,8 @@ def fetch(port: int, path: str = "/", timeout: float = 5.0) -> bytes | None:
 def api_status(admin_port: int) -> dict | None:
     """The running client's /api/status, or None if it does not answer."""
     try:
-        status, body = http_get(f"http://{HOST}:{admin_port}/api/status", timeout=3.0)
+        status, body = http_get(f"http://{HOST}:{admin_port}/api/status", timeout=3.0,
+                                headers=api_headers(admin_port))
         return json.loads(body) if status == 200 else None
     except (OSError, ValueError):
         return None
@@ -182,6 +206,7 @@ class Cli:
         self.bin_dir.mkdir(exist_ok=True)
         self.env["PATH"] = str(self.bin_dir)
         self.env["PYTHONUNBUFFERED"] = "1"
+        _STATE_DIRS.append(self.state_dir)
         self._procs: list[subprocess.Popen] = []
         self._services: set[tuple[str, str | None]] = set()  # (module, config) that `start` was run for
 
@@ -295,6 +320,8 @@ class Cli:
         for pid in self._pids_in_state_files():
             if pid_alive(pid) and is_chuantou_process(pid):
                 os.kill(pid, signal.SIGKILL)
+        if self.state_dir in _STATE_DIRS:
+            _STATE_DIRS.remove(self.state_dir)
 
     def _pids_in_state_files(self) -> set[int]:
         pids = set()

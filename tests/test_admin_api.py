@@ -15,7 +15,7 @@ from chuantou_server import admin as server_admin
 from chuantou_server.httpd import Request
 from common import __version__
 
-from admin_support import ADMIN_PORTS, ADMIN_TOKEN, FixtureSettings, Pump
+from admin_support import ADMIN_PORTS, ADMIN_TOKEN, CLIENT_API_KEYS, FixtureSettings, Pump
 from admin_support import client_app, clients, echo, relay, user_sockets  # noqa: F401 (fixtures)
 from helpers import free_port
 
@@ -48,6 +48,8 @@ def request(port: int, method: str, path: str, headers: dict | None = None, body
         headers = dict(headers or {})
         if port in ADMIN_PORTS:  # the fixture relay: as its admin unless the test says otherwise
             headers.setdefault("Authorization", f"Bearer {ADMIN_TOKEN}")
+        if port in CLIENT_API_KEYS:  # a fixture client's local API: with its secret unless told otherwise
+            headers.setdefault("X-Chuantou-Key", CLIENT_API_KEYS[port])
         if body is not None:
             data = json.dumps(body).encode()
             headers.setdefault("Content-Type", "application/json")

@@ -235,11 +235,38 @@ def test_server_login_form_when_the_relay_has_a_token(relay, driver):
 
 # --- the client's page ------------------------------------------------------------------------
 
+@pytest.mark.timeout(60)
+def test_client_page_needs_the_login_link_once(client_app, driver):
+    console = Console(driver)
+    port = client_app.admin.port
+    driver.get(f"http://127.0.0.1:{port}/")
+    wait(driver, lambda d: find(d, "#key"), "the login page")
+    assert "login-link" in driver.find_element(By.TAG_NAME, "body").text
+
+    link = client_app.admin.login_link()
+    driver.get(link)
+    wait(driver, lambda d: d.find_element(By.ID, "client-id").text == "A", "the page after the link")
+    assert driver.current_url == f"http://127.0.0.1:{port}/"  # the code does not stay in the address bar
+    [cookie] = driver.get_cookies()
+    assert cookie["name"] == f"chuantou_client_{port}"
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert driver.execute_script("return document.cookie") == ""
+
+    driver.find_element(By.ID, "logout").click()
+    wait(driver, lambda d: find(d, "#key"), "the login page after logging out")
+    driver.get(link)  # used once already: no second login
+    wait(driver, lambda d: "used up" in d.find_element(By.TAG_NAME, "body").text, "the used link refused")
+    driver.get(f"http://127.0.0.1:{port}/")
+    wait(driver, lambda d: find(d, "#key"), "still the login page")
+    # allowed: the used link's 401, and the favicon the browser looks for beside a plain-text answer
+    assert console.errors(allow=(r"/login\?key=.*401", r"/api/.*401", r"/favicon.ico .*404")) == []
+
+
 @pytest.mark.timeout(120)
 def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_service, user_sockets, driver):
     clients("B")
     console = Console(driver)
-    driver.get(f"http://127.0.0.1:{client_app.admin.port}/")
+    driver.get(client_app.admin.login_link())  # logs in, then on to /
     assert driver.title == "chuantou client"
     wait(driver, lambda d: d.find_element(By.ID, "state").text.lower() == "connected", "the connected state")
     assert driver.find_element(By.ID, "client-id").text == "A"
@@ -299,7 +326,7 @@ def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_serv
 def test_client_page_shows_a_bad_port_inline(client_app, clients, driver):
     clients("B")
     console = Console(driver)
-    driver.get(f"http://127.0.0.1:{client_app.admin.port}/")
+    driver.get(client_app.admin.login_link())  # logs in, then on to /
     wait(driver, lambda d: d.find_element(By.ID, "state").text.lower() == "connected", "the connected state")
     message = driver.find_element(By.ID, "form-message")
     local = driver.find_element(By.ID, "local-port")

@@ -24,6 +24,7 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     SERVER,
     TOKEN,
     TextHttpService,
+    api_headers,
     api_status,
     fetch,
     free_port,
@@ -422,7 +423,7 @@ def test_local_api_refuses_foreign_host_cross_origin_bad_json_and_bad_ports(cli)
     def request(method, path, body=None, headers=None):
         conn = http.client.HTTPConnection(HOST, admin, timeout=5)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers={**api_headers(admin), **(headers or {})})
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read() or b"null")
         finally:

@@ -17,6 +17,7 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     cli,
     HOST,
     TextHttpService,
+    api_headers,
     free_port,
     free_tcp_udp_port,
     one_line,
@@ -75,7 +76,7 @@ def listing_row(cli, port: int) -> list[str]:
 
 def api_post(admin_port: int, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(f"http://{HOST}:{admin_port}/api/proxies", data=json.dumps(body).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
+                                     method="POST", headers={"Content-Type": "application/json", **api_headers(admin_port)})
     try:
         with _DIRECT.open(request, timeout=10) as resp:
             return resp.status, json.load(resp)

@@ -208,6 +208,10 @@
     const [status, connections, traffic] = await Promise.all([
       api("GET", "/api/status"), api("GET", "/api/connections"), api("GET", "/api/traffic"),
     ]);
+    if ([status, connections, traffic].some((r) => r.status === 401)) {
+      window.location.replace("/");  // the session ended: the login page
+      return false;
+    }
     const failed = [status, connections, traffic].find((r) => !r.ok);
     banner.hidden = !failed;
     banner.textContent = failed ? failed.data.error || "the client did not answer" : "";
@@ -225,6 +229,11 @@
     }
     return true;
   }
+
+  document.getElementById("logout").addEventListener("click", async () => {
+    await api("POST", "/logout");
+    window.location.replace("/");
+  });
 
   UI.poll(refresh, POLL_MS, document.getElementById("live"));
 })();
