@@ -118,8 +118,9 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     parser.add_argument("--config", default=default, metavar="FILE",
                         help=f"config file (default {default_config_path()}, if it exists)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
-    parser.add_argument("--token", default=default, help="token clients must prove (default: the saved one, "
-                        "generated on first start)")
+    parser.add_argument("--token", default=default, help="token clients must prove, 16+ characters (default: the "
+                        "saved one, generated on first start). While this process runs, other local users can read "
+                        "it in /proc/PID/cmdline: prefer the saved config (python -m chuantou_server token)")
     parser.add_argument("--no-auth", action="store_true", default=default,
                         help="run an open relay: anyone who reaches the port may register (not recommended)")
     parser.add_argument("--tls-cert", default=default, metavar="PEM", help="serve TLS (wss://) on the same port "
