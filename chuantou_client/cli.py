@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common import __version__, service
+from common import __version__, logsafe, service
 from common.errors import ChuantouError
 from common import startcheck
 from common.startcheck import config_restored_on_failure
@@ -172,6 +172,7 @@ def run_foreground(args) -> int:
     level = getattr(args, "log_level", None) or app.settings["logLevel"]
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
+    logsafe.guard_handlers()
     threading.stack_size(512 * 1024)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

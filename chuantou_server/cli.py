@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common import __version__, auth, config, service
+from common import __version__, auth, config, logsafe, service
 from common import startcheck
 from common.startcheck import config_restored_on_failure
 from common.net import host_for_url
@@ -322,6 +322,7 @@ def run_foreground(args) -> int:
     settings = resolve_settings(args)
     logging.basicConfig(level=settings["logLevel"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logsafe.guard_handlers()
     threading.stack_size(512 * 1024)  # thousands of pump threads: keep their stacks modest
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -216,7 +216,7 @@ class ControlConnection:
     def on_reject_session(self, msg: p.RejectSession) -> None:
         session = self._own_session_as_target(msg.sessionId)
         if session is not None:
-            reason = f"client '{self.client_id}' refused: {msg.reason or 'no reason given'}"
+            reason = f"client '{self.client_id}' refused: {(msg.reason or 'no reason given')[:300]}"
             log.info("session %s: %s", session.id[:8], reason)
             self.server.close_session(session, reason)
 

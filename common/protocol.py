@@ -15,6 +15,8 @@ import types
 import typing
 from dataclasses import dataclass
 
+from .logsafe import escape_controls
+
 PROTOCOL_VERSION = 2  # 2: UDP registrations prove the secret over a relay challenge (common.frames)
 MAX_MESSAGE_BYTES = 64 * 1024
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -306,4 +308,5 @@ def _convert(value, hint, where: str):
             raise ProtocolError(f"{where} is too large a number") from None
     elif hint is str:
         _require(isinstance(value, str), f"{where} must be a string")
+        value = escape_controls(value)  # peers' text ends up in logs and pages: no forged lines
     return value

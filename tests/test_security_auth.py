@@ -222,3 +222,30 @@ def test_tokens_and_session_secrets_appear_in_no_log_repr_or_error(relay, make_c
     for p_ in (proxy, udp_proxy, refused):
         p_.close()
 
+
+
+# --- peers' text cannot forge log lines -------------------------------------------------------------
+
+FORGED = "no\n12:00:00 INFO chuantou.server: client admin registered\x1b[2J"
+
+
+def test_a_reason_with_newlines_and_escapes_forges_no_log_line(relay, peers, caplog):
+    target = registered_peer(peers, relay, "T")
+    asker = registered_peer(peers, relay, "A")
+    asker.send(p.ConnectRequest(toClientId="T", remotePort=22, requestId="r1"))
+    asker.recv_until(p.CreateSession)
+    offer = target.recv_until(p.ConnectRequest)
+    target.send(p.RejectSession(sessionId=offer.sessionId, reason=FORGED))
+    closed = asker.recv_until(p.SessionClosed)
+    assert "\n" not in closed.reason and "\x1b" not in closed.reason and "\\x0a12:00:00" in closed.reason
+    relay_lines = [r.getMessage() for r in caplog.records if r.name.startswith("chuantou")]
+    assert any("\\x0a12:00:00 INFO" in line for line in relay_lines), relay_lines[-5:]
+    assert not any("\n" in line or "\x1b" in line for line in relay_lines)
+
+
+def test_the_cli_log_filter_escapes_whatever_reaches_a_message():
+    from common.logsafe import EscapeControlChars
+
+    record = logging.LogRecord("chuantou.server", logging.INFO, __file__, 1, "path %s", (FORGED,), None)
+    assert EscapeControlChars().filter(record)
+    assert record.getMessage() == "path no\\x0a12:00:00 INFO chuantou.server: client admin registered\\x1b[2J"
