@@ -20,11 +20,16 @@ once it is back, the tunnel carries a new session.
 
 from __future__ import annotations
 
+import inspect
 import socket
 import time
 
 import pytest
 
+from chuantou_client import Client
+from chuantou_server import Server
+from chuantou_server import cli as server_cli
+from common.net import keep_alive
 from helpers import connect, free_port, recv_exactly, wait_until
 from netns_support import Topology, netns_unavailable
 
@@ -178,3 +183,32 @@ def test_a_dead_link_to_client_a_resets_the_user_and_the_service(topology, make_
     tunnel.b_settled(started)
     topology.link_up(topology.a_relay)
     tunnel.recovered()
+
+
+# --- the defaults, without namespaces --------------------------------------------------------------
+
+ABOUT_30_S = 31.0  # "a silent link is noticed within about 30 s", with the relay's 0.5 s housekeeping tick
+
+
+def _default(cls, name: str):
+    return inspect.signature(cls).parameters[name].default
+
+
+def test_the_defaults_notice_a_silent_link_within_about_30_s():
+    client_heartbeat = _default(Client, "heartbeat_interval") + _default(Client, "heartbeat_timeout")
+    assert client_heartbeat <= ABOUT_30_S, "a client checks its relay's silence once per heartbeat interval"
+    assert _default(Server, "heartbeat_timeout") + 0.5 <= ABOUT_30_S
+    assert server_cli.CONFIG_KEYS["heartbeatTimeout"].default == _default(Server, "heartbeat_timeout")
+    for timeout in (_default(Client, "data_channel_timeout"), _default(Server, "data_channel_timeout"),
+                    server_cli.CONFIG_KEYS["dataChannelTimeout"].default):
+        assert 0 < timeout <= ABOUT_30_S
+
+
+@pytest.mark.parametrize("timeout", [5.0, 30.0])
+def test_keep_alive_gives_up_on_a_silent_peer_within_its_timeout(timeout):
+    with socket.socket() as sock:
+        keep_alive(sock, timeout)
+        get = lambda name: sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))  # noqa: E731
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert get("TCP_KEEPIDLE") + get("TCP_KEEPINTVL") * get("TCP_KEEPCNT") <= timeout  # an idle channel
+        assert get("TCP_USER_TIMEOUT") == timeout * 1000  # one whose sent data goes unacknowledged
