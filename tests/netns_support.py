@@ -231,12 +231,16 @@ def _run_relay(args) -> None:
 
 def _service_handler(conn: socket.socket, service) -> None:
     """The service behind B. The user's first line picks what it does: ``stream`` sends until the
-    connection breaks (a download); ``idle`` echoes the line and then waits (an idle session).
-    How the connection ended from here is recorded: 'eof', 'reset' or 'error: ...'."""
+    connection breaks (a download); ``idle`` echoes the line and then reads whatever comes (an
+    idle session, or an upload). How each connection ended is recorded in ``service.results``
+    ('open', then 'eof', 'reset' or 'error: ...'), the bytes read after the line in
+    ``service.received``."""
     from helpers import pattern
 
-    service.results.append("open")
-    index = len(service.results) - 1
+    with service._lock:
+        index = len(service.results)
+        service.results.append("open")
+        service.received.append(0)
     conn.settimeout(60.0)
     try:
         mode = conn.recv(64)
@@ -245,8 +249,11 @@ def _service_handler(conn: socket.socket, service) -> None:
             while True:
                 conn.sendall(block)
         conn.sendall(mode)
-        while conn.recv(65536):
-            pass
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            service.received[index] += len(data)
         service.results[index] = "eof"
     except (ConnectionResetError, BrokenPipeError):
         service.results[index] = "reset"
@@ -258,7 +265,9 @@ def _run_target(args) -> None:
     from chuantou_client import Client
     from helpers import TcpService
 
-    service = TcpService(_service_handler, name="svc-netns").start()
+    service = TcpService(_service_handler, name="svc-netns")
+    service.received = []
+    service.start()
     client = None
     try:
         client = Client(args.url, "B", token=args.token, heartbeat_interval=args.heartbeat_interval,
@@ -266,7 +275,7 @@ def _run_target(args) -> None:
                         connect_timeout=3.0, reconnect_max_delay=1.0).start(timeout=READY_TIMEOUT)
         print(json.dumps({"servicePort": service.port}), flush=True)
         _serve_commands(lambda: {"connected": client.connected, "activeSessions": client.status()["activeSessions"],
-                                 "service": list(service.results)})
+                                 "service": list(service.results), "received": list(service.received)})
     finally:
         if client is not None:
             client.stop()

@@ -21,6 +21,7 @@ once it is back, the tunnel carries a new session.
 from __future__ import annotations
 
 import inspect
+import select
 import socket
 import time
 
@@ -74,6 +75,13 @@ class Tunnel:
         recv_exactly(user, 1 << 20)
         return user
 
+    def upload(self) -> socket.socket:
+        """A user's upload, under way: the service has taken 1 MiB."""
+        user = self.idle_connection()
+        user.sendall(b"u" * (1 << 20))
+        self.wait_b(lambda s: s["received"] and s["received"][-1] >= 1 << 20, DEADLINE, "the service took 1 MiB")
+        return user
+
     def idle_connection(self) -> socket.socket:
         """A user's connection that went through once and now sits idle."""
         user = connect(self.port, timeout=DEADLINE)
@@ -124,22 +132,26 @@ class Tunnel:
         wait_until(echo, RECOVERY, 0.2, "a new session through the tunnel once the link is back")
 
 
-def how_it_ends(user: socket.socket, timeout: float) -> tuple[str, float]:
-    """Read until the connection ends: ('reset' | 'eof' | 'hang' | 'error: ...', seconds it took)."""
+def how_it_ends(user: socket.socket, timeout: float, upload: bool = False) -> tuple[str, float]:
+    """Read (and with ``upload`` keep sending) until the connection ends; return ('reset' | 'eof' |
+    'hang' | 'error: ...', seconds it took). One thread does both, so the error a reset leaves on
+    the socket is seen here, not taken by a sender elsewhere (after which recv reads a plain 0)."""
     started = time.monotonic()
     deadline = started + timeout
+    block = b"u" * 65536
+    user.setblocking(False)
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "hang", timeout
-            user.settimeout(remaining)
-            if not user.recv(1 << 20):
+            readable, writable, _ = select.select([user], [user] if upload else [], [], remaining)
+            if readable and not user.recv(1 << 20):
                 return "eof", time.monotonic() - started
-    except ConnectionResetError:
+            if writable:
+                user.send(block)
+    except (ConnectionResetError, BrokenPipeError):
         return "reset", time.monotonic() - started
-    except socket.timeout:
-        return "hang", timeout
     except OSError as exc:
         return f"error: {exc}", time.monotonic() - started
     finally:
@@ -147,13 +159,16 @@ def how_it_ends(user: socket.socket, timeout: float) -> tuple[str, float]:
 
 
 @pytest.mark.timeout(120)
-def test_a_download_behind_a_silent_link_ends_as_a_reset_by_data_channel_liveness(topology, make_client):
+@pytest.mark.parametrize("direction", ["download", "upload"])
+def test_a_transfer_behind_a_silent_link_ends_as_a_reset_by_data_channel_liveness(topology, make_client, direction):
+    """Download: B's unacknowledged data times out (TCP_USER_TIMEOUT) and the relay's keepalive
+    probes go unanswered; upload: the other way round."""
     tunnel = Tunnel(topology, make_client, heartbeat_timeout=SLOW, data_channel_timeout=LIVENESS)
-    user = tunnel.download()
+    user = tunnel.download() if direction == "download" else tunnel.upload()
     started = time.monotonic()
     topology.drop(topology.b_relay, topology.b_client)
-    how, took = how_it_ends(user, DEADLINE)
-    assert how == "reset", f"a download behind a silent link ended as {how!r} after {took:.1f} s"
+    how, took = how_it_ends(user, DEADLINE, upload=direction == "upload")
+    assert how == "reset", f"a {direction} behind a silent link ended as {how!r} after {took:.1f} s"
     tunnel.b_settled(started)
     topology.undrop()
     tunnel.recovered()
