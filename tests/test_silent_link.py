@@ -56,13 +56,15 @@ def topology(tmp_path):
 class Tunnel:
     """The relay (namespace r), client B and its service (namespace b), client A here, and A's proxy."""
 
-    def __init__(self, topology: Topology, make_client, *, heartbeat_timeout: float, data_channel_timeout: float):
+    def __init__(self, topology: Topology, make_client, *, heartbeat_timeout: float, data_channel_timeout: float,
+                 heartbeat_interval: float = 1.0):
         timeouts = ("--heartbeat-timeout", heartbeat_timeout, "--data-channel-timeout", data_channel_timeout)
         self.relay = topology.start(topology.relay_ns, "relay", "--token", TOKEN, *timeouts)
         port = self.relay.ready["port"]
         self.b = topology.start(topology.b_ns, "target", "--url", f"ws://{topology.b_relay.addr}:{port}",
-                                "--token", TOKEN, *timeouts)
-        self.a = make_client(f"ws://{topology.a_relay.addr}:{port}", "A", token=TOKEN, heartbeat_interval=1.0,
+                                "--token", TOKEN, "--heartbeat-interval", heartbeat_interval, *timeouts)
+        self.a = make_client(f"ws://{topology.a_relay.addr}:{port}", "A", token=TOKEN,
+                             heartbeat_interval=heartbeat_interval,
                              heartbeat_timeout=heartbeat_timeout, data_channel_timeout=data_channel_timeout,
                              connect_timeout=3.0, reconnect_max_delay=1.0)
         self.port = free_port()
@@ -168,7 +170,7 @@ def test_a_transfer_behind_a_silent_link_ends_as_a_reset_by_data_channel_livenes
     started = time.monotonic()
     topology.drop(topology.b_relay, topology.b_client)
     how, took = how_it_ends(user, DEADLINE, upload=direction == "upload")
-    assert how == "reset", f"a {direction} behind a silent link ended as {how!r} after {took:.1f} s"
+    assert how == "reset", f"the {direction} behind a silent link ended as {how!r} after {took:.1f} s"
     tunnel.b_settled(started)
     topology.undrop()
     tunnel.recovered()
