@@ -86,6 +86,8 @@ class Topology:
 
     def create(self) -> "Topology":
         for ns in (self.relay_ns, self.b_ns):
+            # left over by a killed run that had our pid (its names are ours): start clean
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=IP_TIMEOUT)
             sh("ip", "netns", "add", ns)
             self._namespaces.append(ns)
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")

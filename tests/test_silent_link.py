@@ -106,17 +106,17 @@ class Tunnel:
         return last
 
     def b_settled(self, started: float) -> None:
-        """B ended its session on its own (the link is still dead) and reset the service."""
+        """B ended its session before the link is back, and ended the service's connection with a reset."""
         remaining = max(0.5, started + DEADLINE - time.monotonic())
         self.wait_b(lambda s: s["activeSessions"] == 0 and "open" not in s["service"], remaining,
                     "B has no session left and the service's connection has ended")
-        assert self.b.status()["service"] == ["reset"], "the service saw a cut session end cleanly"
+        ends = self.b.status()["service"]
+        assert ends == ["reset"], f"the service's connection of a cut session ended as {ends}"
 
     def recovered(self) -> None:
         """After the link is back: nothing left over, and a new session goes through."""
         self.wait_b(lambda s: s["connected"], RECOVERY, "B registered with the relay")
-        wait_until(lambda: self.a.connected, RECOVERY, 0.1,
-                   "A registered with the relay")
+        wait_until(lambda: self.a.connected, RECOVERY, 0.1, "A registered with the relay")
         assert self.b.status()["activeSessions"] == 0
         assert self.relay.status()["sessions"] == 0, "the relay kept the cut session"
 
