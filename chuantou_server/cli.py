@@ -114,7 +114,7 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     parser.add_argument("--host", default=default, help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=default, help="TCP and UDP port (default 8200)")
     parser.add_argument("--heartbeat-timeout", type=float, default=default,
-                        help="seconds of silence before a client is dropped (default 60)")
+                        help="seconds of silence before a client is dropped (default 25)")
     parser.add_argument("--config", default=default, metavar="FILE",
                         help=f"config file (default {default_config_path()}, if it exists)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
