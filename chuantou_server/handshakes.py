@@ -37,6 +37,7 @@ class HandshakeGate:
         self._by_source: dict[str, dict[socket.socket, None]] = {}  # key -> its sockets, oldest first
         self._source_of: dict[socket.socket, str] = {}
         self.evicted = 0  # figures for tests
+        self.failed: dict[str, int] = {}  # source key -> handshakes that timed out or broke (figures for tests)
 
     def enter(self, ip: str, sock: socket.socket) -> bool:
         """Give ``sock`` a slot; False if its source may not have one now (the caller closes it)."""
@@ -94,6 +95,12 @@ class HandshakeGate:
         """The handshake of ``sock`` ended (done, failed, or evicted earlier: then nothing to do)."""
         with self._lock:
             self._release(sock)
+
+    def note_failed(self, ip: str) -> None:
+        """Count a handshake from ``ip`` that ended in a timeout, reset or garbage (logged at DEBUG)."""
+        key = source_key(ip)
+        with self._lock:
+            self.failed[key] = self.failed.get(key, 0) + 1
 
     def _release(self, sock: socket.socket) -> None:
         key = self._source_of.pop(sock, None)

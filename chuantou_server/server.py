@@ -273,6 +273,8 @@ class Server:
                 close_quietly(sock)
         except (OSError, ValueError) as exc:  # timeouts, resets, EOF: only this connection ends
             log.debug("connection from %s:%s dropped: %s", addr[0], addr[1], exc)
+            if handshaking:
+                self.handshakes.note_failed(addr[0])
             close_quietly(sock)
         finally:
             if handshaking:
