@@ -454,10 +454,31 @@ def install_autostart_or_warn(files: ServiceFiles, module: str, args: list[str])
         print(f"warning: {exc}", file=sys.stderr)
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program that SIGPIPE ended
+
+
 def run_command(commands: dict, args) -> int:
-    """Run the chosen command; a ChuantouError becomes one line on stderr and exit code 1."""
+    """Run the chosen command; a ChuantouError becomes one line on stderr and exit code 1.
+
+    Output piped into a reader that stops early (``token | head -n 1``) ends the command
+    quietly, as SIGPIPE ends other tools, instead of with a traceback."""
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe prints a traceback
+        return code
     except ChuantouError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
