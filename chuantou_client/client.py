@@ -83,7 +83,7 @@ class Client:
         tls_fingerprint: str | None = None,
         tls_insecure: bool = False,
         data_channel_timeout: float = 30.0,
-        max_pending_connects: int = 64,
+        max_pending_connects: int = 256,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
