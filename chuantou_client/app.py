@@ -58,7 +58,7 @@ CONFIG_KEYS = {
     "ca": config.Key(str, "the path of a PEM file of trusted CA certificates", None),
     "tlsFingerprint": config.Key(str, "the SHA-256 fingerprint of the relay's certificate", None),
     "tlsInsecure": config.Key(bool, "true or false", False),
-    "maxPendingConnects": config.Key(int, "a whole number >= 1", 64, lambda v: v >= 1),  # sessions set up at once
+    "maxPendingConnects": config.Key(int, "a whole number >= 1", 256, lambda v: v >= 1),  # sessions set up at once
     "allowHosts": config.Key(list, "a list of host names or addresses", list,
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
 }

@@ -83,7 +83,7 @@ class Client:
         tls_fingerprint: str | None = None,
         tls_insecure: bool = False,
         data_channel_timeout: float = 30.0,
-        max_pending_connects: int = 64,
+        max_pending_connects: int = 256,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -348,6 +348,9 @@ class Client:
                 log.warning("cannot start a thread for a session from %s", msg.fromClientId)
         elif isinstance(msg, p.SessionClosed):
             self._session_closed(msg)
+        elif isinstance(msg, p.Error) and msg.code == "unknown_session":
+            # our accept/reject crossed the session's end (the user hung up first): a normal race
+            log.debug("relay reported: %s", msg.message)
         elif isinstance(msg, p.Error):
             log.warning("relay reported: %s", msg.message)
 
