@@ -5,6 +5,7 @@ and A's user connection is closed. No session reaches B's own proxies or local A
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -151,6 +152,7 @@ def test_no_udp_session_reaches_a_udp_proxy_of_the_target(server, make_client, u
 
 
 def test_an_unreachable_service_is_reported_to_a_without_b_s_error(server, make_client, caplog):
+    caplog.set_level(logging.DEBUG, logger="chuantou")  # what is tested is who logs which text, at any level
     a = make_client(server, "A")
     make_client(server, "B")
     with socket.create_server(("127.0.0.1", 0)) as placeholder:
