@@ -40,18 +40,6 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 # --- waiting and ports -------------------------------------------------------------------------
 
-def poll(predicate, timeout: float, message: str, interval: float = 0.05):
-    """Call ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
-    return wait_until(predicate, timeout, interval, message)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def free_tcp_udp_port() -> int:
     """A port number free for both TCP and UDP on 127.0.0.1 (the relay and 'both' proxies need that)."""
     for _ in range(50):
@@ -136,12 +124,12 @@ def wait_connected(admin_port: int, timeout: float = 15.0) -> dict:
     def connected():
         status = api_status(admin_port)
         return status if status and status.get("state") == "connected" else None
-    return poll(connected, timeout, f"client with admin port {admin_port} connected to its relay")
+    return wait_until(connected, timeout, message=f"client with admin port {admin_port} connected to its relay")
 
 
 def wait_fetch(port: int, expected: bytes, timeout: float = 15.0) -> None:
     """Wait until a GET through ``port`` returns ``expected`` (a proxy coming back after a restart)."""
-    poll(lambda: fetch(port, timeout=3.0) == expected, timeout, f"GET through port {port} returns {expected!r}")
+    wait_until(lambda: fetch(port, timeout=3.0) == expected, timeout, message=f"GET through port {port} returns {expected!r}")
 
 
 class TextHttpService:
@@ -241,7 +229,7 @@ class Cli:
         def found():
             info = self.worker(role, config)
             return info if info and info["pid"] != other_than else None
-        return poll(found, timeout, f"a {role} worker running (config {config})")
+        return wait_until(found, timeout, message=f"a {role} worker running (config {config})")
 
     # --- running commands -----------------------------------------------------------------------
 

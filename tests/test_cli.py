@@ -27,14 +27,13 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     api_headers,
     api_status,
     fetch,
-    free_port,
     free_tcp_udp_port,
     one_line,
     pid_alive,
-    poll,
     wait_connected,
     wait_fetch,
 )
+from helpers import free_port, wait_until
 
 WEB_TEXT = b"This is client B's web service"
 
@@ -225,10 +224,10 @@ def test_logs_shows_the_last_lines_and_follows_new_ones(cli):
     assert (tail.returncode, tail.stdout) == (0, "line 4\nline 5\n")
 
     follower = cli.popen(CLIENT, "logs", "-f", "-n", "1")
-    poll(lambda: "line 5" in cli.output(follower), 10, "logs -f printed the last line")
+    wait_until(lambda: "line 5" in cli.output(follower), 10, message="logs -f printed the last line")
     with open(log_file, "a") as log:
         log.write("line 6, written later\n")
-    poll(lambda: "line 6, written later" in cli.output(follower), 10, "logs -f printed the new line")
+    wait_until(lambda: "line 6, written later" in cli.output(follower), 10, message="logs -f printed the new line")
     follower.send_signal(signal.SIGINT)  # Ctrl-C ends it quietly
     assert follower.wait(10) == 0
     assert "Traceback" not in cli.output(follower)
@@ -308,7 +307,7 @@ def test_a_refusal_by_the_target_shows_in_proxy_list(cli, web):
         out = cli.client("proxy", "list").stdout
         return out if "last failure" in out else None
 
-    out = poll(listing, 10, "the refusal to show in proxy list")
+    out = wait_until(listing, 10, message="the refusal to show in proxy list")
     assert f"localhost:{local}: last failure" in out
     assert "is not allowed by the target client" in out
 
@@ -376,7 +375,7 @@ def test_sigkill_of_the_server_worker_restarts_it_and_clients_come_back(cli, web
         return status.get("reconnects", 0) >= 1 and status.get("state") == "connected"
 
     for admin in (a_admin, b_admin):
-        poll(lambda: reconnected(admin), 20, f"client on admin port {admin} registered again")
+        wait_until(lambda: reconnected(admin), 20, message=f"client on admin port {admin} registered again")
     wait_fetch(local, WEB_TEXT)
     status = cli.server("status")
     assert status.returncode == 0, status.stdout
@@ -418,7 +417,7 @@ def test_bad_usage_exits_2_with_the_usage(cli, module, args):
 def test_local_api_refuses_foreign_host_cross_origin_bad_json_and_bad_ports(cli):
     admin = free_port()
     proc = cli.popen(CLIENT, "--server", relay_url(free_port()), "--admin-port", admin, "--config", cli.root / "a.json")
-    poll(lambda: api_status(admin), 15, "the client's local API answers")
+    wait_until(lambda: api_status(admin), 15, message="the client's local API answers")
 
     def request(method, path, body=None, headers=None):
         conn = http.client.HTTPConnection(HOST, admin, timeout=5)

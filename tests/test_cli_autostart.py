@@ -21,10 +21,10 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     TOKEN,
     fake_crontab,
     fake_systemctl,
-    free_port,
     free_tcp_udp_port,
     one_line,
 )
+from helpers import free_port
 from common import config, service
 
 ARGS = ["--host", "0.0.0.0", "--port", "8300", "--config", "/srv/my relay/server.json"]

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from cli_support import cli, CLIENT, SERVER, free_port, one_line  # noqa: F401 (cli is a fixture)
+from cli_support import cli, CLIENT, SERVER, one_line  # noqa: F401 (cli is a fixture)
+from helpers import free_port
 
 QUICK = 15.0  # a command that fails on its input answers at once; never wait long for it
 

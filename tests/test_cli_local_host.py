@@ -18,13 +18,11 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     HOST,
     TextHttpService,
     api_headers,
-    free_port,
     free_tcp_udp_port,
     one_line,
-    poll,
     wait_connected,
 )
-from helpers import UdpEchoService
+from helpers import UdpEchoService, free_port, wait_until
 
 WEB_TEXT = b"B's web service, reached through a proxy listening where it was told to"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -105,7 +103,7 @@ def test_ipv6_loopback_proxy_is_saved_listed_and_restored_without_a_warning(cli,
     assert cli.client("stop").returncode == 0
     assert cli.client("start", "--admin-port", a_admin).returncode == 0
     wait_connected(a_admin)
-    poll(lambda: fetch_at("::1", local, timeout=3) == WEB_TEXT, 15, "the restored proxy answers on [::1]")
+    wait_until(lambda: fetch_at("::1", local, timeout=3) == WEB_TEXT, 15, message="the restored proxy answers on [::1]")
     assert listing_row(cli, local)[0] == f"[::1]:{local}"
     assert "not on loopback" not in client_log(cli)
 
@@ -134,8 +132,8 @@ def test_all_interfaces_warns_in_the_output_and_the_log_and_serves_both_families
     assert listing_row(cli, v4)[0] == f"0.0.0.0:{v4}"
     assert {e["localPort"]: e.get("localHost") for e in saved_proxies(cli)} == {dual: "::", v4: "0.0.0.0"}
 
-    log = poll(lambda: client_log(cli) if f"0.0.0.0:{v4} is not on loopback" in client_log(cli) else None,
-               10, "the warning in the client's log")
+    log = wait_until(lambda: client_log(cli) if f"0.0.0.0:{v4} is not on loopback" in client_log(cli) else None,
+               10, message="the warning in the client's log")
     assert f"WARNING chuantou.client: proxy on [::]:{dual} is not on loopback" in log
 
 
@@ -156,7 +154,7 @@ def test_udp_through_a_proxy_on_ipv6_loopback(cli):
                     return user.recvfrom(2048)[0] == b"ping over ::1"
                 except socket.timeout:
                     return False
-            poll(echoed, 20, "a datagram echoed through the proxy on [::1]")
+            wait_until(echoed, 20, message="a datagram echoed through the proxy on [::1]")
     finally:
         echo.stop()
 

@@ -17,11 +17,11 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     HOST,
     fake_crontab,
     TOKEN,
-    free_port,
     free_tcp_udp_port,
     one_line,
     wait_connected,
 )
+from helpers import free_port
 from common import service
 
 OTHER_TOKEN = "another-token-that-the-relay-does-not-know"

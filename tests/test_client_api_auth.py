@@ -24,7 +24,8 @@ from common.config import ConfigError
 
 from admin_support import FixtureSettings
 from admin_support import client_app, relay  # noqa: F401 (fixtures)
-from cli_support import CLIENT, TOKEN, cli, free_port, poll, wait_connected  # noqa: F401 (cli is a fixture)
+from cli_support import CLIENT, TOKEN, cli, wait_connected  # noqa: F401 (cli is a fixture)
+from helpers import free_port, wait_until
 
 DEADLINE = 10.0
 FIXTURE_SETTINGS = FixtureSettings(echo_thread="svc-api-auth-echo", socket_timeout=DEADLINE)
@@ -372,7 +373,7 @@ def test_a_foreground_client_prints_a_login_link_to_a_terminal_only(cli):
     config = cli.root / "a.json"
     proc = cli.popen(CLIENT, "--server", "ws://127.0.0.1:1", "--admin-port", admin, "--config", config)
     hint = "log in to the page with the link printed by: python -m chuantou_client login-link"
-    poll(lambda: hint in cli.output(proc), 20, "the login hint in the foreground output")
+    wait_until(lambda: hint in cli.output(proc), 20, message="the login hint in the foreground output")
     assert "key=" not in cli.output(proc)  # this output may be a log file that others can read
     secret_file = cli.state_dir / f"{cli.files('client', config).name}.api-secret"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600

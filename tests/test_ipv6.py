@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from chuantou_server import cli as server_cli
-from cli_support import TOKEN, cli, free_port, wait_connected  # noqa: F401 (cli is a fixture)
-from helpers import UdpEchoService, echo_handler, recv_exactly
+from cli_support import TOKEN, cli, wait_connected  # noqa: F401 (cli is a fixture)
+from helpers import UdpEchoService, echo_handler, free_port, recv_exactly
 
 from udp_support import FamilyTcpService, HostUdpEchoService, ipv6_loopback_available
 
