@@ -8,6 +8,7 @@ Nothing here touches the user's home: every process gets ``XDG_CONFIG_HOME``,
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import json
 import os
@@ -16,14 +17,12 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from common import service
-from helpers import wait_until
+from helpers import http_get, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER = "chuantou_server"
@@ -34,11 +33,8 @@ COMMAND_TIMEOUT = 40.0  # no single CLI command may take longer (start waits up 
 STOP_TIMEOUT = 15.0
 SERVICE_THREAD_PREFIX = "svc-"  # conftest's leak check watches threads named like this
 
-# A direct opener: a user's http_proxy must never capture requests to 127.0.0.1.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-
-# --- waiting and ports -------------------------------------------------------------------------
+# --- ports -------------------------------------------------------------------------
 
 def free_tcp_udp_port() -> int:
     """A port number free for both TCP and UDP on 127.0.0.1 (the relay and 'both' proxies need that)."""
@@ -92,19 +88,11 @@ def api_headers(admin_port: int) -> dict:
     return {KEY_HEADER: key} if key else {}
 
 
-def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes]:
+def fetch(port: int, path: str = "/", timeout: float = 5.0, host: str = HOST) -> bytes | None:
+    """GET http://host:port/path; the body on 200, None if it fails in any way."""
     try:
-        with _DIRECT.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def fetch(port: int, path: str = "/", timeout: float = 5.0) -> bytes | None:
-    """GET http://127.0.0.1:port/path; the body on 200, None if it fails in any way."""
-    try:
-        status, body = http_get(f"http://{HOST}:{port}{path}", timeout)
-    except (OSError, ValueError):
+        status, body = http_get(port, path, timeout, host=host)
+    except (OSError, ValueError, http.client.HTTPException):
         return None
     return body if status == 200 else None
 
@@ -112,10 +100,9 @@ def fetch(port: int, path: str = "/", timeout: float = 5.0) -> bytes | None:
 def api_status(admin_port: int) -> dict | None:
     """The running client's /api/status, or None if it does not answer."""
     try:
-        status, body = http_get(f"http://{HOST}:{admin_port}/api/status", timeout=3.0,
-                                headers=api_headers(admin_port))
+        status, body = http_get(admin_port, "/api/status", timeout=3.0, headers=api_headers(admin_port))
         return json.loads(body) if status == 200 else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
         return None
 
 
@@ -129,7 +116,8 @@ def wait_connected(admin_port: int, timeout: float = 15.0) -> dict:
 
 def wait_fetch(port: int, expected: bytes, timeout: float = 15.0) -> None:
     """Wait until a GET through ``port`` returns ``expected`` (a proxy coming back after a restart)."""
-    wait_until(lambda: fetch(port, timeout=3.0) == expected, timeout, message=f"GET through port {port} returns {expected!r}")
+    wait_until(lambda: fetch(port, timeout=3.0) == expected, timeout,
+               message=f"GET through port {port} returns {expected!r}")
 
 
 class TextHttpService:

@@ -157,6 +157,17 @@ def exchange(sock: socket.socket, payload: bytes) -> tuple[str, int]:
     return result
 
 
+def echo_bytes(sock: socket.socket, size: int) -> None:
+    """Send ``size`` bytes through an echo path and read them all back (not kept)."""
+    sock.sendall(b"x" * size)
+    got = 0
+    while got < size:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError(f"the echo path closed after {got} of {size} bytes")
+        got += len(chunk)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -561,17 +572,23 @@ def json_route(fn):
 
 # --- the user's side ---------------------------------------------------------------------------
 
-def http_get(port: int, path: str = "/", timeout: float = IO_TIMEOUT) -> tuple[int, bytes]:
-    return http_request(port, "GET", path, None, timeout)
+def http_get(port: int, path: str = "/", timeout: float = IO_TIMEOUT, headers: dict | None = None,
+             host: str = HOST) -> tuple[int, bytes]:
+    """(status, body) of a GET to host:port (an IPv6 literal too); http.client, so no proxy ever applies."""
+    return http_request(port, "GET", path, None, timeout, headers, host)
 
 
-def http_request(port: int, method: str, path: str, payload=None, timeout: float = IO_TIMEOUT):
+def http_request(port: int, method: str, path: str, payload=None, timeout: float = IO_TIMEOUT,
+                 headers: dict | None = None, host: str = HOST) -> tuple[int, bytes]:
+    """(status, body) of one request; ``payload`` (if not None) goes as JSON."""
     import http.client
 
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         body = json.dumps(payload).encode() if payload is not None else None
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = dict(headers or {})
+        if body is not None:
+            headers.setdefault("Content-Type", "application/json")
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()

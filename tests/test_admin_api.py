@@ -15,30 +15,16 @@ from chuantou_server import admin as server_admin
 from chuantou_server.httpd import Request
 from common import __version__
 
-from admin_support import ADMIN_PORTS, ADMIN_TOKEN, CLIENT_API_KEYS, FixtureSettings, Pump
-from admin_support import client_app, clients, echo, relay, user_sockets  # noqa: F401 (fixtures)
-from helpers import free_port
+from admin_support import ADMIN_PORTS, ADMIN_TOKEN, CLIENT_API_KEYS, Pump
+from admin_support import client_app, clients, relay, user_sockets  # noqa: F401 (fixtures)
+from helpers import echo_bytes, free_port, wait_until
 
 DEADLINE = 10.0
 PAYLOAD = 300_000
 TOKEN = "admin-test-token-0123456789"
-FIXTURE_SETTINGS = FixtureSettings(echo_thread="svc-admin-echo", socket_timeout=DEADLINE,
-                                   echo_threads_must_end=True)
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-def wait_for(predicate, timeout: float = DEADLINE, message: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; return that, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {message}")
-        time.sleep(0.02)
-
 
 def request(port: int, method: str, path: str, headers: dict | None = None, body=None):
     """(status, headers, decoded body) of one HTTP request to 127.0.0.1:port."""
@@ -71,16 +57,6 @@ def get_json(port: int, path: str, headers: dict | None = None):
 
 def same_origin(port: int) -> dict:
     return {"Origin": f"http://127.0.0.1:{port}"}
-
-
-def exchange(sock: socket.socket, size: int) -> None:
-    """Send ``size`` bytes through an echo path and read them all back."""
-    sock.sendall(b"x" * size)
-    got = 0
-    while got < size:
-        chunk = sock.recv(1 << 20)
-        assert chunk, "the echo path closed early"
-        got += len(chunk)
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -116,18 +92,18 @@ def test_a_relay_with_tokens_is_not_reported_open():
 
 
 @pytest.mark.timeout(40)
-def test_clients_sessions_and_traffic_follow_a_live_session(relay, a_and_b, echo, user_sockets):
+def test_clients_sessions_and_traffic_follow_a_live_session(relay, a_and_b, tcp_echo, user_sockets):
     a, b = a_and_b
-    proxy = a.create_proxy(0, "B", echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
     user = user_sockets(proxy.local_port)
-    exchange(user, PAYLOAD)
+    echo_bytes(user, PAYLOAD)
 
     def the_session():
         sessions = get_json(relay.port, "/api/sessions")["sessions"]
         return sessions[0] if len(sessions) == 1 and sessions[0]["bytesBToA"] >= PAYLOAD else None
 
-    session = wait_for(the_session, message="one session with the payload counted both ways")
-    assert (session["a"], session["b"], session["port"], session["protocol"]) == ("A", "B", echo.port, "tcp")
+    session = wait_until(the_session, DEADLINE, message="one session with the payload counted both ways")
+    assert (session["a"], session["b"], session["port"], session["protocol"]) == ("A", "B", tcp_echo.port, "tcp")
     assert session["bytesAToB"] >= PAYLOAD and session["state"] == "relaying"
     assert session["shortId"] == session["id"][:8]
     assert time.time() - 30 < session["startedAt"] <= time.time()
@@ -143,11 +119,12 @@ def test_clients_sessions_and_traffic_follow_a_live_session(relay, a_and_b, echo
 
     pump = Pump(user, "svc-admin-pump")
     try:
-        wait_for(lambda: get_json(relay.port, "/api/sessions")["sessions"][0]["rateAToB"] > 0,
+        wait_until(lambda: get_json(relay.port, "/api/sessions")["sessions"][0]["rateAToB"] > 0, DEADLINE,
                  message="a current rate on the session")
-        wait_for(lambda: get_json(relay.port, "/api/clients")["clients"][0]["rateSent"] > 0,
+        wait_until(lambda: get_json(relay.port, "/api/clients")["clients"][0]["rateSent"] > 0, DEADLINE,
                  message="a current rate on the client")
-        wait_for(lambda: get_json(relay.port, "/api/status")["bytesPerSecond"] > 0, message="throughput in status")
+        wait_until(lambda: get_json(relay.port, "/api/status")["bytesPerSecond"] > 0, DEADLINE,
+                   message="throughput in status")
     finally:
         pump.stop()
 
@@ -161,13 +138,13 @@ def test_clients_sessions_and_traffic_follow_a_live_session(relay, a_and_b, echo
 
 
 @pytest.mark.timeout(30)
-def test_bytes_of_ended_sessions_still_count(relay, a_and_b, echo, user_sockets):
+def test_bytes_of_ended_sessions_still_count(relay, a_and_b, tcp_echo, user_sockets):
     a, _ = a_and_b
-    proxy = a.create_proxy(0, "B", echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
     user = user_sockets(proxy.local_port)
-    exchange(user, PAYLOAD)
+    echo_bytes(user, PAYLOAD)
     user.close()
-    wait_for(lambda: not get_json(relay.port, "/api/sessions")["sessions"], message="the session to end")
+    wait_until(lambda: not get_json(relay.port, "/api/sessions")["sessions"], DEADLINE, message="the session to end")
     clients = {c["id"]: c for c in get_json(relay.port, "/api/clients")["clients"]}
     assert clients["A"]["sessions"] == 0
     assert clients["A"]["bytesSent"] >= PAYLOAD and clients["B"]["bytesReceived"] >= PAYLOAD
@@ -185,12 +162,12 @@ def test_traffic_history_is_a_ring_of_one_sample_a_second(relay):
 
 
 @pytest.mark.timeout(30)
-def test_close_session_action(relay, a_and_b, echo, user_sockets):
+def test_close_session_action(relay, a_and_b, tcp_echo, user_sockets):
     a, _ = a_and_b
-    proxy = a.create_proxy(0, "B", echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
     user = user_sockets(proxy.local_port)
-    exchange(user, 1000)
-    session_id = wait_for(lambda: [s["id"] for s in get_json(relay.port, "/api/sessions")["sessions"]],
+    echo_bytes(user, 1000)
+    session_id = wait_until(lambda: [s["id"] for s in get_json(relay.port, "/api/sessions")["sessions"]], DEADLINE,
                           message="the session")[0]
 
     status, _, reply = request(relay.port, "POST", "/api/sessions/ffffffffff/close", same_origin(relay.port))
@@ -218,8 +195,8 @@ def test_disconnect_client_action(relay, a_and_b):
     assert "B disconnected" in reply["message"]
     assert old.closed
     # The client notices and registers again on its own.
-    wait_for(lambda: b.control.reconnects >= 1 and b.connected, message="B to reconnect")
-    wait_for(lambda: relay.registry.get("B") not in (None, old), message="B's new registration")
+    wait_until(lambda: b.control.reconnects >= 1 and b.connected, DEADLINE, message="B to reconnect")
+    wait_until(lambda: relay.registry.get("B") not in (None, old), DEADLINE, message="B's new registration")
 
 
 @pytest.mark.timeout(30)
@@ -319,31 +296,31 @@ def _check_admin_token_is_required(relay):
 # --- the client's API -------------------------------------------------------------------------
 
 @pytest.mark.timeout(40)
-def test_client_api_lists_connections_both_ways_and_traffic(relay, client_app, clients, echo, user_sockets):
+def test_client_api_lists_connections_both_ways_and_traffic(relay, client_app, clients, tcp_echo, user_sockets):
     b = clients("B")
     assert client_app.client.wait_connected(DEADLINE)
     api = client_app.admin.port
     local_port = free_port()
     status, _, reply = request(api, "POST", "/api/proxies", same_origin(api),
-                               {"localPort": local_port, "targetClient": "B", "targetPort": echo.port,
+                               {"localPort": local_port, "targetClient": "B", "targetPort": tcp_echo.port,
                                 "protocol": "tcp"})
     assert status == 201, reply
     user = user_sockets(local_port)
-    exchange(user, PAYLOAD)
+    echo_bytes(user, PAYLOAD)
 
     def a_connection():
         found = get_json(api, "/api/connections")["connections"]
         return found if found and found[0].get("bytesReceived", 0) >= PAYLOAD else None
 
-    (conn,) = wait_for(a_connection, message="A's connection with the payload")
-    assert (conn["side"], conn["peer"], conn["port"], conn["protocol"]) == ("A", "B", echo.port, "tcp")
+    (conn,) = wait_until(a_connection, DEADLINE, message="A's connection with the payload")
+    assert (conn["side"], conn["peer"], conn["port"], conn["protocol"]) == ("A", "B", tcp_echo.port, "tcp")
     assert conn["localPort"] == local_port and conn["bytesSent"] >= PAYLOAD
     assert time.time() - 30 < conn["startedAt"] <= time.time()
-    (on_b,) = wait_for(b.connections, message="B's side of it")
-    assert (on_b["side"], on_b["peer"], on_b["port"]) == ("B", "A", echo.port)
+    (on_b,) = wait_until(b.connections, DEADLINE, message="B's side of it")
+    assert (on_b["side"], on_b["peer"], on_b["port"]) == ("B", "A", tcp_echo.port)
     assert on_b["bytesReceived"] >= PAYLOAD and on_b["id"] == conn["id"]
 
-    wait_for(lambda: any(s[1] > 0 and s[2] > 0 for s in get_json(api, "/api/traffic")["samples"]),
+    wait_until(lambda: any(s[1] > 0 and s[2] > 0 for s in get_json(api, "/api/traffic")["samples"]), DEADLINE,
              message="traffic samples in both directions")
     traffic = get_json(api, "/api/traffic")
     assert traffic["bytesReceived"] >= PAYLOAD and traffic["bytesSent"] >= PAYLOAD
@@ -351,7 +328,7 @@ def test_client_api_lists_connections_both_ways_and_traffic(relay, client_app, c
     proxies = get_json(api, "/api/proxies")["proxies"]
     assert proxies[0]["activeConnections"] == 1 and proxies[0]["bytesReceived"] >= PAYLOAD
     user.close()
-    wait_for(lambda: not get_json(api, "/api/connections")["connections"], message="the connection to end")
+    wait_until(lambda: not get_json(api, "/api/connections")["connections"], DEADLINE, message="the connection to end")
     # Ended connections keep counting in the totals.
     assert get_json(api, "/api/traffic")["bytesReceived"] >= PAYLOAD
 

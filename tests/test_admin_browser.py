@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from admin_support import ADMIN_TOKEN, FixtureSettings, Pump
-from admin_support import client_app, clients, echo, relay, user_sockets  # noqa: F401 (fixtures)
+from admin_support import ADMIN_TOKEN, Pump
+from admin_support import client_app, clients, relay, user_sockets  # noqa: F401 (fixtures)
 from helpers import free_port
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -31,7 +31,6 @@ WAIT = 20.0
 LAPTOP, PHONE = (1366, 900), (390, 844)
 PAGE_BYTES = 512 * 1024
 UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
-FIXTURE_SETTINGS = FixtureSettings(echo_thread="svc-browser-echo", socket_timeout=WAIT)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMEDRIVER).exists(),
                                 reason="needs chromium and chromium-driver (apt-get install chromium chromium-driver)")
@@ -144,9 +143,9 @@ def log_in(driver, relay, token: str = ADMIN_TOKEN) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, user_sockets, driver):
+def test_server_page_shows_clients_and_a_live_session(relay, clients, tcp_echo, user_sockets, driver):
     a, _ = clients("A"), clients("B")
-    proxy = a.create_proxy(0, "B", echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
     user = user_sockets(proxy.local_port)
     pump = Pump(user, "svc-browser-pump", size=64_000, pause=0.05)
     console = Console(driver)
@@ -159,7 +158,7 @@ def test_server_page_shows_clients_and_a_live_session(relay, clients, echo, user
         row_css = f'#sessions tr[data-key="{session_id}"]'
         row = wait(driver, lambda d: find(d, row_css), "the session listed")
         assert "A" in cell(row, 1) and "B" in cell(row, 1)
-        assert cell(row, 2) == str(echo.port) and cell(row, 3) == "TCP"
+        assert cell(row, 2) == str(tcp_echo.port) and cell(row, 3) == "TCP"
         first = parse_bytes(cell(row, 5))
         wait(driver, lambda d: parse_bytes(cell(find(d, row_css), 5)) > first, "bytes sent by A to rise")
         wait(driver, lambda d: d.find_element(By.ID, "stat-rate").text not in ("0 B/s", "–"), "a live throughput")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -18,14 +16,14 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     HOST,
     TextHttpService,
     api_headers,
+    fetch,
     free_tcp_udp_port,
     one_line,
     wait_connected,
 )
-from helpers import UdpEchoService, free_port, wait_until
+from helpers import UdpEchoService, free_port, http_request, wait_until
 
 WEB_TEXT = b"B's web service, reached through a proxy listening where it was told to"
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @pytest.fixture
@@ -35,16 +33,6 @@ def web():
         yield service
     finally:
         service.stop()
-
-
-def fetch_at(host: str, port: int, timeout: float = 5.0) -> bytes | None:
-    """GET / at host:port (an IPv6 literal too); the body, or None if nothing answers."""
-    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        with _DIRECT.open(f"http://{netloc}/", timeout=timeout) as resp:
-            return resp.read()
-    except (OSError, urllib.error.URLError):
-        return None
 
 
 def start_pair(cli) -> int:
@@ -73,13 +61,8 @@ def listing_row(cli, port: int) -> list[str]:
 
 
 def api_post(admin_port: int, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://{HOST}:{admin_port}/api/proxies", data=json.dumps(body).encode(),
-                                     method="POST", headers={"Content-Type": "application/json", **api_headers(admin_port)})
-    try:
-        with _DIRECT.open(request, timeout=10) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+    status, reply = http_request(admin_port, "POST", "/api/proxies", body, 10, api_headers(admin_port))
+    return status, json.loads(reply)
 
 
 def client_log(cli) -> str:
@@ -94,8 +77,8 @@ def test_ipv6_loopback_proxy_is_saved_listed_and_restored_without_a_warning(cli,
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [f"proxy created: [::1]:{local} -> B:{web.port}", f"use it at: [::1]:{local}"]
     assert out.stderr == ""  # loopback: nothing to warn about
-    assert fetch_at("::1", local) == WEB_TEXT
-    assert fetch_at(HOST, local, timeout=2) is None  # only where it was told to listen
+    assert fetch(local, host="::1") == WEB_TEXT
+    assert fetch(local, timeout=2, host=HOST) is None  # only where it was told to listen
     assert listing_row(cli, local)[:3] == [f"[::1]:{local}", f"B:{web.port}", "tcp"]
     assert saved_proxies(cli) == [{"localPort": local, "targetClient": "B", "targetPort": web.port,
                                    "protocol": "tcp", "localHost": "::1"}]
@@ -103,7 +86,8 @@ def test_ipv6_loopback_proxy_is_saved_listed_and_restored_without_a_warning(cli,
     assert cli.client("stop").returncode == 0
     assert cli.client("start", "--admin-port", a_admin).returncode == 0
     wait_connected(a_admin)
-    wait_until(lambda: fetch_at("::1", local, timeout=3) == WEB_TEXT, 15, message="the restored proxy answers on [::1]")
+    wait_until(lambda: fetch(local, timeout=3, host="::1") == WEB_TEXT, 15,
+               message="the restored proxy answers on [::1]")
     assert listing_row(cli, local)[0] == f"[::1]:{local}"
     assert "not on loopback" not in client_log(cli)
 
@@ -119,8 +103,8 @@ def test_all_interfaces_warns_in_the_output_and_the_log_and_serves_both_families
     assert warning.startswith(f"warning: proxy on [::]:{dual} is not on loopback: anyone on any network of this "
                               f"machine can use it to reach B:{web.port}")
     assert "--local-host 127.0.0.1" in warning
-    assert fetch_at(HOST, dual) == WEB_TEXT  # "::" is dual-stack: IPv4 users too
-    assert fetch_at("::1", dual) == WEB_TEXT
+    assert fetch(dual, host=HOST) == WEB_TEXT  # "::" is dual-stack: IPv4 users too
+    assert fetch(dual, host="::1") == WEB_TEXT
     assert listing_row(cli, dual)[0] == f"[::]:{dual}"
 
     v4 = free_tcp_udp_port()
@@ -128,7 +112,7 @@ def test_all_interfaces_warns_in_the_output_and_the_log_and_serves_both_families
     assert out.returncode == 0, out.stderr
     assert f"warning: proxy on 0.0.0.0:{v4} is not on loopback" in out.stderr
     assert f"use it at: localhost:{v4} or <this machine's address>:{v4}" in out.stdout
-    assert fetch_at(HOST, v4) == WEB_TEXT
+    assert fetch(v4, host=HOST) == WEB_TEXT
     assert listing_row(cli, v4)[0] == f"0.0.0.0:{v4}"
     assert {e["localPort"]: e.get("localHost") for e in saved_proxies(cli)} == {dual: "::", v4: "0.0.0.0"}
 
@@ -168,7 +152,7 @@ def test_api_honours_local_host_and_bad_addresses_are_refused_and_not_saved(cli,
     assert status == 201, reply
     assert reply["proxy"]["localHost"] == "::1" and reply["address"] == f"[::1]:{local}"
     assert reply["warning"] is None
-    assert fetch_at("::1", local) == WEB_TEXT
+    assert fetch(local, host="::1") == WEB_TEXT
 
     status, reply = api_post(a_admin, {"localPort": free_port(), "targetClient": "B", "targetPort": web.port,
                                        "localHost": "relay.example.com"})

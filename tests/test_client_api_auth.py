@@ -22,13 +22,11 @@ from chuantou_client import apiauth
 from chuantou_client.app import ClientApp
 from common.config import ConfigError
 
-from admin_support import FixtureSettings
 from admin_support import client_app, relay  # noqa: F401 (fixtures)
 from cli_support import CLIENT, TOKEN, cli, wait_connected  # noqa: F401 (cli is a fixture)
 from helpers import free_port, wait_until
 
 DEADLINE = 10.0
-FIXTURE_SETTINGS = FixtureSettings(echo_thread="svc-api-auth-echo", socket_timeout=DEADLINE)
 SHORT_TOKEN = "tiny-Tok3n"  # 10 characters: refused
 FIX_WORDS = ("run the CLI as the user who started the client", "login-link")
 
