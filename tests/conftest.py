@@ -24,6 +24,7 @@ from helpers import (
     wait_until,
     ws_echo,
 )
+from security_support import ControlPeer
 
 LIBRARY_THREAD_PREFIX = "chuantou-"
 LEAK_DEADLINE = 5.0
@@ -117,6 +118,22 @@ def client_a(server, make_client) -> Client:
 @pytest.fixture
 def client_b(server, make_client) -> Client:
     return make_client(server, "B")
+
+
+@pytest.fixture
+def peers():
+    """Factory: peers(server, **options) -> a bare control channel (security_support.ControlPeer)
+    past the relay's challenge, closed at teardown."""
+    opened: list[ControlPeer] = []
+
+    def open_peer(server, **options) -> ControlPeer:
+        peer = ControlPeer(server, **options)
+        opened.append(peer)
+        return peer
+
+    yield open_peer
+    for peer in opened:
+        peer.close()
 
 
 # --- local services ----------------------------------------------------------------------------

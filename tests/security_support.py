@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import websocket
 
 from common import auth
@@ -104,22 +103,8 @@ class ControlPeer:
         self.ws.shutdown()
 
 
-@pytest.fixture
-def peers():
-    """Factory: peers(server, **options) -> a ControlPeer past the challenge, closed at teardown."""
-    opened: list[ControlPeer] = []
-
-    def open_peer(server, **options) -> ControlPeer:
-        peer = ControlPeer(server, **options)
-        opened.append(peer)
-        return peer
-
-    yield open_peer
-    for peer in opened:
-        peer.close()
-
-
 def registered_peer(peers, server, client_id: str, token: str | None = TOKEN) -> ControlPeer:
+    """A ControlPeer from conftest's ``peers`` factory, registered as ``client_id`` (token None: an open relay)."""
     peer = peers(server)
     reply = peer.register(client_id, token)
     assert reply.success, reply

@@ -3,11 +3,9 @@ ID, a silent client, junk on the relay port, a forged data channel, bad control 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
-import threading
 import time
 
 import pytest
@@ -25,11 +23,10 @@ from helpers import (
     hash_until_eof,
     random_bytes,
     recv_exactly,
-    relay_url,
-    send_and_close_write,
     sha256,
     wait_until,
 )
+from security_support import registered_peer
 
 MiB = 1024 * 1024
 PROMPT = 2.0  # seconds within which a doomed user connection must be closed
@@ -47,48 +44,6 @@ def assert_closed_promptly(port: int) -> float:
     elapsed = time.monotonic() - started
     assert elapsed < PROMPT, f"the user's connection was closed only after {elapsed:.2f} s"
     return elapsed
-
-
-def raw_control(server, ws_clients) -> websocket.WebSocket:
-    """A bare control channel to ``server``, past the relay's opening challenge (an open relay)."""
-    ws = ws_clients(websocket.create_connection(relay_url(server), timeout=5))
-    challenge = recv_msg(ws)
-    assert isinstance(challenge, p.Challenge) and not challenge.authRequired, challenge
-    return ws
-
-
-def send_msg(ws: websocket.WebSocket, msg) -> None:
-    ws.send(p.encode(msg) if not isinstance(msg, (str, bytes)) else msg)
-
-
-def recv_msg(ws: websocket.WebSocket):
-    opcode, data = ws.recv_data()
-    assert opcode == websocket.ABNF.OPCODE_TEXT, f"expected a text frame, got opcode {opcode}"
-    return p.decode(data)
-
-
-def register_raw(server, ws_clients, client_id: str) -> websocket.WebSocket:
-    ws = raw_control(server, ws_clients)
-    ws.send(json.dumps({"type": "register", "payload": {"clientId": client_id, "protocolVersion": p.PROTOCOL_VERSION}}))
-    reply = recv_msg(ws)
-    assert isinstance(reply, p.RegisterResponse) and reply.success, reply
-    return ws
-
-
-def closed_by_relay(ws: websocket.WebSocket, timeout: float) -> bool:
-    """True if the relay ends this WebSocket (close frame or EOF) within ``timeout``, skipping other messages."""
-    ws.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            opcode, _ = ws.recv_data()
-        except websocket.WebSocketTimeoutException:
-            return False
-        except (websocket.WebSocketConnectionClosedException, ConnectionError):
-            return True
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            return True
-    return False
 
 
 # --- the target is not there --------------------------------------------------------------------
@@ -153,43 +108,43 @@ def test_client_id_taken_over_by_a_new_connection(server, client_a, make_client,
     assert second.connected and not first.connected  # see test_identity.py for the rest
 
 
-def test_takeover_on_the_wire_old_connection_is_told_and_closed(server, ws_clients):
-    old = register_raw(server, ws_clients, "same")
-    new = raw_control(server, ws_clients)
-    send_msg(new, p.Register(clientId="same", protocolVersion=p.PROTOCOL_VERSION))
-    reply = recv_msg(new)
+def test_takeover_on_the_wire_old_connection_is_told_and_closed(server, peers):
+    old = registered_peer(peers, server, "same", token=None)
+    new = peers(server)
+    new.send(p.Register(clientId="same", protocolVersion=p.PROTOCOL_VERSION))
+    reply = new.recv()
     assert reply.success and reply.existingKicked and reply.assignedId == "same"
 
-    told = recv_msg(old)
+    told = old.recv()
     assert isinstance(told, p.Error) and told.code == "replaced"
-    assert closed_by_relay(old, timeout=3)
-    send_msg(new, p.GetClientList(requestId="q"))
-    assert recv_msg(new) == p.ClientList(clients=[p.ClientInfo(id="same")], requestId="q")
+    assert old.closed_by_relay(3)
+    new.send(p.GetClientList(requestId="q"))
+    assert new.recv() == p.ClientList(clients=[p.ClientInfo(id="same")], requestId="q")
 
 
 # --- heartbeats ----------------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
-def test_heartbeat_timeout_drops_a_silent_client(make_server, make_client, ws_clients):
+def test_heartbeat_timeout_drops_a_silent_client(make_server, make_client, peers):
     server = make_server(heartbeat_timeout=1.0)
     watcher = make_client(server, "watcher", heartbeat_interval=0.2)
-    silent = register_raw(server, ws_clients, "silent")
+    silent = registered_peer(peers, server, "silent", token=None)
     assert sorted(watcher.list_clients()) == ["silent", "watcher"]
     registered = time.monotonic()
 
     wait_until(lambda: "silent" not in watcher.list_clients(), timeout=5, message="silent client dropped")
     assert time.monotonic() - registered >= 0.9  # dropped for silence, not at once
     assert watcher.list_clients() == ["watcher"]  # heartbeats kept the other one alive just as long
-    assert closed_by_relay(silent, timeout=3)
+    assert silent.closed_by_relay(3)
     assert watcher.connected
 
 
 @pytest.mark.timeout(30)
-def test_a_silent_client_loses_its_waiting_sessions(make_server, make_client, ws_clients, tcp_echo):
+def test_a_silent_client_loses_its_waiting_sessions(make_server, make_client, peers, tcp_echo):
     """A session towards a client that never answers is not left hanging: the user is closed."""
     server = make_server(heartbeat_timeout=1.0, session_join_timeout=1.0)
     a = make_client(server, "A", heartbeat_interval=0.2)
-    register_raw(server, ws_clients, "mute")  # registered, but never joins anything
+    registered_peer(peers, server, "mute", token=None)  # registered, but never joins anything
     proxy = a.create_proxy(0, "mute", tcp_echo.port, protocol="tcp")
     with connect(proxy.local_port) as user:
         assert closed_by_peer(user, timeout=5)
@@ -354,53 +309,46 @@ def test_data_channel_header_trickled_too_slowly_is_dropped(make_server):
 
 # --- bad control messages ------------------------------------------------------------------------
 
-def test_bad_control_messages_are_answered_with_an_error_and_the_channel_survives(server, ws_clients):
-    ws = register_raw(server, ws_clients, "chatty")
+def test_bad_control_messages_are_answered_with_an_error_and_the_channel_survives(server, peers):
+    peer = registered_peer(peers, server, "chatty", token=None)
     for junk in ("not json", '{"type": "teleport", "payload": {}}', '{"type": "connect_request", "payload": {}}',
                  '{"type": "heartbeat", "payload": {"timestamp": "noon"}}', "[]"):
-        ws.send(junk)
-        reply = recv_msg(ws)
+        peer.send(junk)
+        reply = peer.recv()
         assert isinstance(reply, p.Error) and reply.code == "bad_message", (junk, reply)
     # a message only the relay sends
-    send_msg(ws, p.ClientList(clients=[]))
-    assert recv_msg(ws).code == "bad_message"
+    peer.send(p.ClientList(clients=[]))
+    assert peer.recv().code == "bad_message"
     # the channel still works
-    send_msg(ws, p.Heartbeat(timestamp=5.0))
-    assert recv_msg(ws) == p.Heartbeat(timestamp=5.0)
-    send_msg(ws, p.GetClientList(requestId="after"))
-    assert recv_msg(ws) == p.ClientList(clients=[p.ClientInfo(id="chatty")], requestId="after")
+    peer.send(p.Heartbeat(timestamp=5.0))
+    assert peer.recv() == p.Heartbeat(timestamp=5.0)
+    peer.send(p.GetClientList(requestId="after"))
+    assert peer.recv() == p.ClientList(clients=[p.ClientInfo(id="chatty")], requestId="after")
 
 
-def test_messages_before_register_are_refused(server, ws_clients):
-    ws = raw_control(server, ws_clients)
-    send_msg(ws, p.GetClientList(requestId="early"))
-    reply = recv_msg(ws)
-    assert isinstance(reply, p.Error) and reply.code == "not_registered"
-
-
-def test_unregistered_control_connection_is_closed_after_the_handshake_timeout(make_server, ws_clients):
+def test_unregistered_control_connection_is_closed_after_the_handshake_timeout(make_server, peers):
     server = make_server(handshake_timeout=0.5)
-    ws = raw_control(server, ws_clients)
-    assert closed_by_relay(ws, timeout=4)
+    peer = peers(server)
+    assert peer.closed_by_relay(4)
 
 
-def test_wrong_protocol_version_is_refused_with_a_clear_message(server, ws_clients):
-    ws = raw_control(server, ws_clients)
-    send_msg(ws, p.Register(clientId="future", protocolVersion=p.PROTOCOL_VERSION + 1))
-    reply = recv_msg(ws)
+def test_wrong_protocol_version_is_refused_with_a_clear_message(server, peers):
+    peer = peers(server)
+    peer.send(p.Register(clientId="future", protocolVersion=p.PROTOCOL_VERSION + 1))
+    reply = peer.recv()
     assert isinstance(reply, p.RegisterResponse) and not reply.success
     assert "version" in reply.error and "same chuantou version" in reply.error
-    assert closed_by_relay(ws, timeout=3)
+    assert peer.closed_by_relay(3)
     assert server.registry.ids() == []
 
 
-def test_oversized_control_message_ends_only_that_connection(server, client_a, ws_clients):
-    ws = register_raw(server, ws_clients, "big")
+def test_oversized_control_message_ends_only_that_connection(server, client_a, peers):
+    peer = registered_peer(peers, server, "big", token=None)
     try:
-        ws.send("x" * (p.MAX_MESSAGE_BYTES + 1024))
+        peer.send("x" * (p.MAX_MESSAGE_BYTES + 1024))
     except (websocket.WebSocketException, OSError):
         pass
-    assert closed_by_relay(ws, timeout=5)
+    assert peer.closed_by_relay(5)
     wait_until(lambda: "big" not in server.registry.ids())
     assert client_a.list_clients() == ["A"]
 

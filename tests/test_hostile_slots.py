@@ -18,8 +18,7 @@ from common import protocol as p
 from common.frames import JoinRequest, JoinStatus, pack_data_header
 
 from helpers import HOST, TcpService, connect, echo_handler, recv_exactly, wait_until
-from security_support import (  # noqa: F401 (peers is a fixture)
-    PROMPT, TOKEN, closed_without_reply, echo_roundtrip, logged, peers, registered_peer)
+from security_support import PROMPT, TOKEN, closed_without_reply, echo_roundtrip, logged, registered_peer
 
 pytestmark = pytest.mark.timeout(90)
 

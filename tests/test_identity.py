@@ -23,7 +23,6 @@ from security_support import (
     PROMPT,
     TOKEN,
     echo_roundtrip,
-    peers,  # noqa: F401 (fixture)
     registered_peer,
 )
 

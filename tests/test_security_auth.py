@@ -22,7 +22,6 @@ from security_support import (
     TOKEN,
     echo_roundtrip,
     log_lines,
-    peers,  # noqa: F401 (fixture)
     registered_peer,
     udp_socket,
 )

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from common import protocol as p
-from common.frames import HEADER_SIZE, JoinRequest, JoinStatus, pack_data_header, pack_udp_register, unpack_udp_ack
+from common.frames import HEADER_SIZE, JoinRequest, JoinStatus, pack_data_header
 
 from helpers import (
     HOST,
@@ -37,7 +37,6 @@ from security_support import (
     echo_roundtrip,
     logged,
     long_transfer,
-    peers,  # noqa: F401 (fixture)
     registered_peer,
     udp_socket,
 )
