@@ -178,6 +178,13 @@ def connect(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
     return sock
 
 
+def echo_roundtrip(port: int, data: bytes = b"hello through the tunnel") -> bytes:
+    """Send ``data`` on a new connection to ``port`` and return as many bytes read back (an echo behind it)."""
+    with connect(port) as user:
+        user.sendall(data)
+        return recv_exactly(user, len(data))
+
+
 def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
     """True if the peer closes ``sock`` (EOF or reset) within ``timeout``, False if it sends data or stays open."""
     sock.settimeout(timeout)

@@ -221,12 +221,6 @@ class HostTcpService(TcpService):
         return self
 
 
-def echo_roundtrip(port: int, data: bytes = b"hello through the tunnel") -> bytes:
-    with connect(port) as user:
-        user.sendall(data)
-        return recv_exactly(user, len(data))
-
-
 def closed_without_reply(sock: socket.socket, timeout: float) -> tuple[bool, bytes]:
     """Read until the peer closes (EOF or reset) within ``timeout``; return (closed, what was read)."""
     deadline = time.monotonic() + timeout

@@ -17,8 +17,8 @@ import pytest
 from common import protocol as p
 from common.frames import JoinRequest, JoinStatus, pack_data_header
 
-from helpers import HOST, TcpService, connect, echo_handler, recv_exactly, wait_until
-from security_support import PROMPT, TOKEN, closed_without_reply, echo_roundtrip, logged, registered_peer
+from helpers import HOST, TcpService, connect, echo_handler, echo_roundtrip, recv_exactly, wait_until
+from security_support import PROMPT, TOKEN, closed_without_reply, logged, registered_peer
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -17,14 +17,8 @@ from common import protocol as p
 from common.errors import ChuantouError
 
 from cli_support import cli  # noqa: F401 (fixture)
-from helpers import HOST, free_port, wait_until
-from security_support import (
-    OTHER_TOKEN,
-    PROMPT,
-    TOKEN,
-    echo_roundtrip,
-    registered_peer,
-)
+from helpers import HOST, echo_roundtrip, free_port, wait_until
+from security_support import OTHER_TOKEN, PROMPT, TOKEN, registered_peer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,7 @@ import pytest
 
 from chuantou_server import cli as server_cli
 from cli_support import TOKEN, cli, wait_connected  # noqa: F401 (cli is a fixture)
-from helpers import UdpEchoService, echo_handler, free_port, recv_exactly
+from helpers import UdpEchoService, echo_handler, echo_roundtrip, free_port
 
 from udp_support import FamilyTcpService, HostUdpEchoService, ipv6_loopback_available
 
@@ -44,12 +44,6 @@ def udp_echo_via(user: socket.socket, host: str, port: int, payload: bytes, time
     raise AssertionError(f"no echo of {payload!r} via {host}:{port}")
 
 
-def tcp_echo_via(host: str, port: int, payload: bytes) -> bytes:
-    with socket.create_connection((host, port), timeout=10) as user:
-        user.sendall(payload)
-        return recv_exactly(user, len(payload))
-
-
 @pytest.fixture
 def v4_services(services):
     return services(FamilyTcpService(echo_handler, "127.0.0.1")), services(UdpEchoService())
@@ -69,7 +63,7 @@ def test_relay_on_ipv6_loopback_carries_tcp_and_udp_to_an_ipv4_service(make_serv
     tcp = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
     udp = a.create_proxy(0, "B", udp_echo.port, protocol="udp")
     payload = os.urandom(100_000)
-    assert tcp_echo_via("127.0.0.1", tcp.local_port, payload) == payload
+    assert echo_roundtrip(tcp.local_port, payload) == payload
     with udp_user("127.0.0.1") as user:
         for i in range(5):
             assert udp_echo_via(user, "127.0.0.1", udp.local_port, b"v6 relay %d" % i) == b"v6 relay %d" % i
@@ -86,7 +80,7 @@ def test_ipv6_services_are_reachable_through_an_ipv4_relay(make_server, make_cli
     make_client(relay, "B", allow_hosts=("::1",))
     tcp = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp", target_host="::1")
     udp = a.create_proxy(0, "B", udp_echo.port, protocol="udp", target_host="::1")
-    assert tcp_echo_via("127.0.0.1", tcp.local_port, b"to a v6 service") == b"to a v6 service"
+    assert echo_roundtrip(tcp.local_port, b"to a v6 service") == b"to a v6 service"
     with udp_user("127.0.0.1") as user:
         assert udp_echo_via(user, "127.0.0.1", udp.local_port, b"udp to ::1") == b"udp to ::1"
     tcp.close()
@@ -101,7 +95,7 @@ def test_dual_stack_relay_serves_an_ipv4_and_an_ipv6_client_together(make_server
     make_client(v6_url(relay), "B")
     tcp = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
     udp = a.create_proxy(0, "B", udp_echo.port, protocol="udp")
-    assert tcp_echo_via("127.0.0.1", tcp.local_port, b"dual stack") == b"dual stack"
+    assert echo_roundtrip(tcp.local_port, b"dual stack") == b"dual stack"
     with udp_user("127.0.0.1") as user:
         assert udp_echo_via(user, "127.0.0.1", udp.local_port, b"dual udp") == b"dual udp"
     tcp.close()

@@ -19,6 +19,7 @@ from helpers import (
     UdpEchoService,
     closed_by_peer,
     connect,
+    echo_roundtrip,
     echo_handler,
     free_port,
     recv_exactly,
@@ -70,12 +71,6 @@ def own_sockets_on(ports) -> list[str]:
     return found
 
 
-def echo_once(port: int, data: bytes = b"echo?") -> bytes:
-    with connect(port) as user:
-        user.sendall(data)
-        return recv_exactly(user, len(data))
-
-
 # --- restarts ------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(40)
@@ -86,7 +81,7 @@ def test_server_restarted_on_the_same_port_clients_reconnect_and_the_proxy_works
     a = make_client(first, "A", reconnect_max_delay=0.5)
     b = make_client(first, "B", reconnect_max_delay=0.5)
     proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
-    assert echo_once(proxy.local_port) == b"echo?"
+    assert echo_roundtrip(proxy.local_port, b"echo?") == b"echo?"
 
     first.stop()
     wait_until(lambda: not a.connected and not b.connected, message="clients notice the relay is gone")
@@ -98,7 +93,7 @@ def test_server_restarted_on_the_same_port_clients_reconnect_and_the_proxy_works
     wait_until(lambda: a.connected and b.connected and second.registry.ids() == ["A", "B"], timeout=10,
                message="both clients re-registered with the new relay")
     assert a.control.reconnects >= 1 and b.control.reconnects >= 1
-    assert echo_once(proxy.local_port, b"after the restart") == b"after the restart"
+    assert echo_roundtrip(proxy.local_port, b"after the restart") == b"after the restart"
     assert a.proxies == [proxy]
     proxy.close()
 
@@ -107,13 +102,13 @@ def test_server_restarted_on_the_same_port_clients_reconnect_and_the_proxy_works
 def test_target_client_restarted_proxy_works_again(server, client_a, make_client, tcp_echo):
     b = make_client(server, "B")
     proxy = client_a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
-    assert echo_once(proxy.local_port) == b"echo?"
+    assert echo_roundtrip(proxy.local_port, b"echo?") == b"echo?"
     b.stop()
     wait_until(lambda: "B" not in server.registry.ids())
     assert [t for t in library_threads() if t.startswith("chuantou-client-B-")] == []
 
     make_client(server, "B")
-    assert echo_once(proxy.local_port, b"B is back") == b"B is back"
+    assert echo_roundtrip(proxy.local_port, b"B is back") == b"B is back"
     proxy.close()
 
 
@@ -122,13 +117,13 @@ def test_gateway_client_restarted_gets_its_proxy_port_back(server, make_client, 
     a = make_client(server, "A")
     proxy = a.create_proxy(0, "B", tcp_echo.port)
     port = proxy.local_port
-    assert echo_once(port) == b"echo?"
+    assert echo_roundtrip(port, b"echo?") == b"echo?"
     a.stop()
     assert proxy.closed
     assert own_sockets_on([port]) == []
     a2 = make_client(server, "A")
     proxy2 = a2.create_proxy(port, "B", tcp_echo.port)
-    assert echo_once(port, b"same port") == b"same port"
+    assert echo_roundtrip(port, b"same port") == b"same port"
     proxy2.close()
 
 
@@ -151,7 +146,7 @@ def test_after_stop_no_thread_no_socket_and_no_listening_port_is_left():
         held = connect(proxy.local_port)  # a connection still open at stop()
         held.sendall(b"open")
         assert recv_exactly(held, 4) == b"open"
-        assert echo_once(proxy.local_port) == b"echo?"
+        assert echo_roundtrip(proxy.local_port, b"echo?") == b"echo?"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as user:
             assert udp_roundtrip(user, udp_proxy.local_port, b"dgram") == b"dgram"
         ports = [server.port, proxy.local_port, udp_proxy.local_port]

@@ -15,16 +15,8 @@ from common import auth
 from common import protocol as p
 from common.errors import ChuantouError
 
-from helpers import TcpService, UdpEchoService, connect, echo_handler, relay_url, udp_roundtrip
-from security_support import (
-    OTHER_TOKEN,
-    PROMPT,
-    TOKEN,
-    echo_roundtrip,
-    log_lines,
-    registered_peer,
-    udp_socket,
-)
+from helpers import TcpService, UdpEchoService, connect, echo_handler, echo_roundtrip, relay_url, udp_roundtrip
+from security_support import OTHER_TOKEN, PROMPT, TOKEN, log_lines, registered_peer, udp_socket
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from helpers import TcpService, connect, echo_handler, greeting_handler, recv_exactly, wait_until
-from security_support import PROMPT, HostTcpService, closed_without_reply, echo_roundtrip, logged, udp_socket
+from helpers import TcpService, connect, echo_handler, echo_roundtrip, greeting_handler, recv_exactly, wait_until
+from security_support import PROMPT, HostTcpService, closed_without_reply, logged, udp_socket
 
 pytestmark = pytest.mark.timeout(30)
 

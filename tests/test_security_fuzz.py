@@ -23,9 +23,19 @@ from common import auth
 from common import protocol as p
 from common.frames import HEADER_SIZE, JoinRequest, JoinStatus, pack_data_header, pack_udp_register
 
-from helpers import HOST, SERVICE_THREAD_PREFIX, TcpService, UdpEchoService, connect, echo_handler, recv_exactly
-from helpers import relay_url, udp_roundtrip
-from security_support import TOKEN, echo_roundtrip, thread_failures, udp_socket
+from helpers import (
+    HOST,
+    SERVICE_THREAD_PREFIX,
+    TcpService,
+    UdpEchoService,
+    connect,
+    echo_handler,
+    echo_roundtrip,
+    recv_exactly,
+    relay_url,
+    udp_roundtrip,
+)
+from security_support import TOKEN, thread_failures, udp_socket
 
 CONTROL_BUDGET = 5.0  # seconds of control-channel fuzzing
 HEADER_BUDGET = 2.5  # seconds of data-channel header fuzzing

@@ -25,21 +25,13 @@ from helpers import (
     UdpEchoService,
     connect,
     echo_handler,
+    echo_roundtrip,
     recv_exactly,
     udp_roundtrip,
     wait_until,
 )
 from udp_support import register_by_hand
-from security_support import (
-    PROMPT,
-    TOKEN,
-    closed_without_reply,
-    echo_roundtrip,
-    logged,
-    long_transfer,
-    registered_peer,
-    udp_socket,
-)
+from security_support import PROMPT, TOKEN, closed_without_reply, logged, long_transfer, registered_peer, udp_socket
 
 pytestmark = pytest.mark.timeout(60)
 
