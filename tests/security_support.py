@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import websocket
 
 from common import auth
@@ -40,6 +41,12 @@ TOKEN = "relay-token-" + "s3cr3t" * 4  # the relay's token in these tests
 OTHER_TOKEN = "other-token-" + "x9y8z7" * 4
 TRANSFER_SIZE = 64 * MiB
 PROMPT = 3.0  # seconds within which a refused connection must be closed
+
+
+@pytest.fixture
+def relay(make_server):
+    """A relay that wants TOKEN at registration (a test module imports this fixture to use it)."""
+    return make_server(token=TOKEN)
 
 
 # --- a bare control channel ----------------------------------------------------------------------

@@ -19,17 +19,13 @@ from common.errors import ChuantouError
 from cli_support import cli  # noqa: F401 (fixture)
 from helpers import HOST, echo_roundtrip, free_port, wait_until
 from security_support import OTHER_TOKEN, PROMPT, TOKEN, registered_peer
+from security_support import relay  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
 FIRST = "first-token-" + "1" * 20  # two people's tokens on one relay
 SECOND = "second-token-" + "2" * 20
 QUICK = 0.3  # reconnect_max_delay for clients that should come back fast
-
-
-@pytest.fixture
-def relay(make_server):
-    return make_server(token=TOKEN)
 
 
 def record_claims(monkeypatch, reg: registry.ClientRegistry) -> list:

@@ -64,9 +64,8 @@ def let_time_pass(seconds: float) -> None:
 
 
 @pytest.fixture
-def relay():
-    with Server(host="127.0.0.1", port=0, token=CLIENT_TOKEN, admin_token=ADMIN) as server:
-        yield server
+def relay(make_server):
+    return make_server(token=CLIENT_TOKEN, admin_token=ADMIN)
 
 
 # --- sessions ---------------------------------------------------------------------------------

@@ -17,15 +17,11 @@ from common.errors import ChuantouError
 
 from helpers import TcpService, UdpEchoService, connect, echo_handler, echo_roundtrip, relay_url, udp_roundtrip
 from security_support import OTHER_TOKEN, PROMPT, TOKEN, log_lines, registered_peer, udp_socket
+from security_support import relay  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(30)
 
 AUTH_FAILED = "authentication failed"
-
-
-@pytest.fixture
-def relay(make_server):
-    return make_server(token=TOKEN)
 
 
 # --- success -------------------------------------------------------------------------------------
