@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import os
 import socket
@@ -581,16 +582,29 @@ def json_route(fn):
 
 def http_get(port: int, path: str = "/", timeout: float = IO_TIMEOUT, headers: dict | None = None,
              host: str = HOST) -> tuple[int, bytes]:
-    """(status, body) of a GET to host:port (an IPv6 literal too); http.client, so no proxy ever applies."""
+    """(status, body) of a GET to host:port (an IPv6 literal too)."""
     return http_request(port, "GET", path, None, timeout, headers, host)
 
 
 def http_request(port: int, method: str, path: str, payload=None, timeout: float = IO_TIMEOUT,
                  headers: dict | None = None, host: str = HOST) -> tuple[int, bytes]:
     """(status, body) of one request; ``payload`` (if not None) goes as JSON."""
-    import http.client
+    status, _, body = _http(port, method, path, payload, timeout, headers, host)
+    return status, body
 
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+def http_json(port: int, method: str, path: str, headers: dict | None = None, body=None,
+              timeout: float = IO_TIMEOUT):
+    """(status, response, body) of one request sent as given (``body`` as JSON if not None); the
+    reply's body is decoded from JSON if it says it is JSON, else as text. ``response`` keeps the headers."""
+    status, response, raw = _http(port, method, path, body, timeout, headers, HOST)
+    if raw and response.getheader("Content-Type", "").startswith("application/json"):
+        return status, response, json.loads(raw)
+    return status, response, raw.decode()
+
+
+def _http(port: int, method: str, path: str, payload, timeout: float, headers: dict | None, host: str):
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)  # http.client: no proxy ever applies
     try:
         body = json.dumps(payload).encode() if payload is not None else None
         headers = dict(headers or {})
@@ -598,7 +612,7 @@ def http_request(port: int, method: str, path: str, payload=None, timeout: float
             headers.setdefault("Content-Type", "application/json")
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, response, response.read()
     finally:
         conn.close()
 

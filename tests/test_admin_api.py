@@ -3,8 +3,6 @@ own port, the client's on its local admin port, and who may use them."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import socket
 import time
 
@@ -17,7 +15,7 @@ from common import __version__
 
 from admin_support import ADMIN_PORTS, ADMIN_TOKEN, CLIENT_API_KEYS, Pump
 from admin_support import client_app, clients, relay, user_sockets  # noqa: F401 (fixtures)
-from helpers import echo_bytes, free_port, wait_until
+from helpers import echo_bytes, free_port, http_json, wait_until
 
 DEADLINE = 10.0
 PAYLOAD = 300_000
@@ -27,26 +25,14 @@ TOKEN = "admin-test-token-0123456789"
 # --- helpers ----------------------------------------------------------------------------------
 
 def request(port: int, method: str, path: str, headers: dict | None = None, body=None):
-    """(status, headers, decoded body) of one HTTP request to 127.0.0.1:port."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
-    try:
-        data = None
-        headers = dict(headers or {})
-        if port in ADMIN_PORTS:  # the fixture relay: as its admin unless the test says otherwise
-            headers.setdefault("Authorization", f"Bearer {ADMIN_TOKEN}")
-        if port in CLIENT_API_KEYS:  # a fixture client's local API: with its secret unless told otherwise
-            headers.setdefault("X-Chuantou-Key", CLIENT_API_KEYS[port])
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=data, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
-        kind = response.getheader("Content-Type", "")
-        payload = json.loads(raw) if kind.startswith("application/json") else raw.decode()
-        return response.status, response, payload
-    finally:
-        conn.close()
+    """helpers.http_json, as the fixture relay's admin and with a fixture client app's API secret
+    unless ``headers`` say otherwise."""
+    headers = dict(headers or {})
+    if port in ADMIN_PORTS:
+        headers.setdefault("Authorization", f"Bearer {ADMIN_TOKEN}")
+    if port in CLIENT_API_KEYS:
+        headers.setdefault("X-Chuantou-Key", CLIENT_API_KEYS[port])
+    return http_json(port, method, path, headers, body)
 
 
 def get_json(port: int, path: str, headers: dict | None = None):

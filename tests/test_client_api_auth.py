@@ -5,7 +5,6 @@ tokens refused without echo. Real clients and relays on 127.0.0.1 port 0, spoken
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import pty
@@ -24,7 +23,7 @@ from common.config import ConfigError
 
 from admin_support import client_app, relay  # noqa: F401 (fixtures)
 from cli_support import CLIENT, TOKEN, cli, wait_connected  # noqa: F401 (cli is a fixture)
-from helpers import free_port, wait_until
+from helpers import free_port, http_json, wait_until
 
 DEADLINE = 10.0
 SHORT_TOKEN = "tiny-Tok3n"  # 10 characters: refused
@@ -32,25 +31,6 @@ FIX_WORDS = ("run the CLI as the user who started the client", "login-link")
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-def request(port: int, method: str, path: str, headers: dict | None = None, body: dict | None = None):
-    """(status, response, decoded body) of one HTTP request to 127.0.0.1:port, sent as given."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
-    try:
-        headers = dict(headers or {})
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
-        kind = response.getheader("Content-Type", "")
-        decoded = json.loads(raw) if raw and kind.startswith("application/json") else raw.decode()
-        return response.status, response, decoded
-    finally:
-        conn.close()
-
 
 def secret_of(app) -> str:
     return app.admin.secret_path.read_text().strip()
@@ -71,7 +51,7 @@ def login_path(app) -> str:
 
 def log_in(app) -> str:
     """Use a fresh login link; return the session cookie's "name=value"."""
-    status, response, _ = request(app.admin.port, "GET", login_path(app))
+    status, response, _ = http_json(app.admin.port, "GET", login_path(app))
     assert status == 303 and response.getheader("Location") == "/"
     return response.getheader("Set-Cookie").split(";", 1)[0]
 
@@ -87,13 +67,13 @@ def assert_refused(status: int, payload) -> None:
 def test_without_the_secret_list_create_and_delete_are_refused(client_app):
     port = client_app.admin.port
     kept = free_port()
-    assert request(port, "POST", "/api/proxies", key(client_app), proxy_body(kept))[0] == 201
+    assert http_json(port, "POST", "/api/proxies", key(client_app), proxy_body(kept))[0] == 201
 
     for method, path, body in (("GET", "/api/proxies", None), ("GET", "/api/status", None),
                                ("POST", "/api/proxies", proxy_body(free_port())),
                                ("DELETE", f"/api/proxies/{kept}", None), ("POST", "/api/login-link", None),
                                ("GET", "/api/clients", None), ("GET", "/api/connections", None)):
-        status, _, payload = request(port, method, path, body=body)
+        status, _, payload = http_json(port, method, path, body=body)
         assert_refused(status, payload)
     assert [p.local_port for p in client_app.client.proxies] == [kept]  # nothing created, nothing deleted
     assert [e["localPort"] for e in client_app.settings["proxies"]] == [kept]
@@ -103,22 +83,22 @@ def test_without_the_secret_list_create_and_delete_are_refused(client_app):
 def test_a_wrong_secret_is_refused(client_app):
     port, secret = client_app.admin.port, secret_of(client_app)
     for wrong in ("", "x", secret[:-1], secret + "x", secret.upper(), "é" * len(secret), "wrong " * 10):
-        status, _, payload = request(port, "GET", "/api/proxies", {"X-Chuantou-Key": wrong})
+        status, _, payload = http_json(port, "GET", "/api/proxies", {"X-Chuantou-Key": wrong})
         assert_refused(status, payload)
         assert secret not in json.dumps(payload)
     # A good cookie does not rescue a wrong key: the key, when sent, decides.
     cookie = log_in(client_app)
-    assert request(port, "GET", "/api/proxies", {"X-Chuantou-Key": "wrong", "Cookie": cookie})[0] == 401
+    assert http_json(port, "GET", "/api/proxies", {"X-Chuantou-Key": "wrong", "Cookie": cookie})[0] == 401
 
 
 @pytest.mark.timeout(30)
 def test_the_right_secret_lists_creates_and_deletes(client_app):
     port, local = client_app.admin.port, free_port()
-    status, _, payload = request(port, "POST", "/api/proxies", key(client_app), proxy_body(local))
+    status, _, payload = http_json(port, "POST", "/api/proxies", key(client_app), proxy_body(local))
     assert status == 201, payload
-    status, _, payload = request(port, "GET", "/api/proxies", key(client_app))
+    status, _, payload = http_json(port, "GET", "/api/proxies", key(client_app))
     assert status == 200 and [p["localPort"] for p in payload["proxies"]] == [local]
-    status, _, payload = request(port, "DELETE", f"/api/proxies/{local}", key(client_app))
+    status, _, payload = http_json(port, "DELETE", f"/api/proxies/{local}", key(client_app))
     assert status == 200 and "deleted" in payload["message"]
     assert not client_app.client.proxies
 
@@ -126,10 +106,10 @@ def test_the_right_secret_lists_creates_and_deletes(client_app):
 @pytest.mark.timeout(30)
 def test_the_page_and_its_files_show_only_a_login_page_without_a_session(client_app):
     port = client_app.admin.port
-    status, _, body = request(port, "GET", "/")
+    status, _, body = http_json(port, "GET", "/")
     assert status == 200 and 'id="key"' in body and "login-link" in body and "proxies" not in body
-    assert request(port, "GET", "/static/client.js")[0] == 200  # public code, no data
-    status, _, body = request(port, "GET", "/", key(client_app))
+    assert http_json(port, "GET", "/static/client.js")[0] == 200  # public code, no data
+    status, _, body = http_json(port, "GET", "/", key(client_app))
     assert status == 200 and 'id="proxies"' in body
 
 
@@ -169,7 +149,7 @@ def test_a_client_app_makes_its_secret_on_first_start_and_keeps_it(relay, tmp_pa
     second = ClientApp(tmp_path / "client.json", options, api_secret_path=secret_file).start()
     try:
         assert secret_of(second) == secret
-        assert request(second.admin.port, "GET", "/api/status", {"X-Chuantou-Key": secret})[0] == 200
+        assert http_json(second.admin.port, "GET", "/api/status", {"X-Chuantou-Key": secret})[0] == 200
     finally:
         second.stop()
 
@@ -181,10 +161,10 @@ def test_a_login_link_works_once_and_sets_a_strict_cookie_named_after_the_port(c
     port = client_app.admin.port
     path = login_path(client_app)
     assert path.startswith("/login?key=") and secret_of(client_app) not in path  # a code, not the secret
-    assert request(port, "HEAD", path)[0] == 405  # a HEAD or a prefetch does not use the code up
-    assert request(port, "GET", path, {"Sec-Purpose": "prefetch"})[0] == 405
+    assert http_json(port, "HEAD", path)[0] == 405  # a HEAD or a prefetch does not use the code up
+    assert http_json(port, "GET", path, {"Sec-Purpose": "prefetch"})[0] == 405
 
-    status, response, _ = request(port, "GET", path)
+    status, response, _ = http_json(port, "GET", path)
     assert status == 303 and response.getheader("Location") == "/"
     cookie = response.getheader("Set-Cookie")
     name, _, value = cookie.split(";", 1)[0].partition("=")
@@ -194,24 +174,25 @@ def test_a_login_link_works_once_and_sets_a_strict_cookie_named_after_the_port(c
     assert any(re.fullmatch(r"Max-Age=\d+", a) for a in attributes)
     assert not any(a.lower().startswith("domain") for a in attributes)
 
-    assert request(port, "GET", "/api/status", {"Cookie": f"{name}={value}"})[0] == 200
-    status, response, body = request(port, "GET", path)  # the second use
+    assert http_json(port, "GET", "/api/status", {"Cookie": f"{name}={value}"})[0] == 200
+    status, response, body = http_json(port, "GET", path)  # the second use
     assert status == 401 and response.getheader("Set-Cookie") is None and "login-link" in body
     # The same value under another port's name is not this API's session.
-    assert request(port, "GET", "/api/status", {"Cookie": f"chuantou_client_{port + 1}={value}"})[0] == 401
-    assert request(port, "GET", "/api/status", {"Cookie": f"{name}=forged-session-id"})[0] == 401
-    status, _, body = request(port, "GET", "/login?key=never-issued")
+    assert http_json(port, "GET", "/api/status", {"Cookie": f"chuantou_client_{port + 1}={value}"})[0] == 401
+    assert http_json(port, "GET", "/api/status", {"Cookie": f"{name}=forged-session-id"})[0] == 401
+    status, _, body = http_json(port, "GET", "/login?key=never-issued")
     assert status == 401 and "used up, expired or wrong" in body
 
 
 @pytest.mark.timeout(30)
 def test_the_api_hands_out_fresh_links_to_the_secret_holder(client_app):
     port = client_app.admin.port
-    status, _, payload = request(port, "POST", "/api/login-link", key(client_app))
+    status, _, payload = http_json(port, "POST", "/api/login-link", key(client_app))
     assert status == 200 and payload["url"].startswith(f"http://127.0.0.1:{port}/login?key=")
     link = urlsplit(payload["url"])
-    assert request(port, "GET", f"{link.path}?{link.query}")[0] == 303
-    status, _, payload = request(port, "POST", "/api/login-link", {**key(client_app), "Origin": "http://evil.example"})
+    assert http_json(port, "GET", f"{link.path}?{link.query}")[0] == 303
+    status, _, payload = http_json(port, "POST", "/api/login-link",
+                                   {**key(client_app), "Origin": "http://evil.example"})
     assert status == 403  # state-changing: another site's page may not ask
 
 
@@ -219,11 +200,11 @@ def test_the_api_hands_out_fresh_links_to_the_secret_holder(client_app):
 def test_logout_revokes_the_session(client_app):
     port = client_app.admin.port
     cookie, other = log_in(client_app), log_in(client_app)
-    status, response, _ = request(port, "POST", "/logout", {"Cookie": cookie})
+    status, response, _ = http_json(port, "POST", "/logout", {"Cookie": cookie})
     assert status == 200 and "Max-Age=0" in response.getheader("Set-Cookie")
-    status, _, payload = request(port, "GET", "/api/status", {"Cookie": cookie})  # the old value, replayed
+    status, _, payload = http_json(port, "GET", "/api/status", {"Cookie": cookie})  # the old value, replayed
     assert_refused(status, payload)
-    assert request(port, "GET", "/api/status", {"Cookie": other})[0] == 200  # another browser stays in
+    assert http_json(port, "GET", "/api/status", {"Cookie": other})[0] == 200  # another browser stays in
 
 
 class FakeClock:
@@ -245,21 +226,21 @@ def test_sessions_and_login_codes_expire(relay, tmp_path):
         port = app.admin.port
         cookie = log_in(app)
         clock.now += 59
-        assert request(port, "GET", "/api/status", {"Cookie": cookie})[0] == 200  # used: idle time restarts
+        assert http_json(port, "GET", "/api/status", {"Cookie": cookie})[0] == 200  # used: idle time restarts
         clock.now += 61
-        assert request(port, "GET", "/api/status", {"Cookie": cookie})[0] == 401  # idle too long
+        assert http_json(port, "GET", "/api/status", {"Cookie": cookie})[0] == 401  # idle too long
 
         cookie = log_in(app)
         for _ in range(6):  # in use all along, but past its lifetime
             clock.now += 55
-            status = request(port, "GET", "/api/status", {"Cookie": cookie})[0]
+            status = http_json(port, "GET", "/api/status", {"Cookie": cookie})[0]
         assert status == 401
 
         stale = login_path(app)
         clock.now += 31
-        status, _, body = request(port, "GET", stale)  # a link left lying around for too long
+        status, _, body = http_json(port, "GET", stale)  # a link left lying around for too long
         assert status == 401 and "expired" in body
-        assert request(port, "GET", "/api/status", {"X-Chuantou-Key": "s" * 43})[0] == 200  # the secret never does
+        assert http_json(port, "GET", "/api/status", {"X-Chuantou-Key": "s" * 43})[0] == 200  # the secret never does
     finally:
         app.stop()
 
@@ -321,7 +302,7 @@ def test_the_cli_sends_the_secret_and_start_prints_a_one_time_link(cli):
     assert secret not in result.stdout
     assert "key=" not in cli.files("client").log_file.read_text()  # the link went to the terminal, not the log
 
-    assert request(admin, "GET", "/api/proxies")[0] == 401  # anyone else on this machine
+    assert http_json(admin, "GET", "/api/proxies")[0] == 401  # anyone else on this machine
     local = free_port()
     created = cli.client("proxy", "create", "--local-port", local, "--target-client", "A", "--target-port", 9)
     assert created.returncode == 0, created.stderr
@@ -330,12 +311,12 @@ def test_the_cli_sends_the_secret_and_start_prints_a_one_time_link(cli):
     assert cli.client("status", "--admin-port", admin).returncode == 0  # found by its port alone
 
     first = urlsplit(link)
-    assert request(admin, "GET", f"{first.path}?{first.query}")[0] == 303
-    assert request(admin, "GET", f"{first.path}?{first.query}")[0] == 401  # once
+    assert http_json(admin, "GET", f"{first.path}?{first.query}")[0] == 303
+    assert http_json(admin, "GET", f"{first.path}?{first.query}")[0] == 401  # once
     fresh = cli.client("login-link")
     assert fresh.returncode == 0, fresh.stderr
     second = urlsplit(fresh.stdout.strip())
-    assert second.query != first.query and request(admin, "GET", f"{second.path}?{second.query}")[0] == 303
+    assert second.query != first.query and http_json(admin, "GET", f"{second.path}?{second.query}")[0] == 303
 
     deleted = cli.client("proxy", "delete", "--local-port", local)
     assert deleted.returncode == 0, deleted.stderr
@@ -379,7 +360,7 @@ def test_a_foreground_client_prints_a_login_link_to_a_terminal_only(cli):
     listed = cli.client("login-link", "--admin-port", admin)
     assert listed.returncode == 0, listed.stderr
     link = urlsplit(listed.stdout.strip())
-    assert request(admin, "GET", f"{link.path}?{link.query}")[0] == 303
+    assert http_json(admin, "GET", f"{link.path}?{link.query}")[0] == 303
     proc.terminate()
     assert proc.wait(15) == 0
 
@@ -398,7 +379,7 @@ def test_a_foreground_client_prints_a_login_link_to_a_terminal_only(cli):
                 ready, _, _ = select.select([controller], [], [], 20)
                 assert ready, f"no login link on the terminal: {seen!r}"
                 seen += os.read(controller, 4096)
-            assert request(admin, "GET", re.search(pattern, seen).group(1).decode())[0] == 303
+            assert http_json(admin, "GET", re.search(pattern, seen).group(1).decode())[0] == 303
         finally:
             with_tty.terminate()
             with_tty.wait(15)

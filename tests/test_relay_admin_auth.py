@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.client
 import json
 import logging
 import stat
@@ -20,6 +19,8 @@ from chuantou_server import admin as server_admin
 from chuantou_server.httpd import Request
 from common.errors import ChuantouError
 
+from helpers import http_json
+
 DEADLINE = 10.0
 ADMIN = "relay-admin-token-0123456789abcdef"
 CLIENT_TOKEN = "relay-client-token-0123456789abcd"
@@ -27,33 +28,20 @@ CLIENT_TOKEN = "relay-client-token-0123456789abcd"
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def request(port: int, method: str, path: str, headers: dict | None = None):
-    """(status, response, decoded body) of one HTTP request to 127.0.0.1:port."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
-    try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        raw = response.read()
-        kind = response.getheader("Content-Type", "")
-        return response.status, response, json.loads(raw) if kind.startswith("application/json") else raw.decode()
-    finally:
-        conn.close()
-
-
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
 def log_in(server: Server, token: str = ADMIN) -> tuple[str, str]:
     """Log in; returns (the Set-Cookie header, the "name=value" to send back)."""
-    status, response, reply = request(server.port, "POST", "/login", bearer(token))
+    status, response, reply = http_json(server.port, "POST", "/login", bearer(token))
     assert status == 200, reply
     set_cookie = response.getheader("Set-Cookie")
     return set_cookie, set_cookie.split(";", 1)[0]
 
 
 def api_status(server: Server, jar: str) -> int:
-    return request(server.port, "GET", "/api/status", {"Cookie": jar})[0]
+    return http_json(server.port, "GET", "/api/status", {"Cookie": jar})[0]
 
 
 def let_time_pass(seconds: float) -> None:
@@ -90,7 +78,7 @@ def test_the_old_hmac_cookie_is_refused(relay):
     for secret in (ADMIN, CLIENT_TOKEN):
         old = hmac.new(secret.encode(), b"chuantou-admin", hashlib.sha256).hexdigest()
         assert api_status(relay, f"chuantou_admin_{relay.port}={old}") == 401
-    status, _, page = request(relay.port, "GET", "/", {"Cookie": f"chuantou_admin_{relay.port}=x"})
+    status, _, page = http_json(relay.port, "GET", "/", {"Cookie": f"chuantou_admin_{relay.port}=x"})
     assert status == 200 and "login.js" in page
 
 
@@ -99,7 +87,7 @@ def test_logout_revokes_the_session(relay):
     _, jar = log_in(relay)
     _, other = log_in(relay)
     assert api_status(relay, jar) == 200
-    status, response, _ = request(relay.port, "POST", "/logout", {"Cookie": jar})
+    status, response, _ = http_json(relay.port, "POST", "/logout", {"Cookie": jar})
     assert status == 200 and "Max-Age=0" in response.getheader("Set-Cookie")
     assert api_status(relay, jar) == 401  # replaying the cookie after logout does not work
     assert api_status(relay, other) == 200  # another login is not affected
@@ -144,10 +132,10 @@ def test_sessions_are_capped_and_the_least_recently_used_ends():
 
 @pytest.mark.timeout(30)
 def test_the_registration_token_does_not_open_the_admin_page(relay):
-    status, response, reply = request(relay.port, "POST", "/login", bearer(CLIENT_TOKEN))
+    status, response, reply = http_json(relay.port, "POST", "/login", bearer(CLIENT_TOKEN))
     assert status == 401 and response.getheader("Set-Cookie") is None and CLIENT_TOKEN not in json.dumps(reply)
-    assert request(relay.port, "GET", "/api/status", bearer(CLIENT_TOKEN))[0] == 401
-    assert request(relay.port, "GET", "/api/status", bearer(ADMIN))[0] == 200
+    assert http_json(relay.port, "GET", "/api/status", bearer(CLIENT_TOKEN))[0] == 401
+    assert http_json(relay.port, "GET", "/api/status", bearer(ADMIN))[0] == 200
 
 
 def test_the_admin_token_may_not_be_a_client_token():
@@ -161,13 +149,13 @@ def test_the_admin_token_may_not_be_a_client_token():
 def test_failed_logins_are_limited_per_source(caplog):
     with Server(host="127.0.0.1", port=0, admin_token=ADMIN, admin_login_failures_per_minute=3) as server:
         for _ in range(3):
-            assert request(server.port, "POST", "/login", bearer("wrong-token-0123456789"))[0] == 401
+            assert http_json(server.port, "POST", "/login", bearer("wrong-token-0123456789"))[0] == 401
         with caplog.at_level(logging.WARNING, logger="chuantou.server"):
             for headers in (bearer("wrong-token-0123456789"), bearer(ADMIN)):  # even the right one, for now
-                status, response, reply = request(server.port, "POST", "/login", headers)
+                status, response, reply = http_json(server.port, "POST", "/login", headers)
                 assert status == 429 and response.getheader("Retry-After") == "60", reply
                 assert "too many failed logins" in reply["error"]
-            status, _, _ = request(server.port, "GET", "/api/status", bearer(ADMIN))
+            status, _, _ = http_json(server.port, "GET", "/api/status", bearer(ADMIN))
             assert status == 429  # a bearer on the API is a guess as well
         lines = [r for r in caplog.records if "adminLoginFailuresPerMinute" in r.getMessage()]
         assert len(lines) == 1  # logged once, however often it bites
