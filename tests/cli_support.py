@@ -9,14 +9,12 @@ Nothing here touches the user's home: every process gets ``XDG_CONFIG_HOME``,
 from __future__ import annotations
 
 import http.client
-import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,6 @@ HOST = "127.0.0.1"
 TOKEN = "cli-test-token-0123456789abcdef"  # the relay's token in these tests (16+ characters)
 COMMAND_TIMEOUT = 40.0  # no single CLI command may take longer (start waits up to 20 s for its worker)
 STOP_TIMEOUT = 15.0
-SERVICE_THREAD_PREFIX = "svc-"  # conftest's leak check watches threads named like this
 
 
 # --- ports -------------------------------------------------------------------------
@@ -118,41 +115,6 @@ def wait_fetch(port: int, expected: bytes, timeout: float = 15.0) -> None:
     """Wait until a GET through ``port`` returns ``expected`` (a proxy coming back after a restart)."""
     wait_until(lambda: fetch(port, timeout=3.0) == expected, timeout,
                message=f"GET through port {port} returns {expected!r}")
-
-
-class TextHttpService:
-    """An ``http.server`` on 127.0.0.1 port 0 answering every GET with one text; the service
-    a client exposes to the others in these tests."""
-
-    def __init__(self, text: bytes):
-        body = text
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format, *args):  # keep test output quiet
-                pass
-
-        self.text = text
-        self._httpd = http.server.ThreadingHTTPServer((HOST, 0), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.1,),
-                                        name=f"{SERVICE_THREAD_PREFIX}cli-http-{self.port}", daemon=True)
-
-    def start(self) -> "TextHttpService":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5.0)
 
 
 # --- the command line in a private home ----------------------------------------------------------

@@ -564,8 +564,13 @@ class HttpService:
         return self._threads.join()
 
 
-def text_route(text: str, status: int = 200):
+def text_route(text: str | bytes, status: int = 200):
     return lambda path, body: (status, text, "text/plain; charset=utf-8")
+
+
+def text_service(text: str | bytes, name: str = "web") -> HttpService:
+    """An HttpService answering every GET, whatever its path, with ``text`` (start it with ``services``)."""
+    return HttpService({("GET", "*"): text_route(text)}, name=name)
 
 
 def json_route(fn):

@@ -8,16 +8,14 @@ from __future__ import annotations
 import re
 import shutil
 import socket
-import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from admin_support import ADMIN_TOKEN, Pump
 from admin_support import client_app, clients, relay, user_sockets  # noqa: F401 (fixtures)
-from helpers import free_port
+from helpers import free_port, text_service
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -90,19 +88,6 @@ def screenshot(driver, name: str, size: tuple[int, int]) -> Path:
     return path
 
 
-class _PageHandler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"a" * PAGE_BYTES
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 # --- fixtures ---------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -121,15 +106,9 @@ def driver(tmp_path):
 
 
 @pytest.fixture
-def web_service():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
-    httpd.block_on_close = True
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.1,), name="svc-browser-http", daemon=True)
-    thread.start()
-    yield httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+def web_service(services) -> int:
+    """The port of a web service on B's side whose every page is PAGE_BYTES long."""
+    return services(text_service(b"a" * PAGE_BYTES, "browser-web")).port
 
 
 # --- the relay's page -------------------------------------------------------------------------

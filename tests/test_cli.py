@@ -23,7 +23,6 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     HOST,
     SERVER,
     TOKEN,
-    TextHttpService,
     api_headers,
     api_status,
     fetch,
@@ -33,19 +32,15 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     wait_connected,
     wait_fetch,
 )
-from helpers import free_port, wait_until
+from helpers import free_port, text_service, wait_until
 
 WEB_TEXT = b"This is client B's web service"
 
 
 @pytest.fixture
-def web():
+def web(services):
     """The HTTP service on B's side that proxies lead to."""
-    service = TextHttpService(WEB_TEXT).start()
-    try:
-        yield service
-    finally:
-        service.stop()
+    return services(text_service(WEB_TEXT))
 
 
 def relay_url(port: int) -> str:

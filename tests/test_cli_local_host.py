@@ -14,25 +14,20 @@ import pytest
 from cli_support import (  # noqa: F401 (cli is a fixture)
     cli,
     HOST,
-    TextHttpService,
     api_headers,
     fetch,
     free_tcp_udp_port,
     one_line,
     wait_connected,
 )
-from helpers import UdpEchoService, free_port, http_request, wait_until
+from helpers import UdpEchoService, free_port, http_request, text_service, wait_until
 
 WEB_TEXT = b"B's web service, reached through a proxy listening where it was told to"
 
 
 @pytest.fixture
-def web():
-    service = TextHttpService(WEB_TEXT).start()
-    try:
-        yield service
-    finally:
-        service.stop()
+def web(services):
+    return services(text_service(WEB_TEXT))
 
 
 def start_pair(cli) -> int:
