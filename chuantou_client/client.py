@@ -256,7 +256,8 @@ class Client:
         if count:
             log.warning("connection to the relay ended (%s): resetting %d session(s) it no longer relays", why, count)
 
-    def _forget_proxy(self, proxy: Proxy) -> None:
+    def forget_proxy(self, proxy: Proxy) -> None:
+        """A proxy closed: drop it, keeping its bytes in the totals."""
         received, sent = proxy.bytes_received, proxy.bytes_sent
         with self._lock:
             known = proxy in self._proxies

@@ -108,7 +108,7 @@ class Proxy:
         for pipe in pipes:
             pipe.abort()
         self.threads.join_all(timeout=5.0)
-        self.client._forget_proxy(self)
+        self.client.forget_proxy(self)
         log.info("proxy closed: %s", self.description)
 
     def __enter__(self) -> "Proxy":
