@@ -6,6 +6,14 @@ setup(
     description="Pure-relay tunnel: reach a TCP or UDP service on another private network through one relay server",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
+    classifiers=[
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Internet :: Proxy Servers",
+    ],
     python_requires=">=3.10",
     packages=["common", "chuantou_server", "chuantou_client"],
     package_data={  # the admin pages: static HTML/CSS/JS served by the relay and the client
@@ -16,6 +24,7 @@ setup(
     install_requires=[
         "websocket-client>=1.6",
         "simple-websocket>=1.0",
+        "wsproto>=1.2",  # imported directly by the relay (simple-websocket is built on it)
         "platformdirs>=3.0",
     ],
     extras_require={

@@ -284,6 +284,9 @@ class Client:
                 log.warning("cannot start a thread for a session from %s", msg.fromClientId)
         elif isinstance(msg, p.SessionClosed):
             self._session_closed(msg)
+        elif isinstance(msg, p.Error) and msg.code == "unknown_session":
+            # our accept/reject crossed the session's end (the user hung up first): a normal race
+            log.debug("relay reported: %s", msg.message)
         elif isinstance(msg, p.Error):
             log.warning("relay reported: %s", msg.message)
 

@@ -20,17 +20,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config
+from .logfile import RotatingLog, rotate_if_larger
 from .errors import ChuantouError
 
 RESTART_DELAYS = (0.5, 1, 2, 4, 8, 15, 30)
 BURST_WINDOW = 60.0  # seconds
 BURST_LIMIT = 10  # restarts within the window before the supervisor gives up
-LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def start_background(files: ServiceFiles, module: str, worker_args: list[str], t
     """
     files.log_dir.mkdir(parents=True, exist_ok=True)
     files.state_dir.mkdir(parents=True, exist_ok=True)
-    _rotate_log(files.log_file)
+    rotate_if_larger(files.log_file)
     remove(files.worker_file)
     with open(files.log_file, "ab") as log:
         log_start = log.tell()
@@ -221,24 +222,30 @@ def supervise(files: ServiceFiles, module: str, worker_args: list[str]) -> int:
     files.pid_file.write_text(f"{os.getpid()}\n")
     facts = {"pid": os.getpid(), "startedAt": time.time(), "restarts": 0, "workerPid": None, "gaveUp": False}
     recent: list[float] = []
+    log = RotatingLog(files.log_file)
+    copier: threading.Thread | None = None
     try:
         while not stopping:
-            worker = subprocess.Popen([sys.executable, "-m", module, *worker_args], stdin=subprocess.DEVNULL)
+            worker = subprocess.Popen([sys.executable, "-m", module, *worker_args], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             facts["workerPid"] = worker.pid
             write_json(files.supervisor_file, facts)
+            copier = threading.Thread(target=log.copy_from, args=(worker.stdout,), name="supervisor-log", daemon=True)
+            copier.start()
             code = worker.wait()
+            copier.join(5.0)  # the worker's last lines (a traceback) are in the log before a restart
+            worker.stdout.close()
             if stopping:
                 break
             now = time.monotonic()
             recent = [t for t in recent if now - t < BURST_WINDOW] + [now]
             if len(recent) > BURST_LIMIT:
-                print(f"supervisor: worker failed {len(recent)} times within {BURST_WINDOW:g} s; giving up",
-                      flush=True)
+                log.write_line(f"supervisor: worker failed {len(recent)} times within {BURST_WINDOW:g} s; giving up")
                 facts["gaveUp"] = True
                 write_json(files.supervisor_file, facts)
                 return 1
             delay = RESTART_DELAYS[min(len(recent) - 1, len(RESTART_DELAYS) - 1)]
-            print(f"supervisor: worker exited with {code}; restarting in {delay:g} s", flush=True)
+            log.write_line(f"supervisor: worker exited with {code}; restarting in {delay:g} s")
             facts["restarts"] += 1
             write_json(files.supervisor_file, facts)
             deadline = time.monotonic() + delay
@@ -252,6 +259,9 @@ def supervise(files: ServiceFiles, module: str, worker_args: list[str]) -> int:
                 worker.wait(15)
             except subprocess.TimeoutExpired:
                 worker.kill()
+        if copier is not None:
+            copier.join(5.0)
+        log.close()
         remove(files.pid_file)
         remove(files.supervisor_file)
 
@@ -276,14 +286,6 @@ def stop_background(files: ServiceFiles, timeout: float = 20.0) -> int | None:
 
 
 # --- logs -----------------------------------------------------------------------------------
-
-def _rotate_log(path: Path) -> None:
-    try:
-        if path.stat().st_size > LOG_ROTATE_BYTES:
-            os.replace(path, path.with_suffix(path.suffix + ".1"))
-    except OSError:
-        pass
-
 
 def read_log_tail(path: Path, lines: int, start: int = 0) -> list[str]:
     """The last ``lines`` lines of the log (of what was written after offset ``start``)."""
@@ -454,10 +456,31 @@ def install_autostart_or_warn(files: ServiceFiles, module: str, args: list[str])
         print(f"warning: {exc}", file=sys.stderr)
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program that SIGPIPE ended
+
+
 def run_command(commands: dict, args) -> int:
-    """Run the chosen command; a ChuantouError becomes one line on stderr and exit code 1."""
+    """Run the chosen command; a ChuantouError becomes one line on stderr and exit code 1.
+
+    Output piped into a reader that stops early (``token | head -n 1``) ends the command
+    quietly, as SIGPIPE ends other tools, instead of with a traceback."""
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe prints a traceback
+        return code
     except ChuantouError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

@@ -451,3 +451,24 @@ def test_local_api_refuses_foreign_host_cross_origin_bad_json_and_bad_ports(cli)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
     assert time.monotonic() - asked < 3.0
+
+
+@pytest.mark.parametrize("module, args", [
+    ("chuantou_server", ("token",)), ("chuantou_server", ("status",)), ("chuantou_client", ("status",)),
+    ("chuantou_server", ("logs",)), ("chuantou_client", ("proxy", "list")),
+])
+def test_a_command_whose_reader_goes_away_exits_quietly(cli, module, args):
+    """``token | head -n 1``: a reader that closes the pipe before the command writes."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte: the write gets EPIPE, every time
+    try:
+        done = subprocess.run([sys.executable, "-m", module, *args], env=cli.env, cwd=cli.root,
+                              stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=30)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode in (1, 141), done.returncode  # 141: as SIGPIPE ends other tools; 1: its own error
