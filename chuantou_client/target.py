@@ -103,31 +103,31 @@ def _serve(client, msg: p.ConnectRequest, slot: "SetupSlot") -> None:
     if msg.protocol == "udp":
         slot.release()  # nothing slow to set up: no connection to the service
         flow = UdpTarget(client, msg, service)
-        client._track_session(msg.sessionId, flow)
-        try:
+        with client.sessions.track(msg.sessionId, "B", handle=flow, **_session_facts(msg)):
             flow.run()
-        finally:
-            client._untrack_session(msg.sessionId)
         return
     local = _connect_service(client, msg, service)
     if local is None:
         return
     tune_tcp(local)
     local.settimeout(None)
-    try:
-        relay = client.join_session(msg, "B")
-    except ChuantouError as exc:
-        log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
-        reset_connection(local)
-        return
-    slot.release()  # joined: from here on the session counts against the relay's caps, not this one
-    _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
-    pipe = Pipe(relay, local)
-    client._track_session(msg.sessionId, pipe)
-    try:
+    with client.sessions.track(msg.sessionId, "B", **_session_facts(msg)) as record:
+        try:
+            relay = client.join_session(record, msg)
+        except ChuantouError as exc:
+            log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
+            reset_connection(local)
+            return
+        slot.release()  # joined: from here on the session counts against the relay's caps, not this one
+        _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
+        pipe = Pipe(relay, local)
+        client.sessions.attach(record, pipe)
         pipe.run(client.threads, f"b-{msg.sessionId[:8]}")
-    finally:
-        client._untrack_session(msg.sessionId)
+
+
+def _session_facts(msg: p.ConnectRequest) -> dict:
+    """What the session book records of a session another client asked for (side B)."""
+    return {"peer": msg.fromClientId, "port": msg.remotePort, "protocol": msg.protocol}
 
 
 def _connect_service(client, msg: p.ConnectRequest, service: tuple) -> socket.socket | None:
