@@ -341,7 +341,7 @@ class Client:
 
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""
-        if isinstance(msg, p.ConnectRequest):
+        if isinstance(msg, p.ConnectOffer):
             try:
                 self.threads.spawn(f"target-{(msg.sessionId or '')[:8]}", serve_connect_request, self, msg)
             except RuntimeError:

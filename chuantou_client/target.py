@@ -48,15 +48,12 @@ class PendingConnects:
         self._slots.release()
 
 
-def target_label(msg: p.ConnectRequest) -> str:
+def target_label(msg: p.ConnectOffer) -> str:
     """The target as the requester named it (B's default host is not the requester's business)."""
     return f"{msg.remoteHost}:{msg.remotePort}" if msg.remoteHost else f"port {msg.remotePort}"
 
 
-def serve_connect_request(client, msg: p.ConnectRequest) -> None:
-    if msg.sessionId is None or msg.secret is None or msg.relayAddr is None:
-        log.warning("ignoring a connect_request without session fields")
-        return
+def serve_connect_request(client, msg: p.ConnectOffer) -> None:
     if not client.pending_connects.try_enter(msg.fromClientId or "?"):
         _reject(client, msg, "the target client is busy setting up other sessions; try again shortly")
         return
@@ -66,7 +63,7 @@ def serve_connect_request(client, msg: p.ConnectRequest) -> None:
         client.pending_connects.leave()
 
 
-def _serve(client, msg: p.ConnectRequest) -> None:
+def _serve(client, msg: p.ConnectOffer) -> None:
     service = (msg.remoteHost or client.target_host, msg.remotePort)
     refusal = client.export.refusal(*service)
     if refusal is not None:
@@ -101,7 +98,7 @@ def _serve(client, msg: p.ConnectRequest) -> None:
         client._untrack_session(msg.sessionId)
 
 
-def _connect_service(client, msg: p.ConnectRequest, service: tuple) -> socket.socket | None:
+def _connect_service(client, msg: p.ConnectOffer, service: tuple) -> socket.socket | None:
     """A connection to the service at an address that was checked against this client's own
     sockets, or None (and the session rejected)."""
     try:
@@ -125,13 +122,13 @@ def _connect_service(client, msg: p.ConnectRequest, service: tuple) -> socket.so
     return _unreachable(client, msg, service, f"cannot connect: {error.strerror or error}")
 
 
-def _unreachable(client, msg: p.ConnectRequest, service: tuple, detail: str) -> None:
+def _unreachable(client, msg: p.ConnectOffer, service: tuple, detail: str) -> None:
     log.info("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], detail)
     _reject(client, msg, f"the target client cannot reach {target_label(msg)} (details in its log)")
     return None
 
 
-def _reject(client, msg: p.ConnectRequest, reason: str) -> None:
+def _reject(client, msg: p.ConnectOffer, reason: str) -> None:
     _send_quietly(client, p.RejectSession(sessionId=msg.sessionId, reason=reason))
 
 
