@@ -277,9 +277,9 @@ class Client:
 
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""
-        if isinstance(msg, p.ConnectRequest):
+        if isinstance(msg, p.ConnectOffer):
             try:
-                self.threads.spawn(f"target-{(msg.sessionId or '')[:8]}", serve_connect_request, self, msg)
+                self.threads.spawn(f"target-{msg.sessionId[:8]}", serve_connect_request, self, msg)
             except RuntimeError:
                 log.warning("cannot start a thread for a session from %s", msg.fromClientId)
         elif isinstance(msg, p.SessionClosed):

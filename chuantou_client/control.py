@@ -198,7 +198,7 @@ class ControlChannel:
         opcode, data = ws.recv_data()
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             raise ConnectionError("relay closed the connection during registration")
-        return p.decode(data)
+        return p.decode(data, sender="relay")
 
     def _serve(self, ws: websocket.WebSocket) -> str:
         """Read until the connection ends; returns why it ended."""
@@ -226,7 +226,7 @@ class ControlChannel:
                 if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
                     continue
                 try:
-                    msg = p.decode(data)
+                    msg = p.decode(data, sender="relay")
                 except p.ProtocolError as exc:
                     log.warning("ignoring a bad message from the relay: %s", exc)
                     continue

@@ -209,7 +209,7 @@ class UdpTarget:
     The socket has the relay's family when the service's is the same, else it is a dual-stack
     IPv6 socket that reaches both (IPv4 addresses as ::ffff:a.b.c.d)."""
 
-    def __init__(self, client, msg: p.ConnectRequest, service: tuple):
+    def __init__(self, client, msg: p.ConnectOffer, service: tuple):
         self.client = client
         self.msg = msg
         self.service = service
