@@ -25,8 +25,6 @@ from .proxy import PROTOCOL_CHOICES
 
 log = logging.getLogger("chuantou.client")
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
 
 def _valid_url(value: str) -> bool:
     try:
@@ -49,7 +47,7 @@ CONFIG_KEYS = {
     "clientId": config.Key(str, "1-64 letters, digits, '.', '_' or '-'", None,
                            lambda v: bool(p.CLIENT_ID_PATTERN.match(v))),
     "adminPort": config.Key(int, "a port number 1-65535", 8201, config.is_port),
-    "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
+    "logLevel": config.LOG_LEVEL,
     "proxies": config.Key(list, "a list of proxies", list),
     # its length is checked where it is chosen (chosen_token): a good --token can replace a short one
     "token": config.Key(str, "the relay's token (a string)", None, secret=True),

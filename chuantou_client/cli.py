@@ -15,13 +15,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common import __version__, logsafe, service
+from common import __version__, config, logsafe, service
 from common.errors import ChuantouError
 from common import startcheck
 from common.startcheck import config_restored_on_failure
 
 from . import apiauth
-from .app import LOG_LEVELS, ClientApp, default_config_path
+from .app import ClientApp, default_config_path
 from .client import DEFAULT_SERVER_URL
 from .listen import DEFAULT_LOCAL_HOST, listen_address
 from .startopts import given_options, running_options
@@ -56,7 +56,7 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         help="port of the local API and page on 127.0.0.1 (default 8201)")
     parser.add_argument("--config", default=default, metavar="FILE",
                         help=f"config file (default {default_config_path()})")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
+    parser.add_argument("--log-level", choices=config.LOG_LEVELS, default=default)
     parser.add_argument("--token", default=default,
                         help="the relay's token (16+ characters), saved (default: $CHUANTOU_TOKEN or the saved one). "
                              "While this process runs, other local users can read it in /proc/PID/cmdline: "
