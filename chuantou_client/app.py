@@ -22,6 +22,7 @@ from .client import DEFAULT_SERVER_URL, Client, check_server_url, generate_clien
 from .export import parse_ports
 from .listen import DEFAULT_LOCAL_HOST, LOCAL_HOST_HELP, is_valid_local_host, listen_address, parse_local_host
 from .proxy import PROTOCOL_CHOICES
+from .startopts import running_options
 
 log = logging.getLogger("chuantou.client")
 
@@ -134,6 +135,7 @@ class ClientApp:
             self.settings["adminPort"] = admin_port
             changed = True
         self.admin_host = admin_host
+        self.log_level = overrides.get("logLevel") or self.settings["logLevel"]  # --log-level is not saved
         self.token = token  # the one in use, for the worker record's options (compared by fingerprint)
         self.client = Client(self.server_url, self.settings["clientId"], token=token,
                              allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"],
@@ -163,6 +165,11 @@ class ClientApp:
     def stop(self) -> None:
         self.admin.stop()
         self.client.stop()
+
+    def worker_facts(self) -> dict:
+        """What the running client announces in its worker record (status, start and the API find it)."""
+        return {"adminPort": self.admin.port, "clientId": self.client.client_id, "server": self.server_url,
+                "configPath": str(self.config_path), "options": running_options(self, self.log_level, self.token)}
 
     def _open_proxy(self, entry: dict):
         try:

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import signal
 import ssl
 import sys
 import threading
 import urllib.request
 from pathlib import Path
 
-from common import __version__, auth, config, logsafe, service
-from common import startcheck
+from common import __version__, auth, config, service
+from common.cli_shell import Program, add_supervise_command, local_opener, run_command
 from common.startcheck import config_restored_on_failure
 
 from .app import ServerApp, default_config_path, load_file_settings, local_url
@@ -32,8 +29,14 @@ EXAMPLES = """examples:
 """
 
 
-def files(args) -> service.ServiceFiles:
-    return service.ServiceFiles.for_role("server", getattr(args, "config", None))
+PROGRAM = Program(
+    role="server", module=MODULE,
+    describe_running=lambda pid, worker: f"chuantou server is already running (pid {pid}, port {worker.get('port')})",
+    given_options=given_options, option_defaults=RUN_OPTION_DEFAULTS,
+    worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key"),
+    path_options=frozenset({"config", "tls_cert", "tls_key"}), worker_flags=("no_auth", "tls_only"),
+)
+files = PROGRAM.files
 
 
 def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
@@ -66,22 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(parser, inherit=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    start = sub.add_parser("start", help="run in the background under a supervisor",
-                           epilog="example: python -m chuantou_server start --port 8200 --autostart")
-    _add_run_options(start, inherit=True)
-    start.add_argument("--autostart", action="store_true", help="also start at boot (systemd user unit or crontab)")
-
-    stop = sub.add_parser("stop", help="stop the background server and remove autostart",
-                          epilog="example: python -m chuantou_server stop")
-    stop.add_argument("--keep-autostart", action="store_true", help="leave the start-at-boot entry in place")
+    PROGRAM.add_start_command(sub, "python -m chuantou_server start --port 8200 --autostart", _add_run_options)
+    stop = PROGRAM.add_stop_command(sub)
 
     status = sub.add_parser("status", help="is it running; port, uptime, clients, sessions",
                             epilog="example: python -m chuantou_server status")
 
-    logs = sub.add_parser("logs", help="show the background server's log",
-                          epilog="example: python -m chuantou_server logs -f -n 100")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    logs = PROGRAM.add_logs_command(sub, "python -m chuantou_server logs -f -n 100")
 
     token = sub.add_parser(
         "token", help="show the relay's token; add, list or remove tokens",
@@ -97,11 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "show it (made if missing) or add a new one in its place")
 
     for command in (stop, status, logs, token):
-        command.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
-                             help="the server started with this config file (default: the default one)")
-
-    supervise = sub.add_parser("_supervise")  # internal: the supervisor process
-    supervise.add_argument("worker_args", nargs=argparse.REMAINDER)
+        PROGRAM.add_config_option(command)
+    add_supervise_command(sub)
     return parser
 
 
@@ -118,84 +109,34 @@ def make_app(args) -> ServerApp:
     return ServerApp(config_path(args), overrides, config_given=get("config") is not None)
 
 
-def worker_args(args) -> list[str]:
-    """The foreground command line equivalent to ``args``' run options."""
-    out = []
-    for option in ("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key"):
-        value = getattr(args, option, None)
-        if value is not None:
-            if option in ("config", "tls_cert", "tls_key"):
-                value = os.path.abspath(value)  # the worker may run from another directory (at boot)
-            out += [f"--{option.replace('_', '-')}", str(value)]
-    for flag in ("no_auth", "tls_only"):
-        if getattr(args, flag, None):
-            out.append(f"--{flag.replace('_', '-')}")
-    return out  # never the token: it is saved in the config file, not shown in `ps`
-
-
 # --- commands -------------------------------------------------------------------------------
 
 def run_foreground(args) -> int:
-    running = refuse_if_running(args, "command")  # before ensure_token, which saves a --token
-    if running:  # a second copy would only fail on the busy port, after saving its options
-        raise config.ConfigError(f"{running}; stop it first: python -m chuantou_server stop")
-    app = make_app(args)
-    logging.basicConfig(level=app.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    logsafe.guard_handlers()
-    threading.stack_size(512 * 1024)  # thousands of pump threads: keep their stacks modest
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    app.start()
-    facts = app.worker_facts()
-    with service.WorkerRecord(files(args), facts):
-        port = facts["port"]
-        print(f"chuantou relay listening on {app.settings['host']}:{port}; "
-              f"clients connect with --server {app.scheme}://<this host>:{port}", flush=True)
-        try:
-            while not stop.wait(1.0):
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            app.stop()
-    return 0
+    return PROGRAM.run_foreground(args, make_app, announce)
+
+
+def announce(app: ServerApp, _stop: threading.Event) -> None:
+    port = app.worker_facts()["port"]
+    print(f"chuantou relay listening on {app.settings['host']}:{port}; "
+          f"clients connect with --server {app.scheme}://<this host>:{port}", flush=True)
 
 
 def cmd_start(args) -> int:
-    svc = files(args)
-    if service.already_running(svc):
-        print(refuse_if_running(args, "start"))
-        if args.autostart:  # the one start option that can be applied to a running relay
-            service.install_autostart_or_warn(svc, MODULE, worker_args(args))
-        return 0
+    return PROGRAM.start(args, lambda svc: launch(args, svc))
+
+
+def launch(args, svc: service.ServiceFiles) -> dict:
     app = make_app(args)  # fail here, in the user's terminal, on a bad config
     settings = app.settings
     with config_restored_on_failure(app.config_path):  # a --token of a relay that did not start is not kept
         app.ensure_token(settings["port"])
-        worker = service.start_background(svc, MODULE, worker_args(args))
+        worker = PROGRAM.start_background(svc, args)
     port = worker.get("port")
     print(f"chuantou server started (pid {service.supervisor_pid(svc)}), listening on port {port}")
     print(f"clients connect with: python -m chuantou_client start --server {app.scheme}://<this host's address>:"
           f"{port}" + ("" if settings["noAuth"] else " --token TOKEN (see: python -m chuantou_server token)"))
     print(f"on this machine: {local_url(app.scheme, settings['host'], port)}")
-    print(f"log: {svc.log_file}")
-    if args.autostart:
-        service.install_autostart_or_warn(svc, MODULE, worker_args(args))
-    return 0
-
-
-def refuse_if_running(args, command: str) -> str | None:
-    """None if no relay runs with this config; else the "already running" line when it uses every
-    option given, or OptionsNotApplied naming those it does not use and how to apply them."""
-    return startcheck.refuse_if_running(
-        files(args), MODULE, getattr(args, "config", None), command, given_options(args),
-        lambda pid, worker: f"chuantou server is already running (pid {pid}, port {worker.get('port')})",
-        RUN_OPTION_DEFAULTS)
-
-
-def cmd_stop(args) -> int:
-    return service.stop_command(files(args), args.keep_autostart)
+    return worker
 
 
 def fetch_status(worker: dict, token: str | None, timeout: float = 3.0) -> dict:
@@ -208,9 +149,7 @@ def fetch_status(worker: dict, token: str | None, timeout: float = 3.0) -> dict:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),  # loopback: never via http_proxy
-                                         urllib.request.HTTPSHandler(context=context))
-    with opener.open(request, timeout=timeout) as resp:
+    with local_opener(urllib.request.HTTPSHandler(context=context)).open(request, timeout=timeout) as resp:
         return json.load(resp)
 
 
@@ -242,10 +181,6 @@ def cmd_status(args) -> int:
         print("  supervisor: none (running in the foreground)")
     print(f"  log:        {svc.log_file}")
     return 0
-
-
-def cmd_logs(args) -> int:
-    return service.logs_command(files(args), args.lines, args.follow)
 
 
 def cmd_token(args) -> int:
@@ -329,21 +264,16 @@ def admin_token_command(args, app: ServerApp) -> int:
     return 0
 
 
-def cmd_supervise(args) -> int:
-    worker = [a for a in args.worker_args if a != "--"]
-    return service.supervise(service.files_for_worker("server", worker), MODULE, worker)
-
-
 COMMANDS = {
     None: run_foreground,
     "start": cmd_start,
-    "stop": cmd_stop,
+    "stop": PROGRAM.stop,
     "status": cmd_status,
-    "logs": cmd_logs,
+    "logs": PROGRAM.logs,
     "token": cmd_token,
-    "_supervise": cmd_supervise,
+    "_supervise": PROGRAM.supervise,
 }
 
 
 def main(argv=None) -> int:
-    return service.run_command(COMMANDS, build_parser().parse_args(argv))
+    return run_command(COMMANDS, build_parser().parse_args(argv))
