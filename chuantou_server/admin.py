@@ -13,10 +13,11 @@ Routes::
     POST /api/clients/<id>/disconnect    take a client offline (it will reconnect on its own)
     POST /api/sessions/<id>/close        close a session (full id or a unique prefix)
 
-Access needs the admin token (``server.admin_token``), which is not a registration token: a
-client's token never opens this page. Without an admin token the page and API are off (403
-naming the fix). Every page and API request needs ``Authorization: Bearer <admin token>`` or
-the cookie of a login session (random, kept on the relay, expiring; see admin_sessions.py).
+Access needs the admin token (``server.config.admin_token``), which is not a registration
+token: a client's token never opens this page. Without an admin token the page and API are
+off (403 naming the fix). Every page and API request needs ``Authorization: Bearer <admin
+token>`` or the cookie of a login session (random, kept on the relay, expiring; see
+admin_sessions.py).
 Failed tokens are limited per source. A POST whose Origin is not this page's own is refused.
 """
 
@@ -51,7 +52,7 @@ def handle(server, request: Request, peer: tuple) -> tuple:
         return _static(path[len("/static/"):])
     if path != "/" and path not in ("/login", "/logout") and not path.startswith("/api/"):
         return 404, TEXT, "not found\n"
-    if server.admin_token is None:
+    if server.config.admin_token is None:
         return _disabled(path)
     if path == "/login" and method == "POST":
         return _login(server, request, peer)
@@ -144,7 +145,7 @@ def _token_matches(server, given: str, peer: tuple) -> str:
     failures = server.admin_login_failures
     if failures.blocked(peer[0]):
         return LIMITED
-    if hmac.compare_digest(given.encode("utf-8", "replace"), server.admin_token.encode()):
+    if hmac.compare_digest(given.encode("utf-8", "replace"), server.config.admin_token.encode()):
         return ALLOWED
     failures.failed(peer[0])
     return DENIED
@@ -238,15 +239,15 @@ def status(server) -> tuple:
     data = server.status()
     data.update({
         "version": __version__,
-        "host": server.host,
+        "host": server.config.host,
         "startedAt": server.started_at,
         "processThreads": threading.active_count(),
         "openSockets": _open_sockets(),
         "openFiles": _open_files(),
         "rssBytes": _rss_bytes(),
-        "heartbeatTimeout": server.heartbeat_timeout,
-        "tokenRequired": getattr(server, "token", None) is not None,
-        "adminLogin": server.admin_token is not None,
+        "heartbeatTimeout": server.config.heartbeat_timeout,
+        "tokenRequired": server.config.token is not None,
+        "adminLogin": server.config.admin_token is not None,
         "openRelay": not server.auth_required,
         "totalBytes": server.traffic.total_bytes()[0],
         "bytesPerSecond": server.traffic.history.current()[0],

@@ -26,14 +26,19 @@ def serve_data_channel(server, sock: socket.socket, header: bytes) -> None:
     status, _ = server.sessions.check_join(join, "tcp")
     # The status byte must be the first thing this side reads, so send it before the other
     # half can start pumping into this socket.
-    sock.sendall(bytes([status]))
+    try:
+        sock.sendall(bytes([status]))
+    except OSError as exc:  # the peer is gone already
+        log.debug("data channel for session %s... dropped: %s", join.session_id[:8], exc)
+        close_quietly(sock)
+        return
     if status != JoinStatus.JOINED:
         log.info("data channel for session %s... refused: %s", join.session_id[:8], status.describe())
         close_quietly(sock)
         return
     sock.settimeout(None)  # from here on the session owns the socket and closes it
     arm_reset(sock)  # should the relay die, the client sees a reset, not an end of stream
-    keep_alive(sock, server.data_channel_timeout)
+    keep_alive(sock, server.config.data_channel_timeout)
     status, session, both = server.sessions.join_tcp(join, sock)
     if status != JoinStatus.JOINED:
         close_quietly(sock)

@@ -16,7 +16,6 @@ import time
 import simple_websocket
 from wsproto.utilities import LocalProtocolError
 
-from common import auth
 from common import protocol as p
 from common.net import shutdown_quietly
 
@@ -40,7 +39,8 @@ class ControlConnection:
         self.relay_host = relay_host
         self.client_id: str | None = None
         self.credential: str | None = None  # which token this connection proved (None: open relay)
-        self.nonce = auth.make_nonce()
+        self.challenge = server.authenticator.challenge()
+        self.nonce = self.challenge.nonce
         self.connected_at = time.time()
         self.opened = time.monotonic()
         self.last_seen = time.monotonic()
@@ -58,7 +58,7 @@ class ControlConnection:
     def serve(self) -> None:
         """Read and handle messages until the connection ends."""
         try:
-            self.send(p.Challenge(nonce=self.nonce, authRequired=self.server.auth_required))
+            self.send(self.challenge)
             while not self._closed.is_set():
                 try:
                     frame = self.ws.receive(timeout=RECEIVE_POLL)
@@ -133,7 +133,7 @@ class ControlConnection:
             return self._refuse_registration(
                 msg, f"protocol version {msg.protocolVersion} is not supported: this relay speaks version "
                      f"{p.PROTOCOL_VERSION}; install the same chuantou version on client and server")
-        credential, problem = self.server.authenticate(msg.clientId, self.nonce, msg.auth)
+        credential, problem = self.server.authenticator.check(msg.clientId, self.nonce, msg.auth)
         if problem is not None:
             return self._refuse_registration(msg, problem)
         self.credential = credential
