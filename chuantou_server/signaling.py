@@ -209,9 +209,8 @@ class ControlConnection:
         return session
 
     def on_accept_session(self, msg: p.AcceptSession) -> None:
-        session = self._own_session_as_target(msg.sessionId)
-        if session is not None:
-            session.accepted = True
+        # Nothing to record: B's data channel is what joins it. An unknown session is still an error.
+        self._own_session_as_target(msg.sessionId)
 
     def on_reject_session(self, msg: p.RejectSession) -> None:
         session = self._own_session_as_target(msg.sessionId)
