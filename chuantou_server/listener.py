@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from common import tls
 from common.frames import DATA_MAGIC, HEADER_SIZE
@@ -114,7 +114,8 @@ class Listener:
         if context is None:
             return sock
         if tls.peek_first_byte(sock, deadline) == tls.TLS_RECORD_START:
-            return tls.TlsStream.handshake(sock, context, True, deadline)
+            # TlsStream has the socket methods the relay uses; the handlers take it as a socket
+            return cast(socket.socket, tls.TlsStream.handshake(sock, context, True, deadline))
         if self.server.config.tls_only:
             log.debug("plain connection from %s:%s refused (TLS only)", addr[0], addr[1])
             refuse_plain_connection(sock, deadline)

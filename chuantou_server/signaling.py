@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import simple_websocket
 from wsproto.utilities import LocalProtocolError
@@ -20,6 +21,11 @@ from common import protocol as p
 from common.net import shutdown_quietly
 
 from . import registry
+
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .server import Server
+    from .sessions import Session
 
 log = logging.getLogger("chuantou.server")
 
@@ -30,7 +36,8 @@ RECEIVE_POLL = 1.0
 
 
 class ControlConnection:
-    def __init__(self, server, ws, sock: socket.socket, remote: tuple, relay_host: str, admission=None):
+    def __init__(self, server: Server, ws: simple_websocket.Server, sock: socket.socket, remote: tuple,
+                 relay_host: str, admission: Admission | None = None):
         self.server = server
         self.ws = ws
         self.admission = admission  # our place under the unregistered cap, released on register
@@ -200,7 +207,7 @@ class ControlConnection:
             requestId=msg.requestId,
         ))
 
-    def _own_session_as_target(self, session_id: str):
+    def _own_session_as_target(self, session_id: str) -> Session | None:
         session = self.server.sessions.get(session_id)
         if session is None or session.client_b != self.client_id:
             self.send(p.Error(message=f"no session {session_id[:12]}... is waiting for this client",
@@ -239,7 +246,7 @@ class ControlConnection:
         self.server.drop_client(self, "unregistered")
 
 
-def _claim_refusal(server, client_id: str, refused: str) -> tuple[str, str]:
+def _claim_refusal(server: Server, client_id: str, refused: str) -> tuple[str, str]:
     """The message and code for a registration the registry refused."""
     if refused == registry.IN_USE:
         return (f"client ID '{client_id}' is in use by another live connection with the same token, and this "
