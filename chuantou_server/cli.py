@@ -26,7 +26,6 @@ from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
 from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
-from .settings import ServerConfig
 from .startopts import RUN_OPTION_DEFAULTS, given_options, running_options
 
 MODULE = "chuantou_server"
@@ -276,7 +275,7 @@ def load_file_settings(path: Path) -> dict:
 
 
 def make_server(settings: dict) -> Server:
-    return Server(config=ServerConfig(
+    return Server(
         host=settings["host"], port=settings["port"], heartbeat_timeout=settings["heartbeatTimeout"],
         token=None if settings["noAuth"] else settings["token"],
         client_tokens={} if settings["noAuth"] else settings["clientTokens"],
@@ -296,7 +295,7 @@ def make_server(settings: dict) -> Server:
         data_channel_timeout=settings["dataChannelTimeout"],
         max_unregistered=settings["maxUnregistered"],
         max_unregistered_per_source=settings["maxUnregisteredPerSource"],
-    ))
+    )
 
 
 def worker_args(args) -> list[str]:
