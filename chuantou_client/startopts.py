@@ -52,3 +52,7 @@ def running_options(app, log_level: str, token: str | None) -> dict:
         "--tls-fingerprint": normalize_fingerprint(settings["tlsFingerprint"]) if settings["tlsFingerprint"] else None,
         "--tls-insecure": bool(settings["tlsInsecure"]),
     }
+
+
+RUN_OPTION_DEFAULTS = {"--allow": "every port on 127.0.0.1", "--allow-host": "none", "--ca": "the system's CAs",
+                       "--tls-fingerprint": "none", "--token": "none"}
