@@ -6,14 +6,10 @@ No I/O: the control connection sends the challenge and acts on the verdict.
 
 from __future__ import annotations
 
-from common import auth
+from common import auth, handshake
 from common import protocol as p
 
 from .settings import ServerConfig
-
-TOKEN_MISSING = "authentication failed: this relay requires a token; pass --token (or set CHUANTOU_TOKEN)"
-PROOF_WRONG = "authentication failed"
-
 
 class Authenticator:
     def __init__(self, config: ServerConfig):
@@ -28,7 +24,7 @@ class Authenticator:
 
     def challenge(self) -> p.Challenge:
         """A fresh challenge for a new control channel; its nonce is what the proof must sign."""
-        return p.Challenge(nonce=auth.make_nonce(), authRequired=self.required)
+        return handshake.challenge_for(auth.make_nonce(), self.required)
 
     def tokens_for(self, client_id: str) -> tuple[str, ...]:
         """The tokens that may register ``client_id``: its bound one, else every relay-wide one."""
@@ -38,12 +34,5 @@ class Authenticator:
     def check(self, client_id: str, nonce: str, proof: str | None) -> tuple[str | None, str | None]:
         """Check a registration's proof. Returns (credential, None) or (None, problem); the
         credential is a fingerprint of the token that matched (None on an open relay)."""
-        candidates = self.tokens_for(client_id)
-        if not candidates:
-            return None, None
-        if not proof:
-            return None, TOKEN_MISSING
-        for token in candidates:
-            if auth.proof_matches(token, nonce, client_id, proof):
-                return auth.fingerprint(token), None
-        return None, PROOF_WRONG
+        verdict = handshake.verify_proof(self.tokens_for(client_id), client_id, nonce, proof)
+        return verdict.credential, verdict.problem

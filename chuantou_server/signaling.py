@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import simple_websocket
 from wsproto.utilities import LocalProtocolError
 
+from common import handshake
 from common import protocol as p
 from common.net import shutdown_quietly
 
@@ -136,10 +137,9 @@ class ControlConnection:
         if self.client_id is not None:
             self.send(p.Error(message=f"already registered as '{self.client_id}'", code="bad_request"))
             return
-        if msg.protocolVersion != p.PROTOCOL_VERSION:
-            return self._refuse_registration(
-                msg, f"protocol version {msg.protocolVersion} is not supported: this relay speaks version "
-                     f"{p.PROTOCOL_VERSION}; install the same chuantou version on client and server")
+        version_problem = handshake.version_problem(msg.protocolVersion)
+        if version_problem is not None:
+            return self._refuse_registration(msg, version_problem)
         credential, problem = self.server.authenticator.check(msg.clientId, self.nonce, msg.auth)
         if problem is not None:
             return self._refuse_registration(msg, problem)
