@@ -72,8 +72,8 @@ class SystemService:
 
 def code_paths(module: str) -> list[str]:
     """Where the interpreter and the program's code live: the service must be able to read them."""
-    package = sys.modules.get(module) or __import__(module)
-    return [sys.executable, str(Path(package.__file__).resolve().parent), str(Path(common.__file__).parent)]
+    files = [getattr(sys.modules.get(module) or __import__(module), "__file__", None), common.__file__]
+    return [sys.executable, *(str(Path(f).resolve().parent) for f in files if f)]
 
 
 def under_homes(paths: list[str]) -> list[str]:
