@@ -125,6 +125,11 @@ def unit_text(svc: SystemService, args: list[str], paths: list[str] | None = Non
         "RestrictSUIDSGID=yes\n"
         "LockPersonality=yes\n"
         "SystemCallArchitectures=native\n"
+        "SystemCallFilter=@system-service\n"
+        "SystemCallErrorNumber=EPERM\n"
+        "ProtectProc=invisible\n"  # its own processes only; /proc/self/fd counts descriptors
+        "ProcSubset=pid\n"
+        "PrivateMounts=yes\n"
         "# a port below 1024 (443) needs this one capability, and nothing else is kept\n"
         "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
         "AmbientCapabilities=CAP_NET_BIND_SERVICE\n"
