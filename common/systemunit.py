@@ -242,6 +242,20 @@ def home_warnings(module: str) -> list[str]:
             for path in under_homes(code_paths(module))[:1]]
 
 
+def boot_import_problem(module: str) -> str | None:
+    """Can the unit's command import the program? It runs in / with a clean environment, so a
+    checkout used from its own folder (not installed) is not found there."""
+    try:
+        result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd="/", env={}, capture_output=True,
+                                timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"warning: could not check that the service can import {module}: {exc}"
+    if result.returncode == 0:
+        return None
+    return (f"warning: {sys.executable} cannot import {module} outside this folder, as the service will run "
+            f"it: install chuantou for that interpreter first (pip install .)")
+
+
 def admin_prefix() -> str:
     """How root runs the program's other commands against the service's config and state."""
     return f"sudo env XDG_CONFIG_HOME={STATE_PARENT} XDG_STATE_HOME={STATE_PARENT}"

@@ -186,6 +186,12 @@ def test_install_refuses_a_config_of_its_own(tmp_path, capsys):
     assert not (tmp_path / "etc").exists()
 
 
+def test_install_warns_when_the_service_could_not_import_the_program():
+    assert systemunit.boot_import_problem("json") is None
+    warning = systemunit.boot_import_problem("no_such_module_of_chuantou")
+    assert warning and "cannot import no_such_module_of_chuantou" in warning and "pip install" in warning
+
+
 @pytest.fixture
 def this_machine(monkeypatch):
     """The staging root is treated as the real one (systemctl and useradd are run) and systemd runs."""
