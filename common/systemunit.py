@@ -194,7 +194,8 @@ def install(svc: SystemService, text: str) -> list[str]:
     done.append(f"wrote {svc.unit_path}")
     if svc.real_root and systemd_running():
         systemctl("daemon-reload")
-        systemctl("enable", "--now", svc.unit_name)
+        systemctl("enable", svc.unit_name)
+        systemctl("restart", svc.unit_name)  # starts it, or applies a reinstall's new options
         done.append(f"enabled and started {svc.unit_name}; see it with: systemctl status {svc.unit_name}; "
                     f"its log: journalctl -u {svc.unit_name}")
     elif svc.real_root:

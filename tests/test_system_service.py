@@ -206,9 +206,10 @@ def test_where_systemd_runs_install_enables_and_starts_and_uninstall_stops_and_d
     root = tmp_path / "root"
     assert server_cli.main(["install-service", "--root", str(root)]) == 0
     assert "enabled and started chuantou-relay.service" in capsys.readouterr().out
-    assert calls.read_text().splitlines() == ["daemon-reload", "enable --now chuantou-relay.service"]
+    assert calls.read_text().splitlines() == ["daemon-reload", "enable chuantou-relay.service",
+                                              "restart chuantou-relay.service"]  # restart: a reinstall applies
     assert server_cli.main(["uninstall-service", "--root", str(root)]) == 0
-    assert calls.read_text().splitlines()[2:] == ["disable --now chuantou-relay.service", "daemon-reload"]
+    assert calls.read_text().splitlines()[3:] == ["disable --now chuantou-relay.service", "daemon-reload"]
     assert not (root / "etc/systemd/system/chuantou-relay.service").exists()
 
 
