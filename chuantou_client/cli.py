@@ -37,6 +37,7 @@ EXAMPLES = """examples:
   python -m chuantou_client clients
   python -m chuantou_client status
   python -m chuantou_client stop
+  sudo python -m chuantou_client install-service --server ws://relay:8200
 """
 
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="talk to the client whose local API is on this port (default: the running one)")
     for command in (stop, logs, *api_commands):
         PROGRAM.add_config_option(command)
+    PROGRAM.add_service_commands(sub, _add_run_options)
     return parser
 
 
@@ -138,8 +140,10 @@ def config_file(args) -> Path:
     return Path(args.config) if getattr(args, "config", None) else default_config_path()
 
 
-def make_app(args) -> ClientApp:
-    path = config_file(args)
+def make_app(args, path: Path | None = None) -> ClientApp:
+    """The client with the command line's options over its config file, or over ``path``
+    (made if missing), saved, nothing started yet."""
+    path = path or config_file(args)
     overrides = {"server": getattr(args, "server", None), "clientId": getattr(args, "client_id", None),
                  "adminPort": getattr(args, "admin_port", None), "token": getattr(args, "token", None),
                  "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None),
@@ -173,6 +177,12 @@ def foreground_login_line(app) -> str:
     if sys.stdout.isatty():
         return f"log in to the page (once) at: {app.admin.login_link()}"
     return "log in to the page with the link printed by: python -m chuantou_client login-link"
+
+
+def prepare_service_config(args, path: Path) -> None:
+    """install-service: the service's config with the relay, ID and token given, saved now."""
+    app = make_app(args, path)
+    print(f"config: {path} (client {app.client.client_id}, relay {app.server_url})")
 
 
 def cmd_start(args) -> int:
@@ -373,6 +383,8 @@ COMMANDS = {
     "proxy": cmd_proxy,
     "clients": cmd_clients,
     "login-link": cmd_login_link,
+    "install-service": lambda args: PROGRAM.install_service(args, prepare_service_config),
+    "uninstall-service": PROGRAM.uninstall_service,
     "_supervise": PROGRAM.supervise,
 }
 
