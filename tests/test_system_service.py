@@ -19,7 +19,8 @@ import pytest
 
 from chuantou_client import cli as client_cli
 from chuantou_server import cli as server_cli
-from cli_support import HOST, TOKEN, fake_systemctl, free_tcp_udp_port, poll
+from cli_support import HOST, TOKEN, fake_systemctl, free_tcp_udp_port
+from helpers import wait_until
 from common import config, systemunit
 
 PROGRAMS = [("chuantou_server", server_cli, "chuantou-relay.service"),
@@ -283,7 +284,8 @@ def test_the_relay_run_as_the_unit_says_uses_the_prepared_config(tmp_path, capsy
     process = subprocess.Popen(exec_start(text), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         record = root / "var/lib/chuantou/server.worker.json"
-        worker = poll(lambda: record.exists() and json.loads(record.read_text()), 20, "the relay's worker record")
+        worker = wait_until(lambda: record.exists() and json.loads(record.read_text()), 20,
+                            message="the relay's worker record")
         assert worker["port"] == port
         saved = json.loads((root / "var/lib/chuantou/server.json").read_text())
         status = server_cli.fetch_status(worker, saved["adminToken"])  # the prepared admin token works
