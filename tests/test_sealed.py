@@ -1,0 +1,67 @@
+"""Sealed sessions: each client's key pair and fingerprint, pinning peers' keys, and TCP
+sessions that A and B seal end to end with TLS 1.3 inside the relayed data channel, so the
+relay can neither read nor change them."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from common import identity
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# --- identity ----------------------------------------------------------------------------------
+
+def test_identity_is_made_once_with_mode_0600_and_keeps_its_fingerprint(tmp_path):
+    path = tmp_path / "conf" / identity.IDENTITY_FILE
+    first = identity.load_or_create(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again = identity.load_or_create(path)
+    assert again.fingerprint == first.fingerprint
+    assert identity.FINGERPRINT_PATTERN.match(first.fingerprint)
+    assert identity.certificate_fingerprint(again.certificate_der) == first.fingerprint
+    assert b"PRIVATE KEY" not in first.public_spki and len(first.public_spki) == 44
+
+
+def test_fingerprint_is_ssh_style_sha256_of_the_spki():
+    import base64
+    import hashlib
+    ident = identity.generate()
+    expected = "SHA256:" + base64.b64encode(hashlib.sha256(ident.public_spki).digest()).decode().rstrip("=")
+    assert ident.fingerprint == expected
+    assert identity.fingerprint_of_spki(identity.decode_public_key(ident.public_key_b64)) == expected
+
+
+def test_a_lost_certificate_is_made_again_from_the_key(tmp_path):
+    path = tmp_path / identity.IDENTITY_FILE
+    first = identity.load_or_create(path)
+    key_only = path.read_bytes().split(b"-----BEGIN CERTIFICATE-----")[0]
+    path.write_bytes(key_only)
+    again = identity.load(path)
+    assert again.fingerprint == first.fingerprint
+    assert b"CERTIFICATE" in path.read_bytes()
+
+
+def test_a_file_that_is_not_a_key_is_a_clear_error(tmp_path):
+    path = tmp_path / identity.IDENTITY_FILE
+    path.write_text("not a key")
+    with pytest.raises(identity.IdentityError, match="does not hold a private key"):
+        identity.load(path)
+
+
+def test_fingerprints_typed_by_users_are_checked():
+    good = identity.generate().fingerprint
+    assert identity.check_fingerprint(" sha256:" + good[7:] + " ") == good
+    for bad in ("SHA256:abc", good[7:], "MD5:" + good[7:]):
+        with pytest.raises(identity.IdentityError, match="not a key fingerprint"):
+            identity.check_fingerprint(bad)
+
+
+def test_a_public_key_hint_that_is_not_a_key_is_ignored():
+    assert identity.decode_public_key("!!!") is None
+    assert identity.decode_public_key("aGVsbG8=") is None
+    assert identity.decode_public_key(None) is None
