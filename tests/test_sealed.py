@@ -9,7 +9,9 @@ import stat
 
 import pytest
 
+from chuantou_client import known_clients
 from common import identity
+from common.errors import ChuantouError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,3 +67,51 @@ def test_a_public_key_hint_that_is_not_a_key_is_ignored():
     assert identity.decode_public_key("!!!") is None
     assert identity.decode_public_key("aGVsbG8=") is None
     assert identity.decode_public_key(None) is None
+
+
+# --- known clients and --allow-from ------------------------------------------------------------
+
+def test_first_key_is_recorded_and_a_changed_one_refused_until_forgotten(tmp_path):
+    path = tmp_path / known_clients.KNOWN_CLIENTS_FILE
+    known = known_clients.KnownClients(path)
+    first, second = identity.generate().fingerprint, identity.generate().fingerprint
+    known.check("office", first)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert known_clients.KnownClients(path).get("office") == first  # kept in the file
+    known.check("office", first)
+    with pytest.raises(known_clients.KeyRefused) as refused:
+        known.check("office", second)
+    text = str(refused.value)
+    assert "'office'" in text and first in text and second in text
+    assert "python -m chuantou_client forget-key office" in text
+    assert known_clients.KnownClients(path).forget("office")  # as the CLI does, from another object
+    known.check("office", second)
+    assert known.get("office") == second
+
+
+def test_target_fingerprint_pins_before_first_use():
+    known = known_clients.KnownClients(None)
+    right, wrong = identity.generate().fingerprint, identity.generate().fingerprint
+    with pytest.raises(known_clients.KeyRefused, match="--target-fingerprint"):
+        known.check("office", right, pinned=wrong)
+    assert known.get("office") is None
+    known.check("office", right, pinned=right)
+    assert known.get("office") == right
+
+
+def test_a_broken_known_clients_line_names_file_and_line(tmp_path):
+    path = tmp_path / known_clients.KNOWN_CLIENTS_FILE
+    path.write_text("# comment\noffice SHA256:nope\n")
+    with pytest.raises(ChuantouError, match="line 2"):
+        known_clients.KnownClients(path).get("office")
+
+
+def test_allow_from_takes_ids_and_fingerprints():
+    fp = identity.generate().fingerprint
+    allow = known_clients.AllowFrom(["laptop", f"{fp}, phone"])
+    assert allow.refusal("laptop", identity.generate().fingerprint) is None
+    assert allow.refusal("someone", fp) is None
+    assert "not in --allow-from" in allow.refusal("someone", identity.generate().fingerprint)
+    assert known_clients.AllowFrom([]).refusal("anyone", fp) is None
+    with pytest.raises(ChuantouError, match="neither a client ID"):
+        known_clients.AllowFrom(["bad id!"])
