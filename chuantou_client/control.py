@@ -55,7 +55,7 @@ class _Waiter:
 class ControlChannel:
     def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
                  heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
-                 token: str | None = None, tls=None, on_lost=None):
+                 token: str | None = None, tls=None, on_lost=None, public_key: str | None = None):
         self.url = url
         self.client_id = client_id
         self.threads = threads
@@ -67,6 +67,7 @@ class ControlChannel:
         self._token = token
         self._tls = tls
         self.on_lost = on_lost  # called when a registered connection ends: the relay drops our sessions
+        self.public_key = public_key  # base64 SPKI sent with register, for peers' sealed sessions
 
         self.state = "idle"  # idle, connecting, connected, reconnecting, failed, stopped
         self.last_error: str | None = None
@@ -175,7 +176,7 @@ class ControlChannel:
                                           "of the same version?")
             proof = auth.register_proof(self._token, challenge.nonce, self.client_id) if self._token else None
             ws.send(p.encode(p.Register(clientId=self.client_id, protocolVersion=p.PROTOCOL_VERSION, auth=proof,
-                                        takeover=None if self._takeover else False)))
+                                        takeover=None if self._takeover else False, publicKey=self.public_key)))
             while True:
                 reply = self._receive_message(ws)
                 if isinstance(reply, p.RegisterResponse):

@@ -21,6 +21,9 @@ PROTOCOL_VERSION = 2  # 2: UDP registrations prove the secret over a relay chall
 MAX_MESSAGE_BYTES = 64 * 1024
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
+# a client's public key: base64 of its SubjectPublicKeyInfo DER (sealed sessions; a hint only,
+# since a client trusts the key its peer proves against its own pin, never what the relay says)
+PUBLIC_KEY_PATTERN = re.compile(r"^[A-Za-z0-9+/]{4,2048}={0,2}$")
 PROTOCOLS = ("tcp", "udp")
 # register_response codes: the ID is live with the same credential and takeover was false; the
 # ID is online with, or reserved for, another credential
@@ -56,11 +59,17 @@ def _require(condition: bool, problem: str) -> None:
         raise ProtocolError(problem)
 
 
+def _check_public_key(value: str | None, name: str) -> None:
+    if value is not None:
+        _require(bool(PUBLIC_KEY_PATTERN.match(value)), f"{name} must be base64 of at most 1.5 KiB")
+
+
 # --- nested values -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ClientInfo:
     id: str
+    publicKey: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,7 @@ class Register:
     # False: do not replace a live connection holding this ID (a client that was itself replaced
     # asks this, so two holders of one token do not take turns kicking each other); unset: replace
     takeover: bool | None = None
+    publicKey: str | None = None  # this client's key for sealed sessions (see PUBLIC_KEY_PATTERN)
 
     def check(self) -> None:
         _require(
@@ -110,6 +120,7 @@ class Register:
             "clientId must be 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
         )
+        _check_public_key(self.publicKey, "publicKey")
 
 
 @message("register_response")
@@ -147,8 +158,10 @@ class ConnectRequest:
     sessionId: str | None = None
     secret: str | None = None
     relayAddr: RelayAddr | None = None
+    peerPublicKey: str | None = None  # the requester's key as it registered it (a hint for B)
 
     def check(self) -> None:
+        _check_public_key(self.peerPublicKey, "peerPublicKey")
         _require(valid_port(self.remotePort), f"remotePort {self.remotePort} is outside 1-65535")
         _require(self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}")
         if self.localPort is not None:
@@ -165,6 +178,10 @@ class CreateSession:
     service: Service
     relayAddr: RelayAddr
     requestId: str | None = None
+    peerPublicKey: str | None = None  # the target's key as it registered it (a hint for A)
+
+    def check(self) -> None:
+        _check_public_key(self.peerPublicKey, "peerPublicKey")
 
 
 @message("accept_session")

@@ -19,13 +19,13 @@ SECRET = "fedcba9876543210" * 2
 # breaks every deployed peer, so it has to be a deliberate change to this table too.
 WIRE = {
     "challenge": ["nonce", "authRequired", "protocolVersion"],
-    "register": ["clientId", "protocolVersion", "auth", "takeover"],
+    "register": ["clientId", "protocolVersion", "auth", "takeover", "publicKey"],
     "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion", "code"],
     "get_client_list": ["requestId"],
     "client_list": ["clients", "requestId"],
     "connect_request": ["toClientId", "remotePort", "remoteHost", "requestId", "protocol", "localPort", "fromClientId",
-                        "sessionId", "secret", "relayAddr"],
-    "create_session": ["sessionId", "peerClientId", "secret", "service", "relayAddr", "requestId"],
+                        "sessionId", "secret", "relayAddr", "peerPublicKey"],
+    "create_session": ["sessionId", "peerClientId", "secret", "service", "relayAddr", "requestId", "peerPublicKey"],
     "accept_session": ["sessionId"],
     "reject_session": ["sessionId", "reason"],
     "heartbeat": ["timestamp"],
@@ -34,7 +34,7 @@ WIRE = {
     "error": ["message", "code", "requestId"],
 }
 NESTED = {
-    p.ClientInfo: ["id"],
+    p.ClientInfo: ["id", "publicKey"],
     p.RelayAddr: ["host", "port", "protocol"],
     p.Service: ["port", "protocol"],
 }

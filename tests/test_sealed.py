@@ -11,6 +11,7 @@ import pytest
 
 from chuantou_client import known_clients
 from common import identity
+from common import protocol as p
 from common.errors import ChuantouError
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,3 +116,14 @@ def test_allow_from_takes_ids_and_fingerprints():
     assert known_clients.AllowFrom([]).refusal("anyone", fp) is None
     with pytest.raises(ChuantouError, match="neither a client ID"):
         known_clients.AllowFrom(["bad id!"])
+
+
+# --- the relay passes keys on (as hints) ---------------------------------------------------------
+
+def test_register_carries_a_public_key_and_rejects_one_that_is_not_base64():
+    key = identity.generate().public_key_b64
+    msg = p.decode(p.encode(p.Register(clientId="office", protocolVersion=p.PROTOCOL_VERSION, publicKey=key)))
+    assert msg.publicKey == key
+    text = p.encode(p.Register(clientId="office", protocolVersion=p.PROTOCOL_VERSION, publicKey="not base64!"))
+    with pytest.raises(p.ProtocolError, match="publicKey"):
+        p.decode(text)
