@@ -33,19 +33,47 @@ class PendingConnects:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._count = 0
         self.limit_log = LimitLog(log)
 
-    def try_enter(self, requester: str) -> bool:
-        if self._slots.acquire(blocking=False):
-            return True
+    @property
+    def in_progress(self) -> int:
+        with self._lock:
+            return self._count
+
+    def enter(self, requester: str) -> "SetupSlot | None":
+        """A slot for one session's setup, or None (and logged) when all are taken."""
+        with self._lock:
+            if self._count < self.limit:
+                self._count += 1
+                return SetupSlot(self)
         self.limit_log.bit("maxPendingConnects", requester,
                            "refusing sessions from %s: %d are already being set up on this client "
                            "(max_pending_connects)", requester, self.limit)
-        return False
+        return None
 
-    def leave(self) -> None:
-        self._slots.release()
+    def _leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+
+class SetupSlot:
+    """Held from the offer until the session is joined (or fails); released once."""
+
+    def __init__(self, owner: PendingConnects):
+        self._owner: PendingConnects | None = owner
+
+    def release(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner._leave()
+
+    def __enter__(self) -> "SetupSlot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def target_label(msg: p.ConnectRequest) -> str:
@@ -57,16 +85,15 @@ def serve_connect_request(client, msg: p.ConnectRequest) -> None:
     if msg.sessionId is None or msg.secret is None or msg.relayAddr is None:
         log.warning("ignoring a connect_request without session fields")
         return
-    if not client.pending_connects.try_enter(msg.fromClientId or "?"):
+    slot = client.pending_connects.enter(msg.fromClientId or "?")
+    if slot is None:
         _reject(client, msg, "the target client is busy setting up other sessions; try again shortly")
         return
-    try:
-        _serve(client, msg)
-    finally:
-        client.pending_connects.leave()
+    with slot:
+        _serve(client, msg, slot)
 
 
-def _serve(client, msg: p.ConnectRequest) -> None:
+def _serve(client, msg: p.ConnectRequest, slot: "SetupSlot") -> None:
     service = (msg.remoteHost or client.target_host, msg.remotePort)
     refusal = client.export.refusal(*service)
     if refusal is not None:
@@ -74,6 +101,7 @@ def _serve(client, msg: p.ConnectRequest) -> None:
         _reject(client, msg, f"{target_label(msg)} is not allowed by the target client")
         return
     if msg.protocol == "udp":
+        slot.release()  # nothing slow to set up: no connection to the service
         flow = UdpTarget(client, msg, service)
         client._track_session(msg.sessionId, flow)
         try:
@@ -92,6 +120,7 @@ def _serve(client, msg: p.ConnectRequest) -> None:
         log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
         reset_connection(local)
         return
+    slot.release()  # joined: from here on the session counts against the relay's caps, not this one
     _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
     pipe = Pipe(relay, local)
     client._track_session(msg.sessionId, pipe)

@@ -180,8 +180,9 @@ def fill_accept_queue(address) -> list[socket.socket]:
     raise AssertionError("the accept queue never filled")
 
 
-def test_b_caps_sessions_being_set_up_and_tells_a_it_is_busy(server, make_client, caplog):
+def test_b_caps_sessions_being_set_up_and_tells_a_it_is_busy(server, make_client, tcp_echo, caplog):
     """A flood of requests cannot make B open connections (and threads) without bound."""
+    echo = tcp_echo
     a = make_client(server, "A")
     b = make_client(server, "B", max_pending_connects=2)
     with socket.socket() as stuck:  # a service whose accept queue is full: connects to it hang
@@ -201,3 +202,17 @@ def test_b_caps_sessions_being_set_up_and_tells_a_it_is_busy(server, make_client
             for sock in users + filler:
                 sock.close()
         proxy.close()
+    # joined sessions do not hold a setup slot: many more than the cap run at once
+    wait_until(lambda: b.pending_connects.in_progress == 0, timeout=10, message="the hung connects gave up")
+    live = a.create_proxy(0, "B", echo.port, protocol="tcp")
+    held = []
+    try:
+        for i in range(6):
+            held.append(connect(live.local_port))
+            held[-1].sendall(b"u%d" % i)
+            assert recv_exactly(held[-1], 2) == b"u%d" % i
+        assert b.status()["activeSessions"] == 6
+    finally:
+        for sock in held:
+            sock.close()
+    live.close()
