@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from common import protocol as p
 from common.errors import ChuantouError
+from common.identity import generate as generate_identity
 from common.net import arm_reset, keep_alive
 from common.pipe import Pipe
 from common.threads import ThreadGroup
@@ -25,6 +26,7 @@ from .control import ControlChannel
 from .datachannel import JoinError, TlsSettings, open_data_channel
 from .export import ExportPolicy
 from .proxy import Proxy
+from .sealing import SealError, Sealing
 from .selfguard import SelfGuard
 from .target import PendingConnects, serve_connect_request
 
@@ -84,6 +86,9 @@ class Client:
         tls_insecure: bool = False,
         data_channel_timeout: float = 30.0,
         max_pending_connects: int = 64,
+        identity=None,
+        known_clients=None,
+        allow_from=(),
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -92,7 +97,12 @@ class Client:
         the system CAs, or ``ca_file``, or pinned by ``tls_fingerprint`` (SHA-256). ``max_pending_connects``: sessions B sets up at once (more are refused).
 
         No session reaches this client's own proxies, nor a socket given to ``protect_socket``
-        (the local API), whatever ``allow`` says."""
+        (the local API), whatever ``allow`` says.
+
+        TCP sessions are sealed end to end (sealing.py) with ``identity`` (a common.identity
+        Identity; default: a new one in memory), pinning peers' keys in ``known_clients`` (a
+        KnownClients; default: in memory); ``allow_from``: the IDs and SHA256 fingerprints that
+        may reach this client (default: any peer that passes its pin)."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -109,12 +119,13 @@ class Client:
         self.self_guard = SelfGuard()
         self.pending_connects = PendingConnects(max_pending_connects)
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
+        self.sealing = Sealing(identity or generate_identity(), known_clients, allow_from, timeout=request_timeout)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
-            on_lost=self._settle_sessions,
+            on_lost=self._settle_sessions, public_key=self.sealing.identity.public_key_b64,
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
@@ -124,6 +135,7 @@ class Client:
         self._closed_reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._session_owners: collections.OrderedDict[str, Proxy] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._session_ended = threading.Condition(self._lock)  # a session_closed reason arrived
         self._started = False
         self._stopped = False
 
@@ -194,13 +206,16 @@ class Client:
         return [c.id for c in reply.clients]
 
     def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
-                     protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None) -> Proxy:
+                     protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None,
+                     target_fingerprint: str | None = None) -> Proxy:
         """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
         the target client (on ``target_host`` of its network, if that client allows it).
-        Raises PortInUseError if the local port is taken."""
+        Raises PortInUseError if the local port is taken. ``target_fingerprint`` pins the
+        target's key (SHA256:...) before the first session."""
         if self._stopped:
             raise ChuantouError("this client is stopped; create a new Client")
-        proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host).open()
+        proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host,
+                      target_fingerprint).open()
         with self._lock:
             self._proxies.append(proxy)
         return proxy
@@ -217,6 +232,7 @@ class Client:
     def status(self) -> dict:
         return {
             "clientId": self.client_id,
+            "fingerprint": self.sealing.fingerprint,
             "serverUrl": self.server_url,
             "state": self.control.state,
             "lastError": self.control.last_error,
@@ -283,6 +299,20 @@ class Client:
             if not joined:
                 with self._lock:
                     self._session_info.pop(msg.sessionId, None)
+
+    def seal_as_a(self, sock, proxy, reply):
+        """Seal a joined session of ``proxy`` (sealing.py). When B hung up on the handshake, B's
+        reason (it refused our key, say) follows through the relay: wait a moment for it."""
+        try:
+            return self.sealing.seal_a(sock, proxy.target_client_id, proxy.target_fingerprint, reply.sessionId,
+                                       reply.peerPublicKey)
+        except SealError as exc:
+            if exc.refused_here:
+                raise
+            with self._lock:
+                self._session_ended.wait_for(lambda: reply.sessionId in self._closed_reasons, timeout=2.0)
+                reason = self._closed_reasons.get(reply.sessionId)
+            raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
 
     def _settle_sessions(self, why: str) -> None:
         """The control channel ended: the relay closes every session of ours when it drops us, and
@@ -359,6 +389,7 @@ class Client:
             self._closed_reasons[msg.sessionId] = msg.reason
             while len(self._closed_reasons) > 256:
                 self._closed_reasons.popitem(last=False)
+            self._session_ended.notify_all()
             handle = self._sessions.get(msg.sessionId)
             owner = self._session_owners.pop(msg.sessionId, None)
         if p.is_normal_end(msg.reason):  # e.g. a UDP flow that went idle: nothing to act on

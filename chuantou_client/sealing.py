@@ -43,15 +43,18 @@ log = logging.getLogger("chuantou.client")
 PREAMBLE_MAGIC = b"CTS1"
 PREAMBLE = struct.Struct("!4sH")
 MAX_CERTIFICATE = 4096  # an Ed25519 self-signed certificate is ~400 bytes
+REFUSAL_WAIT = 2.0  # B waits this long for the relay to close a session it refused
+READ_DISCARD = 64 * 1024
 CONTEXT_CACHE = 64  # B's per-peer handshake contexts kept (one per peer certificate)
 
 
 class SealError(ChuantouError):
     """A sealed session could not be set up; ``peer_reason`` is what the other side may be told."""
 
-    def __init__(self, message: str, peer_reason: str | None = None):
+    def __init__(self, message: str, peer_reason: str | None = None, refused_here: bool = False):
         super().__init__(message)
         self.peer_reason = peer_reason or "the sealed session could not be set up"
+        self.refused_here = refused_here  # this side refused the peer's key (else: the handshake failed)
 
 
 # --- the stream -----------------------------------------------------------------------------------
@@ -137,9 +140,11 @@ def seal_as_a(sock, identity: ident.Identity, expected_fp: str | None, deadline:
 
 
 def seal_as_b(sock, identity: ident.Identity, expected_fp: str | None, deadline: float, *,
-              contexts: "ServerContexts | None" = None, verify=None, on_proven=None,
+              contexts: "ServerContexts | None" = None, verify=None, on_proven=None, on_failure=None,
               label: str = "sealed session") -> SealedStream:
-    """Seal the joined data channel ``sock`` as B; A's proven key is checked as in seal_as_a."""
+    """Seal the joined data channel ``sock`` as B; A's proven key is checked as in seal_as_a.
+    ``on_failure(error)`` may tell the relay why (a reject_session); then B waits for the relay
+    to close the channel, so that reason, not a bare reset, is what reaches A."""
     try:
         certificate = read_preamble(sock, deadline)
         announced = ident.certificate_fingerprint(certificate)
@@ -153,8 +158,24 @@ def seal_as_b(sock, identity: ident.Identity, expected_fp: str | None, deadline:
         stream.settimeout(None)
         return stream
     except BaseException as exc:
+        error = _as_seal_error(exc, "A")
+        if on_failure is not None and isinstance(error, SealError):
+            on_failure(error)
+            _wait_for_close(sock, REFUSAL_WAIT)
         reset_connection(sock)
-        raise _as_seal_error(exc, "A") from None
+        raise error from None
+
+
+def _wait_for_close(sock, timeout: float) -> None:
+    """Read (and drop) until the relay closes the channel or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            if not sock.recv(READ_DISCARD):
+                return
+    except OSError:
+        return
 
 
 def read_preamble(sock, deadline: float) -> bytes:
@@ -187,7 +208,7 @@ def _as_seal_error(exc: BaseException, other: str) -> BaseException:
     if isinstance(exc, SealError):
         return exc
     if isinstance(exc, KeyRefused):
-        return SealError(str(exc), "the peer's key was refused (see that client's log)")
+        return SealError(str(exc), "the peer's key was refused (see that client's log)", refused_here=True)
     if isinstance(exc, ident.IdentityError):
         return SealError(f"sealing failed: {exc}")
     if isinstance(exc, ssl.SSLError):
@@ -248,18 +269,30 @@ class Sealing:
                          on_proven=lambda proven: self._accept(peer, proven, hint),
                          label=f"sealed session {session_id[:8]}... to {peer}")
 
-    def seal_b(self, sock, peer: str, session_id: str, hint: str | None = None) -> SealedStream:
+    def seal_b(self, sock, peer: str, session_id: str, hint: str | None = None, on_failure=None) -> SealedStream:
         """B's side of session ``session_id`` from ``peer`` (the ID the relay named)."""
         def verify(proven: str) -> None:
             self.known.verify(peer, proven)
             refusal = self.allow_from.refusal(peer, proven)
             if refusal is not None:
-                raise SealError(refusal, "the target client does not accept sessions from this client")
+                raise SealError(refusal, "the target client does not accept sessions from this client",
+                                refused_here=True)
 
         deadline = time.monotonic() + self.timeout
         return seal_as_b(sock, self.identity, None, deadline, contexts=self._server_contexts, verify=verify,
-                         on_proven=lambda proven: self._accept(peer, proven, hint),
+                         on_failure=on_failure, on_proven=lambda proven: self._accept(peer, proven, hint),
                          label=f"sealed session {session_id[:8]}... from {peer}")
+
+    def early_refusal(self, peer: str | None, hint: str | None) -> str | None:
+        """Refuse before any work (connecting to the service) a peer that --allow-from cannot
+        admit even by the relay's own account; the proven key is checked again when sealing."""
+        if not self.allow_from:
+            return None
+        spki = ident.decode_public_key(hint)
+        claimed = ident.fingerprint_of_spki(spki) if spki else None
+        if peer in self.allow_from.ids or claimed in self.allow_from.fingerprints:
+            return None
+        return f"client '{peer}' is not in --allow-from ({self.allow_from.describe()})"
 
     def _accept(self, peer: str, proven: str, hint: str | None) -> None:
         _note_hint(peer, hint, proven)

@@ -4,15 +4,38 @@ relay can neither read nor change them."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import socket
 import stat
+import threading
 
 import pytest
 
 from chuantou_client import known_clients
+from chuantou_server import relay
 from common import identity
 from common import protocol as p
 from common.errors import ChuantouError
+from common.pipe import Pipe
+from common.threads import ThreadGroup
+
+from helpers import (
+    TcpService,
+    closed_by_peer,
+    connect,
+    exchange,
+    exchange_handler,
+    pattern,
+    random_bytes,
+    recv_exactly,
+    recv_until_eof,
+    reply_after_eof_handler,
+    send_and_close_write,
+    sha256,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,3 +150,275 @@ def test_register_carries_a_public_key_and_rejects_one_that_is_not_base64():
     text = p.encode(p.Register(clientId="office", protocolVersion=p.PROTOCOL_VERSION, publicKey="not base64!"))
     with pytest.raises(p.ProtocolError, match="publicKey"):
         p.decode(text)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+MARKER = b"CHUANTOU-PLAINTEXT-MARKER-5e1f"
+
+
+class RelayTap:
+    """Installed as the relay's Pipe: sees every byte the relay pumps, as the relay's operator
+    could, and may change them. ``tamper``: (direction, kind, offset), direction 0 = A -> B."""
+
+    def __init__(self, tamper: tuple | None = None):
+        self.tamper = tamper
+        self.seen = [0, 0]
+        self.marker_hits = 0
+        self.tampered = threading.Event()
+        self._tails = [b"", b""]
+        self._lock = threading.Lock()
+
+    def install(self, monkeypatch) -> "RelayTap":
+        monkeypatch.setattr(relay, "Pipe", self.pipe)
+        return self
+
+    def pipe(self, a, b, on_done=None):
+        return Pipe(_TapSocket(a, self, 1), _TapSocket(b, self, 0), on_done=on_done)
+
+    def look(self, index: int, data: bytes) -> None:
+        with self._lock:
+            window = self._tails[index] + data
+            self.marker_hits += window.count(MARKER)
+            self._tails[index] = window[-(len(MARKER) - 1):]
+            self.seen[index] += len(data)
+
+
+class _TapSocket:
+    def __init__(self, sock, tap: RelayTap, index: int):
+        self._sock, self._tap, self._index = sock, tap, index
+        self._cut = False
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def sendall(self, data) -> None:
+        data = bytes(data)
+        offset = self._tap.seen[self._index]
+        self._tap.look(self._index, data)
+        if self._cut:
+            return  # truncated: the rest never arrives
+        tamper = self._tap.tamper
+        if tamper and tamper[0] == self._index and not self._tap.tampered.is_set() \
+                and offset <= tamper[2] < offset + len(data):
+            self._tap.tampered.set()
+            at = tamper[2] - offset
+            kind = tamper[1]
+            if kind == "flip":
+                data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+            elif kind == "drop":
+                return
+            elif kind == "replay":
+                self._sock.sendall(data)
+            elif kind == "truncate":
+                self._sock.sendall(data[:at])
+                self._cut = True
+                self._sock.shutdown(socket.SHUT_WR)  # a clean FIN, but no close_notify
+                return
+        self._sock.sendall(data)
+
+    def shutdown(self, how) -> None:
+        if self._cut and how == socket.SHUT_WR:
+            return
+        self._sock.shutdown(how)
+
+
+def marked_payload(size: int) -> bytes:
+    data = bytearray(random_bytes(size))
+    for at in range(0, size - len(MARKER), 1 << 20):
+        data[at:at + len(MARKER)] = MARKER
+    return bytes(data)
+
+
+def sink_handler(conn: socket.socket, service: TcpService) -> None:
+    """Read until the end; record (how it ended, what arrived)."""
+    received = bytearray()
+    try:
+        while True:
+            data = conn.recv(1 << 16)
+            if not data:
+                service.results.append(("eof", bytes(received)))
+                return
+            received += data
+    except ConnectionResetError:
+        service.results.append(("reset", bytes(received)))
+
+
+def source_handler(payload: bytes):
+    def handler(conn: socket.socket, service: TcpService) -> None:
+        send_and_close_write(conn, payload)
+        recv_until_eof(conn)
+
+    return handler
+
+
+def read_to_end(sock: socket.socket) -> tuple[str, bytes]:
+    received = bytearray()
+    try:
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                return "eof", bytes(received)
+            received += data
+    except ConnectionResetError:
+        return "reset", bytes(received)
+
+
+@pytest.mark.timeout(180)
+def test_64_mib_each_way_arrive_intact_and_the_relay_sees_no_plaintext(server, client_a, client_b, services,
+                                                                        monkeypatch):
+    tap = RelayTap().install(monkeypatch)
+    size = 64 << 20
+    up, down = marked_payload(size), marked_payload(size)
+    service = services(TcpService(exchange_handler(down)))
+    proxy = client_a.create_proxy(0, "B", service.port, protocol="tcp")
+    with connect(proxy.local_port, timeout=60) as user:
+        assert exchange(user, up) == (sha256(down), size)
+    wait_until(lambda: service.results, timeout=30)
+    assert service.results == [{"received": (sha256(up), size)}]
+    assert tap.seen[0] > size and tap.seen[1] > size  # the hook was in the path
+    assert tap.marker_hits == 0
+    assert client_a.sealing.known.get("B") == client_b.sealing.fingerprint
+    assert client_b.sealing.known.get("A") == client_a.sealing.fingerprint
+
+
+def test_without_sealing_the_same_tap_would_see_the_marker(monkeypatch):
+    """The hook's check is real: plaintext through the same relay pipe is found."""
+    tap = RelayTap().install(monkeypatch)
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    pipe = tap.pipe(b, c)
+    threads = ThreadGroup("svc-tap")
+    worker = threading.Thread(target=pipe.run, args=(threads, "tap"), name="svc-tap-run")
+    worker.start()
+    a.sendall(marked_payload(64 << 10))  # fits the socket buffers: no reader needed yet
+    a.shutdown(socket.SHUT_WR)
+    d.shutdown(socket.SHUT_WR)
+    recv_until_eof(d)
+    worker.join(10)
+    threads.join_all(10)
+    for s in (a, d):
+        s.close()
+    assert tap.marker_hits >= 1
+
+
+@pytest.mark.parametrize("kind", ["flip", "drop", "replay", "truncate"])
+def test_a_relay_that_changes_the_stream_to_b_gets_a_reset_and_nothing_altered_arrives(
+        server, client_a, client_b, services, monkeypatch, caplog, kind):
+    payload = pattern(4 << 20)
+    tap = RelayTap(tamper=(0, kind, (1 << 20) + 12345)).install(monkeypatch)
+    sink = services(TcpService(sink_handler))
+    proxy = client_a.create_proxy(0, "B", sink.port, protocol="tcp")
+    with connect(proxy.local_port) as user:
+        try:
+            send_and_close_write(user, payload)
+        except OSError:
+            pass  # the reset may come while we still send
+        assert read_to_end(user)[0] == "reset"
+    ((how, received),) = wait_until(lambda: sink.results, timeout=10)
+    assert tap.tampered.is_set()
+    assert how == "reset"
+    assert len(received) < len(payload) and received == payload[:len(received)]
+    assert any("sealed session" in r.getMessage() and "nothing of it delivered" in r.getMessage()
+               for r in caplog.records if r.name == "chuantou.client")
+
+
+@pytest.mark.parametrize("kind", ["flip", "truncate"])
+def test_a_relay_that_changes_the_stream_to_a_gets_a_reset_and_nothing_altered_arrives(
+        server, client_a, client_b, services, monkeypatch, kind):
+    payload = pattern(4 << 20)
+    tap = RelayTap(tamper=(1, kind, (2 << 20) + 7)).install(monkeypatch)
+    source = services(TcpService(source_handler(payload)))
+    proxy = client_a.create_proxy(0, "B", source.port, protocol="tcp")
+    with connect(proxy.local_port) as user:
+        user.shutdown(socket.SHUT_WR)
+        how, received = read_to_end(user)
+    assert tap.tampered.is_set()
+    assert how == "reset"
+    assert len(received) < len(payload) and received == payload[:len(received)]
+
+
+def test_half_close_passes_through_sealed(server, client_a, client_b, services):
+    service = services(TcpService(reply_after_eof_handler(300_000)))
+    proxy = client_a.create_proxy(0, "B", service.port, protocol="tcp")
+    request = pattern(123_456)
+    with connect(proxy.local_port) as user:
+        send_and_close_write(user, request)
+        reply = recv_until_eof(user)
+    assert reply == hashlib.sha256(request).digest() + pattern(300_000)
+
+
+def _proxy_refuses(proxy, text: str) -> str:
+    with connect(proxy.local_port) as user:
+        assert closed_by_peer(user, 10)
+    return wait_until(lambda: text in (proxy.last_error or "") and proxy.last_error, timeout=10,
+                      message=f"{text!r} in the proxy's last error ({proxy.last_error!r})")
+
+
+def _echo_works(proxy) -> None:
+    with connect(proxy.local_port) as user:
+        user.sendall(b"ping")
+        assert recv_exactly(user, 4) == b"ping"
+
+
+def test_a_changed_key_is_refused_with_the_forget_key_message_and_works_after_forget_key(
+        server, make_client, tcp_echo, tmp_path):
+    known = known_clients.KnownClients(tmp_path / known_clients.KNOWN_CLIENTS_FILE)
+    a = make_client(server, "A", known_clients=known)
+    first = make_client(server, "B")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    _echo_works(proxy)
+    first.stop()
+    impostor = make_client(server, "B")  # the same ID with another key: as a relay that lies would hand out
+    text = _proxy_refuses(proxy, "forget-key B")
+    assert first.sealing.fingerprint in text and impostor.sealing.fingerprint in text and "'B'" in text
+    assert known.get("B") == first.sealing.fingerprint
+    assert known_clients.KnownClients(known.path).forget("B")
+    _echo_works(proxy)
+    assert known.get("B") == impostor.sealing.fingerprint
+
+
+def test_the_relays_word_on_a_key_does_not_decide(server, client_a, client_b, tcp_echo, caplog):
+    server.registry.get("B").public_key = identity.generate().public_key_b64  # a relay that lies
+    proxy = client_a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    _echo_works(proxy)
+    assert client_a.sealing.known.get("B") == client_b.sealing.fingerprint
+    assert any("relay named a different key" in r.getMessage() for r in caplog.records)
+
+
+def test_a_wrong_target_fingerprint_refuses_the_first_session(server, client_a, client_b, tcp_echo):
+    wrong = identity.generate().fingerprint
+    proxy = client_a.create_proxy(0, "B", tcp_echo.port, protocol="tcp", target_fingerprint=wrong)
+    _proxy_refuses(proxy, "--target-fingerprint")
+    assert client_a.sealing.known.get("B") is None  # nothing trusted on first use
+    right = client_a.create_proxy(0, "B", tcp_echo.port, protocol="tcp",
+                                  target_fingerprint=client_b.sealing.fingerprint)
+    _echo_works(right)
+
+
+def test_allow_from_refuses_a_peer_that_is_not_listed(server, make_client, tcp_echo):
+    b = make_client(server, "B", allow_from=["friend"])
+    a = make_client(server, "A")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    _proxy_refuses(proxy, "does not accept sessions")
+    friend = make_client(server, "friend")
+    _echo_works(friend.create_proxy(0, "B", tcp_echo.port, protocol="tcp"))
+    assert b.sealing.known.get("friend") == friend.sealing.fingerprint
+
+
+def test_allow_from_checks_the_proven_key_not_the_name_the_relay_sends(server, make_client, tcp_echo):
+    friend_key = identity.generate()
+    b = make_client(server, "B", allow_from=[friend_key.fingerprint])
+    a = make_client(server, "A")
+    conn = server.registry.get("B")
+    send = conn.send
+
+    def lying_send(msg):  # the relay says the session comes from "friend", with friend's key
+        if isinstance(msg, p.ConnectRequest):
+            msg = dataclasses.replace(msg, fromClientId="friend", peerPublicKey=friend_key.public_key_b64)
+        return send(msg)
+
+    conn.send = lying_send
+    proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    _proxy_refuses(proxy, "refused")
+    assert b.sealing.known.get("friend") is None
