@@ -36,6 +36,22 @@ def forget_key_command(peer: str) -> str:
     return f"python -m chuantou_client forget-key {peer}"
 
 
+def beside_config(config_path: Path, name: str) -> Path:
+    """``name`` in the config's directory; for a config not called client.json, prefixed with its
+    stem, so two clients configured in one directory keep their own keys and pins."""
+    config_path = Path(config_path)
+    prefix = "" if config_path.stem == "client" else f"{config_path.stem}."
+    return config_path.with_name(prefix + name)
+
+
+def identity_path(config_path: Path) -> Path:
+    return beside_config(config_path, identity.IDENTITY_FILE)
+
+
+def known_clients_path(config_path: Path) -> Path:
+    return beside_config(config_path, KNOWN_CLIENTS_FILE)
+
+
 class KnownClients:
     """Pinned fingerprints by client ID, in ``path`` (or in memory only, with None)."""
 
