@@ -282,6 +282,7 @@ class Client:
             info = {"side": "A", "peer": msg.peerClientId, "port": msg.service.port, "protocol": msg.service.protocol}
         else:
             info = {"side": "B", "peer": msg.fromClientId, "port": msg.remotePort, "protocol": msg.protocol}
+        info["sealed"] = True  # a TCP data channel: proxy.py and target.py seal it once joined
         with self._lock:
             self._session_info[msg.sessionId] = {**info, "startedAt": time.time()}
         joined = False
