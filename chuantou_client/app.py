@@ -23,10 +23,9 @@ from .export import parse_ports
 from .known_clients import KnownClients, identity_path, known_clients_path, parse_allow_from
 from .listen import DEFAULT_LOCAL_HOST, LOCAL_HOST_HELP, is_valid_local_host, listen_address, parse_local_host
 from .proxy import PROTOCOL_CHOICES
+from .startopts import running_options
 
 log = logging.getLogger("chuantou.client")
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _valid_url(value: str) -> bool:
@@ -66,7 +65,7 @@ CONFIG_KEYS = {
     "clientId": config.Key(str, "1-64 letters, digits, '.', '_' or '-'", None,
                            lambda v: bool(p.CLIENT_ID_PATTERN.match(v))),
     "adminPort": config.Key(int, "a port number 1-65535", 8201, config.is_port),
-    "logLevel": config.Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS),
+    "logLevel": config.LOG_LEVEL,
     "proxies": config.Key(list, "a list of proxies", list),
     # its length is checked where it is chosen (chosen_token): a good --token can replace a short one
     "token": config.Key(str, "the relay's token (a string)", None, secret=True),
@@ -75,7 +74,7 @@ CONFIG_KEYS = {
     "ca": config.Key(str, "the path of a PEM file of trusted CA certificates", None),
     "tlsFingerprint": config.Key(str, "the SHA-256 fingerprint of the relay's certificate", None),
     "tlsInsecure": config.Key(bool, "true or false", False),
-    "maxPendingConnects": config.Key(int, "a whole number >= 1", 64, lambda v: v >= 1),  # sessions set up at once
+    "maxPendingConnects": config.Key(int, "a whole number >= 1", 256, lambda v: v >= 1),  # sessions set up at once
     "allowHosts": config.Key(list, "a list of host names or addresses", list,
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
     # who may reach this client, checked against the key a peer proves (--allow-from)
@@ -159,6 +158,7 @@ class ClientApp:
             self.settings["adminPort"] = admin_port
             changed = True
         self.admin_host = admin_host
+        self.log_level = overrides.get("logLevel") or self.settings["logLevel"]  # --log-level is not saved
         self.token = token  # the one in use, for the worker record's options (compared by fingerprint)
         self.client = Client(self.server_url, self.settings["clientId"], token=token,
                              allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"],
@@ -191,6 +191,11 @@ class ClientApp:
     def stop(self) -> None:
         self.admin.stop()
         self.client.stop()
+
+    def worker_facts(self) -> dict:
+        """What the running client announces in its worker record (status, start and the API find it)."""
+        return {"adminPort": self.admin.port, "clientId": self.client.client_id, "server": self.server_url,
+                "configPath": str(self.config_path), "options": running_options(self, self.log_level, self.token)}
 
     def _open_proxy(self, entry: dict):
         try:

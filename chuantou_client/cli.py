@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -15,17 +13,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common import __version__, logsafe, service
+from common import __version__, config, service
+from common.cli_shell import LOCAL_OPENER, Program, add_supervise_command, run_command
 from common.errors import ChuantouError
-from common import startcheck
 from common.startcheck import config_restored_on_failure
+from common.supervisor import stop_background
 
 from . import apiauth
-from .app import LOG_LEVELS, ClientApp, default_config_path
-from .known_clients import KnownClients, known_clients_path
+from .app import ClientApp, default_config_path
 from .client import DEFAULT_SERVER_URL
+from .known_clients import KnownClients, known_clients_path
 from .listen import DEFAULT_LOCAL_HOST, listen_address
-from .startopts import given_options, running_options
+from .startopts import RUN_OPTION_DEFAULTS, given_options
 
 MODULE = "chuantou_client"
 START_HINT = "start one with: python -m chuantou_client start --server ws://RELAY-HOST:8200"
@@ -43,8 +42,15 @@ EXAMPLES = """examples:
 """
 
 
-def files(args) -> service.ServiceFiles:
-    return service.ServiceFiles.for_role("client", getattr(args, "config", None))
+PROGRAM = Program(
+    role="client", module=MODULE,
+    describe_running=lambda pid, worker: f"chuantou client is already running (pid {pid}, ID {worker.get('clientId')})",
+    given_options=given_options, option_defaults=RUN_OPTION_DEFAULTS,
+    # token, --allow and --allow-host are saved in the config file by make_app
+    worker_options=("server", "client_id", "admin_port", "config", "log_level"),
+    boot_facts=(("--server", "server"),),  # at boot $CHUANTOU_SERVER is not set: name the relay used now
+)
+files = PROGRAM.files
 
 
 def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
@@ -58,7 +64,7 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         help="port of the local API and page on 127.0.0.1 (default 8201)")
     parser.add_argument("--config", default=default, metavar="FILE",
                         help=f"config file (default {default_config_path()})")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default)
+    parser.add_argument("--log-level", choices=config.LOG_LEVELS, default=default)
     parser.add_argument("--token", default=default,
                         help="the relay's token (16+ characters), saved (default: $CHUANTOU_TOKEN or the saved one). "
                              "While this process runs, other local users can read it in /proc/PID/cmdline: "
@@ -87,21 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(parser, inherit=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    start = sub.add_parser("start", help="run in the background under a supervisor",
-                           epilog="example: python -m chuantou_client start --server ws://relay:8200 --autostart")
-    _add_run_options(start, inherit=True)
-    start.add_argument("--autostart", action="store_true", help="also start at boot (systemd user unit or crontab)")
-
-    stop = sub.add_parser("stop", help="stop the background client and remove autostart",
-                          epilog="example: python -m chuantou_client stop")
-    stop.add_argument("--keep-autostart", action="store_true", help="leave the start-at-boot entry in place")
+    PROGRAM.add_start_command(sub, "python -m chuantou_client start --server ws://relay:8200 --autostart",
+                              _add_run_options)
+    stop = PROGRAM.add_stop_command(sub)
 
     sub.add_parser("status", help="connection state, ID, relay, proxies", epilog="example: python -m chuantou_client status")
 
-    logs = sub.add_parser("logs", help="show the background client's log",
-                          epilog="example: python -m chuantou_client logs -f")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    logs = PROGRAM.add_logs_command(sub, "python -m chuantou_client logs -f")
 
     proxy = sub.add_parser("proxy", help="create, list and delete proxies",
                            epilog="example: python -m chuantou_client proxy list")
@@ -134,28 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("login-link", help="print a one-time link that logs a browser in to the page",
                    epilog="example: python -m chuantou_client login-link")
 
-    supervise = sub.add_parser("_supervise")  # internal: the supervisor process
-    supervise.add_argument("worker_args", nargs=argparse.REMAINDER)
+    add_supervise_command(sub)
     api_commands = (create, proxy_sub.choices["list"], delete, sub.choices["clients"], sub.choices["status"],
                     sub.choices["login-link"])
     for command in api_commands:
         command.add_argument("--admin-port", type=int, default=argparse.SUPPRESS, metavar="PORT",
                              help="talk to the client whose local API is on this port (default: the running one)")
     for command in (stop, logs, forget, *api_commands):
-        command.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
-                             help="the client started with this config file (default: the default one)")
+        PROGRAM.add_config_option(command)
     return parser
-
-
-def worker_args(args) -> list[str]:
-    out = []
-    for option in ("server", "client_id", "admin_port", "config", "log_level"):
-        value = getattr(args, option, None)
-        if value is not None:
-            if option == "config":
-                value = os.path.abspath(value)  # the worker may run from another directory (at boot)
-            out += [f"--{option.replace('_', '-')}", str(value)]
-    return out  # token, --allow and --allow-host are saved in the config file by make_app
 
 
 # --- running --------------------------------------------------------------------------------
@@ -170,47 +155,29 @@ def make_app(args) -> ClientApp:
                  "adminPort": getattr(args, "admin_port", None), "token": getattr(args, "token", None),
                  "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None),
                  "ca": os.path.abspath(args.ca) if getattr(args, "ca", None) else None, "tlsFingerprint": getattr(args, "tls_fingerprint", None),
-                 "tlsInsecure": getattr(args, "tls_insecure", None), "allowFrom": getattr(args, "allow_from", None)}
+                 "tlsInsecure": getattr(args, "tls_insecure", None), "logLevel": getattr(args, "log_level", None),
+                 "allowFrom": getattr(args, "allow_from", None)}
     service_files = files(args)
     return ClientApp(path, overrides, api_secret_path=apiauth.secret_path(service_files.state_dir, service_files.name))
 
 
 def run_foreground(args) -> int:
-    running = refuse_if_running(args, "command")  # before make_app, which saves the options
-    if running:  # a second copy would fight the first for its ID and its ports
-        raise ChuantouError(f"{running}; stop it first: python -m chuantou_client stop")
-    app = make_app(args)
-    level = getattr(args, "log_level", None) or app.settings["logLevel"]
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
-    logsafe.guard_handlers()
-    threading.stack_size(512 * 1024)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    app.start()
-    facts = {"adminPort": app.admin.port, "clientId": app.client.client_id, "server": app.server_url,
-             "configPath": str(app.config_path), "options": running_options(app, level, app.token)}
-    try:
-        with service.WorkerRecord(files(args), facts):
-            print(f"client {app.client.client_id} -> {app.server_url}; page and API: "
-                  f"http://127.0.0.1:{app.admin.port}/; config: {app.config_path}", flush=True)
-            print(foreground_login_line(app), flush=True)
-            deadline = time.monotonic() + 5.0
-            while not (app.client.connected or stop.is_set()) and time.monotonic() < deadline:
-                stop.wait(0.1)  # SIGTERM sets `stop`: answer it now, not after this wait
-            if app.client.control.state == "failed":  # refused before it ever registered: no retries
-                print(f"error: {app.client.control.last_error}; not retrying",
-                      flush=True)
-            elif not (app.client.connected or stop.is_set()):
-                print(f"not registered yet ({app.client.control.last_error or 'connecting'}); "
-                      f"retrying in the background", flush=True)
-            while not stop.wait(1.0):
-                pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        app.stop()
-    return 0
+    return PROGRAM.run_foreground(args, make_app, announce)
+
+
+def announce(app: ClientApp, stop: threading.Event) -> None:
+    print(f"client {app.client.client_id} -> {app.server_url}; page and API: "
+          f"http://127.0.0.1:{app.admin.port}/; config: {app.config_path}", flush=True)
+    print(foreground_login_line(app), flush=True)
+    deadline = time.monotonic() + 5.0
+    while not (app.client.connected or stop.is_set()) and time.monotonic() < deadline:
+        stop.wait(0.1)  # SIGTERM sets `stop`: answer it now, not after this wait
+    if app.client.control.state == "failed":  # refused before it ever registered: no retries
+        print(f"error: {app.client.control.last_error}; not retrying",
+              flush=True)
+    elif not (app.client.connected or stop.is_set()):
+        print(f"not registered yet ({app.client.control.last_error or 'connecting'}); "
+              f"retrying in the background", flush=True)
 
 
 def foreground_login_line(app) -> str:
@@ -221,15 +188,14 @@ def foreground_login_line(app) -> str:
 
 
 def cmd_start(args) -> int:
-    if service.already_running(files(args)):
-        print(refuse_if_running(args, "start"))
-        if args.autostart:  # the one start option that can be applied to a running client
-            install_autostart(args, service.running_worker(files(args)).get("server"))
-        return 0
+    return PROGRAM.start(args, lambda svc: launch(args, svc))
+
+
+def launch(args, svc: service.ServiceFiles) -> dict:
     with config_restored_on_failure(config_file(args)):  # options of a client that did not start are not kept
         app = make_app(args)  # validates the config and saves --server, --client-id, --token, in the user's terminal
-        worker = service.start_background(files(args), MODULE, worker_args(args))
-        print(f"chuantou client {worker.get('clientId')} started (pid {service.supervisor_pid(files(args))}), "
+        worker = PROGRAM.start_background(svc, args)
+        print(f"chuantou client {worker.get('clientId')} started (pid {service.supervisor_pid(svc)}), "
               f"relay {worker.get('server')}")
         print(f"page and API: http://127.0.0.1:{worker.get('adminPort')}/")
         print(f"config: {worker.get('configPath')}")
@@ -237,33 +203,10 @@ def cmd_start(args) -> int:
         try:
             print(registration_outcome(args))
         except RegistrationFailed:  # as frp's client does: a wrong token at the first start is an error
-            service.stop_background(files(args))
+            stop_background(svc)
             raise
         print(login_link_line(args))
-    print(f"log: {files(args).log_file}")
-    if args.autostart:
-        install_autostart(args, app.server_url)
-    return 0
-
-
-def install_autostart(args, server_url: str | None) -> None:
-    boot_args = worker_args(args)
-    if "--server" not in boot_args and server_url:  # at boot $CHUANTOU_SERVER is not set: name the relay used now
-        boot_args += ["--server", server_url]
-    service.install_autostart_or_warn(files(args), MODULE, boot_args)
-
-
-def refuse_if_running(args, command: str) -> str | None:
-    """None if no client runs with this config; else the "already running" line when it uses every
-    option given, or OptionsNotApplied naming those it does not use and how to apply them."""
-    return startcheck.refuse_if_running(
-        files(args), MODULE, getattr(args, "config", None), command, given_options(args),
-        lambda pid, worker: f"chuantou client is already running (pid {pid}, ID {worker.get('clientId')})",
-        RUN_OPTION_DEFAULTS)
-
-
-RUN_OPTION_DEFAULTS = {"--allow": "every port on 127.0.0.1", "--allow-host": "none", "--ca": "the system's CAs",
-                       "--tls-fingerprint": "none", "--token": "none"}
+    return worker
 
 
 class RegistrationFailed(ChuantouError):
@@ -299,27 +242,10 @@ def login_link_line(args) -> str:
         return f"warning: no login link for the page ({exc})"
 
 
-def cmd_stop(args) -> int:
-    return service.stop_command(files(args), args.keep_autostart)
-
-
-def cmd_logs(args) -> int:
-    return service.logs_command(files(args), args.lines, args.follow)
-
-
-def cmd_supervise(args) -> int:
-    worker = [a for a in args.worker_args if a != "--"]
-    return service.supervise(service.files_for_worker("client", worker), MODULE, worker)
-
-
 # --- talking to the running client ----------------------------------------------------------
 
 class NoClientRunning(ChuantouError):
     pass
-
-
-# The API is on 127.0.0.1: never send it through the user's http_proxy.
-LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def secret_file(args, port: int) -> Path:
@@ -454,7 +380,7 @@ def cmd_login_link(args) -> int:
     return 0
 
 
-def format_bytes(n: int) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -465,16 +391,16 @@ def format_bytes(n: int) -> str:
 COMMANDS = {
     None: run_foreground,
     "start": cmd_start,
-    "stop": cmd_stop,
+    "stop": PROGRAM.stop,
     "status": cmd_status,
-    "logs": cmd_logs,
+    "logs": PROGRAM.logs,
     "proxy": cmd_proxy,
     "clients": cmd_clients,
     "login-link": cmd_login_link,
     "forget-key": cmd_forget_key,
-    "_supervise": cmd_supervise,
+    "_supervise": PROGRAM.supervise,
 }
 
 
 def main(argv=None) -> int:
-    return service.run_command(COMMANDS, build_parser().parse_args(argv))
+    return run_command(COMMANDS, build_parser().parse_args(argv))

@@ -7,7 +7,6 @@ session and socket and joins every thread.
 
 from __future__ import annotations
 
-import collections
 import logging
 import secrets
 import threading
@@ -18,7 +17,6 @@ from common import protocol as p
 from common.errors import ChuantouError
 from common.identity import generate as generate_identity
 from common.net import arm_reset, keep_alive
-from common.pipe import Pipe
 from common.threads import ThreadGroup
 from common.tls import client_context, normalize_fingerprint
 
@@ -28,6 +26,7 @@ from .export import ExportPolicy
 from .proxy import Proxy
 from .sealing import SealError, Sealing
 from .selfguard import SelfGuard
+from .sessions import SessionBook, SessionRecord
 from .target import PendingConnects, serve_connect_request
 
 log = logging.getLogger("chuantou.client")
@@ -85,7 +84,7 @@ class Client:
         tls_fingerprint: str | None = None,
         tls_insecure: bool = False,
         data_channel_timeout: float = 30.0,
-        max_pending_connects: int = 64,
+        max_pending_connects: int = 256,
         identity=None,
         known_clients=None,
         allow_from=(),
@@ -129,13 +128,8 @@ class Client:
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
-        self._sessions: dict[str, object] = {}  # session id -> Pipe / UDP flow (abort())
-        self._session_info: dict[str, dict] = {}  # session id -> side, peer, port... (for the admin page)
-        self._done_bytes = [0, 0]  # received, sent: by ended sessions as B and by closed proxies
-        self._closed_reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._session_owners: collections.OrderedDict[str, Proxy] = collections.OrderedDict()
+        self.sessions = SessionBook()  # every session as A and as B, and what is left of ended ones
         self._lock = threading.Lock()
-        self._session_ended = threading.Condition(self._lock)  # a session_closed reason arrived
         self._started = False
         self._stopped = False
 
@@ -186,10 +180,7 @@ class Client:
         for proxy in list(self._proxies):
             proxy.close()
         self.control.stop()
-        with self._lock:
-            sessions = list(self._sessions.values())
-        for session in sessions:
-            session.abort()
+        self.sessions.abort_all()
         self.threads.join_all(timeout=10.0)
 
     @property
@@ -239,67 +230,38 @@ class Client:
             "nextAttemptAt": self.control.next_attempt_at,
             "reconnects": self.control.reconnects,
             "startedAt": self.started_at,
-            "activeSessions": len(self._sessions),
+            "activeSessions": len(self.sessions),
             "exports": self.export.describe(),
             "proxies": [proxy.info() for proxy in self.proxies],
         }
 
     def connections(self) -> list[dict]:
         """Sessions running through this client, as A (from a proxy) and as B (to a local port)."""
-        pipe_ports = {}
-        for proxy in self.proxies:
-            with proxy._lock:
-                pipe_ports.update((id(pipe), proxy.local_port) for pipe in proxy._pipes)
-        with self._lock:
-            items = [(sid, handle, dict(self._session_info.get(sid) or _udp_session_info(handle)))
-                     for sid, handle in self._sessions.items()]
-        out = []
-        for sid, handle, info in items:
-            sent = getattr(handle, "sent", None)  # a Pipe: [a->b, b->a]; UDP flows count per proxy only
-            if sent is not None and info.get("side") == "A":
-                info.update(bytesSent=sent[0], bytesReceived=sent[1], localPort=pipe_ports.get(id(handle)))
-            elif sent is not None:  # B: Pipe(relay, local service)
-                info.update(bytesSent=sent[1], bytesReceived=sent[0])
-            out.append({"id": sid, "shortId": sid[:8], **info})
-        out.sort(key=lambda c: c.get("startedAt") or 0)
+        out = [record.connection_info() for record in self.sessions.records()]
+        out.sort(key=lambda c: c["startedAt"])
         return out
 
     def byte_totals(self) -> tuple[int, int]:
         """(received, sent) through the relay since start: proxies (A) plus sessions as B."""
-        received, sent = self._done_bytes
+        received, sent = self.sessions.byte_totals()
         for proxy in self.proxies:
             received, sent = received + proxy.bytes_received, sent + proxy.bytes_sent
-        for info in self.connections():
-            if info.get("side") == "B":
-                received, sent = received + info.get("bytesReceived", 0), sent + info.get("bytesSent", 0)
         return received, sent
 
     # --- used by proxies and the target side ------------------------------------------------
 
-    def join_session(self, msg, side: str):
-        """Open the data channel for a create_session (side A) or connect_request (side B)."""
-        if side == "A":
-            info = {"side": "A", "peer": msg.peerClientId, "port": msg.service.port, "protocol": msg.service.protocol}
-        else:
-            info = {"side": "B", "peer": msg.fromClientId, "port": msg.remotePort, "protocol": msg.protocol}
-        info["sealed"] = True  # a TCP data channel: proxy.py and target.py seal it once joined
-        with self._lock:
-            self._session_info[msg.sessionId] = {**info, "startedAt": time.time()}
-        joined = False
+    def join_session(self, record: SessionRecord, msg):
+        """Open the data channel of ``record``'s session, as told by a create_session (side A)
+        or a connect_request (side B)."""
         try:
-            sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, side, timeout=self.request_timeout,
-                                     tls=self.tls)
-            joined = True
-            arm_reset(sock)  # should this process die, the relay sees a reset, not an end of stream
-            keep_alive(sock, self.data_channel_timeout)
-            return sock
+            sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, record.side,
+                                     timeout=self.request_timeout, tls=self.tls)
         except JoinError as exc:
-            reason = self._closed_reasons.get(msg.sessionId)
+            reason = self.sessions.close_reason(msg.sessionId)
             raise JoinError(reason or str(exc)) from None
-        finally:
-            if not joined:
-                with self._lock:
-                    self._session_info.pop(msg.sessionId, None)
+        arm_reset(sock)  # should this process die, the relay sees a reset, not an end of stream
+        keep_alive(sock, self.data_channel_timeout)
+        return sock
 
     def seal_as_a(self, sock, proxy, reply):
         """Seal a joined session of ``proxy`` (sealing.py). When B hung up on the handshake, B's
@@ -310,71 +272,41 @@ class Client:
         except SealError as exc:
             if exc.refused_here:
                 raise
-            with self._lock:
-                self._session_ended.wait_for(lambda: reply.sessionId in self._closed_reasons, timeout=2.0)
-                reason = self._closed_reasons.get(reply.sessionId)
+            reason = self.sessions.wait_close_reason(reply.sessionId, timeout=2.0)
             raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
 
     def _settle_sessions(self, why: str) -> None:
         """The control channel ended: the relay closes every session of ours when it drops us, and
         behind a dead link its resets never arrive. Reset our TCP sessions now so no user waits
         on a connection that can never finish (UDP flows open new sessions on their own)."""
-        with self._lock:
-            pipes = [h for h in self._sessions.values() if isinstance(h, Pipe)]
-        if pipes:
-            log.warning("connection to the relay ended (%s): resetting %d session(s) it no longer relays",
-                        why, len(pipes))
-        for pipe in pipes:
-            pipe.abort()
+        count = self.sessions.abort_all(tcp_only=True)
+        if count:
+            log.warning("connection to the relay ended (%s): resetting %d session(s) it no longer relays", why, count)
 
-    def _forget_proxy(self, proxy: Proxy) -> None:
+    def forget_proxy(self, proxy: Proxy) -> None:
+        """A proxy closed: drop it, keeping its bytes in the totals."""
         received, sent = proxy.bytes_received, proxy.bytes_sent
         with self._lock:
-            if proxy in self._proxies:
+            known = proxy in self._proxies
+            if known:
                 self._proxies.remove(proxy)
-                self._done_bytes[0] += received
-                self._done_bytes[1] += sent
-
-    def _track_session(self, session_id: str, handle) -> None:
-        with self._lock:
-            self._sessions[session_id] = handle
-            reason = self._closed_reasons.get(session_id)
-        if reason is not None:  # the relay closed it before we got here
-            handle.abort()
-
-    def note_session_owner(self, session_id: str, proxy) -> None:
-        """Remember which proxy asked for a session, so the relay's reason for closing it (which
-        may come after the connection is gone) reaches that proxy's last failure."""
-        with self._lock:
-            self._session_owners[session_id] = proxy
-            while len(self._session_owners) > 1024:
-                self._session_owners.popitem(last=False)
+        if known:
+            self.sessions.add_bytes(received, sent)
 
     def end_session(self, session_id: str, reason: str) -> None:
         """Tell the relay a session ended here (UDP flows end without a socket closing at the relay)."""
-        with self._lock:
-            known_closed = session_id in self._closed_reasons
-        if known_closed or not self.connected:
+        if self.sessions.close_reason(session_id) is not None or not self.connected:
             return
         try:
             self.control.send(p.SessionClosed(sessionId=session_id, reason=reason))
         except ChuantouError:
             pass  # the relay's own idle expiry will end it
 
-    def _untrack_session(self, session_id: str) -> None:
-        with self._lock:
-            handle = self._sessions.pop(session_id, None)
-            info = self._session_info.pop(session_id, None)
-            sent = getattr(handle, "sent", None)
-            if sent is not None and info is not None and info["side"] == "B":  # A's bytes stay with its proxy
-                self._done_bytes[0] += sent[0]
-                self._done_bytes[1] += sent[1]
-
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""
-        if isinstance(msg, p.ConnectRequest):
+        if isinstance(msg, p.ConnectOffer):
             try:
-                self.threads.spawn(f"target-{(msg.sessionId or '')[:8]}", serve_connect_request, self, msg)
+                self.threads.spawn(f"target-{msg.sessionId[:8]}", serve_connect_request, self, msg)
             except RuntimeError:
                 log.warning("cannot start a thread for a session from %s", msg.fromClientId)
         elif isinstance(msg, p.SessionClosed):
@@ -386,13 +318,7 @@ class Client:
             log.warning("relay reported: %s", msg.message)
 
     def _session_closed(self, msg: p.SessionClosed) -> None:
-        with self._lock:
-            self._closed_reasons[msg.sessionId] = msg.reason
-            while len(self._closed_reasons) > 256:
-                self._closed_reasons.popitem(last=False)
-            self._session_ended.notify_all()
-            handle = self._sessions.get(msg.sessionId)
-            owner = self._session_owners.pop(msg.sessionId, None)
+        handle, owner = self.sessions.closed(msg.sessionId, msg.reason)
         if p.is_normal_end(msg.reason):  # e.g. a UDP flow that went idle: nothing to act on
             log.debug("session %s... ended: %s", msg.sessionId[:8], msg.reason)
         else:
@@ -402,14 +328,3 @@ class Client:
         if handle is not None:
             handle.abort()
 
-
-def _udp_session_info(handle) -> dict:
-    """What a UDP flow (tracked without join_session) is: a gateway flow on A or a target flow on B."""
-    proxy = getattr(getattr(handle, "gateway", None), "proxy", None)
-    if proxy is not None:
-        return {"side": "A", "peer": proxy.target_client_id, "port": proxy.target_port, "protocol": "udp",
-                "localPort": proxy.local_port}
-    msg = getattr(handle, "msg", None)
-    if msg is not None:
-        return {"side": "B", "peer": msg.fromClientId, "port": msg.remotePort, "protocol": "udp"}
-    return {"side": "?", "peer": None, "port": None, "protocol": None}

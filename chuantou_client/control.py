@@ -24,7 +24,7 @@ import time
 
 import websocket
 
-from common import auth, tls
+from common import handshake, tls
 from common import protocol as p
 from common.errors import ChuantouError, NotConnectedError, RequestError
 
@@ -170,21 +170,14 @@ class ControlChannel:
         try:
             if self._tls is not None:
                 tls.check_pin(ws.sock.getpeercert(binary_form=True), self._tls.fingerprint)
-            challenge = self._receive_message(ws)
-            if not isinstance(challenge, p.Challenge):
-                raise RegistrationRefused("the relay did not open with a challenge; is it a chuantou relay "
-                                          "of the same version?")
-            proof = auth.register_proof(self._token, challenge.nonce, self.client_id) if self._token else None
-            ws.send(p.encode(p.Register(clientId=self.client_id, protocolVersion=p.PROTOCOL_VERSION, auth=proof,
-                                        takeover=None if self._takeover else False, publicKey=self.public_key)))
-            while True:
-                reply = self._receive_message(ws)
-                if isinstance(reply, p.RegisterResponse):
-                    break
-                if isinstance(reply, p.Error):
-                    raise RegistrationRefused(reply.message)
-            if not reply.success:
-                raise RegistrationRefused(reply.error or "registration refused", reply.code)
+            try:
+                ws.send(p.encode(handshake.register_for(self._receive_message(ws), self.client_id, self._token,
+                                                        self._takeover, self.public_key)))
+                reply = None
+                while reply is None:
+                    reply = handshake.registration_result(self._receive_message(ws))
+            except handshake.Refused as exc:
+                raise RegistrationRefused(str(exc), exc.code) from None
             ws.settimeout(None)  # the reader blocks; stop() and the heartbeat watchdog abort it
         except BaseException:
             ws.abort()
@@ -199,7 +192,7 @@ class ControlChannel:
         opcode, data = ws.recv_data()
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             raise ConnectionError("relay closed the connection during registration")
-        return p.decode(data)
+        return p.decode(data, sender="relay")
 
     def _serve(self, ws: websocket.WebSocket) -> str:
         """Read until the connection ends; returns why it ended."""
@@ -227,7 +220,7 @@ class ControlChannel:
                 if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
                     continue
                 try:
-                    msg = p.decode(data)
+                    msg = p.decode(data, sender="relay")
                 except p.ProtocolError as exc:
                     log.warning("ignoring a bad message from the relay: %s", exc)
                     continue

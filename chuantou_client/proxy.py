@@ -112,7 +112,7 @@ class Proxy:
         for pipe in pipes:
             pipe.abort()
         self.threads.join_all(timeout=5.0)
-        self.client._forget_proxy(self)
+        self.client.forget_proxy(self)
         log.info("proxy closed: %s", self.description)
 
     def __enter__(self) -> "Proxy":
@@ -195,28 +195,37 @@ class Proxy:
                 self.connect_request("tcp"),
                 timeout=self.client.request_timeout,
             )
-            self.client.note_session_owner(reply.sessionId, self)
-            relay = self.client.join_session(reply, "A")
-            relay = self.client.seal_as_a(relay, self, reply)
         except ChuantouError as exc:
-            log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)
-            self.record_failure(str(exc))
-            reset_connection(user)  # the session never started: the user must not see a clean end
+            self._connection_failed(user, addr, exc)
             return
-        pipe = Pipe(user, relay, on_done=self._connection_done)
-        with self._lock:
-            if self._closed.is_set():
-                pipe.abort()
-            self._pipes.add(pipe)
-        self.client._track_session(reply.sessionId, pipe)
-        try:
+        with self.client.sessions.track(reply.sessionId, "A", **self.session_facts("tcp")) as record:
+            try:
+                relay = self.client.join_session(record, reply)
+                relay = self.client.seal_as_a(relay, self, reply)
+            except ChuantouError as exc:
+                self._connection_failed(user, addr, exc)
+                return
+            pipe = Pipe(user, relay, on_done=self._connection_done)
+            with self._lock:
+                if self._closed.is_set():
+                    pipe.abort()
+                self._pipes.add(pipe)
+            self.client.sessions.attach(record, pipe)
             pipe.run(self.threads, f"a-{reply.sessionId[:8]}")
-        finally:
-            self.client._untrack_session(reply.sessionId)
+
+    def _connection_failed(self, user: socket.socket, addr: tuple, exc: ChuantouError) -> None:
+        log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)
+        self.record_failure(str(exc))
+        reset_connection(user)  # the session never started: the user must not see a clean end
 
     def connect_request(self, protocol: str) -> p.ConnectRequest:
         return p.ConnectRequest(toClientId=self.target_client_id, remotePort=self.target_port,
                                 remoteHost=self.target_host, protocol=protocol, localPort=self.local_port)
+
+    def session_facts(self, protocol: str) -> dict:
+        """What the session book records of a session this proxy asked for (side A)."""
+        return {"peer": self.target_client_id, "port": self.target_port, "protocol": protocol,
+                "local_port": self.local_port, "owner": self}
 
     def _connection_done(self, pipe: Pipe) -> None:
         with self._lock:

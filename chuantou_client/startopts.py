@@ -55,3 +55,7 @@ def running_options(app, log_level: str, token: str | None) -> dict:
         "--tls-insecure": bool(settings["tlsInsecure"]),
         "--allow-from": sorted(settings["allowFrom"]),
     }
+
+
+RUN_OPTION_DEFAULTS = {"--allow": "every port on 127.0.0.1", "--allow-host": "none", "--ca": "the system's CAs",
+                       "--tls-fingerprint": "none", "--token": "none", "--allow-from": "any peer that passes its pin"}

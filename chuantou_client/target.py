@@ -76,16 +76,13 @@ class SetupSlot:
         self.release()
 
 
-def target_label(msg: p.ConnectRequest) -> str:
+def target_label(msg: p.ConnectOffer) -> str:
     """The target as the requester named it (B's default host is not the requester's business)."""
     return f"{msg.remoteHost}:{msg.remotePort}" if msg.remoteHost else f"port {msg.remotePort}"
 
 
-def serve_connect_request(client, msg: p.ConnectRequest) -> None:
-    if msg.sessionId is None or msg.secret is None or msg.relayAddr is None:
-        log.warning("ignoring a connect_request without session fields")
-        return
-    slot = client.pending_connects.enter(msg.fromClientId or "?")
+def serve_connect_request(client, msg: p.ConnectOffer) -> None:
+    slot = client.pending_connects.enter(msg.fromClientId)
     if slot is None:
         _reject(client, msg, "the target client is busy setting up other sessions; try again shortly")
         return
@@ -93,7 +90,7 @@ def serve_connect_request(client, msg: p.ConnectRequest) -> None:
         _serve(client, msg, slot)
 
 
-def _serve(client, msg: p.ConnectRequest, slot: "SetupSlot") -> None:
+def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
     service = (msg.remoteHost or client.target_host, msg.remotePort)
     refusal = client.export.refusal(*service)
     if refusal is not None:
@@ -108,36 +105,36 @@ def _serve(client, msg: p.ConnectRequest, slot: "SetupSlot") -> None:
     if msg.protocol == "udp":
         slot.release()  # nothing slow to set up: no connection to the service
         flow = UdpTarget(client, msg, service)
-        client._track_session(msg.sessionId, flow)
-        try:
+        with client.sessions.track(msg.sessionId, "B", handle=flow, **_session_facts(msg)):
             flow.run()
-        finally:
-            client._untrack_session(msg.sessionId)
         return
     local = _connect_service(client, msg, service)
     if local is None:
         return
     tune_tcp(local)
     local.settimeout(None)
-    try:
-        relay = client.join_session(msg, "B")
-        relay = client.sealing.seal_b(relay, msg.fromClientId or "?", msg.sessionId, msg.peerPublicKey,
-                                      on_failure=lambda error: _reject(client, msg, error.peer_reason))
-    except ChuantouError as exc:
-        log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
-        reset_connection(local)
-        return
-    slot.release()  # joined: from here on the session counts against the relay's caps, not this one
-    _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
-    pipe = Pipe(relay, local)
-    client._track_session(msg.sessionId, pipe)
-    try:
+    with client.sessions.track(msg.sessionId, "B", **_session_facts(msg)) as record:
+        try:
+            relay = client.join_session(record, msg)
+            relay = client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
+                                          on_failure=lambda error: _reject(client, msg, error.peer_reason))
+        except ChuantouError as exc:
+            log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
+            reset_connection(local)
+            return
+        slot.release()  # joined: from here on the session counts against the relay's caps, not this one
+        _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
+        pipe = Pipe(relay, local)
+        client.sessions.attach(record, pipe)
         pipe.run(client.threads, f"b-{msg.sessionId[:8]}")
-    finally:
-        client._untrack_session(msg.sessionId)
 
 
-def _connect_service(client, msg: p.ConnectRequest, service: tuple) -> socket.socket | None:
+def _session_facts(msg: p.ConnectOffer) -> dict:
+    """What the session book records of a session another client asked for (side B)."""
+    return {"peer": msg.fromClientId, "port": msg.remotePort, "protocol": msg.protocol}
+
+
+def _connect_service(client, msg: p.ConnectOffer, service: tuple) -> socket.socket | None:
     """A connection to the service at an address that was checked against this client's own
     sockets, or None (and the session rejected)."""
     try:
@@ -161,13 +158,13 @@ def _connect_service(client, msg: p.ConnectRequest, service: tuple) -> socket.so
     return _unreachable(client, msg, service, f"cannot connect: {error.strerror or error}")
 
 
-def _unreachable(client, msg: p.ConnectRequest, service: tuple, detail: str) -> None:
+def _unreachable(client, msg: p.ConnectOffer, service: tuple, detail: str) -> None:
     log.info("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], detail)
     _reject(client, msg, f"the target client cannot reach {target_label(msg)} (details in its log)")
     return None
 
 
-def _reject(client, msg: p.ConnectRequest, reason: str) -> None:
+def _reject(client, msg: p.ConnectOffer, reason: str) -> None:
     _send_quietly(client, p.RejectSession(sessionId=msg.sessionId, reason=reason))
 
 

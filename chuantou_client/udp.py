@@ -144,20 +144,8 @@ class UdpFlow:
                 timeout=client.request_timeout,
             )
             session_id = reply.sessionId
-            client.note_session_owner(session_id, proxy)
-            client._track_session(session_id, self)
-            family, self.relay = resolve_udp(reply.relayAddr)
-            self.sock = socket.socket(family, socket.SOCK_DGRAM)
-            enlarge_udp_buffers(self.sock)
-            if self._closed.is_set():
-                return
-            registrar = register_udp(self.sock, self.relay, reply.sessionId, reply.secret, "A")
-            with self._lock:
-                for data in self._early:
-                    self.sock.sendto(data, self.relay)
-                self._early.clear()
-                self.ready = True
-            self._pump_replies(registrar, client.udp_idle_timeout)
+            with client.sessions.track(session_id, "A", handle=self, **proxy.session_facts("udp")):
+                self._serve(reply)
         except SessionGone as exc:
             log.info("proxy %s: UDP flow from %s:%s ended: %s", proxy.description, self.user[0], self.user[1], exc)
         except (ChuantouError, OSError) as exc:
@@ -171,8 +159,22 @@ class UdpFlow:
             self.close()
             self.gateway._forget(self)
             if session_id:
-                client._untrack_session(session_id)
                 client.end_session(session_id, end)
+
+    def _serve(self, reply) -> None:
+        """Register with the relay, send what came early, then relay replies until idle."""
+        family, self.relay = resolve_udp(reply.relayAddr)
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        enlarge_udp_buffers(self.sock)
+        if self._closed.is_set():
+            return
+        registrar = register_udp(self.sock, self.relay, reply.sessionId, reply.secret, "A")
+        with self._lock:
+            for data in self._early:
+                self.sock.sendto(data, self.relay)
+            self._early.clear()
+            self.ready = True
+        self._pump_replies(registrar, self.gateway.proxy.client.udp_idle_timeout)
 
     def _pump_replies(self, registrar, idle_timeout: float) -> None:
         keepalive = self.gateway.proxy.client.udp_keepalive
@@ -207,7 +209,7 @@ class UdpTarget:
     The socket has the relay's family when the service's is the same, else it is a dual-stack
     IPv6 socket that reaches both (IPv4 addresses as ::ffff:a.b.c.d)."""
 
-    def __init__(self, client, msg: p.ConnectRequest, service: tuple):
+    def __init__(self, client, msg: p.ConnectOffer, service: tuple):
         self.client = client
         self.msg = msg
         self.service = service

@@ -113,7 +113,7 @@ class ControlConnection:
 
     def handle_frame(self, frame) -> None:
         try:
-            msg = p.decode(frame)
+            msg = p.decode(frame, sender="client")
         except p.ProtocolError as exc:
             self.send(p.Error(message=f"bad message: {exc}", code="bad_message"))
             return
@@ -181,7 +181,7 @@ class ControlConnection:
         if refused is not None:
             return refuse("limit", refused)
         session = self.server.sessions.create(self.client_id, msg.toClientId, msg.remotePort, msg.protocol)
-        told_target = target.send(p.ConnectRequest(
+        told_target = target.send(p.ConnectOffer(
             toClientId=msg.toClientId,
             remotePort=msg.remotePort,
             remoteHost=msg.remoteHost,

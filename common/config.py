@@ -4,6 +4,9 @@ A config file is a JSON object. Each program declares its keys as ``Key`` entrie
 check, default) in one place; loading rejects unknown keys and bad values with the file,
 the key and what was expected (never the value of a secret key). Files are written atomically with mode 0600, since they may
 hold secrets.
+
+It is application shell rather than wire format, and lives in ``common`` because both programs
+read and write their config files through it and the layout has no other shared package.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class Key:
     check: Callable[[Any], bool] | None = None
     required: bool = False
     secret: bool = False  # a token or password: never printed, not even in an error
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level and "logLevel" of both programs
+LOG_LEVEL = Key(str, f"one of {', '.join(LOG_LEVELS)}", "info", lambda v: v in LOG_LEVELS)
 
 
 def shown(value, key: Key) -> str:

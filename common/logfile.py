@@ -4,6 +4,9 @@ The supervisor copies its worker's output (log lines, and a traceback if it cras
 ``<name>.log``; past ``max_bytes`` that file becomes ``<name>.log.1``, the older ones move up
 to ``.log.<backups>`` and the oldest is dropped, so a relay that runs for months keeps a
 bounded, recent log.
+
+This is application shell rather than wire format; it lives in ``common`` because both programs'
+supervisors write their logs through it and the layout has no other shared package.
 """
 
 from __future__ import annotations

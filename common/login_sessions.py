@@ -5,6 +5,9 @@ session ID (the cookie's value). It expires after ``idle`` seconds without use a
 ``lifetime`` seconds after the login, whichever comes first; logout revokes it; at most
 ``max_sessions`` live at once (a login beyond that ends the least recently used one). Only a
 hash of each ID is kept, so a dump of this table does not log anyone in.
+
+This is application shell rather than wire format; it lives in ``common`` because both programs'
+pages use it and the layout has no other shared package.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Each page's own files live in its package's ``static/`` folder; the shared look and helpers in
 ``common/static/``. Only plain names of those kinds are served, so no path leaves the folders.
+
+This and ``common/static/`` are application shell rather than wire format; they live in ``common``
+because both programs' pages use them and the layout has no other shared package.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Control-channel messages: plain data, encode/decode and validation, no I/O.
 
 Every message travels as one JSON text frame ``{"type": ..., "payload": {...}}`` with the
-design's type names and camelCase field names. Each type is a frozen dataclass registered
-in ``MESSAGE_TYPES``; ``decode`` turns untrusted text into one of them or raises a single
-``ProtocolError`` that the receiver answers with an ``error`` message.
+design's type names and camelCase field names. Each type is a frozen dataclass subclass of
+``Message``, registered by its wire name and sender; ``decode`` turns untrusted text into one
+of them or raises a single ``ProtocolError`` that the receiver answers with an ``error``
+message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .logsafe import escape_controls
 
@@ -35,19 +37,42 @@ class ProtocolError(ValueError):
     """A frame that is not a valid message; the text says what is wrong."""
 
 
-MESSAGE_TYPES: dict[str, type] = {}
+class Message:
+    """Base of every control message: a frozen dataclass whose wire name is ``TYPE``.
+
+    Subclasses name themselves with ``class Register(Message, wire="register")``; ``sent_by``
+    says which side sends it ("client", "relay" or "both"), so that one wire name may mean
+    two shapes: ``connect_request`` from A is a ``ConnectRequest``, from the relay to B a
+    ``ConnectOffer`` with the session fields filled in."""
+
+    TYPE: ClassVar[str]
+    SENT_BY: ClassVar[str]
+
+    def __init_subclass__(cls, wire: str = "", sent_by: str = "both", **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not wire:
+            raise TypeError(f"message class {cls.__name__} needs a wire name")
+        cls.TYPE, cls.SENT_BY = wire, sent_by
+        for sender in (("client", "relay") if sent_by == "both" else (sent_by,)):
+            registry = _BY_SENDER[sender]
+            if wire in registry:
+                raise TypeError(f"two messages named {wire!r} sent by the {sender}")
+            registry[wire] = cls
 
 
-def message(type_name: str):
-    """Register a dataclass as the message with wire name ``type_name``."""
+_BY_SENDER: dict[str, dict[str, type[Message]]] = {"client": {}, "relay": {}}
+CLIENT_MESSAGES = _BY_SENDER["client"]  # what the relay may receive
+RELAY_MESSAGES = _BY_SENDER["relay"]  # what a client may receive
 
-    def register(cls):
-        cls = dataclass(frozen=True)(cls)
-        cls.TYPE = type_name
-        MESSAGE_TYPES[type_name] = cls
-        return cls
 
-    return register
+def message_types() -> dict[str, list[type[Message]]]:
+    """Every wire name with the classes it may decode to."""
+    names: dict[str, list[type[Message]]] = {}
+    for registry in _BY_SENDER.values():
+        for wire, cls in registry.items():
+            if cls not in names.setdefault(wire, []):
+                names[wire].append(cls)
+    return names
 
 
 def valid_port(value: int) -> bool:
@@ -95,8 +120,8 @@ class Service:
 
 # --- messages --------------------------------------------------------------------------------
 
-@message("challenge")
-class Challenge:
+@dataclass(frozen=True)
+class Challenge(Message, wire="challenge", sent_by="relay"):
     """First message of the relay on a new control channel: prove the token over ``nonce``."""
 
     nonce: str
@@ -104,8 +129,8 @@ class Challenge:
     protocolVersion: int = PROTOCOL_VERSION
 
 
-@message("register")
-class Register:
+@dataclass(frozen=True)
+class Register(Message, wire="register", sent_by="client"):
     clientId: str
     protocolVersion: int
     auth: str | None = None  # common.auth.register_proof(token, nonce, clientId)
@@ -123,8 +148,8 @@ class Register:
         _check_public_key(self.publicKey, "publicKey")
 
 
-@message("register_response")
-class RegisterResponse:
+@dataclass(frozen=True)
+class RegisterResponse(Message, wire="register_response", sent_by="relay"):
     success: bool
     assignedId: str | None = None
     existingKicked: bool = False
@@ -133,20 +158,20 @@ class RegisterResponse:
     code: str | None = None  # why a registration failed: ID_IN_USE, ID_TAKEN, or None for any other reason
 
 
-@message("get_client_list")
-class GetClientList:
+@dataclass(frozen=True)
+class GetClientList(Message, wire="get_client_list", sent_by="client"):
     requestId: str | None = None
 
 
-@message("client_list")
-class ClientList:
+@dataclass(frozen=True)
+class ClientList(Message, wire="client_list", sent_by="relay"):
     clients: list[ClientInfo]
     requestId: str | None = None
 
 
-@message("connect_request")
-class ConnectRequest:
-    """A asks the relay for a session; the relay forwards it to B with the session fields set."""
+@dataclass(frozen=True)
+class ConnectRequest(Message, wire="connect_request", sent_by="client"):
+    """A asks the relay for a session to ``remotePort`` on client ``toClientId``."""
 
     toClientId: str
     remotePort: int
@@ -154,24 +179,44 @@ class ConnectRequest:
     requestId: str | None = None
     protocol: str = "tcp"
     localPort: int | None = None
-    fromClientId: str | None = None
-    sessionId: str | None = None
-    secret: str | None = None
-    relayAddr: RelayAddr | None = None
+
+    def check(self) -> None:
+        _check_target(self.remotePort, self.protocol, self.remoteHost)
+        if self.localPort is not None:
+            _require(valid_port(self.localPort), f"localPort {self.localPort} is outside 1-65535")
+
+
+@dataclass(frozen=True)
+class ConnectOffer(Message, wire="connect_request", sent_by="relay"):
+    """The relay offers B a session that ``fromClientId`` asked for: B connects to its service
+    and joins at ``relayAddr`` with ``secret`` (B's own, not A's)."""
+
+    fromClientId: str
+    sessionId: str
+    secret: str
+    relayAddr: RelayAddr
+    remotePort: int
+    remoteHost: str | None = None
+    protocol: str = "tcp"
+    toClientId: str | None = None  # B's own ID, as A named it
+    localPort: int | None = None  # the port of A's proxy, for B's page
+    requestId: str | None = None
     peerPublicKey: str | None = None  # the requester's key as it registered it (a hint for B)
 
     def check(self) -> None:
+        _check_target(self.remotePort, self.protocol, self.remoteHost)
         _check_public_key(self.peerPublicKey, "peerPublicKey")
-        _require(valid_port(self.remotePort), f"remotePort {self.remotePort} is outside 1-65535")
-        _require(self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}")
-        if self.localPort is not None:
-            _require(valid_port(self.localPort), f"localPort {self.localPort} is outside 1-65535")
-        if self.remoteHost is not None:
-            _require(bool(HOST_PATTERN.match(self.remoteHost)), "remoteHost must be a host name or IP address")
 
 
-@message("create_session")
-class CreateSession:
+def _check_target(port: int, protocol: str, host: str | None) -> None:
+    _require(valid_port(port), f"remotePort {port} is outside 1-65535")
+    _require(protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}")
+    if host is not None:
+        _require(bool(HOST_PATTERN.match(host)), "remoteHost must be a host name or IP address")
+
+
+@dataclass(frozen=True)
+class CreateSession(Message, wire="create_session", sent_by="relay"):
     sessionId: str
     peerClientId: str
     secret: str
@@ -184,29 +229,29 @@ class CreateSession:
         _check_public_key(self.peerPublicKey, "peerPublicKey")
 
 
-@message("accept_session")
-class AcceptSession:
+@dataclass(frozen=True)
+class AcceptSession(Message, wire="accept_session", sent_by="client"):
     sessionId: str
 
 
-@message("reject_session")
-class RejectSession:
+@dataclass(frozen=True)
+class RejectSession(Message, wire="reject_session", sent_by="client"):
     sessionId: str
     reason: str | None = None
 
 
-@message("heartbeat")
-class Heartbeat:
+@dataclass(frozen=True)
+class Heartbeat(Message, wire="heartbeat"):
     timestamp: float
 
 
-@message("unregister")
-class Unregister:
+@dataclass(frozen=True)
+class Unregister(Message, wire="unregister", sent_by="client"):
     pass
 
 
-@message("session_closed")
-class SessionClosed:
+@dataclass(frozen=True)
+class SessionClosed(Message, wire="session_closed"):
     sessionId: str
     reason: str = ""
 
@@ -219,8 +264,8 @@ def is_normal_end(reason: str) -> bool:
     return reason == "" or reason.startswith(NORMAL_END)
 
 
-@message("error")
-class Error:
+@dataclass(frozen=True)
+class Error(Message, wire="error"):
     message: str
     code: str = "error"
     requestId: str | None = None
@@ -228,7 +273,7 @@ class Error:
 
 # --- encode / decode -------------------------------------------------------------------------
 
-def encode(msg) -> str:
+def encode(msg: Message) -> str:
     """Serialise a message to its JSON text frame, leaving out optional fields that are None."""
     return json.dumps({"type": msg.TYPE, "payload": _to_plain(msg)}, separators=(",", ":"))
 
@@ -245,8 +290,12 @@ def _to_plain(value):
     return value
 
 
-def decode(text: str | bytes):
-    """Parse one frame into a message object, or raise ProtocolError naming the problem."""
+def decode(text: str | bytes, sender: str | None = None) -> Message:
+    """Parse one frame into a message object, or raise ProtocolError naming the problem.
+
+    ``sender`` ("client" or "relay") is who sent the frame, which picks the shape of a wire
+    name both use (``connect_request``) and refuses what that side never sends; without it a
+    name the client sends wins."""
     if isinstance(text, (bytes, bytearray)):
         _require(len(text) <= MAX_MESSAGE_BYTES, f"message of {len(text)} bytes exceeds {MAX_MESSAGE_BYTES}")
         try:
@@ -262,12 +311,22 @@ def decode(text: str | bytes):
     _require(isinstance(frame, dict), "message must be a JSON object with 'type' and 'payload'")
     type_name = frame.get("type")
     _require(isinstance(type_name, str), "message has no string 'type'")
-    cls = MESSAGE_TYPES.get(type_name)
-    _require(cls is not None, f"unknown message type {type_name[:40]!r}")
+    cls = _message_class(type_name, sender)
     payload = frame.get("payload", {})
     if payload is None:
         payload = {}
     return _build(cls, payload, type_name)
+
+
+def _message_class(type_name: str, sender: str | None) -> type[Message]:
+    if sender is not None:
+        cls = _BY_SENDER[sender].get(type_name)
+        if cls is None and any(type_name in r for r in _BY_SENDER.values()):
+            raise ProtocolError(f"'{type_name}' is not a message a {sender} sends")
+    else:
+        cls = CLIENT_MESSAGES.get(type_name) or RELAY_MESSAGES.get(type_name)
+    _require(cls is not None, f"unknown message type {type_name[:40]!r}")
+    return cls
 
 
 _HINTS: dict[type, dict] = {}

@@ -6,6 +6,9 @@ apply it. Each program says what its options are.
 Options are kept as ``{"--flag": canonical value}``: the same canonical form on both sides, so
 ``22, 3000-3999`` equals ``22,3000-3999`` and a relative ``--ca`` equals its absolute path.
 Secrets (``--token``) are compared by fingerprint and never shown.
+
+This is application shell rather than wire format; it lives in ``common`` because both programs'
+``start`` commands use it and the layout has no other shared package.
 """
 
 from __future__ import annotations

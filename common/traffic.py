@@ -1,6 +1,9 @@
 """Traffic history for the admin pages: byte totals sampled once a second into a ring buffer.
 
 The sampler reads counters the byte pumps already keep; it adds no work to the pumps.
+
+This is application shell rather than wire format; it lives in ``common`` because both programs'
+pages use it and the layout has no other shared package.
 """
 
 from __future__ import annotations

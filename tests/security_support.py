@@ -63,7 +63,7 @@ class ControlPeer:
         self.ws.settimeout(timeout)
         opcode, data = self.ws.recv_data()
         assert opcode == websocket.ABNF.OPCODE_TEXT, f"expected a text frame, got opcode {opcode} {data[:60]!r}"
-        return p.decode(data)
+        return p.decode(data, sender="relay")
 
     def recv_until(self, kind, timeout: float = 5.0):
         """The next message of type ``kind``, skipping others (heartbeats, forwarded requests)."""

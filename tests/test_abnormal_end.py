@@ -232,5 +232,5 @@ def test_a_reset_by_the_user_reaches_the_service_as_a_reset_and_a_fin_as_a_fin(c
 
 
 def _wait_for_b_session(client_b) -> None:
-    wait_until(lambda: any(True for _ in client_b._sessions), timeout=10,
+    wait_until(lambda: len(client_b.sessions) > 0, timeout=10,
                message="client B never joined the session")

@@ -25,7 +25,7 @@ from cli_support import (  # noqa: F401 (cli is a fixture)
     free_tcp_udp_port,
     one_line,
 )
-from common import config, service
+from common import autostart, config, service
 
 ARGS = ["--host", "0.0.0.0", "--port", "8300", "--config", "/srv/my relay/server.json"]
 
@@ -53,7 +53,7 @@ def start_command(module: str, args: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("module", ["chuantou_server", "chuantou_client"])
 def test_systemd_unit_runs_start_with_the_same_options(files, module):
-    text = service.systemd_unit_text(files, module, ARGS)
+    text = autostart.systemd_unit_text(files, module, ARGS)
     lines = text.splitlines()
     exec_start = [line for line in lines if line.startswith("ExecStart=")]
     assert len(exec_start) == 1
@@ -67,7 +67,7 @@ def test_systemd_unit_runs_start_with_the_same_options(files, module):
 
 @pytest.mark.parametrize("module", ["chuantou_server", "chuantou_client"])
 def test_crontab_line_runs_start_at_reboot_and_is_marked(files, module):
-    line = service.crontab_line(files, module, ARGS)
+    line = autostart.crontab_line(files, module, ARGS)
     assert line.endswith(f"  # chuantou-{files.name}\n") and line.count("\n") == 1
     assert line.startswith("@reboot ")
     command = line[len("@reboot "):].rsplit("  #", 1)[0]
@@ -76,7 +76,7 @@ def test_crontab_line_runs_start_at_reboot_and_is_marked(files, module):
 
 
 def test_crontab_line_escapes_percent_which_cron_reads_as_a_newline(files):
-    line = service.crontab_line(files, "chuantou_client", ["--config", "/home/u/50%/client.json"])
+    line = autostart.crontab_line(files, "chuantou_client", ["--config", "/home/u/50%/client.json"])
     assert "50\\%" in line and "50%/" not in line.replace("\\%", "")
 
 
@@ -84,10 +84,10 @@ def test_the_installed_command_has_the_start_options_an_absolute_config_and_no_t
     monkeypatch.chdir(tmp_path)
     args = server_cli.build_parser().parse_args(
         ["start", "--port", "8300", "--config", "relay.json", "--token", TOKEN, "--autostart"])
-    assert server_cli.worker_args(args) == ["--port", "8300", "--config", str(tmp_path / "relay.json")]
+    assert server_cli.PROGRAM.worker_args(args) == ["--port", "8300", "--config", str(tmp_path / "relay.json")]
     args = client_cli.build_parser().parse_args(
         ["start", "--server", "ws://relay:8200", "--admin-port", "8301", "--config", "c.json", "--token", TOKEN])
-    assert client_cli.worker_args(args) == ["--server", "ws://relay:8200", "--admin-port", "8301",
+    assert client_cli.PROGRAM.worker_args(args) == ["--server", "ws://relay:8200", "--admin-port", "8301",
                                             "--config", str(tmp_path / "c.json")]
 
 
@@ -95,18 +95,18 @@ def test_the_installed_command_has_the_start_options_an_absolute_config_and_no_t
 
 def test_without_systemd_or_crontab_install_says_it_is_not_supported(files, private_path):
     with pytest.raises(config.ConfigError, match="autostart is not supported here") as raised:
-        service.install_autostart(files, "chuantou_server", ARGS)
+        autostart.install_autostart(files, "chuantou_server", ARGS)
     assert f"{sys.executable} -m chuantou_server start" in str(raised.value)
-    assert service.remove_autostart(files) is None
+    assert autostart.remove_autostart(files) is None
 
 
 def test_offline_user_systemd_falls_back_to_crontab(files, private_path, tmp_path):
     table = tmp_path / "crontab.txt"
     fake_systemctl(private_path, tmp_path / "systemctl.log", state="offline")
     fake_crontab(private_path, table)
-    assert "crontab" in service.install_autostart(files, "chuantou_server", ARGS)
-    assert not service.systemd_unit_path(files).exists()
-    assert service.remove_autostart(files) == "removed the @reboot line from your crontab"
+    assert "crontab" in autostart.install_autostart(files, "chuantou_server", ARGS)
+    assert not autostart.systemd_unit_path(files).exists()
+    assert autostart.remove_autostart(files) == "removed the @reboot line from your crontab"
     assert table.read_text() == ""
 
 
@@ -116,31 +116,31 @@ def test_crontab_install_replaces_its_own_line_keeps_others_and_is_removed(files
     others = "MAILTO=me@example.com\n0 3 * * * /usr/local/bin/backup\n"
     table.write_text(others)
 
-    said = service.install_autostart(files, "chuantou_server", ARGS)
+    said = autostart.install_autostart(files, "chuantou_server", ARGS)
     assert said.startswith("autostart: added to your crontab: @reboot")
-    service.install_autostart(files, "chuantou_server", ARGS)  # again: still one line
-    assert table.read_text() == others + service.crontab_line(files, "chuantou_server", ARGS)
+    autostart.install_autostart(files, "chuantou_server", ARGS)  # again: still one line
+    assert table.read_text() == others + autostart.crontab_line(files, "chuantou_server", ARGS)
     client_files = service.ServiceFiles("client", files.state_dir, files.log_dir)
-    service.install_autostart(client_files, "chuantou_client", ["--admin-port", "8301"])
+    autostart.install_autostart(client_files, "chuantou_client", ["--admin-port", "8301"])
 
-    assert service.remove_autostart(files) == "removed the @reboot line from your crontab"
-    assert table.read_text() == others + service.crontab_line(client_files, "chuantou_client", ["--admin-port", "8301"])
-    assert service.remove_autostart(files) is None
-    service.remove_autostart(client_files)
+    assert autostart.remove_autostart(files) == "removed the @reboot line from your crontab"
+    assert table.read_text() == others + autostart.crontab_line(client_files, "chuantou_client", ["--admin-port", "8301"])
+    assert autostart.remove_autostart(files) is None
+    autostart.remove_autostart(client_files)
     assert table.read_text() == others
 
 
 def test_systemd_install_writes_and_enables_the_unit_and_remove_disables_it(files, private_path, tmp_path):
     calls = tmp_path / "systemctl.log"
     fake_systemctl(private_path, calls)
-    said = service.install_autostart(files, "chuantou_server", ARGS)
+    said = autostart.install_autostart(files, "chuantou_server", ARGS)
     unit = tmp_path / "config" / "systemd" / "user" / "chuantou-server.service"
-    assert unit.read_text() == service.systemd_unit_text(files, "chuantou_server", ARGS)
+    assert unit.read_text() == autostart.systemd_unit_text(files, "chuantou_server", ARGS)
     assert f"systemd user unit {unit} enabled" in said and "loginctl enable-linger" in said
     assert calls.read_text().splitlines() == [
         "--user is-system-running", "--user daemon-reload", "--user enable chuantou-server.service"]
 
-    assert service.remove_autostart(files) == f"removed systemd user unit {unit}"
+    assert autostart.remove_autostart(files) == f"removed systemd user unit {unit}"
     assert not unit.exists()
     assert calls.read_text().splitlines()[-1] == "--user disable chuantou-server.service"
 
@@ -162,15 +162,15 @@ def test_real_user_systemd_unit_is_enabled_then_removed(tmp_path, monkeypatch):
     # The user's own systemd reads units from the real ~/.config: a unit name of our own, removed after.
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     files = service.ServiceFiles(f"server-clitest-{uuid.uuid4().hex[:8]}", tmp_path / "state", tmp_path / "log")
-    unit = service.unit_name(files)
+    unit = autostart.unit_name(files)
     try:
-        service.install_autostart(files, "chuantou_server", ["--port", str(free_port())])
+        autostart.install_autostart(files, "chuantou_server", ["--port", str(free_port())])
         enabled = subprocess.run(["systemctl", "--user", "is-enabled", unit], capture_output=True, text=True)
         assert enabled.stdout.strip() == "enabled"
     finally:
-        service.remove_autostart(files)
+        autostart.remove_autostart(files)
         subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True, timeout=15)
-    assert not service.systemd_unit_path(files).exists()
+    assert not autostart.systemd_unit_path(files).exists()
     enabled = subprocess.run(["systemctl", "--user", "is-enabled", unit], capture_output=True, text=True)
     assert enabled.stdout.strip() != "enabled"
 

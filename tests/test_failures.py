@@ -64,7 +64,7 @@ def send_msg(ws: websocket.WebSocket, msg) -> None:
 def recv_msg(ws: websocket.WebSocket):
     opcode, data = ws.recv_data()
     assert opcode == websocket.ABNF.OPCODE_TEXT, f"expected a text frame, got opcode {opcode}"
-    return p.decode(data)
+    return p.decode(data, sender="relay")
 
 
 def register_raw(server, ws_clients, client_id: str) -> websocket.WebSocket:

@@ -112,15 +112,15 @@ def test_the_overall_cap_on_unregistered_websockets(make_server, rude_peers, cap
 
 
 def test_config_keys_for_the_unregistered_caps():
-    from chuantou_server import cli as server_cli
+    from chuantou_server import app as server_app
     from common import config
 
-    settings = config.validate({"maxUnregistered": 10, "maxUnregisteredPerSource": 2}, server_cli.CONFIG_KEYS,
+    settings = config.validate({"maxUnregistered": 10, "maxUnregisteredPerSource": 2}, server_app.CONFIG_KEYS,
                                "server.json")
-    relay = server_cli.make_server({**settings, "noAuth": True})
+    relay = server_app.make_server({**settings, "noAuth": True})
     assert (relay.unregistered.total, relay.unregistered.per_source) == (10, 2)
     with pytest.raises(config.ConfigError, match="maxUnregisteredPerSource"):
-        config.validate({"maxUnregisteredPerSource": 0}, server_cli.CONFIG_KEYS, "server.json")
+        config.validate({"maxUnregisteredPerSource": 0}, server_app.CONFIG_KEYS, "server.json")
 
 
 def test_stop_is_bounded_with_many_peers_that_do_not_read(make_server, make_client, rude_peers):

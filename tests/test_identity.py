@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from chuantou_server import cli as server_cli
+from chuantou_server import app as server_app
 from chuantou_server import registry
 from common import auth, config
 from common import protocol as p
@@ -163,14 +163,14 @@ def test_an_owner_whose_id_was_taken_keeps_retrying_and_gets_it_back(make_server
 
 
 def test_the_reservation_is_configured_in_server_json():
-    settings = config.validate({"idReservationTime": 600, "maxReservedIdsPerToken": 10}, server_cli.CONFIG_KEYS,
+    settings = config.validate({"idReservationTime": 600, "maxReservedIdsPerToken": 10}, server_app.CONFIG_KEYS,
                                "server.json")
-    relay = server_cli.make_server(settings)  # built, not started: no sockets
+    relay = server_app.make_server(settings)  # built, not started: no sockets
     assert (relay.registry.reservation_time, relay.registry.max_reserved_per_credential) == (600, 10)
-    defaults = config.validate({}, server_cli.CONFIG_KEYS, "server.json")
-    assert server_cli.make_server(defaults).registry.reservation_time == 24 * 3600
+    defaults = config.validate({}, server_app.CONFIG_KEYS, "server.json")
+    assert server_app.make_server(defaults).registry.reservation_time == 24 * 3600
     with pytest.raises(config.ConfigError, match="key 'idReservationTime' must be a number of seconds >= 0"):
-        config.validate({"idReservationTime": -1}, server_cli.CONFIG_KEYS, "server.json")
+        config.validate({"idReservationTime": -1}, server_app.CONFIG_KEYS, "server.json")
 
 
 # --- a relay that refuses a registered client for a while -------------------------------------------

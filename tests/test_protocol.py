@@ -16,15 +16,17 @@ SESSION_ID = "0123456789abcdef" * 2
 SECRET = "fedcba9876543210" * 2
 
 # The wire: type name -> field names, exactly as the design spells them. Changing one of these
-# breaks every deployed peer, so it has to be a deliberate change to this table too.
+# breaks every deployed peer, so it has to be a deliberate change to this table too. A name
+# both sides send with different shapes appears once per sender ("connect_request").
 WIRE = {
     "challenge": ["nonce", "authRequired", "protocolVersion"],
     "register": ["clientId", "protocolVersion", "auth", "takeover", "publicKey"],
     "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion", "code"],
     "get_client_list": ["requestId"],
     "client_list": ["clients", "requestId"],
-    "connect_request": ["toClientId", "remotePort", "remoteHost", "requestId", "protocol", "localPort", "fromClientId",
-                        "sessionId", "secret", "relayAddr", "peerPublicKey"],
+    "connect_request": ["toClientId", "remotePort", "remoteHost", "requestId", "protocol", "localPort"],
+    "connect_request (relay)": ["fromClientId", "sessionId", "secret", "relayAddr", "remotePort", "remoteHost",
+                                "protocol", "toClientId", "localPort", "requestId", "peerPublicKey"],
     "create_session": ["sessionId", "peerClientId", "secret", "service", "relayAddr", "requestId", "peerPublicKey"],
     "accept_session": ["sessionId"],
     "reject_session": ["sessionId", "reason"],
@@ -55,9 +57,10 @@ def sample_messages() -> list:
         p.GetClientList(requestId="r1"),
         p.ClientList(clients=[p.ClientInfo(id="A"), p.ClientInfo(id="B")], requestId="r1"),
         p.ConnectRequest(toClientId="B", remotePort=3000, remoteHost="10.0.0.7", requestId="r2", protocol="udp",
-                         localPort=8000,
-                         fromClientId="A", sessionId=SESSION_ID, secret=SECRET,
-                         relayAddr=p.RelayAddr(host="127.0.0.1", port=8200, protocol="udp")),
+                         localPort=8000),
+        p.ConnectOffer(fromClientId="A", sessionId=SESSION_ID, secret=SECRET, remotePort=3000,
+                       remoteHost="10.0.0.7", protocol="udp", toClientId="B", localPort=8000,
+                       relayAddr=p.RelayAddr(host="127.0.0.1", port=8200, protocol="udp")),
         p.CreateSession(sessionId=SESSION_ID, peerClientId="B", secret=SECRET,
                         service=p.Service(port=3000, protocol="tcp"), relayAddr=relay, requestId="r2"),
         p.AcceptSession(sessionId=SESSION_ID),
@@ -71,18 +74,32 @@ def sample_messages() -> list:
 
 # --- names -------------------------------------------------------------------------------------
 
+def wire_key(cls) -> str:
+    return f"{cls.TYPE} (relay)" if cls is p.ConnectOffer else cls.TYPE
+
+
 def test_every_wire_type_name_and_field_name_is_pinned():
-    assert sorted(p.MESSAGE_TYPES) == sorted(WIRE)
-    for type_name, fields in WIRE.items():
-        cls = p.MESSAGE_TYPES[type_name]
-        assert cls.TYPE == type_name
-        assert field_names(cls) == fields, type_name
+    classes = [cls for shapes in p.message_types().values() for cls in shapes]
+    assert sorted(wire_key(cls) for cls in classes) == sorted(WIRE)
+    for cls in classes:
+        assert field_names(cls) == WIRE[wire_key(cls)], cls.__name__
     for cls, fields in NESTED.items():
         assert field_names(cls) == fields, cls.__name__
 
 
 def test_samples_cover_every_message_type():
-    assert {type(m).TYPE for m in sample_messages()} == set(WIRE)
+    assert {wire_key(type(m)) for m in sample_messages()} == set(WIRE)
+
+
+def test_one_wire_name_decodes_by_its_sender_and_a_side_cannot_send_the_other_s_messages():
+    offer = next(m for m in sample_messages() if isinstance(m, p.ConnectOffer))
+    text = p.encode(offer)
+    assert p.decode(text, sender="relay") == offer
+    assert isinstance(p.decode(text, sender="client"), p.ConnectRequest)  # the session fields are not A's to set
+    with pytest.raises(p.ProtocolError, match="'challenge' is not a message a client sends"):
+        p.decode(p.encode(p.Challenge(nonce="ab")), sender="client")
+    with pytest.raises(p.ProtocolError, match="'register' is not a message a relay sends"):
+        p.decode(p.encode(p.Register(clientId="A", protocolVersion=1)), sender="relay")
 
 
 def test_encoded_frame_is_type_and_camelcase_payload():
@@ -104,8 +121,9 @@ def test_register_carries_the_protocol_version():
 @pytest.mark.parametrize("msg", sample_messages(), ids=lambda m: type(m).TYPE)
 def test_round_trip(msg):
     text = p.encode(msg)
-    assert p.decode(text) == msg
-    assert p.decode(text.encode("utf-8")) == msg  # bytes frames decode the same
+    sender = "relay" if msg.SENT_BY == "relay" else "client"
+    assert p.decode(text, sender) == msg
+    assert p.decode(text.encode("utf-8"), sender) == msg  # bytes frames decode the same
 
 
 def test_optional_fields_may_be_absent_or_null():
@@ -145,7 +163,7 @@ BAD_FRAMES = {
     "number as string": frame("register", clientId=5, protocolVersion=1),
     "list expected": frame("client_list", clients={"id": "A"}),
     "list item wrong": frame("client_list", clients=["A"]),
-    "nested not an object": frame("connect_request", toClientId="B", remotePort=1, relayAddr="relay:8200"),
+    "nested not an object": frame("client_list", clients=["A"]),
     "timestamp as string": frame("heartbeat", timestamp="now"),
     "invalid client id": frame("register", clientId="bad id!", protocolVersion=1),
     "port zero": frame("connect_request", toClientId="B", remotePort=0),

@@ -17,6 +17,7 @@ import pytest
 
 from chuantou_server import Server, cli
 from chuantou_server import admin as server_admin
+from chuantou_server import app as server_app
 from chuantou_server.httpd import Request
 from common.errors import ChuantouError
 
@@ -241,5 +242,5 @@ def test_the_cli_makes_a_separate_admin_token(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["token", "--admin", "--config", str(path)]) == 0  # shown again, not replaced
     assert capsys.readouterr().out.splitlines()[0] == saved["adminToken"]
-    server = cli.make_server(cli.resolve_settings(cli.build_parser().parse_args(["--config", str(path)])))
+    server = server_app.make_server(cli.make_app(cli.build_parser().parse_args(["--config", str(path)])).settings)
     assert server.admin_token == saved["adminToken"] and server.token == saved["token"]

@@ -164,10 +164,11 @@ def test_from_client_id_in_a_connect_request_is_ignored(relay, peers):
     target = registered_peer(peers, relay, "T")
     registered_peer(peers, relay, "B")  # the client M pretends to be
     mallory = registered_peer(peers, relay, "M")
-    mallory.send(p.ConnectRequest(toClientId="T", remotePort=22, requestId="r1", fromClientId="B",
-                                  sessionId="ab" * 16, secret="cd" * 16))
+    mallory.send(json.dumps({"type": "connect_request", "payload": {  # session fields A has no business setting
+        "toClientId": "T", "remotePort": 22, "requestId": "r1", "fromClientId": "B",
+        "sessionId": "ab" * 16, "secret": "cd" * 16}}))
     created = mallory.recv_until(p.CreateSession)
-    forwarded = target.recv_until(p.ConnectRequest)
+    forwarded = target.recv_until(p.ConnectOffer)
     assert forwarded.fromClientId == "M"
     assert forwarded.sessionId == created.sessionId != "ab" * 16  # the relay chose the session ...
     assert forwarded.secret not in ("cd" * 16, created.secret)  # ... and a secret per side
@@ -234,7 +235,7 @@ def test_a_reason_with_newlines_and_escapes_forges_no_log_line(relay, peers, cap
     asker = registered_peer(peers, relay, "A")
     asker.send(p.ConnectRequest(toClientId="T", remotePort=22, requestId="r1"))
     asker.recv_until(p.CreateSession)
-    offer = target.recv_until(p.ConnectRequest)
+    offer = target.recv_until(p.ConnectOffer)
     target.send(p.RejectSession(sessionId=offer.sessionId, reason=FORGED))
     closed = asker.recv_until(p.SessionClosed)
     assert "\n" not in closed.reason and "\x1b" not in closed.reason and "\\x0a12:00:00" in closed.reason

@@ -126,7 +126,7 @@ class FuzzChannel:
 
     def __init__(self, server, index: int, register_as: str | None):
         self.ws = websocket.create_connection(relay_url(server), timeout=5, enable_multithread=True)
-        challenge = p.decode(self.ws.recv())
+        challenge = p.decode(self.ws.recv(), sender="relay")
         if register_as:
             proof = auth.register_proof(TOKEN, challenge.nonce, register_as)
             self.ws.send(p.encode(p.Register(clientId=register_as, protocolVersion=p.PROTOCOL_VERSION, auth=proof)))

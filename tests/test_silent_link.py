@@ -29,7 +29,7 @@ import pytest
 
 from chuantou_client import Client
 from chuantou_server import Server
-from chuantou_server import cli as server_cli
+from chuantou_server import app as server_app
 from common.net import keep_alive
 from helpers import connect, free_port, recv_exactly, wait_until
 from netns_support import Topology, netns_unavailable
@@ -215,9 +215,9 @@ def test_the_defaults_notice_a_silent_link_within_about_30_s():
     client_heartbeat = _default(Client, "heartbeat_interval") + _default(Client, "heartbeat_timeout")
     assert client_heartbeat <= ABOUT_30_S, "a client checks its relay's silence once per heartbeat interval"
     assert _default(Server, "heartbeat_timeout") + 0.5 <= ABOUT_30_S
-    assert server_cli.CONFIG_KEYS["heartbeatTimeout"].default == _default(Server, "heartbeat_timeout")
+    assert server_app.CONFIG_KEYS["heartbeatTimeout"].default == _default(Server, "heartbeat_timeout")
     for timeout in (_default(Client, "data_channel_timeout"), _default(Server, "data_channel_timeout"),
-                    server_cli.CONFIG_KEYS["dataChannelTimeout"].default):
+                    server_app.CONFIG_KEYS["dataChannelTimeout"].default):
         assert 0 < timeout <= ABOUT_30_S
 
 

@@ -89,6 +89,6 @@ def test_closing_a_udp_proxy_ends_its_sessions_on_the_relay_and_the_target(serve
     proxy = client_a.create_proxy(0, "B", udp_echo.port, protocol="udp")
     with udp_user() as user:
         assert udp_roundtrip(user, proxy.local_port, b"ping") == b"ping"
-    assert wait_until(lambda: len(server.sessions) == 1 and len(client_b._sessions) == 1, 5)
+    assert wait_until(lambda: len(server.sessions) == 1 and len(client_b.sessions) == 1, 5)
     proxy.close()
-    assert wait_until(lambda: len(server.sessions) == 0 and len(client_b._sessions) == 0, 5)
+    assert wait_until(lambda: len(server.sessions) == 0 and len(client_b.sessions) == 0, 5)
