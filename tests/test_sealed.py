@@ -10,10 +10,11 @@ import os
 import socket
 import stat
 import threading
+import time
 
 import pytest
 
-from chuantou_client import known_clients
+from chuantou_client import known_clients, sealing
 from chuantou_server import relay
 from common import identity
 from common import protocol as p
@@ -151,6 +152,65 @@ def test_register_carries_a_public_key_and_rejects_one_that_is_not_base64():
     text = p.encode(p.Register(clientId="office", protocolVersion=p.PROTOCOL_VERSION, publicKey="not base64!"))
     with pytest.raises(p.ProtocolError, match="publicKey"):
         p.decode(text)
+
+
+# --- the handshake over a socket pair, no relay -------------------------------------------------------
+
+def _seal_pair(a_id, b_id, a_expects=None, b_expects=None):
+    """Run seal_as_a and seal_as_b over a socketpair; return (A's result, B's result), each a
+    stream or the exception it raised."""
+    left, right = socket.socketpair()
+    results = {}
+
+    def side_b():
+        try:
+            results["b"] = sealing.seal_as_b(right, b_id, b_expects, time.monotonic() + 5)
+        except Exception as exc:  # noqa: BLE001 (the test looks at it)
+            results["b"] = exc
+
+    worker = threading.Thread(target=side_b, name="svc-seal-b")
+    worker.start()
+    try:
+        results["a"] = sealing.seal_as_a(left, a_id, a_expects, time.monotonic() + 5)
+    except Exception as exc:  # noqa: BLE001
+        results["a"] = exc
+    worker.join(10)
+    return results["a"], results["b"]
+
+
+def test_both_sides_prove_their_keys_and_bytes_pass_both_ways():
+    a_id, b_id = identity.generate(), identity.generate()
+    a, b = _seal_pair(a_id, b_id, b_id.fingerprint, a_id.fingerprint)
+    assert isinstance(a, sealing.SealedStream) and isinstance(b, sealing.SealedStream)
+    assert identity.certificate_fingerprint(a.peer_certificate()) == b_id.fingerprint
+    assert identity.certificate_fingerprint(b.peer_certificate()) == a_id.fingerprint
+    a.sendall(b"to b")
+    assert b.recv(10) == b"to b"
+    b.sendall(b"to a")
+    b.shutdown(socket.SHUT_WR)  # close_notify, then FIN: a clean end for A
+    assert a.recv(10) == b"to a" and a.recv(10) == b""
+    a.close()
+    b.close()
+
+
+def test_a_refuses_a_b_that_proves_another_key():
+    a_id, b_id = identity.generate(), identity.generate()
+    a, _ = _seal_pair(a_id, b_id, a_expects=identity.generate().fingerprint)
+    assert isinstance(a, sealing.SealError) and b_id.fingerprint in str(a)
+
+
+def test_b_refuses_an_a_that_proves_another_key():
+    a_id, b_id = identity.generate(), identity.generate()
+    _, b = _seal_pair(a_id, b_id, b_expects=identity.generate().fingerprint)
+    assert isinstance(b, sealing.SealError) and a_id.fingerprint in str(b)
+
+
+def test_b_refuses_a_peer_that_does_not_seal():
+    left, right = socket.socketpair()
+    left.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(sealing.SealError, match="did not open a sealed session"):
+        sealing.seal_as_b(right, identity.generate(), None, time.monotonic() + 5)
+    left.close()
 
 
 # --- end to end ----------------------------------------------------------------------------------
