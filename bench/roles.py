@@ -127,11 +127,11 @@ def _maybe_trace(role: str):
     wrap(pipe.Pipe, "run", "pipe_run")
     wrap(protocol, "decode", "decode", after="decode_done")
     if role == "server":
-        from chuantou_server import relay, server, signaling
+        from chuantou_server import listener, relay, signaling
         wrap(signaling.ControlConnection, "handle_frame", "frame")
         wrap(signaling.ControlConnection, "send", lambda self, msg: "send_" + msg.TYPE, after="_done")
-        wrap(server.Server, "_dispatch", "dispatch_thread")
-        wrap(server, "serve_data_channel", "data_channel_header")
+        wrap(listener.Listener, "_dispatch", "dispatch_thread")
+        wrap(listener, "serve_data_channel", "data_channel_header")
         wrap(relay, "run_relay", "relay_both_joined")
     else:
         from chuantou_client import client, control, proxy

@@ -13,10 +13,11 @@ Routes::
     POST /api/clients/<id>/disconnect    take a client offline (it will reconnect on its own)
     POST /api/sessions/<id>/close        close a session (full id or a unique prefix)
 
-Access needs the admin token (``server.admin_token``), which is not a registration token: a
-client's token never opens this page. Without an admin token the page and API are off (403
-naming the fix). Every page and API request needs ``Authorization: Bearer <admin token>`` or
-the cookie of a login session (random, kept on the relay, expiring; see admin_sessions.py).
+Access needs the admin token (``server.config.admin_token``), which is not a registration
+token: a client's token never opens this page. Without an admin token the page and API are
+off (403 naming the fix). Every page and API request needs ``Authorization: Bearer <admin
+token>`` or the cookie of a login session (random, kept on the relay, expiring; see
+admin_sessions.py).
 Failed tokens are limited per source. A POST whose Origin is not this page's own is refused.
 """
 
@@ -30,18 +31,22 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from common import __version__, pages
 
 from .httpd import Request
 
+if TYPE_CHECKING:
+    from .server import Server
+
 COOKIE_PREFIX = "chuantou_admin_"  # + the port: relays on one host keep apart
 STATIC = Path(__file__).with_name("static")
 TEXT = "text/plain; charset=utf-8"
 
 
-def handle(server, request: Request, peer: tuple) -> tuple:
+def handle(server: Server, request: Request, peer: tuple) -> tuple:
     """Return (status, content type, body[, headers]) for a plain HTTP request on the relay port."""
     refused = _refusal(request)
     if refused is not None:
@@ -51,7 +56,7 @@ def handle(server, request: Request, peer: tuple) -> tuple:
         return _static(path[len("/static/"):])
     if path != "/" and path not in ("/login", "/logout") and not path.startswith("/api/"):
         return 404, TEXT, "not found\n"
-    if server.admin_token is None:
+    if server.config.admin_token is None:
         return _disabled(path)
     if path == "/login" and method == "POST":
         return _login(server, request, peer)
@@ -115,16 +120,16 @@ def _too_many_failures() -> tuple:
                                 "token (python -m chuantou_server token --admin)"}, {"Retry-After": "60"})
 
 
-def cookie_name(server) -> str:
+def cookie_name(server: Server) -> str:
     return f"{COOKIE_PREFIX}{server.port}"
 
 
-def _cookie(server, value: str, max_age: int) -> str:
+def _cookie(server: Server, value: str, max_age: int) -> str:
     # No Domain: the cookie stays with this host. Cookies ignore ports, hence the port in the name.
     return f"{cookie_name(server)}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict"
 
 
-def _session_ids(server, request: Request) -> list[str]:
+def _session_ids(server: Server, request: Request) -> list[str]:
     """Every value sent under this relay's cookie name (a page on another port may add one)."""
     found = []
     for part in request.header("cookie").split(";"):
@@ -139,18 +144,18 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _token_matches(server, given: str, peer: tuple) -> str:
+def _token_matches(server: Server, given: str, peer: tuple) -> str:
     """ALLOWED, DENIED (and counted against the source) or LIMITED (too many failures: not checked)."""
     failures = server.admin_login_failures
     if failures.blocked(peer[0]):
         return LIMITED
-    if hmac.compare_digest(given.encode("utf-8", "replace"), server.admin_token.encode()):
+    if hmac.compare_digest(given.encode("utf-8", "replace"), server.config.admin_token.encode()):
         return ALLOWED
     failures.failed(peer[0])
     return DENIED
 
 
-def _access(server, request: Request, peer: tuple) -> str:
+def _access(server: Server, request: Request, peer: tuple) -> str:
     bearer = _bearer(request)
     if bearer is not None:
         return _token_matches(server, bearer, peer)
@@ -159,7 +164,7 @@ def _access(server, request: Request, peer: tuple) -> str:
     return DENIED
 
 
-def _login(server, request: Request, peer: tuple):
+def _login(server: Server, request: Request, peer: tuple):
     given = _bearer(request)
     if given is None:
         return _json(401, {"error": "send the admin token as 'Authorization: Bearer <admin token>'"})
@@ -173,7 +178,7 @@ def _login(server, request: Request, peer: tuple):
                  {"Set-Cookie": _cookie(server, session_id, server.admin_sessions.max_age())})
 
 
-def _logout(server, request: Request):
+def _logout(server: Server, request: Request):
     for value in _session_ids(server, request):
         server.admin_sessions.revoke(value)
     return _json(200, {"message": "logged out"}, {"Set-Cookie": _cookie(server, "", max_age=0)})
@@ -234,19 +239,19 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def status(server) -> tuple:
+def status(server: Server) -> tuple:
     data = server.status()
     data.update({
         "version": __version__,
-        "host": server.host,
+        "host": server.config.host,
         "startedAt": server.started_at,
         "processThreads": threading.active_count(),
         "openSockets": _open_sockets(),
         "openFiles": _open_files(),
         "rssBytes": _rss_bytes(),
-        "heartbeatTimeout": server.heartbeat_timeout,
-        "tokenRequired": getattr(server, "token", None) is not None,
-        "adminLogin": server.admin_token is not None,
+        "heartbeatTimeout": server.config.heartbeat_timeout,
+        "tokenRequired": server.config.token is not None,
+        "adminLogin": server.config.admin_token is not None,
         "openRelay": not server.auth_required,
         "totalBytes": server.traffic.total_bytes()[0],
         "bytesPerSecond": server.traffic.history.current()[0],
@@ -254,7 +259,7 @@ def status(server) -> tuple:
     return _json(200, data)
 
 
-def clients(server) -> tuple:
+def clients(server: Server) -> tuple:
     sessions = server.sessions.all()
     out = []
     for conn in server.registry.connections():
@@ -283,7 +288,7 @@ def clients(server) -> tuple:
     return _json(200, {"clients": out})
 
 
-def sessions(server) -> tuple:
+def sessions(server: Server) -> tuple:
     out = []
     for s in sorted(server.sessions.all(), key=lambda s: s.created_at):
         rate_ab, rate_ba = server.traffic.session_rate(s.id)
@@ -304,7 +309,7 @@ def sessions(server) -> tuple:
     return _json(200, {"sessions": out})
 
 
-def traffic(server) -> tuple:
+def traffic(server: Server) -> tuple:
     return _json(200, {
         "interval": server.traffic.interval,
         "totalBytes": server.traffic.total_bytes()[0],
@@ -312,7 +317,7 @@ def traffic(server) -> tuple:
     })
 
 
-def disconnect_client(server, client_id: str) -> tuple:
+def disconnect_client(server: Server, client_id: str) -> tuple:
     conn = server.registry.get(client_id)
     if conn is None:
         return _json(404, {"error": f"client {client_id!r} is not online"})
@@ -320,7 +325,7 @@ def disconnect_client(server, client_id: str) -> tuple:
     return _json(200, {"message": f"client {client_id} disconnected (it reconnects on its own unless stopped)"})
 
 
-def close_session(server, session_id: str) -> tuple:
+def close_session(server: Server, session_id: str) -> tuple:
     session_id = session_id.lower()
     found = [s for s in server.sessions.all()
              if s.id == session_id or (len(session_id) >= 6 and s.id.startswith(session_id))]

@@ -1,48 +1,63 @@
 """TCP data channels on the relay: authenticate the header, then join the two halves.
 
 The first half of a session to arrive is parked in the session table (its socket owned by
-the session); the thread of the second half runs the pipe between them.
+the session); the thread of the second half runs the pipe between them. The join is checked,
+answered JOINED and attached in one step (``SessionTable.join_tcp``), so a second channel for a
+side is told ALREADY_JOINED, never JOINED.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from common.frames import FrameError, JoinStatus, unpack_data_header
 from common.net import arm_reset, close_quietly, keep_alive
 from common.pipe import Pipe
 
+if TYPE_CHECKING:
+    from .server import Server
+    from .sessions import Session
+
 log = logging.getLogger("chuantou.server")
 
 
-def serve_data_channel(server, sock: socket.socket, header: bytes) -> None:
+def serve_data_channel(server: Server, sock: socket.socket, header: bytes) -> None:
     try:
         join = unpack_data_header(header)
     except FrameError as exc:
         log.debug("data channel refused: %s", exc)
         close_quietly(sock)
         return
-    status, _ = server.sessions.check_join(join, "tcp")
-    # The status byte must be the first thing this side reads, so send it before the other
-    # half can start pumping into this socket.
-    sock.sendall(bytes([status]))
-    if status != JoinStatus.JOINED:
-        log.info("data channel for session %s... refused: %s", join.session_id[:8], status.describe())
-        close_quietly(sock)
-        return
-    sock.settimeout(None)  # from here on the session owns the socket and closes it
-    arm_reset(sock)  # should the relay die, the client sees a reset, not an end of stream
-    keep_alive(sock, server.data_channel_timeout)
-    status, session, both = server.sessions.join_tcp(join, sock)
-    if status != JoinStatus.JOINED:
+    admitted = False
+
+    def admit() -> None:
+        # The status byte must be the first thing this side reads, so it goes out before the
+        # other half can start pumping into this socket; from then on the session owns it.
+        nonlocal admitted
+        admitted = True
+        sock.sendall(bytes([JoinStatus.JOINED]))
+        sock.settimeout(None)
+        arm_reset(sock)  # should the relay die, the client sees a reset, not an end of stream
+        keep_alive(sock, server.config.data_channel_timeout)
+
+    try:
+        status, session, both = server.sessions.join_tcp(join, sock, admit)
+        if session is None and not admitted:  # (admitted: the session closed before the attach)
+            log.info("data channel for session %s... refused: %s", join.session_id[:8], status.describe())
+            sock.sendall(bytes([status]))
+    except OSError as exc:  # the peer is gone already
+        log.debug("data channel for session %s... dropped: %s", join.session_id[:8], exc)
+        session = None
+    if session is None:
         close_quietly(sock)
         return
     if both:
         run_relay(server, session)
 
 
-def run_relay(server, session) -> None:
+def run_relay(server: Server, session: Session) -> None:
     pipe = Pipe(session.sock_a, session.sock_b,
                 on_done=lambda _pipe: server.close_session(session, "ended", notify=False))
     session.pipe = pipe

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from common.frames import ID_BYTES, SECRET_BYTES, JoinRequest, JoinStatus
 from common.net import reset_connection
@@ -30,7 +31,6 @@ class Session:
     secret_b: str = field(repr=False)
     created_at: float = field(default_factory=time.time)
     created_mono: float = field(default_factory=time.monotonic)
-    accepted: bool = False
     sock_a: socket.socket | None = field(default=None, repr=False)
     sock_b: socket.socket | None = field(default=None, repr=False)
     pipe: object | None = field(default=None, repr=False)
@@ -40,6 +40,7 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     bytes_seen: int = 0  # TCP: bytes moved when the idle check last looked
     closed: bool = False
+    join_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # see SessionTable.join_tcp
 
     @property
     def joined(self) -> bool:
@@ -152,34 +153,32 @@ class SessionTable:
         with self._lock:
             return len(self._sessions)
 
-    def check_join(self, join: JoinRequest, protocol: str) -> tuple[JoinStatus, Session | None]:
-        """Authenticate a join without changing anything."""
-        session = self.get(join.session_id)
-        if session is None or session.closed:
-            return JoinStatus.UNKNOWN_SESSION, None
-        if not hmac.compare_digest(session.secret_for(join.side), join.secret):
-            return JoinStatus.BAD_SECRET, None
-        if session.protocol != protocol:
-            return JoinStatus.WRONG_PROTOCOL, None
-        if protocol == "tcp" and (session.sock_a if join.side == "A" else session.sock_b) is not None:
-            # The relay answers the status byte before join_tcp() attaches the socket, so a
-            # second channel for a side already joined must be refused here, not after a "joined".
-            return JoinStatus.ALREADY_JOINED, None
-        return JoinStatus.JOINED, session
+    def join_tcp(self, join: JoinRequest, sock: socket.socket,
+                 admit: Callable[[], None]) -> tuple[JoinStatus, Session | None, bool]:
+        """Check a data channel's join and, if it may go ahead, ``admit()`` it (send JOINED, ready
+        the socket) and attach ``sock`` as its side. Returns (status, session, both sides present).
 
-    def join_tcp(self, join: JoinRequest, sock: socket.socket) -> tuple[JoinStatus, Session | None, bool]:
-        """Attach ``sock`` as the given side. Returns (status, session, both_sides_present)."""
-        status, session = self.check_join(join, "tcp")
+        The check, ``admit()`` and the attach happen under the session's join lock, so of two
+        channels racing for one side exactly one is told JOINED. ``admit()`` does I/O (one status
+        byte into a fresh socket's empty send buffer), hence a lock per session and not the
+        table's, which is taken only to attach against a concurrent close. If ``admit()`` raises,
+        nothing is attached."""
+        session = self.get(join.session_id)
         if session is None:
-            return status, None, False
-        with self._lock:
-            if session.closed:
-                return JoinStatus.UNKNOWN_SESSION, None, False
-            attr = "sock_a" if join.side == "A" else "sock_b"
-            if getattr(session, attr) is not None:
-                return JoinStatus.ALREADY_JOINED, None, False
-            setattr(session, attr, sock)
-            return JoinStatus.JOINED, session, session.sock_a is not None and session.sock_b is not None
+            return JoinStatus.UNKNOWN_SESSION, None, False
+        with session.join_lock:
+            status = _join_refusal(session, join, "tcp")
+            if status is not None:
+                return status, None, False
+            admit()
+            with self._lock:
+                if session.closed:  # closed since the check: the caller resets the channel
+                    return JoinStatus.UNKNOWN_SESSION, None, False
+                if join.side == "A":
+                    session.sock_a = sock
+                else:
+                    session.sock_b = sock
+                return JoinStatus.JOINED, session, session.sock_a is not None and session.sock_b is not None
 
     def expired(self, join_timeout: float, udp_idle_timeout: float,
                 tcp_idle_timeout: float = 0.0) -> list[tuple[Session, str]]:
@@ -198,6 +197,19 @@ class SessionTable:
                 elif tcp_idle_timeout > 0 and _tcp_idle(s, now) > tcp_idle_timeout:
                     out.append((s, f"idle for {tcp_idle_timeout:g} s (tcpIdleTimeout)"))
         return out
+
+
+def _join_refusal(session: Session, join: JoinRequest, protocol: str) -> JoinStatus | None:
+    """Why ``join`` may not join ``session`` now, or None (the caller holds its join lock)."""
+    if session.closed:
+        return JoinStatus.UNKNOWN_SESSION
+    if not hmac.compare_digest(session.secret_for(join.side), join.secret):
+        return JoinStatus.BAD_SECRET
+    if session.protocol != protocol:
+        return JoinStatus.WRONG_PROTOCOL
+    if protocol == "tcp" and (session.sock_a if join.side == "A" else session.sock_b) is not None:
+        return JoinStatus.ALREADY_JOINED
+    return None
 
 
 def _tcp_idle(session: Session, now: float) -> float:

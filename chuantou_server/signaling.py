@@ -12,15 +12,21 @@ import logging
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import simple_websocket
 from wsproto.utilities import LocalProtocolError
 
-from common import auth
+from common import handshake
 from common import protocol as p
 from common.net import shutdown_quietly
 
 from . import registry
+
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .server import Server
+    from .sessions import Session
 
 log = logging.getLogger("chuantou.server")
 
@@ -31,7 +37,8 @@ RECEIVE_POLL = 1.0
 
 
 class ControlConnection:
-    def __init__(self, server, ws, sock: socket.socket, remote: tuple, relay_host: str, admission=None):
+    def __init__(self, server: Server, ws: simple_websocket.Server, sock: socket.socket, remote: tuple,
+                 relay_host: str, admission: Admission | None = None):
         self.server = server
         self.ws = ws
         self.admission = admission  # our place under the unregistered cap, released on register
@@ -41,7 +48,8 @@ class ControlConnection:
         self.client_id: str | None = None
         self.credential: str | None = None  # which token this connection proved (None: open relay)
         self.public_key: str | None = None  # as it registered it; passed on to peers as a hint only
-        self.nonce = auth.make_nonce()
+        self.challenge = server.authenticator.challenge()
+        self.nonce = self.challenge.nonce
         self.connected_at = time.time()
         self.opened = time.monotonic()
         self.last_seen = time.monotonic()
@@ -59,7 +67,7 @@ class ControlConnection:
     def serve(self) -> None:
         """Read and handle messages until the connection ends."""
         try:
-            self.send(p.Challenge(nonce=self.nonce, authRequired=self.server.auth_required))
+            self.send(self.challenge)
             while not self._closed.is_set():
                 try:
                     frame = self.ws.receive(timeout=RECEIVE_POLL)
@@ -130,11 +138,10 @@ class ControlConnection:
         if self.client_id is not None:
             self.send(p.Error(message=f"already registered as '{self.client_id}'", code="bad_request"))
             return
-        if msg.protocolVersion != p.PROTOCOL_VERSION:
-            return self._refuse_registration(
-                msg, f"protocol version {msg.protocolVersion} is not supported: this relay speaks version "
-                     f"{p.PROTOCOL_VERSION}; install the same chuantou version on client and server")
-        credential, problem = self.server.authenticate(msg.clientId, self.nonce, msg.auth)
+        version_problem = handshake.version_problem(msg.protocolVersion)
+        if version_problem is not None:
+            return self._refuse_registration(msg, version_problem)
+        credential, problem = self.server.authenticator.check(msg.clientId, self.nonce, msg.auth)
         if problem is not None:
             return self._refuse_registration(msg, problem)
         self.credential = credential
@@ -206,7 +213,7 @@ class ControlConnection:
             peerPublicKey=target.public_key,
         ))
 
-    def _own_session_as_target(self, session_id: str):
+    def _own_session_as_target(self, session_id: str) -> Session | None:
         session = self.server.sessions.get(session_id)
         if session is None or session.client_b != self.client_id:
             self.send(p.Error(message=f"no session {session_id[:12]}... is waiting for this client",
@@ -215,9 +222,8 @@ class ControlConnection:
         return session
 
     def on_accept_session(self, msg: p.AcceptSession) -> None:
-        session = self._own_session_as_target(msg.sessionId)
-        if session is not None:
-            session.accepted = True
+        # Nothing to record: B's data channel is what joins it. An unknown session is still an error.
+        self._own_session_as_target(msg.sessionId)
 
     def on_reject_session(self, msg: p.RejectSession) -> None:
         session = self._own_session_as_target(msg.sessionId)
@@ -246,7 +252,7 @@ class ControlConnection:
         self.server.drop_client(self, "unregistered")
 
 
-def _claim_refusal(server, client_id: str, refused: str) -> tuple[str, str]:
+def _claim_refusal(server: Server, client_id: str, refused: str) -> tuple[str, str]:
     """The message and code for a registration the registry refused."""
     if refused == registry.IN_USE:
         return (f"client ID '{client_id}' is in use by another live connection with the same token, and this "

@@ -228,7 +228,3 @@ class UdpRelay:
                 if addr is not None and self._addrs.get(addr, (None,))[0] is session:
                     del self._addrs[addr]
         self._take_early(session.id)
-
-    @property
-    def flows(self) -> int:
-        return len(self._addrs)

@@ -99,7 +99,7 @@ def test_status_describes_the_relay(relay, a_and_b):
     assert status["port"] == relay.port
     assert status["clients"] == 2 and status["sessions"] == 0
     assert 0 <= status["uptime"] < 60
-    assert status["heartbeatTimeout"] == relay.heartbeat_timeout
+    assert status["heartbeatTimeout"] == relay.config.heartbeat_timeout
     assert status["processThreads"] >= status["threads"] > 0
     assert status["openSockets"] >= 4  # listener, UDP socket, two control channels
     assert status["rssBytes"] > 1_000_000

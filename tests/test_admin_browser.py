@@ -207,7 +207,7 @@ def test_server_page_empty_states(relay, driver):
 
 @pytest.mark.timeout(60)
 def test_server_login_form_when_the_relay_has_a_token(relay, driver):
-    relay.token = "browser-test-token-0123456789"  # a client token: not the admin one
+    relay.reconfigure(token="browser-test-token-0123456789")  # a client token: not the admin one
     console = Console(driver)
     driver.get(f"http://127.0.0.1:{relay.port}/")
     token_input = wait(driver, lambda d: find(d, "#token"), "the login form")
@@ -215,17 +215,17 @@ def test_server_login_form_when_the_relay_has_a_token(relay, driver):
     driver.find_element(By.CSS_SELECTOR, "#login button").click()
     wait(driver, lambda d: d.find_element(By.ID, "message").text == "wrong admin token", "the login error")
     token_input.clear()
-    token_input.send_keys(relay.token)
+    token_input.send_keys(relay.config.token)
     driver.find_element(By.CSS_SELECTOR, "#login button").click()
     wait(driver, lambda d: d.find_element(By.ID, "message").text == "wrong admin token",
          "the client token refused")  # the message is the same; it was cleared and set again
     token_input.clear()
-    token_input.send_keys(relay.admin_token)
+    token_input.send_keys(relay.config.admin_token)
     driver.find_element(By.CSS_SELECTOR, "#login button").click()
     wait(driver, lambda d: find(d, "#clients tr.empty"), "the admin page after logging in")
     wait(driver, lambda d: d.find_element(By.ID, "system").text, "the first status poll")
     assert not driver.find_element(By.ID, "open-relay").is_displayed()  # a token: not an open relay
-    assert relay.token not in driver.page_source and relay.admin_token not in driver.page_source
+    assert relay.config.token not in driver.page_source and relay.config.admin_token not in driver.page_source
     assert driver.get_cookies()[0]["httpOnly"] is True
     assert driver.execute_script("return document.cookie") == ""  # HttpOnly: scripts cannot read it
     find(driver, "#logout").click()

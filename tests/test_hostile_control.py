@@ -67,7 +67,7 @@ def test_the_registration_deadline_closes_a_flooding_peer_on_time(make_server, m
     wait_until(lambda: not [c for c in relay._live_connections() if c.client_id is None], timeout=10,
                message="the flooding peer was dropped")
     took = time.monotonic() - opened
-    assert took < relay.handshake_timeout + 3, f"dropped only after {took:.1f} s"
+    assert took < relay.config.handshake_timeout + 3, f"dropped only after {took:.1f} s"
     wait_until(lambda: relay.unregistered.pending == 0, message="its place under the unregistered cap is free")
 
 

@@ -174,7 +174,7 @@ def test_tcp_idle_timeout_closes_only_idle_sessions(make_server, make_client, se
 
 def test_tcp_idle_timeout_is_off_by_default(make_server):
     relay = make_server(token=TOKEN)
-    assert relay.tcp_idle_timeout == 0
+    assert relay.config.tcp_idle_timeout == 0
 
 
 # --- 10.5: the descriptor limit ---------------------------------------------------------------------

@@ -243,4 +243,4 @@ def test_the_cli_makes_a_separate_admin_token(tmp_path, capsys):
     assert cli.main(["token", "--admin", "--config", str(path)]) == 0  # shown again, not replaced
     assert capsys.readouterr().out.splitlines()[0] == saved["adminToken"]
     server = server_app.make_server(cli.make_app(cli.build_parser().parse_args(["--config", str(path)])).settings)
-    assert server.admin_token == saved["adminToken"] and server.token == saved["token"]
+    assert server.config.admin_token == saved["adminToken"] and server.config.token == saved["token"]

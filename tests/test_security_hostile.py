@@ -107,11 +107,11 @@ def test_a_truncated_data_channel_header(relay, transfer):
     silent = [stranger(relay, header[:cut]) for cut in cuts]  # then silence: dropped at the handshake deadline
     try:
         for sock in silent:
-            assert closed_without_reply(sock, relay.handshake_timeout + PROMPT) == (True, b"")
+            assert closed_without_reply(sock, relay.config.handshake_timeout + PROMPT) == (True, b"")
     finally:
         for sock in silent:
             sock.close()
-    assert time.monotonic() - started >= relay.handshake_timeout * 0.8
+    assert time.monotonic() - started >= relay.config.handshake_timeout * 0.8
     assert transfer.session.pipe is not None and not transfer.session.closed
 
 
@@ -244,7 +244,7 @@ def test_messages_before_register_are_refused(relay, transfer, peers):
         error = peer.recv_until(p.Error)
         assert error.code == "not_registered" and f"'{msg.TYPE}'" in error.message
     assert relay.sessions.all() == [transfer.session]
-    assert peer.closed_by_relay(relay.handshake_timeout + PROMPT)  # and it never registered: dropped
+    assert peer.closed_by_relay(relay.config.handshake_timeout + PROMPT)  # and it never registered: dropped
 
 
 def test_a_malformed_websocket_upgrade_is_refused_cleanly(relay, transfer):
@@ -361,7 +361,7 @@ def test_slow_loris_from_one_address_is_capped_and_dropped_by_the_deadline(make_
             proxy = late.create_proxy(0, "late-b", echo.port, protocol="tcp")
             assert echo_roundtrip(proxy.local_port) == b"hello through the tunnel"
             proxy.close()
-            assert flood.all_closed.wait(relay.handshake_timeout + 8)
+            assert flood.all_closed.wait(relay.config.handshake_timeout + 8)
         finally:
             flood.close()
         assert len(flood.closed_at) == count, f"{count - len(flood.closed_at)} idle connections were never dropped"
@@ -373,7 +373,7 @@ def test_slow_loris_from_one_address_is_capped_and_dropped_by_the_deadline(make_
         assert capped + expired == count, (capped, expired)
         assert capped >= count - per_ip - 10, "the per-IP cap refused too few"
         assert 0 < expired <= per_ip + 10, "connections inside the cap wait for the deadline, then go"
-        deadline_drops = [t for t in flood.lifetimes() if t >= relay.handshake_timeout * 0.9]
+        deadline_drops = [t for t in flood.lifetimes() if t >= relay.config.handshake_timeout * 0.9]
         assert len(deadline_drops) >= expired  # none of the accepted ones was closed before its deadline
         wait_until(lambda: relay.handshakes.pending == 0)
         assert transfer.relayed > 0
@@ -387,7 +387,7 @@ def test_the_global_cap_on_pending_handshakes(make_server, make_client, services
             wait_until(lambda: len(flood.closed_at) >= 20, timeout=0.5,
                        message="connections beyond the global cap are closed at once")
             assert relay.handshakes.pending <= 20
-            assert flood.all_closed.wait(relay.handshake_timeout + 3)
+            assert flood.all_closed.wait(relay.config.handshake_timeout + 3)
             assert len(flood.closed_at) == 40
         finally:
             flood.close()

@@ -28,7 +28,7 @@ import time
 import pytest
 
 from chuantou_client import Client
-from chuantou_server import Server
+from chuantou_server import Server, ServerConfig
 from chuantou_server import app as server_app
 from common.net import keep_alive
 from helpers import connect, free_port, recv_exactly, wait_until
@@ -214,9 +214,9 @@ def _default(cls, name: str):
 def test_the_defaults_notice_a_silent_link_within_about_30_s():
     client_heartbeat = _default(Client, "heartbeat_interval") + _default(Client, "heartbeat_timeout")
     assert client_heartbeat <= ABOUT_30_S, "a client checks its relay's silence once per heartbeat interval"
-    assert _default(Server, "heartbeat_timeout") + 0.5 <= ABOUT_30_S
-    assert server_app.CONFIG_KEYS["heartbeatTimeout"].default == _default(Server, "heartbeat_timeout")
-    for timeout in (_default(Client, "data_channel_timeout"), _default(Server, "data_channel_timeout"),
+    assert _default(ServerConfig, "heartbeat_timeout") + 0.5 <= ABOUT_30_S
+    assert server_app.CONFIG_KEYS["heartbeatTimeout"].default == _default(ServerConfig, "heartbeat_timeout")
+    for timeout in (_default(Client, "data_channel_timeout"), _default(ServerConfig, "data_channel_timeout"),
                     server_app.CONFIG_KEYS["dataChannelTimeout"].default):
         assert 0 < timeout <= ABOUT_30_S
 

@@ -58,7 +58,7 @@ def test_a_registration_copied_off_the_wire_and_resent_from_elsewhere_takes_over
         relay = make_server()
         url, options = relay, {}
     tap = tap_factory(relay.port)
-    relay.public_port = tap.port  # clients send their UDP through the tap, which records it
+    relay.reconfigure(public_port=tap.port)  # clients send their UDP through the tap, which records it
     a = make_client(url, "A", **options)
     make_client(url, "B", **options)
     proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
@@ -93,7 +93,7 @@ def test_a_flow_follows_a_nat_rebinding_by_proving_its_secret_from_the_new_addre
     echo = services(UdpEchoService())
     relay = make_server()
     tap = tap_factory(relay.port)
-    relay.public_port = tap.port
+    relay.reconfigure(public_port=tap.port)
     a = make_client(relay, "A", udp_keepalive=0.5)
     make_client(relay, "B", udp_keepalive=0.5)  # B only answers: its keepalive is what moves it
     proxy = a.create_proxy(0, "B", echo.port, protocol="udp")

@@ -1,0 +1,96 @@
+"""The relay's settings as one frozen value: ``ServerConfig``.
+
+``Server(**kwargs)`` builds one from its keyword arguments, ``Server(config=...)`` takes one
+as is; relay modules read ``server.config.x``. The defaults live here (and in the modules that
+own each limit); checks that need no I/O run when a config is made, so a bad one never reaches
+a socket. Secrets stay out of ``repr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from common import auth
+from common import protocol as p
+from common.errors import ChuantouError
+
+from . import admin_sessions, caps
+from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE
+from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
+from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
+from .udp import EARLY_QUEUE_BYTES, EARLY_QUEUE_TOTAL_BYTES, REGISTRATIONS_PER_SECOND
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``token=None`` (and no other tokens) runs an open relay: any client may register.
+    ``client_tokens`` maps a client ID to the only token that may register it;
+    ``extra_tokens`` are further relay-wide tokens (one per person, say). A client ID can
+    be taken over only with the token that registered it, while it is online and for
+    ``id_reservation_time`` seconds after it goes offline (0: only while online); each
+    token keeps at most ``max_reserved_ids_per_token`` offline IDs reserved.
+
+    ``admin_token`` opens the admin page and API (never a registration token); None turns
+    them off. Its login sessions expire after ``admin_session_idle`` seconds unused and
+    ``admin_session_lifetime`` seconds in all; at most ``max_admin_sessions`` live at once."""
+
+    host: str = "0.0.0.0"
+    port: int = 8200  # 0: any free port (the bound one is Server.port)
+    heartbeat_timeout: float = 25.0
+    _: KW_ONLY
+    public_host: str | None = None
+    public_port: int | None = None
+    session_join_timeout: float = 10.0
+    udp_idle_timeout: float = 60.0
+    handshake_timeout: float = 10.0
+    max_message_size: int = p.MAX_MESSAGE_BYTES
+    token: str | None = field(default=None, repr=False)
+    client_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
+    extra_tokens: tuple[str, ...] = field(default=(), repr=False)
+    max_sessions_per_client: int = caps.DEFAULT_MAX_SESSIONS_PER_CLIENT
+    max_udp_flows_per_client: int = caps.DEFAULT_MAX_UDP_FLOWS_PER_CLIENT
+    max_sessions_per_target: int = caps.DEFAULT_MAX_SESSIONS_PER_TARGET
+    max_sessions: int = caps.DEFAULT_MAX_SESSIONS
+    max_pending_sessions_per_client: int = caps.DEFAULT_MAX_PENDING_SESSIONS_PER_CLIENT
+    descriptor_reserve: int = caps.DEFAULT_DESCRIPTOR_RESERVE
+    tcp_idle_timeout: float = 0.0  # 0: off (ssh sessions may idle for hours)
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING
+    max_pending_handshakes_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_only: bool = False
+    id_reservation_time: float = DEFAULT_RESERVATION_TIME
+    max_reserved_ids_per_token: int = DEFAULT_MAX_RESERVED_PER_CREDENTIAL
+    # the admin page's credential and login sessions (admin_sessions.py)
+    admin_token: str | None = field(default=None, repr=False)
+    admin_session_idle: float = admin_sessions.DEFAULT_IDLE
+    admin_session_lifetime: float = admin_sessions.DEFAULT_LIFETIME
+    max_admin_sessions: int = admin_sessions.DEFAULT_MAX_SESSIONS
+    admin_login_failures_per_minute: int = admin_sessions.DEFAULT_LOGIN_FAILURES_PER_MINUTE
+    udp_early_queue_bytes: int = EARLY_QUEUE_BYTES
+    udp_early_queue_total_bytes: int = EARLY_QUEUE_TOTAL_BYTES
+    udp_registrations_per_second: float = REGISTRATIONS_PER_SECOND
+    data_channel_timeout: float = 30.0  # a silent data channel is dropped after it
+    max_unregistered: int = DEFAULT_MAX_UNREGISTERED
+    max_unregistered_per_source: int = DEFAULT_MAX_UNREGISTERED_PER_SOURCE
+
+    def __post_init__(self) -> None:
+        # Copies a caller cannot change under us (frozen only stops reassignment).
+        object.__setattr__(self, "client_tokens", MappingProxyType(dict(self.client_tokens or {})))
+        object.__setattr__(self, "extra_tokens", tuple(self.extra_tokens or ()))
+        if self.admin_token is not None:
+            problem = auth.token_problem(self.admin_token, "the admin token")
+            if problem:
+                raise ChuantouError(problem)
+            if self.admin_token in self.registration_tokens():
+                raise ChuantouError("the admin token must not be a client registration token: "
+                                    "make a separate one with python -m chuantou_server token --admin")
+        if self.tls_only and not self.tls_cert:
+            raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
+
+    def registration_tokens(self) -> tuple[str, ...]:
+        """Every token that may register some client (relay-wide and bound to one ID)."""
+        relay_wide = (self.token,) if self.token is not None else ()
+        return (*relay_wide, *self.client_tokens.values(), *self.extra_tokens)
