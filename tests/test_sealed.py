@@ -488,39 +488,37 @@ def test_allow_from_checks_the_proven_key_not_the_name_the_relay_sends(server, m
 # --- the command line ------------------------------------------------------------------------------
 
 @pytest.mark.timeout(90)
-def test_cli_keeps_the_key_beside_the_config_shows_it_pins_and_forgets(cli):
-    from cli_support import TextHttpService, fetch, free_port, free_tcp_udp_port, poll, wait_fetch
+def test_cli_keeps_the_key_beside_the_config_shows_it_pins_and_forgets(cli, services):
+    from cli_support import fetch, free_tcp_udp_port, wait_fetch
+    from helpers import free_port, text_service, wait_until
 
-    web = TextHttpService(b"sealed hello").start()
-    try:
-        relay = cli.start_relay()
-        b_status = cli.start_client(relay, "B", free_port(), config=cli.root / "b.json")
-        a_status = cli.start_client(relay, "A", free_port())
-        key_a = cli.config_dir / identity.IDENTITY_FILE
-        assert stat.S_IMODE(os.stat(key_a).st_mode) == 0o600
-        assert identity.load(key_a).fingerprint == a_status["fingerprint"]
-        assert identity.load(cli.root / "b.identity.pem").fingerprint == b_status["fingerprint"]
-        status = cli.client("status")
-        assert f"key:        {a_status['fingerprint']}" in status.stdout
+    web = services(text_service(b"sealed hello"))
+    relay = cli.start_relay()
+    b_status = cli.start_client(relay, "B", free_port(), config=cli.root / "b.json")
+    a_status = cli.start_client(relay, "A", free_port())
+    key_a = cli.config_dir / identity.IDENTITY_FILE
+    assert stat.S_IMODE(os.stat(key_a).st_mode) == 0o600
+    assert identity.load(key_a).fingerprint == a_status["fingerprint"]
+    assert identity.load(cli.root / "b.identity.pem").fingerprint == b_status["fingerprint"]
+    status = cli.client("status")
+    assert f"key:        {a_status['fingerprint']}" in status.stdout
 
-        wrong = cli.client("proxy", "create", "--local-port", free_port(), "--target-client", "B",
-                           "--target-port", web.port, "--protocol", "tcp",
-                           "--target-fingerprint", identity.generate().fingerprint)
-        assert wrong.returncode == 0, wrong.stderr
-        wrong_port = int(wrong.stdout.split("use it at: ")[1].rsplit(":", 1)[1])
-        assert fetch(wrong_port, timeout=3) is None
-        poll(lambda: "--target-fingerprint" in cli.client("proxy", "list").stdout, 10,
-             "the pin's refusal in proxy list")
+    wrong = cli.client("proxy", "create", "--local-port", free_port(), "--target-client", "B",
+                       "--target-port", web.port, "--protocol", "tcp",
+                       "--target-fingerprint", identity.generate().fingerprint)
+    assert wrong.returncode == 0, wrong.stderr
+    wrong_port = int(wrong.stdout.split("use it at: ")[1].rsplit(":", 1)[1])
+    assert fetch(wrong_port, timeout=3) is None
+    wait_until(lambda: "--target-fingerprint" in cli.client("proxy", "list").stdout, 10,
+               message="the pin's refusal in proxy list")
 
-        local = free_tcp_udp_port()
-        assert cli.client("proxy", "create", "--local-port", local, "--target-client", "B", "--target-port",
-                          web.port, "--protocol", "tcp").returncode == 0
-        wait_fetch(local, b"sealed hello")
-        pins = (cli.config_dir / known_clients.KNOWN_CLIENTS_FILE).read_text()
-        assert f"B {b_status['fingerprint']}" in pins
-        forget = cli.client("forget-key", "B")
-        assert forget.returncode == 0 and "forgot the key of B" in forget.stdout
-        assert "B " not in (cli.config_dir / known_clients.KNOWN_CLIENTS_FILE).read_text()
-        assert cli.client("forget-key", "B").stdout.startswith("no key of B")
-    finally:
-        web.stop()
+    local = free_tcp_udp_port()
+    assert cli.client("proxy", "create", "--local-port", local, "--target-client", "B", "--target-port",
+                      web.port, "--protocol", "tcp").returncode == 0
+    wait_fetch(local, b"sealed hello")
+    pins = (cli.config_dir / known_clients.KNOWN_CLIENTS_FILE).read_text()
+    assert f"B {b_status['fingerprint']}" in pins
+    forget = cli.client("forget-key", "B")
+    assert forget.returncode == 0 and "forgot the key of B" in forget.stdout
+    assert "B " not in (cli.config_dir / known_clients.KNOWN_CLIENTS_FILE).read_text()
+    assert cli.client("forget-key", "B").stdout.startswith("no key of B")
