@@ -108,11 +108,6 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
         with client.sessions.track(msg.sessionId, "B", handle=flow, **_session_facts(msg)):
             flow.run()
         return
-    local = _connect_service(client, msg, service)
-    if local is None:
-        return
-    tune_tcp(local)
-    local.settimeout(None)
     with client.sessions.track(msg.sessionId, "B", **_session_facts(msg)) as record:
         try:
             relay = client.join_session(record, msg)
@@ -120,8 +115,14 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
                                           on_failure=lambda error: _reject(client, msg, error.peer_reason))
         except ChuantouError as exc:
             log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
-            reset_connection(local)
             return
+        # Only now, with A's key proved: a relay that lies cannot make B open connections to its services.
+        local = _connect_service(client, msg, service)
+        if local is None:
+            reset_connection(relay)
+            return
+        tune_tcp(local)
+        local.settimeout(None)
         slot.release()  # joined: from here on the session counts against the relay's caps, not this one
         _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
         pipe = Pipe(relay, local)

@@ -186,6 +186,8 @@ def test_the_relay_closing_a_session_reaches_both_ends_as_a_reset(server, client
         user = connect(tunnel(client_a, service.port), timeout=30)
         user.sendall(b"hello")
         wait_until(lambda: any(s.joined for s in server.sessions.all()), timeout=10)
+        # B connects to the service once A has proved its key, a moment after the relay joined them
+        wait_until(lambda: client_b.connections(), timeout=10, message="B's session reaches the service")
         session = server.sessions.all()[0]
         server.close_session(session, "closed by the operator")
         how, _ = read_to_the_end(user)
