@@ -26,6 +26,7 @@ setup(
         "simple-websocket>=1.0",
         "wsproto>=1.2",  # imported directly by the relay (simple-websocket is built on it)
         "platformdirs>=3.0",
+        "prometheus-client>=0.17",  # /metrics: the text format, its escaping and metric types done right
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10"],
