@@ -25,6 +25,7 @@ def given_options(args) -> dict:
         "--tls-cert": _path(get("tls_cert")),
         "--tls-key": _path(get("tls_key")),
         "--tls-only": True if get("tls_only") else None,
+        "--metrics-token": fingerprint(get("metrics_token")) if get("metrics_token") else None,
     }
     return {flag: value for flag, value in given.items() if value is not None}
 
@@ -41,7 +42,8 @@ def running_options(settings: dict, port: int) -> dict:
         "--tls-cert": _path(settings["tlsCert"]),
         "--tls-key": _path(settings["tlsKey"]),
         "--tls-only": bool(settings["tlsOnly"]),
+        "--metrics-token": fingerprint(settings["metricsToken"]) if settings["metricsToken"] else None,
     }
 
 
-RUN_OPTION_DEFAULTS = {"--token": "none", "--tls-cert": "none (plain ws://)", "--tls-key": "none"}
+RUN_OPTION_DEFAULTS = {"--token": "none", "--metrics-token": "none", "--tls-cert": "none (plain ws://)", "--tls-key": "none"}
