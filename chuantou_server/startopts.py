@@ -15,6 +15,7 @@ def _path(value: str | None) -> str | None:
 def given_options(args) -> dict:
     """The run options typed on this command line."""
     get = lambda name: getattr(args, name, None)  # noqa: E731
+    metrics_token: str | None = get("metrics_token")
     given = {
         "--host": get("host"),
         "--port": get("port"),
@@ -25,7 +26,7 @@ def given_options(args) -> dict:
         "--tls-cert": _path(get("tls_cert")),
         "--tls-key": _path(get("tls_key")),
         "--tls-only": True if get("tls_only") else None,
-        "--metrics-token": fingerprint(get("metrics_token")) if get("metrics_token") else None,
+        "--metrics-token": fingerprint(metrics_token) if metrics_token else None,
     }
     return {flag: value for flag, value in given.items() if value is not None}
 

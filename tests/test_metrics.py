@@ -291,3 +291,18 @@ def test_client_api_metrics_behind_its_secret_and_healthz_follows_registration(r
     wait_until(lambda: get(port, "/healthz")[0] == 503, timeout=15, message="unhealthy once the relay is gone")
     assert get(port, "/healthz")[2] == b"unavailable\n"
     assert scrape(port, key).value("chuantou_client_connected") == 0
+
+
+def test_a_metrics_token_given_on_the_command_line_is_saved_and_used(tmp_path):
+    from chuantou_server.app import ServerApp, make_server
+    from chuantou_server.cli import build_parser, make_app
+
+    (tmp_path / "server.json").write_text("{}")
+    args = build_parser().parse_args(["--config", str(tmp_path / "server.json"), "--metrics-token", METRICS_TOKEN])
+    app = make_app(args)
+    app.ensure_token()  # what start does before the relay runs: a given token goes to the file
+    saved = json.loads((tmp_path / "server.json").read_text())
+    assert saved["metricsToken"] == METRICS_TOKEN
+    later = ServerApp(tmp_path / "server.json", {})  # a background worker reads it from the file
+    assert make_server(later.settings).config.metrics_token == METRICS_TOKEN
+    assert make_server(later.settings).config.metrics_loopback_open is True
