@@ -306,3 +306,29 @@ def test_a_metrics_token_given_on_the_command_line_is_saved_and_used(tmp_path):
     later = ServerApp(tmp_path / "server.json", {})  # a background worker reads it from the file
     assert make_server(later.settings).config.metrics_token == METRICS_TOKEN
     assert make_server(later.settings).config.metrics_loopback_open is True
+
+
+@pytest.mark.timeout(60)
+def test_client_api_metrics_follow_its_proxies_sessions_and_bytes(relay, client_app, make_client,  # noqa: F811
+                                                                   tcp_echo):
+    port = client_app.admin.port
+    key = {"X-Chuantou-Key": CLIENT_API_KEYS[port]}
+    make_client(relay, "B")
+    proxy = client_app.client.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    assert scrape(port, key).value("chuantou_client_proxies", protocol="tcp") == 1
+
+    def figures():
+        scraped = scrape(port, key)
+        return (scraped.value("chuantou_client_sessions_open", side="A", protocol="tcp"),
+                scraped.value("chuantou_client_bytes_total", direction="sent"),
+                scraped.value("chuantou_client_bytes_total", direction="received"))
+
+    with connect(proxy.local_port) as user:
+        for sent in (100_000, 200_000):  # counted while the session runs
+            user.sendall(b"y" * 100_000)
+            recv_exactly(user, 100_000)
+            wait_until(lambda: figures() == (1, sent, sent), message=f"{sent} bytes each way, session open")
+    wait_until(lambda: figures() == (0, 200_000, 200_000), message="the session ended, its bytes kept")
+    proxy.close()
+    wait_until(lambda: scrape(port, key).value("chuantou_client_proxies", protocol="tcp") == 0)
+    assert figures()[1:] == (200_000, 200_000)
