@@ -280,8 +280,8 @@ def test_client_api_metrics_behind_its_secret_and_healthz_follows_registration(r
     port = client_app.admin.port
     key = {"X-Chuantou-Key": CLIENT_API_KEYS[port]}
     assert get(port, "/metrics")[0] == 401
+    wait_until(lambda: scrape(port, key).value("chuantou_client_connected") == 1, message="registered")
     figures = scrape(port, key)
-    assert figures.value("chuantou_client_connected") == 1
     assert figures.value("chuantou_client_proxies", protocol="tcp") == 0
     assert figures.value("chuantou_client_bytes_total", direction="sent") == 0
     assert figures.value("chuantou_client_sessions_open", side="A", protocol="tcp") == 0
@@ -314,6 +314,7 @@ def test_client_api_metrics_follow_its_proxies_sessions_and_bytes(relay, client_
     port = client_app.admin.port
     key = {"X-Chuantou-Key": CLIENT_API_KEYS[port]}
     make_client(relay, "B")
+    assert client_app.client.wait_connected(IO_TIMEOUT)
     proxy = client_app.client.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
     assert scrape(port, key).value("chuantou_client_proxies", protocol="tcp") == 1
 
