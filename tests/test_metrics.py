@@ -333,3 +333,9 @@ def test_client_api_metrics_follow_its_proxies_sessions_and_bytes(relay, client_
     proxy.close()
     wait_until(lambda: scrape(port, key).value("chuantou_client_proxies", protocol="tcp") == 0)
     assert figures()[1:] == (200_000, 200_000)
+
+
+def test_wrong_metrics_tokens_are_limited_like_failed_admin_logins(make_server):
+    server = make_server(metrics_loopback_open=False, metrics_token=METRICS_TOKEN, admin_login_failures_per_minute=2)
+    assert [get(server.port, "/metrics", bearer("wrong-token-of-some-length"))[0] for _ in range(3)] == [401, 401, 429]
+    assert get(server.port, "/metrics", bearer(METRICS_TOKEN))[0] == 429  # not even tried while limited
