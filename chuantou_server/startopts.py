@@ -47,4 +47,5 @@ def running_options(settings: dict, port: int) -> dict:
     }
 
 
-RUN_OPTION_DEFAULTS = {"--token": "none", "--metrics-token": "none", "--tls-cert": "none (plain ws://)", "--tls-key": "none"}
+RUN_OPTION_DEFAULTS = {"--token": "none", "--metrics-token": "none (loopback and the admin token only)",
+                       "--tls-cert": "none (plain ws://)", "--tls-key": "none"}
