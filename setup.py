@@ -27,6 +27,7 @@ setup(
         "wsproto>=1.2",  # imported directly by the relay (simple-websocket is built on it)
         "platformdirs>=3.0",
         "cryptography>=41",  # sealed sessions: makes the key pair and self-signed certificate (ssl cannot)
+        "prometheus-client>=0.17",  # /metrics: the text format, its escaping and metric types done right
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10"],

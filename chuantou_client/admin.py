@@ -14,8 +14,10 @@ Endpoints::
     POST   /api/login-link          {"url": a fresh one-time login link for a browser}
     GET    /login?key=<code>        a one-time code buys a session cookie, then on to /
     POST   /logout                  ends that session
+    GET    /metrics                 Prometheus metrics (proxies, sessions, bytes; see metrics.py)
+    GET    /healthz                 200 while registered with the relay, 503 otherwise; no detail
 
-Every request but the login page and the static files needs the client's API secret (header
+Every request but the login page, the static files and /healthz needs the client's API secret (header
 X-Chuantou-Key, read by the CLI from the state directory) or a login session's cookie; see
 apiauth.py. A browser page on another site must not be able to drive it: requests with a Host
 other than this address are refused (DNS rebinding), and state-changing requests need a JSON
@@ -39,7 +41,7 @@ from common.errors import ChuantouError, PortInUseError
 from common.threads import ThreadGroup
 from common.traffic import SAMPLE_INTERVAL, RateHistory
 
-from . import apiauth
+from . import apiauth, metrics
 from .listen import use_address
 
 log = logging.getLogger("chuantou.client")
@@ -47,6 +49,7 @@ log = logging.getLogger("chuantou.client")
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 STATIC = Path(__file__).with_name("static")
+TEXT = "text/plain; charset=utf-8"
 
 
 class ApiError(Exception):
@@ -87,6 +90,7 @@ class AdminServer:
         self._stopping = threading.Event()
         client = getattr(app, "client", None)
         self.traffic = RateHistory(client.byte_totals if client is not None else lambda: (0, 0))
+        self.metrics = metrics.ClientMetrics(app)  # this API's own Prometheus registry
 
     def start(self) -> "AdminServer":
         if self.auth is None:
@@ -162,11 +166,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             if method == "POST" and path == "/logout":
                 self._check_origin()
                 return self._logout()
+            if method == "GET" and path == "/healthz":  # no credential, so no detail
+                healthy = metrics.healthy(self.app)
+                return self._send(200 if healthy else 503, b"ok\n" if healthy else b"unavailable\n", TEXT)
             allowed = self._authenticated()
             if method == "GET" and path == "/":
                 return self._send_static("index.html" if allowed else "login.html")
-            if not allowed and path.startswith("/api/"):
+            if not allowed and (path.startswith("/api/") or path == "/metrics"):
                 raise ApiError(401, f"this client's local API needs its secret: {apiauth.FIX}")
+            if method == "GET" and path == "/metrics":
+                content_type, body = self.server_ref.metrics.exposition(self.headers.get("Accept", ""))
+                return self._send(200, body, content_type)
             for route_method, pattern, handler in ROUTES:
                 match = re.fullmatch(pattern, path)
                 if match and route_method == method:

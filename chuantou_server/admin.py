@@ -6,6 +6,8 @@ Routes::
     GET  /static/<file>                  its CSS and JavaScript
     POST /login                          admin token in "Authorization: Bearer"; sets a session cookie
     POST /logout                         ends that session
+    GET  /healthz                        200 while the relay serves, 503 when stopping or out of descriptors
+    GET  /metrics                        Prometheus metrics (metrics.py says who may scrape)
     GET  /api/status                     version, uptime, port, threads, sockets, memory, totals
     GET  /api/clients                    online clients with their sessions and bytes
     GET  /api/sessions                   sessions with bytes and rates each way
@@ -15,7 +17,8 @@ Routes::
 
 Access needs the admin token (``server.config.admin_token``), which is not a registration
 token: a client's token never opens this page. Without an admin token the page and API are
-off (403 naming the fix). Every page and API request needs ``Authorization: Bearer <admin
+off (403 naming the fix); /healthz needs no credential and /metrics its own rule (metrics.py).
+Every page and API request needs ``Authorization: Bearer <admin
 token>`` or the cookie of a login session (random, kept on the relay, expiring; see
 admin_sessions.py).
 Failed tokens are limited per source. A POST whose Origin is not this page's own is refused.
@@ -36,6 +39,7 @@ from urllib.parse import unquote, urlsplit
 
 from common import __version__, pages
 
+from . import metrics
 from .httpd import Request
 
 if TYPE_CHECKING:
@@ -54,6 +58,10 @@ def handle(server: Server, request: Request, peer: tuple) -> tuple:
     method, path = request.method, request.path
     if path.startswith("/static/") and method in ("GET", "HEAD"):
         return _static(path[len("/static/"):])
+    if path in OPERATIONS_PATHS:
+        if method not in ("GET", "HEAD"):
+            return 405, TEXT, f"{method} is not allowed on {path}\n"
+        return _healthz(server) if path == "/healthz" else _metrics(server, request, peer)
     if path != "/" and path not in ("/login", "/logout") and not path.startswith("/api/"):
         return 404, TEXT, "not found\n"
     if server.config.admin_token is None:
@@ -182,6 +190,30 @@ def _logout(server: Server, request: Request):
     for value in _session_ids(server, request):
         server.admin_sessions.revoke(value)
     return _json(200, {"message": "logged out"}, {"Set-Cookie": _cookie(server, "", max_age=0)})
+
+
+# --- operations: health and metrics --------------------------------------------------------
+
+OPERATIONS_PATHS = ("/healthz", "/metrics")
+
+
+def _healthz(server: Server) -> tuple:
+    """No detail either way: anyone may ask, so the answer must tell a stranger nothing."""
+    if metrics.healthy(server):
+        return 200, TEXT, "ok\n"
+    return 503, TEXT, "unavailable\n"
+
+
+def _metrics(server: Server, request: Request, peer: tuple) -> tuple:
+    session = any(server.admin_sessions.check(value) for value in _session_ids(server, request))
+    access = metrics.access(server, peer, _bearer(request), session)
+    if access == metrics.LIMITED:
+        return _too_many_failures()
+    if access != metrics.ALLOWED:
+        return 401, TEXT, ("this relay's metrics need a credential: send 'Authorization: Bearer <metrics token>' "
+                           "(metricsToken in the relay's config) or the admin token, or scrape from this host\n")
+    content_type, body = server.metrics.exposition(request.header("accept"))
+    return 200, content_type, body
 
 
 # --- responses ----------------------------------------------------------------------------------

@@ -80,6 +80,10 @@ CONFIG_KEYS = {
     "maxUnregistered": config.Key(int, "a whole number >= 1", DEFAULT_MAX_UNREGISTERED, lambda v: v >= 1),
     "maxUnregisteredPerSource": config.Key(int, "a whole number >= 1", DEFAULT_MAX_UNREGISTERED_PER_SOURCE,
                                            lambda v: v >= 1),
+    # GET /metrics (issue 16 item 1): its own bearer token, and whether loopback may scrape without one
+    "metricsToken": config.Key(str, "a token string of 16 or more characters (not a client token)", None,
+                               lambda v: len(v) >= 16, secret=True),
+    "metricsLoopbackOpen": config.Key(bool, "true or false", True),
 }
 
 
@@ -93,11 +97,12 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
     ``config_given``: the path was named by the user, so a missing file is an error."""
     if config_given and not path.exists():
         raise config.ConfigError(f"config file {path} does not exist")
-    given_token = overrides.get("token")
-    if given_token is not None and auth.token_problem(given_token, "--token"):
-        raise config.ConfigError(auth.token_problem(given_token, "--token"))
+    for key, flag in (("token", "--token"), ("metricsToken", "--metrics-token")):
+        given = overrides.get(key)
+        if given is not None and auth.token_problem(given, flag):
+            raise config.ConfigError(auth.token_problem(given, flag))
     settings = config.load(path, CONFIG_KEYS)
-    for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey"):
+    for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey", "metricsToken"):
         if overrides.get(key) is not None:
             settings[key] = overrides[key]
     if not config.is_port(settings["port"]):
@@ -173,6 +178,8 @@ def make_server(settings: dict) -> Server:
         data_channel_timeout=settings["dataChannelTimeout"],
         max_unregistered=settings["maxUnregistered"],
         max_unregistered_per_source=settings["maxUnregisteredPerSource"],
+        metrics_token=settings["metricsToken"],
+        metrics_loopback_open=settings["metricsLoopbackOpen"],
     )
 
 
@@ -183,6 +190,7 @@ class ServerApp:
         """``overrides``: config keys given on the command line (None: not given)."""
         self.config_path = config_path
         self.given_token = overrides.get("token")
+        self.given_metrics_token = overrides.get("metricsToken")
         self.settings = resolve_settings(config_path, overrides, config_given)
         self.server: Server | None = None
 
@@ -209,11 +217,13 @@ class ServerApp:
         """Secure by default: with no token configured, make one, save it (0600) and show it once.
         The admin page's own token is made the same way (also on an open relay).
 
-        A --token given on the command line is saved too, so a background worker reads it from
+        A --token (or --metrics-token) given on the command line is saved too, so a background worker reads it from
         the file rather than from its command line.
         """
         self.ensure_admin_token(port)
         settings = self.settings
+        if self.given_metrics_token:  # kept in the file, not on a worker's command line
+            self.save_setting("metricsToken", self.given_metrics_token)
         if settings["noAuth"]:
             return
         given = self.given_token

@@ -1,8 +1,9 @@
 """Caps on the relay's sessions: per requesting client (open and still unjoined), per target
 client, overall, and a reserve of file descriptors kept for control connections.
 
-``SessionCaps.refusal()`` is asked before a session is created and answers None or the
-message for client A; each refusal is also logged, at most once per client per minute.
+``SessionCaps.refusal()`` is asked before a session is created and answers None or a
+``Refusal``: which limit (one of ``LIMITS``, a label for the metrics) and the message for
+client A; each refusal is also logged, at most once per client per minute.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from common.limits import LimitLog
 
@@ -25,6 +27,12 @@ DEFAULT_MAX_UDP_FLOWS_PER_CLIENT = 1024
 DEFAULT_MAX_PENDING_SESSIONS_PER_CLIENT = 256
 DEFAULT_DESCRIPTOR_RESERVE = 256
 DESCRIPTORS_PER_SESSION = 2  # the two data channels at the relay
+LIMITS = ("per_client", "pending", "per_target", "total", "descriptors")  # what Refusal.limit may be
+
+
+class Refusal(NamedTuple):
+    limit: str  # one of LIMITS
+    message: str  # for client A
 
 
 class DescriptorBudget:
@@ -81,35 +89,40 @@ class SessionCaps:
     def __post_init__(self):
         self.descriptors = DescriptorBudget(self.descriptor_reserve)
 
-    def refusal(self, sessions, client_a: str, client_b: str, protocol: str) -> str | None:
+    def out_of_descriptors(self) -> bool:
+        """True when no TCP session would be admitted for lack of descriptors (the health check)."""
+        return self.descriptors.headroom() < DESCRIPTORS_PER_SESSION
+
+    def refusal(self, sessions, client_a: str, client_b: str, protocol: str) -> Refusal | None:
         """Why a new ``protocol`` session from ``client_a`` to ``client_b`` may not open now, or None."""
         problem = self._problem(sessions, client_a, client_b, protocol)
         if problem is None:
             if protocol == "tcp":
                 self.descriptors.spend(DESCRIPTORS_PER_SESSION)
             return None
-        limit, text = problem
-        self.limit_log.bit(limit, client_a, "session from %s to %s refused: %s", client_a, client_b, text)
-        return text
+        self.limit_log.bit(problem.limit, client_a, "session from %s to %s refused: %s", client_a, client_b,
+                           problem.message)
+        return problem
 
-    def _problem(self, sessions, client_a: str, client_b: str, protocol: str) -> tuple[str, str] | None:
+    def _problem(self, sessions, client_a: str, client_b: str, protocol: str) -> Refusal | None:
         limit = self.per_client if protocol == "tcp" else self.udp_per_client
         key = "maxSessionsPerClient" if protocol == "tcp" else "maxUdpFlowsPerClient"
         if sessions.opened_by(client_a, protocol) >= limit:
-            return ("per_client", f"this client already has {limit} open {protocol.upper()} sessions, the relay's "
-                                  f"limit per client; close some connections or raise the limit ({key})")
+            return Refusal("per_client", f"this client already has {limit} open {protocol.upper()} sessions, "
+                                         f"the relay's limit per client; close some connections or raise the "
+                                         f"limit ({key})")
         if sessions.unjoined_by(client_a) >= self.pending_per_client:
-            return ("pending", f"this client already has {self.pending_per_client} sessions waiting to be joined, "
-                               f"the relay's limit per client; wait for them to connect or time out "
-                               f"(maxPendingSessionsPerClient)")
+            return Refusal("pending", f"this client already has {self.pending_per_client} sessions waiting to be "
+                                      f"joined, the relay's limit per client; wait for them to connect or time out "
+                                      f"(maxPendingSessionsPerClient)")
         if sessions.targeting(client_b) >= self.per_target:
-            return ("per_target", f"client '{client_b}' already has {self.per_target} open sessions, the relay's "
-                                  f"limit per target; try again later (maxSessionsPerTarget)")
+            return Refusal("per_target", f"client '{client_b}' already has {self.per_target} open sessions, the "
+                                         f"relay's limit per target; try again later (maxSessionsPerTarget)")
         if len(sessions) >= self.max_sessions:
-            return ("total", f"the relay holds {self.max_sessions} sessions, its limit; try again later "
-                             f"(maxSessions)")
-        if protocol == "tcp" and self.descriptors.headroom() < DESCRIPTORS_PER_SESSION:
-            return ("descriptors", "the relay is out of file descriptors for new sessions (it keeps "
-                                   f"{self.descriptor_reserve} for control connections); try again later, or raise "
-                                   "its open-file limit (ulimit -n) or lower descriptorReserve")
+            return Refusal("total", f"the relay holds {self.max_sessions} sessions, its limit; try again later "
+                                    f"(maxSessions)")
+        if protocol == "tcp" and self.out_of_descriptors():
+            return Refusal("descriptors", "the relay is out of file descriptors for new sessions (it keeps "
+                                          f"{self.descriptor_reserve} for control connections); try again later, "
+                                          "or raise its open-file limit (ulimit -n) or lower descriptorReserve")
         return None

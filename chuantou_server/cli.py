@@ -59,6 +59,10 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         "with this certificate chain")
     parser.add_argument("--tls-key", default=default, metavar="PEM", help="the certificate's private key")
     parser.add_argument("--tls-only", action="store_true", default=default, help="refuse plain connections")
+    parser.add_argument("--metrics-token", default=default, metavar="TOKEN",
+                        help="a token (16+ characters) that may read /metrics from anywhere, as 'Authorization: "
+                        "Bearer TOKEN'; saved in the config file (metricsToken). Loopback and the admin token "
+                        "may read it anyway")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +112,8 @@ def make_app(args, path: Path | None = None) -> ServerApp:
     get = lambda name: getattr(args, name, None)  # noqa: E731
     overrides = {"host": get("host"), "port": get("port"), "heartbeatTimeout": get("heartbeat_timeout"),
                  "logLevel": get("log_level"), "token": get("token"), "tlsCert": get("tls_cert"),
-                 "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only")}
+                 "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only"),
+                 "metricsToken": get("metrics_token")}
     return ServerApp(path or config_path(args), overrides, config_given=path is None and get("config") is not None)
 
 

@@ -24,7 +24,7 @@ from common.errors import ChuantouError
 from common.net import close_quietly, enlarge_udp_buffers
 from common.threads import ThreadGroup
 
-from . import admin, admin_sessions, caps, httpd
+from . import admin, admin_sessions, caps, httpd, metrics
 from .admission import Admission, UnregisteredGate
 from .authenticator import Authenticator
 from .handshakes import HandshakeGate
@@ -67,6 +67,7 @@ class Server:
                                         self.registry.has_source)
         self.sessions = SessionTable()
         self.traffic = RelayTraffic(self.sessions, self.registry)  # figures for the admin page
+        self.metrics = metrics.RelayMetrics(self)  # this relay's own Prometheus registry (GET /metrics)
         self.threads = ThreadGroup("chuantou-server")
         self.started_at: float | None = None
         self.stopping = threading.Event()
@@ -268,9 +269,8 @@ class Server:
         conn.close()
 
     def close_session(self, session: Session, reason: str, notify: bool = True) -> None:
-        if not self.sessions.remove(session):
+        if not self.traffic.retire(session, self.sessions.remove):
             return
-        self.traffic.session_closed(session)
         session.close_sockets()
         if self.udp is not None and session.protocol == "udp":
             self.udp.forget(session)
@@ -293,9 +293,13 @@ class Server:
         now = time.monotonic()
         for conn in self._live_connections():
             if conn.client_id is None and now - conn.opened > cfg.handshake_timeout:
+                if not conn.closed:
+                    self.metrics.registration_timeouts.inc()
                 log.info("%s closed: no register within %g s", conn, cfg.handshake_timeout)
                 conn.close()
             elif conn.client_id is not None and now - conn.last_seen > cfg.heartbeat_timeout:
+                if self.registry.get(conn.client_id) is conn:
+                    self.metrics.heartbeat_timeouts.inc()
                 self.drop_client(conn, f"sent nothing for {cfg.heartbeat_timeout:g} s (heartbeat timeout)")
         for session, reason in self.sessions.expired(cfg.session_join_timeout, cfg.udp_idle_timeout,
                                                       cfg.tcp_idle_timeout):

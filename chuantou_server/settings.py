@@ -34,7 +34,10 @@ class ServerConfig:
 
     ``admin_token`` opens the admin page and API (never a registration token); None turns
     them off. Its login sessions expire after ``admin_session_idle`` seconds unused and
-    ``admin_session_lifetime`` seconds in all; at most ``max_admin_sessions`` live at once."""
+    ``admin_session_lifetime`` seconds in all; at most ``max_admin_sessions`` live at once.
+
+    ``/metrics`` (metrics.py) is open to loopback peers while ``metrics_loopback_open``, and
+    otherwise needs ``metrics_token`` or the admin credential."""
 
     host: str = "0.0.0.0"
     port: int = 8200  # 0: any free port (the bound one is Server.port)
@@ -75,6 +78,8 @@ class ServerConfig:
     data_channel_timeout: float = 30.0  # a silent data channel is dropped after it
     max_unregistered: int = DEFAULT_MAX_UNREGISTERED
     max_unregistered_per_source: int = DEFAULT_MAX_UNREGISTERED_PER_SOURCE
+    metrics_token: str | None = field(default=None, repr=False)
+    metrics_loopback_open: bool = True
 
     def __post_init__(self) -> None:
         # Copies a caller cannot change under us (frozen only stops reassignment).
@@ -87,6 +92,13 @@ class ServerConfig:
             if self.admin_token in self.registration_tokens():
                 raise ChuantouError("the admin token must not be a client registration token: "
                                     "make a separate one with python -m chuantou_server token --admin")
+        if self.metrics_token is not None:
+            problem = auth.token_problem(self.metrics_token, "the metrics token")
+            if problem:
+                raise ChuantouError(problem)
+            if self.metrics_token in self.registration_tokens():  # a client could read every client's figures
+                raise ChuantouError("the metrics token must not be a client registration token: make a separate "
+                                    "one (any random string of 16 or more characters)")
         if self.tls_only and not self.tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
 

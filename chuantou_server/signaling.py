@@ -21,7 +21,7 @@ from common import handshake
 from common import protocol as p
 from common.net import shutdown_quietly
 
-from . import registry
+from . import metrics, registry
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -176,17 +176,19 @@ class ControlConnection:
         self.send(p.ClientList(clients=clients, requestId=msg.requestId))
 
     def on_connect_request(self, msg: p.ConnectRequest) -> None:
-        def refuse(code: str, text: str) -> None:
+        def refuse(code: str, text: str, reason: str) -> None:
+            self.server.metrics.session_refused(msg.protocol, reason)
             self.send(p.Error(message=text, code=code, requestId=msg.requestId))
 
         if msg.toClientId == self.client_id:
-            return refuse("bad_request", "the target client is this client itself; reach the port directly")
+            return refuse("bad_request", "the target client is this client itself; reach the port directly",
+                          metrics.TARGET_IS_SELF)
         target = self.server.registry.get(msg.toClientId)
         if target is None:
-            return refuse("client_offline", f"client '{msg.toClientId}' is not online")
+            return refuse("client_offline", f"client '{msg.toClientId}' is not online", metrics.TARGET_OFFLINE)
         refused = self.server.caps.refusal(self.server.sessions, self.client_id, msg.toClientId, msg.protocol)
         if refused is not None:
-            return refuse("limit", refused)
+            return refuse("limit", refused.message, refused.limit)
         session = self.server.sessions.create(self.client_id, msg.toClientId, msg.remotePort, msg.protocol)
         told_target = target.send(p.ConnectOffer(
             toClientId=msg.toClientId,
@@ -202,7 +204,8 @@ class ControlConnection:
         ))
         if not told_target:
             self.server.close_session(session, "target went offline", notify=False)
-            return refuse("client_offline", f"client '{msg.toClientId}' went offline")
+            return refuse("client_offline", f"client '{msg.toClientId}' went offline", metrics.TARGET_OFFLINE)
+        self.server.metrics.session_opened(msg.protocol)
         self.send(p.CreateSession(
             sessionId=session.id,
             peerClientId=msg.toClientId,

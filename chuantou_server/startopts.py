@@ -15,6 +15,7 @@ def _path(value: str | None) -> str | None:
 def given_options(args) -> dict:
     """The run options typed on this command line."""
     get = lambda name: getattr(args, name, None)  # noqa: E731
+    metrics_token: str | None = get("metrics_token")
     given = {
         "--host": get("host"),
         "--port": get("port"),
@@ -25,6 +26,7 @@ def given_options(args) -> dict:
         "--tls-cert": _path(get("tls_cert")),
         "--tls-key": _path(get("tls_key")),
         "--tls-only": True if get("tls_only") else None,
+        "--metrics-token": fingerprint(metrics_token) if metrics_token else None,
     }
     return {flag: value for flag, value in given.items() if value is not None}
 
@@ -41,7 +43,9 @@ def running_options(settings: dict, port: int) -> dict:
         "--tls-cert": _path(settings["tlsCert"]),
         "--tls-key": _path(settings["tlsKey"]),
         "--tls-only": bool(settings["tlsOnly"]),
+        "--metrics-token": fingerprint(settings["metricsToken"]) if settings["metricsToken"] else None,
     }
 
 
-RUN_OPTION_DEFAULTS = {"--token": "none", "--tls-cert": "none (plain ws://)", "--tls-key": "none"}
+RUN_OPTION_DEFAULTS = {"--token": "none", "--metrics-token": "none (loopback and the admin token only)",
+                       "--tls-cert": "none (plain ws://)", "--tls-key": "none"}

@@ -1,8 +1,9 @@
 """Byte figures of the relay for the admin page: totals, per-client totals, per-session rates,
 and a five-minute history of throughput.
 
-``Server`` calls ``session_closed()`` once per session it removes, and runs ``run()`` on a
-thread of its own; everything else reads counters the sessions already keep.
+``Server`` ends a session through ``retire()`` (which takes it out of the table and adds its
+bytes to the finished totals in one step), and runs ``run()`` on a thread of its own;
+everything else reads counters the sessions already keep, live: a running pipe's ``sent``.
 """
 
 from __future__ import annotations
@@ -19,27 +20,47 @@ class RelayTraffic:
         self.registry = registry
         self.interval = interval
         self._lock = threading.Lock()
-        self._finished = 0  # bytes moved by sessions that ended
+        self._finished: dict[tuple[str, int], int] = {}  # (protocol, 0: a->b / 1: b->a) -> bytes, ended sessions
         self._finished_by_client: dict[str, list[int]] = {}  # client id -> [sent, received]
         self._session_rates: dict[str, tuple[float, float]] = {}
         self._last_bytes: dict[str, tuple[int, int]] = {}
         self._last_sample: float | None = None
         self.history = RateHistory(self.total_bytes)
 
-    def session_closed(self, session) -> None:
-        a_to_b, b_to_a = session.bytes_a_to_b, session.bytes_b_to_a
+    def retire(self, session, remove) -> bool:
+        """``remove(session)`` from the table and, if that removed it, count its bytes as finished;
+        True if so. One step under our lock, so a figure read meanwhile (``bytes_by_direction``)
+        counts the session's bytes once, live or finished, and never goes back."""
         with self._lock:
-            self._finished += a_to_b + b_to_a
-            for client_id, sent, received in ((session.client_a, a_to_b, b_to_a),
-                                              (session.client_b, b_to_a, a_to_b)):
-                totals = self._finished_by_client.setdefault(client_id, [0, 0])
-                totals[0] += sent
-                totals[1] += received
+            if not remove(session):
+                return False
+            self._session_closed(session)
+            return True
+
+    def _session_closed(self, session) -> None:
+        """(The caller holds our lock.)"""
+        a_to_b, b_to_a = session.bytes_a_to_b, session.bytes_b_to_a
+        for index, count in ((0, a_to_b), (1, b_to_a)):
+            key = (session.protocol, index)
+            self._finished[key] = self._finished.get(key, 0) + count
+        for client_id, sent, received in ((session.client_a, a_to_b, b_to_a),
+                                          (session.client_b, b_to_a, a_to_b)):
+            totals = self._finished_by_client.setdefault(client_id, [0, 0])
+            totals[0] += sent
+            totals[1] += received
+
+    def bytes_by_direction(self) -> dict[tuple[str, int], int]:
+        """(protocol, 0: A->B / 1: B->A) -> bytes relayed since start, running sessions included."""
+        with self._lock:
+            totals = dict(self._finished)
+            for s in self.sessions.all():
+                for index, count in ((0, s.bytes_a_to_b), (1, s.bytes_b_to_a)):
+                    key = (s.protocol, index)
+                    totals[key] = totals.get(key, 0) + count
+        return totals
 
     def total_bytes(self) -> tuple[int]:
-        live = sum(s.bytes_a_to_b + s.bytes_b_to_a for s in self.sessions.all())
-        with self._lock:
-            return (self._finished + live,)
+        return (sum(self.bytes_by_direction().values()),)
 
     def client_bytes(self, client_id: str, live_sessions) -> tuple[int, int]:
         """(sent, received) by ``client_id`` through the relay: ended sessions plus ``live_sessions``."""

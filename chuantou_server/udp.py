@@ -11,6 +11,7 @@ nothing the relay sends a stranger is bigger than what the stranger sent.
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 import socket
@@ -32,6 +33,13 @@ REGISTRATIONS_PER_SECOND = 1000.0  # per source (IPv4 address or IPv6 /64); a ga
 CHALLENGE_WINDOW = 30.0  # seconds a challenge stays valid (this window and the one before)
 MAX_BUCKETS = 4096  # sources tracked at once by the rate limit
 MAX_SOURCE_KEYS = 65536  # addresses whose source key is remembered (parsing one costs ~10 us)
+# Why a datagram was dropped (UdpRelay.drops, and the metrics' reason label):
+RATE_LIMITED = "rate_limited"  # over udpRegistrationsPerSecond from its source
+UNKNOWN_SENDER = "unknown_sender"  # from an address in no session, and not a registration
+MALFORMED = "malformed"  # registration-shaped but not a valid one
+EARLY_QUEUE_FULL = "early_queue_full"  # the other side had not registered and the queue was full
+SEND_FAILED = "send_failed"  # sendto() failed
+DROP_REASONS = (RATE_LIMITED, UNKNOWN_SENDER, MALFORMED, EARLY_QUEUE_FULL, SEND_FAILED)
 
 
 class UdpRelay:
@@ -55,7 +63,9 @@ class UdpRelay:
         self.early_total = 0
         self._buckets: dict[tuple, TokenBucket] = {}  # (kind, source key) -> bucket
         self._source_keys: dict[str, str] = {}  # ip -> source_key(ip), so a flood is cheap to drop
-        self.dropped = 0
+        # reason -> datagrams, written by run() only; every key present from the start, so a
+        # scrape reading it from another thread never sees the dict change size
+        self.drops: collections.Counter[str] = collections.Counter(dict.fromkeys(DROP_REASONS, 0))
 
     def run(self) -> None:
         self.sock.settimeout(0.25)  # lets the loop notice stop()
@@ -86,7 +96,11 @@ class UdpRelay:
             try:
                 sendto(data, peer)
             except OSError:
-                self.dropped += 1
+                self.drops[SEND_FAILED] += 1
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
 
     # --- registrations ----------------------------------------------------------------------
 
@@ -94,21 +108,21 @@ class UdpRelay:
         registration = is_udp_register(data)
         source = self._source(addr[0])
         if not self._allowed("register" if registration else "notice", source):
-            self.dropped += 1
+            self.drops[RATE_LIMITED] += 1
             if registration:
                 self.limits.bit("udpRegistrationsPerSecond", source,
                                 "UDP registrations from %s exceed udpRegistrationsPerSecond (%g); dropping them",
                                 source, self.registrations_per_second)
             return
         if not registration:
-            self.dropped += 1
+            self.drops[UNKNOWN_SENDER] += 1
             if len(data) >= len(UDP_WHO_ARE_YOU):  # never more than the stranger sent
                 self._send(UDP_WHO_ARE_YOU, addr)
             return
         try:
             register = unpack_udp_register(data)
         except FrameError:
-            self.dropped += 1
+            self.drops[MALFORMED] += 1
             return
         session = self.sessions.get(register.session_id)
         if session is None or session.closed:
@@ -198,7 +212,7 @@ class UdpRelay:
                 self._early_bytes[session.id] = held + size
                 self.early_total += size
                 return
-        self.dropped += 1
+        self.drops[EARLY_QUEUE_FULL] += 1
         source = self._source(addr[0])
         self.limits.bit(limit, source,
                         "UDP datagrams from %s dropped before the other side joined: %s (%d bytes) is full",
@@ -220,7 +234,7 @@ class UdpRelay:
         try:
             self.sock.sendto(data, addr)
         except OSError:
-            self.dropped += 1
+            self.drops[SEND_FAILED] += 1
 
     def forget(self, session) -> None:
         with self._lock:
