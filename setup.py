@@ -28,7 +28,7 @@ setup(
         "platformdirs>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10", "mypy>=1.8"],
     },
     entry_points={
         "console_scripts": [

@@ -19,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import cast
 
 from .errors import ChuantouError
 
@@ -129,8 +130,10 @@ class TlsStream:
                     return self._take_stash(buffer, size)
                 if self._eof:
                     return 0
+                n: int | None
                 try:
-                    n = self._obj.read(size, buffer)
+                    # given a buffer, read() returns the count written into it (typeshed says bytes)
+                    n = cast(int, self._obj.read(size, buffer))
                 except ssl.SSLWantReadError:
                     n = None
                 except ssl.SSLZeroReturnError:  # the peer's close_notify: a clean end
