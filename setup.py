@@ -26,6 +26,7 @@ setup(
         "simple-websocket>=1.0",
         "wsproto>=1.2",  # imported directly by the relay (simple-websocket is built on it)
         "platformdirs>=3.0",
+        "cryptography>=41",  # sealed sessions: makes the key pair and self-signed certificate (ssl cannot)
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10", "mypy>=1.8"],

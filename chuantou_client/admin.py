@@ -302,7 +302,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             target = data.get("targetClient")
             protocol = data.get("protocol", "both")
             proxy = self.app.create_proxy(local_port, target, target_port, protocol, data.get("targetHost"),
-                                          local_host=data.get("localHost"))
+                                          local_host=data.get("localHost"),
+                                          target_fingerprint=data.get("targetFingerprint"))
         except PortInUseError as exc:
             raise ApiError(409, str(exc)) from None
         except ChuantouError as exc:

@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from common import auth, config, service
+from common import auth, config, identity, service
 from common import protocol as p
 from common.errors import ChuantouError
 
@@ -20,6 +20,7 @@ from . import apiauth
 from .admin import AdminServer
 from .client import DEFAULT_SERVER_URL, Client, check_server_url, generate_client_id
 from .export import parse_ports
+from .known_clients import KnownClients, identity_path, known_clients_path, parse_allow_from
 from .listen import DEFAULT_LOCAL_HOST, LOCAL_HOST_HELP, is_valid_local_host, listen_address, parse_local_host
 from .proxy import PROTOCOL_CHOICES
 from .startopts import running_options
@@ -30,6 +31,22 @@ log = logging.getLogger("chuantou.client")
 def _valid_url(value: str) -> bool:
     try:
         check_server_url(value)
+    except ChuantouError:
+        return False
+    return True
+
+
+def _valid_allow_from(value: list) -> bool:
+    try:
+        parse_allow_from(value)
+    except ChuantouError:
+        return False
+    return True
+
+
+def _valid_fingerprint(value: str) -> bool:
+    try:
+        identity.check_fingerprint(value)
     except ChuantouError:
         return False
     return True
@@ -60,6 +77,8 @@ CONFIG_KEYS = {
     "maxPendingConnects": config.Key(int, "a whole number >= 1", 256, lambda v: v >= 1),  # sessions set up at once
     "allowHosts": config.Key(list, "a list of host names or addresses", list,
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
+    # who may reach this client, checked against the key a peer proves (--allow-from)
+    "allowFrom": config.Key(list, "a list of client IDs and SHA256: fingerprints", list, _valid_allow_from),
 }
 
 PROXY_KEYS = {
@@ -70,6 +89,7 @@ PROXY_KEYS = {
     "targetHost": config.Key(str, "a host on the target client's network", None,
                              lambda v: bool(p.HOST_PATTERN.match(v))),
     "localHost": config.Key(str, LOCAL_HOST_HELP, None, is_valid_local_host),  # --local-host (10.12)
+    "targetFingerprint": config.Key(str, "the target's key, SHA256:...", None, _valid_fingerprint),
 }
 
 
@@ -118,7 +138,10 @@ class ClientApp:
         changed = False
         if overrides.get("allow") is not None:
             parse_ports(overrides["allow"])  # a clear error for a bad --allow
-        for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure"):
+        if overrides.get("allowFrom"):
+            overrides["allowFrom"] = parse_allow_from(overrides["allowFrom"])  # a clear error for a bad one
+        for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure",
+                    "allowFrom"):
             if overrides.get(key) and overrides[key] != self.settings[key]:
                 self.settings[key] = overrides[key]
                 changed = True
@@ -141,7 +164,10 @@ class ClientApp:
                              allow=self.settings["allow"], allow_hosts=self.settings["allowHosts"],
                              ca_file=self.settings["ca"], tls_fingerprint=self.settings["tlsFingerprint"],
                              tls_insecure=self.settings["tlsInsecure"],
-                             max_pending_connects=self.settings["maxPendingConnects"])
+                             max_pending_connects=self.settings["maxPendingConnects"],
+                             identity=identity.load_or_create(identity_path(config_path)),
+                             known_clients=KnownClients(known_clients_path(config_path)),
+                             allow_from=self.settings["allowFrom"])
         if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
             self.save()
         self.admin = AdminServer(self, admin_host, self.admin_port,
@@ -175,6 +201,7 @@ class ClientApp:
         try:
             proxy = self.client.create_proxy(entry["localPort"], entry["targetClient"], entry["targetPort"],
                                              entry["protocol"], target_host=entry["targetHost"],
+                                             target_fingerprint=entry["targetFingerprint"],
                                              **_local_host_argument(entry["localHost"]))
         except ChuantouError as exc:
             self.failed_proxies[entry["localPort"]] = str(exc)
@@ -203,19 +230,21 @@ class ClientApp:
         return self.client.list_clients()
 
     def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both",
-                     target_host: str | None = None, local_host: str | None = None):
+                     target_host: str | None = None, local_host: str | None = None,
+                     target_fingerprint: str | None = None):
         if local_host is not None:
             local_host = parse_local_host(local_host)  # a clear error naming the value
         entry = config.validate(
             {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol,
-             "targetHost": target_host, "localHost": local_host},
+             "targetHost": target_host, "localHost": local_host, "targetFingerprint": target_fingerprint},
             PROXY_KEYS, "proxy",
         )
-        for key in ("targetHost", "localHost"):
+        for key in ("targetHost", "localHost", "targetFingerprint"):
             if entry[key] is None:
                 del entry[key]
         with self._lock:
             proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host,
+                                             target_fingerprint=entry.get("targetFingerprint"),
                                              **_local_host_argument(local_host))
             self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
             self.settings["proxies"].append(entry)

@@ -22,6 +22,7 @@ from common.supervisor import stop_background
 from . import apiauth
 from .app import ClientApp, default_config_path
 from .client import DEFAULT_SERVER_URL
+from .known_clients import KnownClients, known_clients_path
 from .listen import DEFAULT_LOCAL_HOST, listen_address
 from .startopts import RUN_OPTION_DEFAULTS, given_options
 
@@ -36,7 +37,9 @@ EXAMPLES = """examples:
   python -m chuantou_client proxy list
   python -m chuantou_client clients
   python -m chuantou_client status
+  python -m chuantou_client forget-key office
   python -m chuantou_client stop
+  sudo python -m chuantou_client install-service --server ws://relay:8200
 """
 
 
@@ -77,6 +80,9 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         help="pin the wss:// relay's certificate by its SHA-256 fingerprint (saved)")
     parser.add_argument("--tls-insecure", action="store_true", default=default,
                         help="do not verify the relay's certificate (dangerous; saved)")
+    parser.add_argument("--allow-from", action="append", dest="allow_from", default=default, metavar="ID|SHA256:...",
+                        help="only these clients may reach this one: client IDs (held to the key pinned at their "
+                             "first session) or key fingerprints (repeatable or comma-separated, saved)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--protocol", choices=("tcp", "udp", "both"), default="both", help="default both")
     create.add_argument("--target-host", metavar="HOST",
                         help="a host on the target's network (default its 127.0.0.1; it must --allow-host it)")
+    create.add_argument("--target-fingerprint", metavar="SHA256:...",
+                        help="the target's key as its `status` shows it: sessions refuse any other key, even the "
+                             "first (default: trust the key of the first session and pin it)")
     proxy_sub.add_parser("list", help="proxies with their connections and bytes",
                          epilog="example: python -m chuantou_client proxy list")
     delete = proxy_sub.add_parser("delete", help="close a proxy and forget it",
@@ -118,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--local-port", type=int, required=True)
 
     sub.add_parser("clients", help="clients online on the relay", epilog="example: python -m chuantou_client clients")
+    forget = sub.add_parser("forget-key", help="forget the pinned key of a peer, accepting its next one",
+                            epilog="example: python -m chuantou_client forget-key office")
+    forget.add_argument("peer", metavar="ID", help="the peer's client ID")
     sub.add_parser("login-link", help="print a one-time link that logs a browser in to the page",
                    epilog="example: python -m chuantou_client login-link")
 
@@ -127,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in api_commands:
         command.add_argument("--admin-port", type=int, default=argparse.SUPPRESS, metavar="PORT",
                              help="talk to the client whose local API is on this port (default: the running one)")
-    for command in (stop, logs, *api_commands):
+    for command in (stop, logs, forget, *api_commands):
         PROGRAM.add_config_option(command)
+    PROGRAM.add_service_commands(sub, _add_run_options)
     return parser
 
 
@@ -138,13 +151,16 @@ def config_file(args) -> Path:
     return Path(args.config) if getattr(args, "config", None) else default_config_path()
 
 
-def make_app(args) -> ClientApp:
-    path = config_file(args)
+def make_app(args, path: Path | None = None) -> ClientApp:
+    """The client with the command line's options over its config file, or over ``path``
+    (made if missing), saved, nothing started yet."""
+    path = path or config_file(args)
     overrides = {"server": getattr(args, "server", None), "clientId": getattr(args, "client_id", None),
                  "adminPort": getattr(args, "admin_port", None), "token": getattr(args, "token", None),
                  "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None),
                  "ca": os.path.abspath(args.ca) if getattr(args, "ca", None) else None, "tlsFingerprint": getattr(args, "tls_fingerprint", None),
-                 "tlsInsecure": getattr(args, "tls_insecure", None), "logLevel": getattr(args, "log_level", None)}
+                 "tlsInsecure": getattr(args, "tls_insecure", None), "logLevel": getattr(args, "log_level", None),
+                 "allowFrom": getattr(args, "allow_from", None)}
     service_files = files(args)
     return ClientApp(path, overrides, api_secret_path=apiauth.secret_path(service_files.state_dir, service_files.name))
 
@@ -173,6 +189,12 @@ def foreground_login_line(app) -> str:
     if sys.stdout.isatty():
         return f"log in to the page (once) at: {app.admin.login_link()}"
     return "log in to the page with the link printed by: python -m chuantou_client login-link"
+
+
+def prepare_service_config(args, path: Path) -> None:
+    """install-service: the service's config with the relay, ID and token given, saved now."""
+    app = make_app(args, path)
+    print(f"config: {path} (client {app.client.client_id}, relay {app.server_url})")
 
 
 def cmd_start(args) -> int:
@@ -296,6 +318,8 @@ def cmd_status(args) -> int:
         state += f": {status['lastError']}"
     print(f"chuantou client is running (pid {status['pid']})")
     print(f"  client ID:  {status['clientId']}")
+    if status.get("fingerprint"):
+        print(f"  key:        {status['fingerprint']}  (peers compare this to pin it)")
     print(f"  relay:      {status['serverUrl']}")
     print(f"  state:      {state}")
     print(f"  uptime:     {service.format_duration(time.time() - status['startedAt'])}")
@@ -315,7 +339,7 @@ def cmd_proxy(args) -> int:
         reply = api(args, "POST", "/api/proxies", {
             "localPort": args.local_port, "targetClient": args.target_client,
             "targetPort": args.target_port, "protocol": args.protocol, "targetHost": args.target_host,
-            "localHost": args.local_host,
+            "localHost": args.local_host, "targetFingerprint": args.target_fingerprint,
         })
         print(reply["message"])
         print(f"use it at: {reply['address']}")
@@ -351,6 +375,16 @@ def cmd_clients(args) -> int:
     return 0
 
 
+def cmd_forget_key(args) -> int:
+    """Edit known_clients directly: works whether the client runs or not (it rereads the file)."""
+    path = known_clients_path(config_file(args))
+    if KnownClients(path).forget(args.peer):
+        print(f"forgot the key of {args.peer} (in {path}); its next session pins the key it proves")
+    else:
+        print(f"no key of {args.peer} is pinned in {path}")
+    return 0
+
+
 def cmd_login_link(args) -> int:
     print(api(args, "POST", "/api/login-link")["url"])
     return 0
@@ -373,6 +407,9 @@ COMMANDS = {
     "proxy": cmd_proxy,
     "clients": cmd_clients,
     "login-link": cmd_login_link,
+    "install-service": lambda args: PROGRAM.install_service(args, prepare_service_config),
+    "uninstall-service": PROGRAM.uninstall_service,
+    "forget-key": cmd_forget_key,
     "_supervise": PROGRAM.supervise,
 }
 

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from common import protocol as p
 from common.errors import ChuantouError
+from common.identity import generate as generate_identity
 from common.net import arm_reset, keep_alive
 from common.threads import ThreadGroup
 from common.tls import client_context, normalize_fingerprint
@@ -23,6 +24,7 @@ from .control import ControlChannel
 from .datachannel import JoinError, TlsSettings, open_data_channel
 from .export import ExportPolicy
 from .proxy import Proxy
+from .sealing import SealError, Sealing
 from .selfguard import SelfGuard
 from .sessions import SessionBook, SessionRecord
 from .target import PendingConnects, serve_connect_request
@@ -83,6 +85,9 @@ class Client:
         tls_insecure: bool = False,
         data_channel_timeout: float = 30.0,
         max_pending_connects: int = 256,
+        identity=None,
+        known_clients=None,
+        allow_from=(),
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -91,7 +96,12 @@ class Client:
         the system CAs, or ``ca_file``, or pinned by ``tls_fingerprint`` (SHA-256). ``max_pending_connects``: sessions B sets up at once (more are refused).
 
         No session reaches this client's own proxies, nor a socket given to ``protect_socket``
-        (the local API), whatever ``allow`` says."""
+        (the local API), whatever ``allow`` says.
+
+        TCP sessions are sealed end to end (sealing.py) with ``identity`` (a common.identity
+        Identity; default: a new one in memory), pinning peers' keys in ``known_clients`` (a
+        KnownClients; default: in memory); ``allow_from``: the IDs and SHA256 fingerprints that
+        may reach this client (default: any peer that passes its pin)."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -108,12 +118,13 @@ class Client:
         self.self_guard = SelfGuard()
         self.pending_connects = PendingConnects(max_pending_connects)
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
+        self.sealing = Sealing(identity or generate_identity(), known_clients, allow_from, timeout=request_timeout)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
-            on_lost=self._settle_sessions,
+            on_lost=self._settle_sessions, public_key=self.sealing.identity.public_key_b64,
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
@@ -186,13 +197,16 @@ class Client:
         return [c.id for c in reply.clients]
 
     def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
-                     protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None) -> Proxy:
+                     protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None,
+                     target_fingerprint: str | None = None) -> Proxy:
         """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
         the target client (on ``target_host`` of its network, if that client allows it).
-        Raises PortInUseError if the local port is taken."""
+        Raises PortInUseError if the local port is taken. ``target_fingerprint`` pins the
+        target's key (SHA256:...) before the first session."""
         if self._stopped:
             raise ChuantouError("this client is stopped; create a new Client")
-        proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host).open()
+        proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host,
+                      target_fingerprint).open()
         with self._lock:
             self._proxies.append(proxy)
         return proxy
@@ -209,6 +223,7 @@ class Client:
     def status(self) -> dict:
         return {
             "clientId": self.client_id,
+            "fingerprint": self.sealing.fingerprint,
             "serverUrl": self.server_url,
             "state": self.control.state,
             "lastError": self.control.last_error,
@@ -247,6 +262,18 @@ class Client:
         arm_reset(sock)  # should this process die, the relay sees a reset, not an end of stream
         keep_alive(sock, self.data_channel_timeout)
         return sock
+
+    def seal_as_a(self, sock, proxy, reply):
+        """Seal a joined session of ``proxy`` (sealing.py). When B hung up on the handshake, B's
+        reason (it refused our key, say) follows through the relay: wait a moment for it."""
+        try:
+            return self.sealing.seal_a(sock, proxy.target_client_id, proxy.target_fingerprint, reply.sessionId,
+                                       reply.peerPublicKey)
+        except SealError as exc:
+            if exc.refused_here:
+                raise
+            reason = self.sessions.wait_close_reason(reply.sessionId, timeout=2.0)
+            raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
 
     def _settle_sessions(self, why: str) -> None:
         """The control channel ended: the relay closes every session of ours when it drops us, and

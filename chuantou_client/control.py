@@ -55,7 +55,7 @@ class _Waiter:
 class ControlChannel:
     def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
                  heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
-                 token: str | None = None, tls=None, on_lost=None):
+                 token: str | None = None, tls=None, on_lost=None, public_key: str | None = None):
         self.url = url
         self.client_id = client_id
         self.threads = threads
@@ -67,6 +67,7 @@ class ControlChannel:
         self._token = token
         self._tls = tls
         self.on_lost = on_lost  # called when a registered connection ends: the relay drops our sessions
+        self.public_key = public_key  # base64 SPKI sent with register, for peers' sealed sessions
 
         self.state = "idle"  # idle, connecting, connected, reconnecting, failed, stopped
         self.last_error: str | None = None
@@ -172,7 +173,7 @@ class ControlChannel:
                 tls.check_pin(ws.sock.getpeercert(binary_form=True), self._tls.fingerprint)
             try:
                 ws.send(p.encode(handshake.register_for(self._receive_message(ws), self.client_id, self._token,
-                                                        self._takeover)))
+                                                        self._takeover, self.public_key)))
                 reply = None
                 while reply is None:
                     reply = handshake.registration_result(self._receive_message(ws))

@@ -15,6 +15,7 @@ import time
 
 from common import protocol as p
 from common.errors import ChuantouError, PortInUseError
+from common.identity import check_fingerprint
 from common.net import arm_reset, close_quietly, reset_connection, tune_tcp
 from common.pipe import Pipe
 from common.threads import ThreadGroup
@@ -31,11 +32,14 @@ class Proxy:
     """A running proxy: ``localhost:local_port -> target_client_id:target_port``. Close with ``close()``."""
 
     def __init__(self, client, local_port: int, target_client_id: str, target_port: int,
-                 protocol: str = "both", local_host: str = DEFAULT_LOCAL_HOST, target_host: str | None = None):
+                 protocol: str = "both", local_host: str = DEFAULT_LOCAL_HOST, target_host: str | None = None,
+                 target_fingerprint: str | None = None):
         _check_proxy_args(local_port, target_client_id, target_port, protocol)
         if target_host is not None and not p.HOST_PATTERN.match(target_host):
             raise ChuantouError(f"target host {target_host!r} is not a host name or IP address")
         self.target_host = target_host
+        # the target's key, pinned before the first session (else known_clients decides)
+        self.target_fingerprint = check_fingerprint(target_fingerprint) if target_fingerprint else None
         self.client = client
         self.local_port = local_port
         self.local_host = parse_local_host(local_host)
@@ -150,6 +154,8 @@ class Proxy:
             "targetPort": self.target_port,
             "targetHost": self.target_host,
             "protocol": self.protocol,
+            "targetFingerprint": self.target_fingerprint,
+            "sealed": True,  # TCP sessions are always sealed (UDP: not yet)
             "activeConnections": self.active_connections,
             "totalConnections": self.connections_total,
             "bytesSent": self.bytes_sent,
@@ -196,6 +202,7 @@ class Proxy:
         with self.client.sessions.track(reply.sessionId, "A", **self.session_facts("tcp")) as record:
             try:
                 relay = self.client.join_session(record, reply)
+                relay = self.client.seal_as_a(relay, self, reply)
             except ChuantouError as exc:
                 self._connection_failed(user, addr, exc)
                 return

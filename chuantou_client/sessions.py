@@ -51,7 +51,8 @@ class SessionRecord:
     def connection_info(self) -> dict:
         """What the admin page and ``connections()`` show of this session."""
         info: dict = {"id": self.id, "shortId": self.id[:8], "side": self.side, "peer": self.peer,
-                      "port": self.port, "protocol": self.protocol, "startedAt": self.started_at}
+                      "port": self.port, "protocol": self.protocol, "startedAt": self.started_at,
+                      "sealed": self.protocol == "tcp"}  # TCP sessions are sealed (sealing.py); UDP: not yet
         if self.side == "A":
             info["localPort"] = self.local_port
         counts = self.byte_counts
@@ -71,6 +72,7 @@ class SessionBook:
         self._max_owners = owners
         self._done = [0, 0]  # received, sent: by ended sessions as B and by closed proxies
         self._lock = threading.Lock()
+        self._reason_came = threading.Condition(self._lock)
 
     # --- the life of one session ------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class SessionBook:
         either None; the owner is returned once."""
         with self._lock:
             _remember(self._reasons, session_id, reason, self._max_reasons)
+            self._reason_came.notify_all()
             record = self._records.get(session_id)
             owner = self._ended_owners.pop(session_id, None)
             if record is None:
@@ -131,6 +134,12 @@ class SessionBook:
     def close_reason(self, session_id: str) -> str | None:
         """Why the relay closed the session, if it did (and that is still remembered)."""
         with self._lock:
+            return self._reasons.get(session_id)
+
+    def wait_close_reason(self, session_id: str, timeout: float) -> str | None:
+        """``close_reason``, waiting up to ``timeout`` for the relay's word to arrive."""
+        with self._lock:
+            self._reason_came.wait_for(lambda: session_id in self._reasons, timeout)
             return self._reasons.get(session_id)
 
     def records(self) -> list[SessionRecord]:

@@ -10,6 +10,7 @@ from common.auth import fingerprint
 from common.tls import normalize_fingerprint
 
 from .export import format_ports, parse_ports
+from .known_clients import parse_allow_from
 
 
 def canonical_allow(spec: str | None) -> str | None:
@@ -34,6 +35,7 @@ def given_options(args) -> dict:
         "--ca": os.path.abspath(get("ca")) if get("ca") else None,
         "--tls-fingerprint": normalize_fingerprint(get("tls_fingerprint")) if get("tls_fingerprint") else None,
         "--tls-insecure": True if get("tls_insecure") else None,
+        "--allow-from": sorted(parse_allow_from(get("allow_from"))) if get("allow_from") else None,
     }
     return {flag: value for flag, value in given.items() if value is not None}
 
@@ -52,8 +54,9 @@ def running_options(app, log_level: str, token: str | None) -> dict:
         "--ca": os.path.abspath(settings["ca"]) if settings["ca"] else None,
         "--tls-fingerprint": normalize_fingerprint(settings["tlsFingerprint"]) if settings["tlsFingerprint"] else None,
         "--tls-insecure": bool(settings["tlsInsecure"]),
+        "--allow-from": sorted(settings["allowFrom"]),
     }
 
 
 RUN_OPTION_DEFAULTS = {"--allow": "every port on 127.0.0.1", "--allow-host": "none", "--ca": "the system's CAs",
-                       "--tls-fingerprint": "none", "--token": "none"}
+                       "--tls-fingerprint": "none", "--token": "none", "--allow-from": "any peer that passes its pin"}

@@ -97,6 +97,11 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
         log.warning("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], refusal)
         _reject(client, msg, f"{target_label(msg)} is not allowed by the target client")
         return
+    refusal = client.sealing.early_refusal(msg.fromClientId, msg.peerPublicKey)
+    if refusal is not None:
+        log.warning("session from %s refused: %s", msg.fromClientId, refusal)
+        _reject(client, msg, "the target client does not accept sessions from this client")
+        return
     if msg.protocol == "udp":
         slot.release()  # nothing slow to set up: no connection to the service
         flow = UdpTarget(client, msg, service)
@@ -111,6 +116,8 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
     with client.sessions.track(msg.sessionId, "B", **_session_facts(msg)) as record:
         try:
             relay = client.join_session(record, msg)
+            relay = client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
+                                          on_failure=lambda error: _reject(client, msg, error.peer_reason))
         except ChuantouError as exc:
             log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
             reset_connection(local)

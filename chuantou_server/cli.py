@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   python -m chuantou_server status
   python -m chuantou_server logs -f
   python -m chuantou_server stop
+  sudo python -m chuantou_server install-service  run at boot as a systemd system service
 """
 
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (stop, status, logs, token):
         PROGRAM.add_config_option(command)
+    PROGRAM.add_service_commands(sub, _add_run_options)
     add_supervise_command(sub)
     return parser
 
@@ -100,13 +102,14 @@ def config_path(args) -> Path:
     return Path(args.config) if getattr(args, "config", None) else default_config_path()
 
 
-def make_app(args) -> ServerApp:
-    """The relay with the command line's options over its config file (nothing started yet)."""
+def make_app(args, path: Path | None = None) -> ServerApp:
+    """The relay with the command line's options over its config file, or over ``path``
+    (made if missing), nothing started yet."""
     get = lambda name: getattr(args, name, None)  # noqa: E731
     overrides = {"host": get("host"), "port": get("port"), "heartbeatTimeout": get("heartbeat_timeout"),
                  "logLevel": get("log_level"), "token": get("token"), "tlsCert": get("tls_cert"),
                  "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only")}
-    return ServerApp(config_path(args), overrides, config_given=get("config") is not None)
+    return ServerApp(path or config_path(args), overrides, config_given=path is None and get("config") is not None)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -137,6 +140,13 @@ def launch(args, svc: service.ServiceFiles) -> dict:
           f"{port}" + ("" if settings["noAuth"] else " --token TOKEN (see: python -m chuantou_server token)"))
     print(f"on this machine: {local_url(app.scheme, settings['host'], port)}")
     return worker
+
+
+def prepare_service_config(args, path: Path) -> None:
+    """install-service: the service's config with its tokens, made now so root sees them once."""
+    app = make_app(args, path)
+    app.ensure_token(app.settings["port"])
+    print(f"config: {path}")
 
 
 def fetch_status(worker: dict, token: str | None, timeout: float = 3.0) -> dict:
@@ -271,6 +281,8 @@ COMMANDS = {
     "status": cmd_status,
     "logs": PROGRAM.logs,
     "token": cmd_token,
+    "install-service": lambda args: PROGRAM.install_service(args, prepare_service_config),
+    "uninstall-service": PROGRAM.uninstall_service,
     "_supervise": PROGRAM.supervise,
 }
 

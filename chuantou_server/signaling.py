@@ -47,6 +47,7 @@ class ControlConnection:
         self.relay_host = relay_host
         self.client_id: str | None = None
         self.credential: str | None = None  # which token this connection proved (None: open relay)
+        self.public_key: str | None = None  # as it registered it; passed on to peers as a hint only
         self.challenge = server.authenticator.challenge()
         self.nonce = self.challenge.nonce
         self.connected_at = time.time()
@@ -144,6 +145,7 @@ class ControlConnection:
         if problem is not None:
             return self._refuse_registration(msg, problem)
         self.credential = credential
+        self.public_key = msg.publicKey  # before the claim: a peer may ask for a session at once
         claim = self.server.registry.claim(msg.clientId, self, takeover=msg.takeover is not False)
         if claim.refused is not None:
             return self._refuse_registration(msg, *_claim_refusal(self.server, msg.clientId, claim.refused))
@@ -168,7 +170,9 @@ class ControlConnection:
         self.close()
 
     def on_get_client_list(self, msg: p.GetClientList) -> None:
-        clients = [p.ClientInfo(id=cid) for cid in self.server.registry.ids()]
+        registry = self.server.registry
+        clients = [p.ClientInfo(id=cid, publicKey=getattr(registry.get(cid), "public_key", None))
+                   for cid in registry.ids()]
         self.send(p.ClientList(clients=clients, requestId=msg.requestId))
 
     def on_connect_request(self, msg: p.ConnectRequest) -> None:
@@ -195,6 +199,7 @@ class ControlConnection:
             sessionId=session.id,
             secret=session.secret_b,
             relayAddr=self.server.relay_addr(target, msg.protocol),
+            peerPublicKey=self.public_key,
         ))
         if not told_target:
             self.server.close_session(session, "target went offline", notify=False)
@@ -206,6 +211,7 @@ class ControlConnection:
             service=p.Service(port=msg.remotePort, protocol=msg.protocol),
             relayAddr=self.server.relay_addr(self, msg.protocol),
             requestId=msg.requestId,
+            peerPublicKey=target.public_key,
         ))
 
     def _own_session_as_target(self, session_id: str) -> Session | None:

@@ -18,9 +18,10 @@ import sys
 import threading
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 
-from . import config, logsafe, service, startcheck
+from . import config, logsafe, service, startcheck, systemunit
 from .autostart import install_autostart, remove_autostart
 from .errors import ChuantouError
 from .supervisor import follow_log, read_log_tail, start_background, stop_background, supervise
@@ -153,6 +154,42 @@ class Program:
             app.stop()
         return 0
 
+    def system_service(self, args) -> systemunit.SystemService:
+        return systemunit.SystemService(self.role, self.module, user=args.user, root=Path(args.root))
+
+    def install_service(self, args, prepare: Callable[[argparse.Namespace, Path], None]) -> int:
+        """``install-service [--print] [--user NAME]``: the system unit running the foreground
+        program with these run options; ``prepare(args, config_path)`` writes the service's config
+        (as ``start`` does in the user's terminal: the relay's token is made and shown here)."""
+        if getattr(args, "config", None):
+            raise config.ConfigError(f"the service keeps its config in {systemunit.STATE_DIR}: install without "
+                                     f"--config, then edit that file or give the options here")
+        svc = self.system_service(args)
+        text = systemunit.unit_text(svc, self.worker_args(args))
+        if args.print:
+            print(text, end="")
+            return 0
+        systemunit.require_root(svc, "install-service")
+        done = systemunit.ensure_user(svc)
+        svc.under_root(systemunit.STATE_DIR).mkdir(mode=0o750, parents=True, exist_ok=True)
+        prepare(args, svc.under_root(svc.config_path))
+        systemunit.hand_state_to_user(svc)
+        for line in done + systemunit.install(svc, text):
+            print(line)
+        for line in [*systemunit.home_warnings(self.module), systemunit.boot_import_problem(self.module)]:
+            if line:
+                print(line, file=sys.stderr)
+        print(f"its other commands, as root: {systemunit.admin_prefix()} {sys.executable} -m {self.module} "
+              f"{'token' if self.role == 'server' else 'status'}")
+        return 0
+
+    def uninstall_service(self, args) -> int:
+        svc = self.system_service(args)
+        systemunit.require_root(svc, "uninstall-service")
+        for line in systemunit.uninstall(svc):
+            print(line)
+        return 0
+
     # --- their options ----------------------------------------------------------------------
 
     def add_start_command(self, sub, example: str, add_run_options: Callable) -> argparse.ArgumentParser:
@@ -173,6 +210,21 @@ class Program:
         logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
         logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
         return logs
+
+    def add_service_commands(self, sub, add_run_options: Callable) -> None:
+        """install-service (with the run options the unit starts with) and uninstall-service."""
+        unit = "chuantou-relay" if self.role == "server" else "chuantou-client"
+        install = sub.add_parser("install-service", help=f"run at boot as the systemd system service {unit} "
+                                 "(as root)", epilog=f"example: sudo python -m {self.module} install-service --print")
+        add_run_options(install, inherit=True)
+        install.add_argument("--print", action="store_true", help="show the unit without installing (no root needed)")
+        install.add_argument("--user", metavar="NAME", help="run as this system user, made if missing (default: "
+                             "a dynamic user systemd makes for the service)")
+        uninstall = sub.add_parser("uninstall-service", help=f"stop, disable and remove {unit} (as root)",
+                                   epilog=f"example: sudo python -m {self.module} uninstall-service")
+        for command in (install, uninstall):
+            command.add_argument("--root", default="/", help=argparse.SUPPRESS)  # tests: a staging root
+        uninstall.set_defaults(user=None)
 
     def add_config_option(self, command: argparse.ArgumentParser) -> None:
         """--config on a command that talks to a running instance."""

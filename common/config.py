@@ -114,13 +114,30 @@ def load(path: Path, keys: dict[str, Key]) -> dict:
     return validate(data, keys, str(path))
 
 
+def _owner_to_keep(path: Path) -> tuple[int, int] | None:
+    """(uid, gid) of the file being replaced when root replaces another user's file, else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
+
+
 def save(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON, atomically, readable only by the owner."""
+    """Write ``data`` as indented JSON, atomically, readable only by the owner.
+
+    The file keeps its owner: root editing a system service's config (``token add``) must not
+    leave it unreadable to the service's user."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    owner = _owner_to_keep(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)
+        if owner:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -70,13 +70,14 @@ def verify_proof(candidates, client_id: str, nonce: str, proof: str | None) -> V
 
 # --- the client's side -----------------------------------------------------------------------
 
-def register_for(challenge, client_id: str, token: str | None, takeover: bool = True) -> p.Register:
+def register_for(challenge, client_id: str, token: str | None, takeover: bool = True,
+                 public_key: str | None = None) -> p.Register:
     """The ``register`` answering ``challenge``; Refused if the first message was not one."""
     if not isinstance(challenge, p.Challenge):
         raise Refused("the relay did not open with a challenge; is it a chuantou relay of the same version?")
     proof = auth.register_proof(token, challenge.nonce, client_id) if token else None
     return p.Register(clientId=client_id, protocolVersion=p.PROTOCOL_VERSION, auth=proof,
-                      takeover=None if takeover else False)
+                      takeover=None if takeover else False, publicKey=public_key)
 
 
 def registration_result(reply) -> p.RegisterResponse | None:

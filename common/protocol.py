@@ -23,6 +23,9 @@ PROTOCOL_VERSION = 2  # 2: UDP registrations prove the secret over a relay chall
 MAX_MESSAGE_BYTES = 64 * 1024
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
+# a client's public key: base64 of its SubjectPublicKeyInfo DER (sealed sessions; a hint only,
+# since a client trusts the key its peer proves against its own pin, never what the relay says)
+PUBLIC_KEY_PATTERN = re.compile(r"^[A-Za-z0-9+/]{4,2048}={0,2}$")
 PROTOCOLS = ("tcp", "udp")
 # register_response codes: the ID is live with the same credential and takeover was false; the
 # ID is online with, or reserved for, another credential
@@ -81,11 +84,17 @@ def _require(condition: bool, problem: str) -> None:
         raise ProtocolError(problem)
 
 
+def _check_public_key(value: str | None, name: str) -> None:
+    if value is not None:
+        _require(bool(PUBLIC_KEY_PATTERN.match(value)), f"{name} must be base64 of at most 1.5 KiB")
+
+
 # --- nested values -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ClientInfo:
     id: str
+    publicKey: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,7 @@ class Register(Message, wire="register", sent_by="client"):
     # False: do not replace a live connection holding this ID (a client that was itself replaced
     # asks this, so two holders of one token do not take turns kicking each other); unset: replace
     takeover: bool | None = None
+    publicKey: str | None = None  # this client's key for sealed sessions (see PUBLIC_KEY_PATTERN)
 
     def check(self) -> None:
         _require(
@@ -135,6 +145,7 @@ class Register(Message, wire="register", sent_by="client"):
             "clientId must be 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
         )
+        _check_public_key(self.publicKey, "publicKey")
 
 
 @dataclass(frozen=True)
@@ -190,9 +201,11 @@ class ConnectOffer(Message, wire="connect_request", sent_by="relay"):
     toClientId: str | None = None  # B's own ID, as A named it
     localPort: int | None = None  # the port of A's proxy, for B's page
     requestId: str | None = None
+    peerPublicKey: str | None = None  # the requester's key as it registered it (a hint for B)
 
     def check(self) -> None:
         _check_target(self.remotePort, self.protocol, self.remoteHost)
+        _check_public_key(self.peerPublicKey, "peerPublicKey")
 
 
 def _check_target(port: int, protocol: str, host: str | None) -> None:
@@ -210,6 +223,10 @@ class CreateSession(Message, wire="create_session", sent_by="relay"):
     service: Service
     relayAddr: RelayAddr
     requestId: str | None = None
+    peerPublicKey: str | None = None  # the target's key as it registered it (a hint for A)
+
+    def check(self) -> None:
+        _check_public_key(self.peerPublicKey, "peerPublicKey")
 
 
 @dataclass(frozen=True)

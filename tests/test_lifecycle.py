@@ -12,6 +12,7 @@ import pytest
 
 from chuantou_client import ChuantouError, Client
 from chuantou_server import Server
+from common import identity
 
 from helpers import (
     HOST,
@@ -103,28 +104,30 @@ def test_server_restarted_on_the_same_port_clients_reconnect_and_the_proxy_works
 
 @pytest.mark.timeout(30)
 def test_target_client_restarted_proxy_works_again(server, client_a, make_client, tcp_echo):
-    b = make_client(server, "B")
+    key = identity.generate()  # a restart keeps the key (in its file): its peers' pins still match
+    b = make_client(server, "B", identity=key)
     proxy = client_a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
     assert echo_roundtrip(proxy.local_port, b"echo?") == b"echo?"
     b.stop()
     wait_until(lambda: "B" not in server.registry.ids())
     assert [t for t in library_threads() if t.startswith("chuantou-client-B-")] == []
 
-    make_client(server, "B")
+    make_client(server, "B", identity=key)
     assert echo_roundtrip(proxy.local_port, b"B is back") == b"B is back"
     proxy.close()
 
 
 @pytest.mark.timeout(30)
 def test_gateway_client_restarted_gets_its_proxy_port_back(server, make_client, client_b, tcp_echo):
-    a = make_client(server, "A")
+    key = identity.generate()
+    a = make_client(server, "A", identity=key)
     proxy = a.create_proxy(0, "B", tcp_echo.port)
     port = proxy.local_port
     assert echo_roundtrip(port, b"echo?") == b"echo?"
     a.stop()
     assert proxy.closed
     assert own_sockets_on([port]) == []
-    a2 = make_client(server, "A")
+    a2 = make_client(server, "A", identity=key)
     proxy2 = a2.create_proxy(port, "B", tcp_echo.port)
     assert echo_roundtrip(port, b"same port") == b"same port"
     proxy2.close()

@@ -20,14 +20,14 @@ SECRET = "fedcba9876543210" * 2
 # both sides send with different shapes appears once per sender ("connect_request").
 WIRE = {
     "challenge": ["nonce", "authRequired", "protocolVersion"],
-    "register": ["clientId", "protocolVersion", "auth", "takeover"],
+    "register": ["clientId", "protocolVersion", "auth", "takeover", "publicKey"],
     "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion", "code"],
     "get_client_list": ["requestId"],
     "client_list": ["clients", "requestId"],
     "connect_request": ["toClientId", "remotePort", "remoteHost", "requestId", "protocol", "localPort"],
     "connect_request (relay)": ["fromClientId", "sessionId", "secret", "relayAddr", "remotePort", "remoteHost",
-                                "protocol", "toClientId", "localPort", "requestId"],
-    "create_session": ["sessionId", "peerClientId", "secret", "service", "relayAddr", "requestId"],
+                                "protocol", "toClientId", "localPort", "requestId", "peerPublicKey"],
+    "create_session": ["sessionId", "peerClientId", "secret", "service", "relayAddr", "requestId", "peerPublicKey"],
     "accept_session": ["sessionId"],
     "reject_session": ["sessionId", "reason"],
     "heartbeat": ["timestamp"],
@@ -36,7 +36,7 @@ WIRE = {
     "error": ["message", "code", "requestId"],
 }
 NESTED = {
-    p.ClientInfo: ["id"],
+    p.ClientInfo: ["id", "publicKey"],
     p.RelayAddr: ["host", "port", "protocol"],
     p.Service: ["port", "protocol"],
 }

@@ -55,7 +55,9 @@ def test_relay_counts_bytes_per_session_and_direction(server, client_a, client_b
         assert recv_exactly(user, 100_000) == b"x" * 100_000
         (session,) = wait_until(lambda: server.sessions.all())
         assert (session.client_a, session.client_b) == ("A", "B")
-        wait_until(lambda: session.bytes_a_to_b == 100_000 and session.bytes_b_to_a == 100_000)
+        # sessions are sealed: the relay counts ciphertext, the bytes plus the handshake and
+        # the records' overhead (a few KiB; the volume is what a relay still sees)
+        wait_until(lambda: 100_000 < session.bytes_a_to_b < 108_000 and 100_000 < session.bytes_b_to_a < 108_000)
     proxy.close()
 
 

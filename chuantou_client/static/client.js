@@ -47,6 +47,7 @@
     myId = s.clientId;
     setText("client-id", s.clientId);
     setText("server-url", s.serverUrl);
+    setText("fingerprint", s.fingerprint || "");
     const [label, cls] = STATES[s.state] || [s.state, "tag"];
     const badge = document.getElementById("state");
     badge.className = cls;

@@ -1,0 +1,307 @@
+"""Sealed TCP sessions: TLS 1.3 between A and B *inside* the data channel the relay joined, so
+the relay pumps ciphertext it can neither read nor change undetected.
+
+Construction: A is the TLS client, B the TLS server; each presents the self-signed certificate
+of its long-term key (common.identity), and each checks the key the other proved (TLS 1.3's
+CertificateVerify signs the handshake with it) against its pin (known_clients), never against
+what the relay said. Certificate chains mean nothing here; only the keys do.
+
+OpenSSL on a server that asks for a client certificate insists on a chain to a trusted anchor
+(the ``ssl`` module has no verify callback). So A first sends its certificate in a short
+preamble, and B makes that certificate the only anchor of the handshake's context. That adds
+no trust: the preamble only lets OpenSSL finish, and after the handshake B checks the key A
+*proved* against its pin, exactly as A does with B's.
+
+    A -> B   b"CTS1" | u16 length | A's certificate (DER)      then the TLS 1.3 handshake
+
+Afterwards every byte is an AEAD record: a flipped, dropped, replayed or reordered byte fails
+authentication and a stream that ends without close_notify is a truncation; both reset the
+connection with a logged reason (``SealedStream``), so nothing altered or shortened is
+delivered. Half-close passes through as close_notify then FIN (common.tls.TlsStream).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+
+from common import identity as ident
+from common.errors import ChuantouError
+from common.net import recv_exact, reset_connection
+from common.tls import TlsStream, TlsTruncated
+
+from .known_clients import AllowFrom, KeyRefused, KnownClients
+
+log = logging.getLogger("chuantou.client")
+
+PREAMBLE_MAGIC = b"CTS1"
+PREAMBLE = struct.Struct("!4sH")
+MAX_CERTIFICATE = 4096  # an Ed25519 self-signed certificate is ~400 bytes
+REFUSAL_WAIT = 2.0  # B waits this long for the relay to close a session it refused
+READ_DISCARD = 64 * 1024
+CONTEXT_CACHE = 64  # B's per-peer handshake contexts kept (one per peer certificate)
+
+
+class SealError(ChuantouError):
+    """A sealed session could not be set up; ``peer_reason`` is what the other side may be told."""
+
+    def __init__(self, message: str, peer_reason: str | None = None, refused_here: bool = False):
+        super().__init__(message)
+        self.peer_reason = peer_reason or "the sealed session could not be set up"
+        self.refused_here = refused_here  # this side refused the peer's key (else: the handshake failed)
+
+
+# --- the stream -----------------------------------------------------------------------------------
+
+class SealedStream(TlsStream):
+    """A TlsStream whose failures say what they mean: tampering or truncation is logged once
+    as a warning and raised as a ConnectionResetError, which a Pipe passes on as a reset."""
+
+    label = "sealed session"
+    _own_shutdown = False
+    _reported = False
+
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        try:
+            return super().recv_into(buffer, nbytes)
+        except TlsTruncated:
+            raise self._broken("the stream was cut without the peer's close_notify (a relay or network "
+                               "ended it early)") from None
+        except ssl.SSLError as exc:
+            raise self._broken(f"a record failed authentication ({exc.reason or exc}): the data was altered, "
+                               f"dropped, replayed or reordered on the way") from None
+
+    def _broken(self, why: str) -> ConnectionResetError:
+        reason = f"{self.label}: {why}; connection reset, nothing of it delivered"
+        if not self._own_shutdown and not self._reported:
+            self._reported = True
+            log.warning("%s", reason)
+        return ConnectionResetError(reason)
+
+    def shutdown(self, how: int) -> None:
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self._own_shutdown = True  # our own abort wakes the reader: not the relay's doing
+        super().shutdown(how)
+
+
+# --- the two handshakes -----------------------------------------------------------------------------
+
+def client_context(identity: ident.Identity) -> ssl.SSLContext:
+    """A's context: presents A's certificate; B's is checked by key after the handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the chain means nothing; the proven key is checked below
+    identity.load_into(context)
+    return context
+
+
+def server_context(identity: ident.Identity, peer_certificate: bytes) -> ssl.SSLContext:
+    """B's context for one peer: requires a client certificate, with the one A announced as the
+    only anchor (see the module docstring: it lets OpenSSL finish; the pin decides)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.num_tickets = 0  # no resumption: every session proves its keys afresh
+    context.verify_mode = ssl.CERT_REQUIRED
+    identity.load_into(context)
+    try:
+        context.load_verify_locations(cadata=peer_certificate)
+    except ssl.SSLError as exc:
+        raise SealError(f"the peer's certificate is unusable: {exc}") from None
+    return context
+
+
+def seal_as_a(sock, identity: ident.Identity, expected_fp: str | None, deadline: float, *,
+              context: ssl.SSLContext | None = None, verify=None, on_proven=None,
+              label: str = "sealed session") -> SealedStream:
+    """Seal the joined data channel ``sock`` as A and return the stream. B's proven key must be
+    ``expected_fp`` if given, and pass ``verify(proven_fp)`` (which raises) if given; then
+    ``on_proven(proven_fp)`` is called (to record it). On failure ``sock`` is reset and
+    SealError raised."""
+    try:
+        der = identity.certificate_der
+        sock.sendall(PREAMBLE.pack(PREAMBLE_MAGIC, len(der)) + der)
+        stream = SealedStream.handshake(sock, context or client_context(identity), False, deadline)
+        stream.label = label
+        proven = _check_proven(stream, expected_fp, verify)
+        if on_proven is not None:
+            on_proven(proven)
+        stream.settimeout(None)
+        return stream
+    except BaseException as exc:
+        reset_connection(sock)
+        raise _as_seal_error(exc, "B") from None
+
+
+def seal_as_b(sock, identity: ident.Identity, expected_fp: str | None, deadline: float, *,
+              contexts: "ServerContexts | None" = None, verify=None, on_proven=None, on_failure=None,
+              label: str = "sealed session") -> SealedStream:
+    """Seal the joined data channel ``sock`` as B; A's proven key is checked as in seal_as_a.
+    ``on_failure(error)`` may tell the relay why (a reject_session); then B waits for the relay
+    to close the channel, so that reason, not a bare reset, is what reaches A."""
+    try:
+        certificate = read_preamble(sock, deadline)
+        announced = ident.certificate_fingerprint(certificate)
+        _check_key(announced, expected_fp, verify)  # refuse early, before any handshake work
+        context = contexts.get(certificate) if contexts else server_context(identity, certificate)
+        stream = SealedStream.handshake(sock, context, True, deadline)
+        stream.label = label
+        proven = _check_proven(stream, expected_fp, verify)
+        if on_proven is not None:
+            on_proven(proven)
+        stream.settimeout(None)
+        return stream
+    except BaseException as exc:
+        error = _as_seal_error(exc, "A")
+        if on_failure is not None and isinstance(error, SealError):
+            on_failure(error)
+            _wait_for_close(sock, REFUSAL_WAIT)
+        reset_connection(sock)
+        raise error from None
+
+
+def _wait_for_close(sock, timeout: float) -> None:
+    """Read (and drop) until the relay closes the channel or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            if not sock.recv(READ_DISCARD):
+                return
+    except OSError:
+        return
+
+
+def read_preamble(sock, deadline: float) -> bytes:
+    magic, size = PREAMBLE.unpack(recv_exact(sock, PREAMBLE.size, deadline))
+    if magic != PREAMBLE_MAGIC:
+        raise SealError("the peer did not open a sealed session (is it an older chuantou without sealing?)",
+                        "the target client expected a sealed session")
+    if not 0 < size <= MAX_CERTIFICATE:
+        raise SealError(f"the peer announced a certificate of {size} bytes (at most {MAX_CERTIFICATE})")
+    return recv_exact(sock, size, deadline)
+
+
+def _check_proven(stream: TlsStream, expected_fp: str | None, verify) -> str:
+    der = stream.peer_certificate()
+    if der is None:
+        raise SealError("the peer presented no certificate")
+    proven = ident.certificate_fingerprint(der)
+    _check_key(proven, expected_fp, verify)
+    return proven
+
+
+def _check_key(proven: str, expected_fp: str | None, verify) -> None:
+    if expected_fp is not None and not ident.same_fingerprint(expected_fp, proven):
+        raise KeyRefused(f"the peer proved the key {proven}, not the expected {expected_fp}")
+    if verify is not None:
+        verify(proven)
+
+
+def _as_seal_error(exc: BaseException, other: str) -> BaseException:
+    if isinstance(exc, SealError):
+        return exc
+    if isinstance(exc, KeyRefused):
+        return SealError(str(exc), "the peer's key was refused (see that client's log)", refused_here=True)
+    if isinstance(exc, ident.IdentityError):
+        return SealError(f"sealing failed: {exc}")
+    if isinstance(exc, ssl.SSLError):
+        return SealError(f"sealed handshake with {other} failed: {exc.reason or exc}")
+    if isinstance(exc, (OSError, ValueError, struct.error)):
+        return SealError(f"sealed handshake with {other} failed: {exc}")
+    return exc
+
+
+class ServerContexts:
+    """B's handshake contexts by peer certificate, so a peer's sessions share one (making a
+    context costs more than the handshake); bounded, least recently used first out."""
+
+    def __init__(self, identity: ident.Identity, size: int = CONTEXT_CACHE):
+        self.identity = identity
+        self.size = size
+        self._lock = threading.Lock()
+        self._contexts: collections.OrderedDict[bytes, ssl.SSLContext] = collections.OrderedDict()
+
+    def get(self, certificate: bytes) -> ssl.SSLContext:
+        key = hashlib.sha256(certificate).digest()
+        with self._lock:
+            context = self._contexts.get(key)
+            if context is not None:
+                self._contexts.move_to_end(key)
+                return context
+        context = server_context(self.identity, certificate)
+        with self._lock:
+            self._contexts[key] = context
+            while len(self._contexts) > self.size:
+                self._contexts.popitem(last=False)
+        return context
+
+
+# --- what a client uses -------------------------------------------------------------------------------
+
+class Sealing:
+    """One client's sealing: its identity, its pins and who may reach it."""
+
+    def __init__(self, identity: ident.Identity, known: KnownClients | None = None, allow_from=(),
+                 timeout: float = 10.0):
+        self.identity = identity
+        self.known = known if known is not None else KnownClients(None)
+        self.allow_from = allow_from if isinstance(allow_from, AllowFrom) else AllowFrom(allow_from)
+        self.timeout = timeout
+        self._client_context = client_context(identity)
+        self._server_contexts = ServerContexts(identity)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    def seal_a(self, sock, peer: str, pinned: str | None, session_id: str, hint: str | None = None) -> SealedStream:
+        """A's side of session ``session_id`` to ``peer`` (the ID this proxy targets)."""
+        deadline = time.monotonic() + self.timeout
+        return seal_as_a(sock, self.identity, None, deadline, context=self._client_context,
+                         verify=lambda proven: self.known.verify(peer, proven, pinned),
+                         on_proven=lambda proven: self._accept(peer, proven, hint),
+                         label=f"sealed session {session_id[:8]}... to {peer}")
+
+    def seal_b(self, sock, peer: str, session_id: str, hint: str | None = None, on_failure=None) -> SealedStream:
+        """B's side of session ``session_id`` from ``peer`` (the ID the relay named)."""
+        def verify(proven: str) -> None:
+            self.known.verify(peer, proven)
+            refusal = self.allow_from.refusal(peer, proven)
+            if refusal is not None:
+                raise SealError(refusal, "the target client does not accept sessions from this client",
+                                refused_here=True)
+
+        deadline = time.monotonic() + self.timeout
+        return seal_as_b(sock, self.identity, None, deadline, contexts=self._server_contexts, verify=verify,
+                         on_failure=on_failure, on_proven=lambda proven: self._accept(peer, proven, hint),
+                         label=f"sealed session {session_id[:8]}... from {peer}")
+
+    def early_refusal(self, peer: str | None, hint: str | None) -> str | None:
+        """Refuse before any work (connecting to the service) a peer that --allow-from cannot
+        admit even by the relay's own account; the proven key is checked again when sealing."""
+        if not self.allow_from:
+            return None
+        spki = ident.decode_public_key(hint)
+        claimed = ident.fingerprint_of_spki(spki) if spki else None
+        if peer in self.allow_from.ids or claimed in self.allow_from.fingerprints:
+            return None
+        return f"client '{peer}' is not in --allow-from ({self.allow_from.describe()})"
+
+    def _accept(self, peer: str, proven: str, hint: str | None) -> None:
+        _note_hint(peer, hint, proven)
+        self.known.record(peer, proven)
+
+
+def _note_hint(peer: str, hint: str | None, proven: str) -> None:
+    """The relay's word on the key is only a hint; when it differs from the proof, say so."""
+    spki = ident.decode_public_key(hint)
+    if spki is not None and ident.fingerprint_of_spki(spki) != proven:
+        log.warning("the relay named a different key for %s (%s) than the one it proved (%s); "
+                    "the proven key was checked against the pin", peer, ident.fingerprint_of_spki(spki), proven)
