@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import cast
+from typing import TypeVar, cast
 
 from .errors import ChuantouError
 
@@ -80,6 +80,9 @@ def check_pin(der: bytes | None, fingerprint: str | None) -> None:
                        f"refusing to connect (check --tls-fingerprint)")
 
 
+_Stream = TypeVar("_Stream", bound="TlsStream")  # handshake() returns the subclass it is called on
+
+
 class TlsStream:
     """A TLS connection over a blocking TCP socket, with the socket methods the relay uses."""
 
@@ -96,8 +99,8 @@ class TlsStream:
         self._eof = False  # the peer's close_notify has been read
 
     @classmethod
-    def handshake(cls, sock: socket.socket, context: ssl.SSLContext, server_side: bool, deadline: float,
-                  server_hostname: str | None = None) -> "TlsStream":
+    def handshake(cls: type[_Stream], sock: socket.socket, context: ssl.SSLContext, server_side: bool,
+                  deadline: float, server_hostname: str | None = None) -> _Stream:
         stream = cls(sock, context, server_side, server_hostname)
         while True:
             try:
