@@ -30,7 +30,7 @@ setup(
         "prometheus-client>=0.17",  # /metrics: the text format, its escaping and metric types done right
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10", "mypy>=1.8"],
     },
     entry_points={
         "console_scripts": [

@@ -35,6 +35,7 @@ import socket
 import threading
 import urllib.parse
 from pathlib import Path
+from typing import Any, Callable
 
 from common import pages
 from common.errors import ChuantouError, PortInUseError
@@ -126,6 +127,7 @@ class AdminServer:
     def login_link(self) -> str:
         """A one-time link that logs a browser in (it works once, for a quarter of an hour)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
+        assert self.auth is not None  # start() made it
         return f"http://{host}:{self.port}/login?key={self.auth.new_code()}"
 
     @property
@@ -141,6 +143,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     server_version = "chuantou"
     timeout = REQUEST_TIMEOUT
     protocol_version = "HTTP/1.1"
+    server: _HttpServer
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -216,6 +219,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def _authenticated(self) -> bool:
         auth = self.server_ref.auth
+        assert auth is not None  # start() made it before serving
         given = self.headers.get(apiauth.HEADER)
         if given is not None:
             return auth.key_matches(given)
@@ -226,6 +230,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD" or "prefetch" in self.headers.get("Sec-Purpose", self.headers.get("Purpose", "")):
             raise ApiError(405, "open the login link in the browser")  # a prefetch must not use the code up
         auth = self.server_ref.auth
+        assert auth is not None  # start() made it before serving
         codes = urllib.parse.parse_qs(query).get("key", [])
         session_id = next(filter(None, (auth.redeem(code) for code in codes[:1])), None)
         if session_id is None:
@@ -239,6 +244,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self._redirect("/", {"Set-Cookie": cookie})
 
     def _logout(self) -> None:
+        assert self.server_ref.auth is not None  # start() made it before serving
         self.server_ref.auth.log_out(self._session_ids())
         self._send(200, json.dumps({"message": "logged out"}).encode(), "application/json",
                    {"Set-Cookie": apiauth.cookie_header(self.server_ref.port, "", 0)})
@@ -349,7 +355,7 @@ def _port(data: dict, key: str) -> int:
     return value
 
 
-ROUTES = [
+ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]]]] = [
     ("GET", r"/api/status", ApiHandler.get_status),
     ("GET", r"/api/proxies", ApiHandler.get_proxies),
     ("POST", r"/api/proxies", ApiHandler.post_proxy),

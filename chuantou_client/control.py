@@ -169,6 +169,7 @@ class ControlChannel:
             raise
         try:
             if self._tls is not None:
+                assert isinstance(ws.sock, ssl.SSLSocket)  # TLS settings come only with a wss:// URL
                 tls.check_pin(ws.sock.getpeercert(binary_form=True), self._tls.fingerprint)
             try:
                 ws.send(p.encode(handshake.register_for(self._receive_message(ws), self.client_id, self._token,

@@ -6,6 +6,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from common import protocol as p
 from common.errors import ChuantouError
@@ -34,8 +35,9 @@ def open_data_channel(addr: p.RelayAddr, session_id: str, secret: str, side: str
     try:
         tune_tcp(sock)
         if tls is not None:
-            sock = TlsStream.handshake(sock, tls.context, False, deadline, server_hostname=addr.host)
-            check_pin(sock.peer_certificate(), tls.fingerprint)
+            stream = TlsStream.handshake(sock, tls.context, False, deadline, server_hostname=addr.host)
+            sock = cast(socket.socket, stream)  # TlsStream has the socket methods the pipe uses
+            check_pin(stream.peer_certificate(), tls.fingerprint)
         sock.sendall(pack_data_header(JoinRequest(side, session_id, secret)))
         status = JoinStatus(recv_exact(sock, 1, deadline)[0])
     except (OSError, ValueError, TlsError) as exc:

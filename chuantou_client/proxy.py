@@ -91,7 +91,7 @@ class Proxy:
                             for sock, kind in ((tcp, "tcp"), (udp, "udp")) if sock is not None]
         if tcp is not None:
             self.threads.spawn("tcp", self._accept_loop)
-        if udp is not None:
+        if self.udp is not None:
             self.threads.spawn("udp", self.udp.run)
         log.info("proxy created: %s (%s)", self.description, self.protocol)
         if self.exposure_warning:
@@ -172,6 +172,7 @@ class Proxy:
     # --- TCP --------------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
+        assert self._tcp is not None  # open() runs this loop only with a TCP listener
         while not self._closed.is_set():
             try:
                 user, addr = self._tcp.accept()

@@ -4,6 +4,7 @@ user gave to ``start`` and what the running client uses."""
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 from common.auth import fingerprint
 from common.tls import normalize_fingerprint
@@ -22,7 +23,7 @@ def canonical_hosts(hosts) -> list[str]:
 
 def given_options(args) -> dict:
     """The run options typed on this command line (``--admin-port 0``, "any port", is no wish)."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731
+    get: Callable[[str], Any] = lambda name: getattr(args, name, None)  # noqa: E731
     given = {
         "--server": get("server"),
         "--client-id": get("client_id"),

@@ -135,13 +135,14 @@ def _session_facts(msg: p.ConnectOffer) -> dict:
     return {"peer": msg.fromClientId, "port": msg.remotePort, "protocol": msg.protocol}
 
 
-def _connect_service(client, msg: p.ConnectOffer, service: tuple) -> socket.socket | None:
+def _connect_service(client, msg: p.ConnectOffer, service: tuple[str, int]) -> socket.socket | None:
     """A connection to the service at an address that was checked against this client's own
     sockets, or None (and the session rejected)."""
     try:
         candidates = resolve_for_connect(*service, "tcp")
     except OSError as exc:
-        return _unreachable(client, msg, service, f"cannot resolve it: {exc.strerror or exc}")
+        _unreachable(client, msg, service, f"cannot resolve it: {exc.strerror or exc}")
+        return None
     if any(client.self_guard.reaches_self(addr, "tcp") for _, addr in candidates):
         log.warning("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], SELF_REFUSAL)
         _reject(client, msg, f"{target_label(msg)} is not allowed by the target client")
@@ -156,13 +157,14 @@ def _connect_service(client, msg: p.ConnectOffer, service: tuple) -> socket.sock
         except OSError as exc:
             error = exc
             sock.close()
-    return _unreachable(client, msg, service, f"cannot connect: {error.strerror or error}")
+    assert error is not None  # getaddrinfo gives at least one address or raises
+    _unreachable(client, msg, service, f"cannot connect: {error.strerror or error}")
+    return None
 
 
 def _unreachable(client, msg: p.ConnectOffer, service: tuple, detail: str) -> None:
     log.info("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], detail)
     _reject(client, msg, f"the target client cannot reach {target_label(msg)} (details in its log)")
-    return None
 
 
 def _reject(client, msg: p.ConnectOffer, reason: str) -> None:

@@ -69,7 +69,7 @@ class UdpGateway:
                     continue
             flow.send(data)
 
-    def _start_flow(self, addr: tuple):
+    def _start_flow(self, addr: tuple) -> UdpFlow | None:
         flow = UdpFlow(self, addr)
         with self._lock:
             self.flows[addr] = flow
@@ -80,7 +80,7 @@ class UdpGateway:
             return None
         return flow
 
-    def _forget(self, flow) -> None:
+    def _forget(self, flow: UdpFlow) -> None:
         with self._lock:
             if self.flows.get(flow.user) is flow:
                 del self.flows[flow.user]
@@ -118,6 +118,7 @@ class UdpFlow:
     def send(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         if self.ready:
+            assert self.sock is not None and self.relay is not None  # _serve sets both before ready
             try:
                 self.sock.sendto(data, self.relay)
             except OSError:
@@ -177,6 +178,7 @@ class UdpFlow:
         self._pump_replies(registrar, self.gateway.proxy.client.udp_idle_timeout)
 
     def _pump_replies(self, registrar, idle_timeout: float) -> None:
+        assert self.sock is not None  # _serve made it
         keepalive = self.gateway.proxy.client.udp_keepalive
         self.sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
         relay = self.relay
@@ -263,6 +265,7 @@ class UdpTarget:
 
     def _pump(self, registrar, relay: tuple, service: tuple, idle_timeout: float) -> None:
         sock = self.sock
+        assert sock is not None  # run() made it
         keepalive = self.client.udp_keepalive
         sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
         last_active = time.monotonic()
@@ -289,6 +292,7 @@ class UdpTarget:
                 self._send(data, relay, to_service=False)
 
     def _send(self, data: bytes, addr: tuple, to_service: bool) -> None:
+        assert self.sock is not None  # only _pump sends
         try:
             self.sock.sendto(data, addr)
         except OSError as exc:

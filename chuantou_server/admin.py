@@ -34,7 +34,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote, urlsplit
 
 from common import __version__, pages
@@ -157,7 +157,9 @@ def _token_matches(server: Server, given: str, peer: tuple) -> str:
     failures = server.admin_login_failures
     if failures.blocked(peer[0]):
         return LIMITED
-    if hmac.compare_digest(given.encode("utf-8", "replace"), server.config.admin_token.encode()):
+    admin_token = server.config.admin_token
+    assert admin_token is not None  # handle() answers _disabled before any token is checked
+    if hmac.compare_digest(given.encode("utf-8", "replace"), admin_token.encode()):
         return ALLOWED
     failures.failed(peer[0])
     return DENIED
@@ -368,7 +370,7 @@ def close_session(server: Server, session_id: str) -> tuple:
     return _json(200, {"message": f"session {found[0].id[:8]} closed"})
 
 
-ROUTES = [
+ROUTES: list[tuple[str, str, Callable[..., tuple]]] = [
     ("GET", r"/api/status", status),
     ("GET", r"/api/clients", clients),
     ("GET", r"/api/sessions", sessions),

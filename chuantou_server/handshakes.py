@@ -43,6 +43,7 @@ class HandshakeGate:
         """Give ``sock`` a slot; False if its source may not have one now (the caller closes it)."""
         key = source_key(ip)
         victim = None
+        refused: str | None
         with self._lock:
             held = len(self._by_source.get(key, ()))
             if held >= self.per_source:
@@ -83,7 +84,7 @@ class HandshakeGate:
                 other_rank = self._rank(other, len(socks))
                 if rank is None or other_rank > rank:
                     heaviest, rank = other, other_rank
-        if heaviest is None or rank <= self._rank(key, would_hold):
+        if heaviest is None or rank is None or rank <= self._rank(key, would_hold):
             return None
         socks = self._by_source[heaviest]
         victim = next(iter(socks))

@@ -110,7 +110,7 @@ def accept_websocket(sock: socket.socket, request: Request, thread_factory, max_
     Raises BadRequest for an upgrade request the WebSocket library refuses (no or a wrong
     Sec-WebSocket-Version or -Key, ...)."""
     control_socket = ControlSocket(sock)
-    environ = {"werkzeug.socket": control_socket}
+    environ: dict[str, object] = {"werkzeug.socket": control_socket}
     for name, value in request.headers.items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
     try:

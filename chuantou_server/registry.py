@@ -14,8 +14,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from common.limits import LimitLog, source_key
+
+if TYPE_CHECKING:
+    from .signaling import ControlConnection
 
 log = logging.getLogger("chuantou.server")
 
@@ -30,7 +34,7 @@ IN_USE = "in_use"  # live with the same credential, and the claim asked not to t
 
 @dataclass(frozen=True)
 class Claim:
-    replaced: object | None = None  # the connection the claim replaced, if any
+    replaced: ControlConnection | None = None  # the connection the claim replaced, if any
     refused: str | None = None  # ONLINE_ELSEWHERE, RESERVED, IN_USE, or None: granted
 
 
@@ -41,13 +45,13 @@ class ClientRegistry:
         self.max_reserved_per_credential = max_reserved_per_credential
         self.limit_log = LimitLog(log)
         self._lock = threading.Lock()
-        self._clients: dict[str, object] = {}
+        self._clients: dict[str, ControlConnection] = {}
         self._owner: dict[str, str] = {}  # client ID -> credential it is bound to (online or reserved)
         # credential -> {client ID: monotonic time it went offline}, oldest first
         self._offline: dict[str, collections.OrderedDict[str, float]] = {}
         self._sources: collections.Counter = collections.Counter()  # source key -> live clients from there
 
-    def claim(self, client_id: str, conn, takeover: bool = True) -> Claim:
+    def claim(self, client_id: str, conn: ControlConnection, takeover: bool = True) -> Claim:
         """Make ``conn`` the connection for ``client_id`` unless the ID belongs to another
         credential, or is live and ``takeover`` is False. A granted claim returns the live
         connection it replaced (same credential), which the caller closes."""
@@ -66,7 +70,7 @@ class ClientRegistry:
                 self._count_source(old, -1)
             return Claim(replaced=old if old is not conn else None)
 
-    def unregister(self, client_id: str, conn) -> bool:
+    def unregister(self, client_id: str, conn: ControlConnection) -> bool:
         """Remove ``conn`` only if it is still the one registered (a replaced one is not); its
         ID stays reserved for its credential."""
         with self._lock:
@@ -104,7 +108,8 @@ class ClientRegistry:
 
     def _reservation_left(self, client_id: str) -> float:
         credential = self._owner.get(client_id)
-        offline_since = self._offline.get(credential, {}).get(client_id) if credential else None
+        offline = self._offline.get(credential) if credential else None
+        offline_since = offline.get(client_id) if offline is not None else None
         if offline_since is None:
             return 0.0
         return self.reservation_time - (time.monotonic() - offline_since)
@@ -120,8 +125,9 @@ class ClientRegistry:
 
     def _bind(self, client_id: str, credential: str | None) -> None:
         owner = self._owner.get(client_id)
-        if owner is not None:
-            self._offline.get(owner, {}).pop(client_id, None)
+        offline = self._offline.get(owner) if owner is not None else None
+        if offline is not None:
+            offline.pop(client_id, None)
         if credential is None:
             self._owner.pop(client_id, None)
         else:
@@ -144,6 +150,8 @@ class ClientRegistry:
 
     def _forget(self, client_id: str) -> None:
         credential = self._owner.pop(client_id, None)
+        if credential is None:
+            return
         offline = self._offline.get(credential)
         if offline is not None:
             offline.pop(client_id, None)
@@ -152,7 +160,7 @@ class ClientRegistry:
 
     # --- reading -----------------------------------------------------------------------------------
 
-    def get(self, client_id: str):
+    def get(self, client_id: str) -> ControlConnection | None:
         with self._lock:
             return self._clients.get(client_id)
 

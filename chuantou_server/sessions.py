@@ -14,10 +14,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from common.frames import ID_BYTES, SECRET_BYTES, JoinRequest, JoinStatus
 from common.net import reset_connection
+
+if TYPE_CHECKING:
+    from common.pipe import Pipe
 
 
 @dataclass(eq=False)
@@ -33,7 +36,7 @@ class Session:
     created_mono: float = field(default_factory=time.monotonic)
     sock_a: socket.socket | None = field(default=None, repr=False)
     sock_b: socket.socket | None = field(default=None, repr=False)
-    pipe: object | None = field(default=None, repr=False)
+    pipe: Pipe | None = field(default=None, repr=False)
     udp_a: tuple | None = None
     udp_b: tuple | None = None
     udp_bytes: list = field(default_factory=lambda: [0, 0])  # a->b, b->a

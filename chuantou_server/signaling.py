@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import simple_websocket
 from wsproto.utilities import LocalProtocolError
@@ -180,6 +180,7 @@ class ControlConnection:
             self.server.metrics.session_refused(msg.protocol, reason)
             self.send(p.Error(message=text, code=code, requestId=msg.requestId))
 
+        assert self.client_id is not None  # handle_frame lets nothing but a register through before it
         if msg.toClientId == self.client_id:
             return refuse("bad_request", "the target client is this client itself; reach the port directly",
                           metrics.TARGET_IS_SELF)
@@ -237,6 +238,7 @@ class ControlConnection:
 
     def on_session_closed(self, msg: p.SessionClosed) -> None:
         """A party ended a session the relay cannot see end (a UDP flow that went idle or was closed)."""
+        assert self.client_id is not None  # handle_frame lets nothing but a register through before it
         session = self.server.sessions.get(msg.sessionId)
         if session is None or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
@@ -262,14 +264,14 @@ def _claim_refusal(server: Server, client_id: str, refused: str) -> tuple[str, s
                 f"registration asked not to replace it; if both run on purpose, give one another --client-id",
                 p.ID_IN_USE)
     if refused == registry.RESERVED:
-        held = server.registry.reservation_time
-        held = f"{held / 3600:g} h" if held >= 3600 else f"{held:g} s"
+        seconds = server.registry.reservation_time
+        held = f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
         return (f"client ID '{client_id}' belongs to another credential: it stays reserved for the token that "
                 f"registered it for {held} after it goes offline; choose another --client-id", p.ID_TAKEN)
     return f"client ID '{client_id}' is online with a different credential; choose another --client-id", p.ID_TAKEN
 
 
-_HANDLERS = {
+_HANDLERS: dict[type[p.Message], Callable[[ControlConnection, Any], None]] = {
     p.Register: ControlConnection.on_register,
     p.GetClientList: ControlConnection.on_get_client_list,
     p.ConnectRequest: ControlConnection.on_connect_request,

@@ -4,6 +4,7 @@ user gave to ``start`` and what the running relay uses."""
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 from common.auth import fingerprint
 
@@ -14,7 +15,7 @@ def _path(value: str | None) -> str | None:
 
 def given_options(args) -> dict:
     """The run options typed on this command line."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731
+    get: Callable[[str], Any] = lambda name: getattr(args, name, None)  # noqa: E731
     metrics_token: str | None = get("metrics_token")
     given = {
         "--host": get("host"),

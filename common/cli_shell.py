@@ -176,9 +176,9 @@ class Program:
         systemunit.hand_state_to_user(svc)
         for line in done + systemunit.install(svc, text):
             print(line)
-        for line in [*systemunit.home_warnings(self.module), systemunit.boot_import_problem(self.module)]:
-            if line:
-                print(line, file=sys.stderr)
+        for warning in [*systemunit.home_warnings(self.module), systemunit.boot_import_problem(self.module)]:
+            if warning:
+                print(warning, file=sys.stderr)
         print(f"its other commands, as root: {systemunit.admin_prefix()} {sys.executable} -m {self.module} "
               f"{'token' if self.role == 'server' else 'status'}")
         return 0

@@ -325,7 +325,8 @@ def _message_class(type_name: str, sender: str | None) -> type[Message]:
             raise ProtocolError(f"'{type_name}' is not a message a {sender} sends")
     else:
         cls = CLIENT_MESSAGES.get(type_name) or RELAY_MESSAGES.get(type_name)
-    _require(cls is not None, f"unknown message type {type_name[:40]!r}")
+    if cls is None:
+        raise ProtocolError(f"unknown message type {type_name[:40]!r}")
     return cls
 
 

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from . import config
 from .logfile import RotatingLog, rotate_if_larger
@@ -82,7 +83,7 @@ def supervise(files: ServiceFiles, module: str, worker_args: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     files.state_dir.mkdir(parents=True, exist_ok=True)
     files.pid_file.write_text(f"{os.getpid()}\n")
-    facts = {"pid": os.getpid(), "startedAt": time.time(), "restarts": 0, "workerPid": None, "gaveUp": False}
+    facts: dict[str, Any] = {"pid": os.getpid(), "startedAt": time.time(), "restarts": 0, "workerPid": None, "gaveUp": False}
     recent: list[float] = []
     log = RotatingLog(files.log_file)
     copier: threading.Thread | None = None
@@ -96,6 +97,7 @@ def supervise(files: ServiceFiles, module: str, worker_args: list[str]) -> int:
             copier.start()
             code = worker.wait()
             copier.join(5.0)  # the worker's last lines (a traceback) are in the log before a restart
+            assert worker.stdout is not None  # stdout=PIPE above
             worker.stdout.close()
             if stopping:
                 break

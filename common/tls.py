@@ -19,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import TypeVar, cast
 
 from .errors import ChuantouError
 
@@ -79,6 +80,9 @@ def check_pin(der: bytes | None, fingerprint: str | None) -> None:
                        f"refusing to connect (check --tls-fingerprint)")
 
 
+_Stream = TypeVar("_Stream", bound="TlsStream")  # handshake() returns the subclass it is called on
+
+
 class TlsStream:
     """A TLS connection over a blocking TCP socket, with the socket methods the relay uses."""
 
@@ -95,8 +99,8 @@ class TlsStream:
         self._eof = False  # the peer's close_notify has been read
 
     @classmethod
-    def handshake(cls, sock: socket.socket, context: ssl.SSLContext, server_side: bool, deadline: float,
-                  server_hostname: str | None = None) -> "TlsStream":
+    def handshake(cls: type[_Stream], sock: socket.socket, context: ssl.SSLContext, server_side: bool,
+                  deadline: float, server_hostname: str | None = None) -> _Stream:
         stream = cls(sock, context, server_side, server_hostname)
         while True:
             try:
@@ -129,8 +133,10 @@ class TlsStream:
                     return self._take_stash(buffer, size)
                 if self._eof:
                     return 0
+                n: int | None
                 try:
-                    n = self._obj.read(size, buffer)
+                    # given a buffer, read() returns the count written into it (typeshed says bytes)
+                    n = cast(int, self._obj.read(size, buffer))
                 except ssl.SSLWantReadError:
                     n = None
                 except ssl.SSLZeroReturnError:  # the peer's close_notify: a clean end
