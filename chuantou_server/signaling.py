@@ -144,8 +144,15 @@ class ControlConnection:
         if problem is not None:
             return self._refuse_registration(msg, problem)
         self.credential = credential
+        cluster = self.server.cluster
+        if cluster is not None:  # one ID online once in the whole cluster
+            refused_elsewhere = cluster.claim(msg.clientId, credential)
+            if refused_elsewhere is not None:
+                return self._refuse_registration(msg, *refused_elsewhere)
         claim = self.server.registry.claim(msg.clientId, self, takeover=msg.takeover is not False)
         if claim.refused is not None:
+            if cluster is not None and self.server.registry.get(msg.clientId) is None:
+                cluster.release(msg.clientId)  # held for nobody here
             return self._refuse_registration(msg, *_claim_refusal(self.server, msg.clientId, claim.refused))
         old = claim.replaced
         self.client_id = msg.clientId
@@ -178,6 +185,8 @@ class ControlConnection:
         if msg.toClientId == self.client_id:
             return refuse("bad_request", "the target client is this client itself; reach the port directly")
         target = self.server.registry.get(msg.toClientId)
+        if target is None and self.server.cluster is not None:
+            return self.server.cluster.connect_remote(self, msg)  # on another node, or offline
         if target is None:
             return refuse("client_offline", f"client '{msg.toClientId}' is not online")
         refused = self.server.caps.refusal(self.server.sessions, self.client_id, msg.toClientId, msg.protocol)
@@ -229,6 +238,8 @@ class ControlConnection:
     def on_session_closed(self, msg: p.SessionClosed) -> None:
         """A party ended a session the relay cannot see end (a UDP flow that went idle or was closed)."""
         session = self.server.sessions.get(msg.sessionId)
+        if session is None and self.server.cluster is not None:
+            return self.server.cluster.forward_session_closed(self, msg)  # pumped on another node
         if session is None or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
         self.server.close_session(session, msg.reason, notify=False)
