@@ -28,7 +28,8 @@ setup(
         "platformdirs>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10"],
+        "cluster": ["redis>=5"],  # python -m chuantou_server --cluster redis://... (a relay cluster)
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10", "redis>=5"],
     },
     entry_points={
         "console_scripts": [

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from common import __version__, auth, config, service
+from common import protocol as p
 from common.net import host_for_url
 
 from . import admin_sessions
@@ -80,6 +81,14 @@ CONFIG_KEYS = {
     "maxUnregistered": config.Key(int, "a whole number >= 1", DEFAULT_MAX_UNREGISTERED, lambda v: v >= 1),
     "maxUnregisteredPerSource": config.Key(int, "a whole number >= 1", DEFAULT_MAX_UNREGISTERED_PER_SOURCE,
                                            lambda v: v >= 1),
+    # a node of a relay cluster on Redis (issue 14, cluster.py); no "cluster": a relay on its own
+    "cluster": config.Key(str, "a Redis URL such as \"redis://HOST:6379/0\"", None,
+                          lambda v: v.startswith(("redis://", "rediss://", "unix://")), secret=True),
+    "nodeId": config.Key(str, "a node name of 1-64 letters, digits, '.', '_' or '-'", None,
+                         lambda v: bool(p.CLIENT_ID_PATTERN.match(v))),
+    "advertise": config.Key(str, "the URL clients reach this node at, such as \"ws://relay1.example.com:8200\"",
+                            None, lambda v: v.startswith(("ws://", "wss://"))),
+    "clusterTtl": config.Key((int, float), "a number of seconds > 0", 8.0, config.is_positive),
 }
 
 
@@ -97,7 +106,8 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
     if given_token is not None and auth.token_problem(given_token, "--token"):
         raise config.ConfigError(auth.token_problem(given_token, "--token"))
     settings = config.load(path, CONFIG_KEYS)
-    for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey"):
+    for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey",
+                "cluster", "nodeId", "advertise"):
         if overrides.get(key) is not None:
             settings[key] = overrides[key]
     if not config.is_port(settings["port"]):
@@ -173,6 +183,8 @@ def make_server(settings: dict) -> Server:
         data_channel_timeout=settings["dataChannelTimeout"],
         max_unregistered=settings["maxUnregistered"],
         max_unregistered_per_source=settings["maxUnregisteredPerSource"],
+        cluster_url=settings["cluster"], node_id=settings["nodeId"], advertise=settings["advertise"],
+        cluster_ttl=settings["clusterTtl"],
     )
 
 

@@ -33,7 +33,8 @@ PROGRAM = Program(
     role="server", module=MODULE,
     describe_running=lambda pid, worker: f"chuantou server is already running (pid {pid}, port {worker.get('port')})",
     given_options=given_options, option_defaults=RUN_OPTION_DEFAULTS,
-    worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key"),
+    worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key",
+                    "cluster", "node_id", "advertise"),
     path_options=frozenset({"config", "tls_cert", "tls_key"}), worker_flags=("no_auth", "tls_only"),
 )
 files = PROGRAM.files
@@ -58,6 +59,12 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         "with this certificate chain")
     parser.add_argument("--tls-key", default=default, metavar="PEM", help="the certificate's private key")
     parser.add_argument("--tls-only", action="store_true", default=default, help="refuse plain connections")
+    parser.add_argument("--cluster", default=default, metavar="REDIS_URL", help="be a node of a relay cluster "
+                        "sharing this Redis, e.g. redis://HOST:6379/0 (needs pip install chuantou[cluster])")
+    parser.add_argument("--node-id", default=default, metavar="NAME", help="this node's name in the cluster "
+                        "(default: host name and port)")
+    parser.add_argument("--advertise", default=default, metavar="URL", help="where clients reach this node, "
+                        "e.g. ws://relay1.example.com:8200 (default: from --host and --port)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +112,8 @@ def make_app(args) -> ServerApp:
     get = lambda name: getattr(args, name, None)  # noqa: E731
     overrides = {"host": get("host"), "port": get("port"), "heartbeatTimeout": get("heartbeat_timeout"),
                  "logLevel": get("log_level"), "token": get("token"), "tlsCert": get("tls_cert"),
-                 "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only")}
+                 "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only"),
+                 "cluster": get("cluster"), "nodeId": get("node_id"), "advertise": get("advertise")}
     return ServerApp(config_path(args), overrides, config_given=get("config") is not None)
 
 

@@ -289,3 +289,67 @@ def test_without_redis_local_sessions_work_cross_node_fail_clearly_then_recover(
 def connect_request(to: str, port: int):
     from common import protocol as p
     return p.ConnectRequest(toClientId=to, remotePort=port, protocol="tcp")
+
+
+# --- the command line, the config file, a killed node ----------------------------------------------
+
+def test_cluster_options_and_config_keys_reach_the_server(tmp_path):
+    import json
+    from chuantou_server.app import make_server
+    from chuantou_server.cli import build_parser, make_app
+
+    args = build_parser().parse_args(["--cluster", "redis://127.0.0.1:6399/0", "--node-id", "n7",
+                                      "--advertise", "ws://relay7.example.com:8200",
+                                      "--config", str(tmp_path / "server.json")])
+    (tmp_path / "server.json").write_text(json.dumps({"clusterTtl": 5}))
+    cfg = make_server(make_app(args).settings).config
+    assert (cfg.cluster_url, cfg.node_id, cfg.advertise, cfg.cluster_ttl) == (
+        "redis://127.0.0.1:6399/0", "n7", "ws://relay7.example.com:8200", 5)
+
+    (tmp_path / "server.json").write_text(json.dumps({"cluster": "redis://10.0.0.1:6379/0", "nodeId": "n8",
+                                                       "advertise": "ws://relay8.example.com:8200"}))
+    args = build_parser().parse_args(["--config", str(tmp_path / "server.json")])
+    cfg = make_server(make_app(args).settings).config
+    assert (cfg.cluster_url, cfg.node_id, cfg.advertise) == ("redis://10.0.0.1:6379/0", "n8",
+                                                             "ws://relay8.example.com:8200")
+    (tmp_path / "plain.json").write_text("{}")
+    assert make_server(make_app(build_parser().parse_args(
+        ["--config", str(tmp_path / "plain.json")])).settings).cluster is None, "without --cluster: no cluster"
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_node_s_keys_expire_within_their_ttl(redis_server, tmp_path):
+    import json
+    import os
+    import signal
+    import sys
+    import time
+
+    config_file = tmp_path / "server.json"
+    config_file.write_text(json.dumps({"clusterTtl": 2, "noAuth": True}))
+    port = free_port()
+    env = dict(os.environ, **{f"XDG_{name}_HOME": str(tmp_path / name.lower())
+                              for name in ("CONFIG", "STATE", "CACHE", "DATA")})
+    proc = subprocess.Popen([sys.executable, "-m", "chuantou_server", "--host", "127.0.0.1", "--port", str(port),
+                             "--config", str(config_file), "--cluster", redis_server.url, "--node-id", "doomed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    store = redis_server.client()
+    try:
+        wait_until(lambda: store.get("chuantou:node:doomed"), timeout=20, message="the node wrote its record")
+        client = Client(f"ws://127.0.0.1:{port}", "K")
+        client.start()
+        try:
+            wait_until(lambda: on_node(store, "K") == "doomed")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            killed_at = time.monotonic()
+            wait_until(lambda: store.get("chuantou:node:doomed") is None and store.get("chuantou:client:K") is None,
+                       timeout=5, message="the killed node's keys expired")
+            assert time.monotonic() - killed_at <= 2 + 0.5, "gone within the TTL"
+        finally:
+            client.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        store.close()
