@@ -353,3 +353,43 @@ def test_a_killed_node_s_keys_expire_within_their_ttl(redis_server, tmp_path):
             proc.kill()
             proc.wait(10)
         store.close()
+
+
+# --- clients with several relay URLs ------------------------------------------------------------------
+
+def test_a_client_with_three_urls_whose_first_is_down_starts_on_the_second(nodes, make_client):
+    down = f"ws://127.0.0.1:{free_port()}"
+    urls = [down, relay_url(nodes["n2"]), relay_url(nodes["n3"])]
+    client = make_client(",".join(urls), "M")
+    assert client.control.url == urls[1]
+    assert nodes["n2"].registry.get("M") is not None and nodes["n3"].registry.get("M") is None
+
+
+@pytest.mark.timeout(60)
+def test_a_client_whose_node_goes_away_moves_to_the_next_url_and_is_reachable_there(nodes, make_client,
+                                                                                    redis_server, tcp_echo):
+    a = make_client(nodes["n1"], "A")
+    b = make_client(f"{relay_url(nodes['n2'])},{relay_url(nodes['n3'])}", "B", reconnect_max_delay=1.0)
+    store = redis_server.client()
+    wait_until(lambda: on_node(store, "B") == "n2")
+    nodes["n2"].stop()
+    wait_until(lambda: on_node(store, "B") == "n3", timeout=15, message="B registered again on n3")
+    store.close()
+    assert b.control.url == relay_url(nodes["n3"])
+    proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    with connect(proxy.local_port) as user:
+        user.sendall(b"moved over")
+        assert recv_exactly(user, 10) == b"moved over"
+    proxy.close()
+
+
+def test_server_may_be_repeated_or_comma_separated_on_the_command_line():
+    from chuantou_client.cli import build_parser
+    from chuantou_client.client import check_server_url
+
+    args = build_parser().parse_args(["--server", "ws://r1:8200", "--server", "ws://r2:8200,ws://r3:8200"])
+    assert args.server == "ws://r1:8200,ws://r2:8200,ws://r3:8200"
+    assert check_server_url(" ws://r1:8200, ws://r2:8200") == "ws://r1:8200,ws://r2:8200"
+    from common.errors import ChuantouError
+    with pytest.raises(ChuantouError, match="must look like"):
+        check_server_url("ws://r1:8200,http://r2")
