@@ -139,6 +139,15 @@ class Cluster:
             log.warning("%s (%s): serving local sessions only until it returns", UNREACHABLE, why)
         self.reachable = reachable
 
+    def status(self) -> dict:
+        """This node's view of the cluster, for status and the admin API."""
+        view = {"node": self.node_id, "advertise": self.advertise, "store": "reachable", "nodes": []}
+        try:
+            view["nodes"] = self.store.nodes()
+        except StoreUnreachable:
+            view["store"] = UNREACHABLE
+        return view
+
     # --- identity, cluster-wide ----------------------------------------------------------------
 
     def claim(self, client_id: str, credential: str | None) -> tuple[str, str] | None:
@@ -346,12 +355,23 @@ class Cluster:
                 handler = handlers.get(message.get("type")) if message else None
                 if handler is None:
                     continue
-                try:
-                    handler(message)
-                except (KeyError, TypeError, ValueError) as exc:
-                    log.warning("bad cluster message %r: %s", message.get("type"), exc)
+                if handler == self._on_connect:
+                    # Its offer to B may wait on a client that does not read: never on this thread,
+                    # which every other cross-node message goes through.
+                    self.server.threads.spawn(f"cluster-connect-{str(message.get('ticket'))[:24]}",
+                                              self._handle, handler, message)
+                else:
+                    self._handle(handler, message)
         finally:
             _close_pubsub(pubsub)
+
+
+    @staticmethod
+    def _handle(handler, message: dict) -> None:
+        try:
+            handler(message)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("bad cluster message %r: %s", message.get("type"), exc)
 
 
 def _close_pubsub(pubsub) -> None:

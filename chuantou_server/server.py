@@ -331,6 +331,7 @@ class Server:
             "clients": len(self.registry),
             "sessions": len(self.sessions),
             "threads": len(self.threads),
+            **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 
 

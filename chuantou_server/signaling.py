@@ -175,7 +175,10 @@ class ControlConnection:
         self.close()
 
     def on_get_client_list(self, msg: p.GetClientList) -> None:
-        clients = [p.ClientInfo(id=cid) for cid in self.server.registry.ids()]
+        ids = set(self.server.registry.ids())
+        if self.server.cluster is not None:  # the clients of every node
+            ids.update(self.server.cluster.client_ids())
+        clients = [p.ClientInfo(id=cid) for cid in sorted(ids)]
         self.send(p.ClientList(clients=clients, requestId=msg.requestId))
 
     def on_connect_request(self, msg: p.ConnectRequest) -> None:

@@ -393,3 +393,13 @@ def test_server_may_be_repeated_or_comma_separated_on_the_command_line():
     from common.errors import ChuantouError
     with pytest.raises(ChuantouError, match="must look like"):
         check_server_url("ws://r1:8200,http://r2")
+
+
+def test_status_and_client_list_show_the_whole_cluster(nodes, a_on_n1_b_on_n3):
+    from common import protocol as p
+    a, _b = a_on_n1_b_on_n3
+    reply = a.control.request(p.GetClientList(), timeout=10)
+    assert sorted(c.id for c in reply.clients) == ["A", "B"]
+    view = nodes["n2"].status()["cluster"]
+    assert view["node"] == "n2" and view["store"] == "reachable"
+    assert sorted(n["id"] for n in view["nodes"]) == ["n1", "n2", "n3"]
