@@ -4,11 +4,12 @@ a client on another.
 
 A session between A (on the origin node) and B (on another) is set up like this:
 
-1. A's ``connect_request`` finds B missing locally; the registry says B is on node N.
-2. The origin node publishes ``connect`` to N's channel and remembers the ticket.
+1. A's ``connect_request`` finds B missing locally.
+2. The origin node remembers a ticket and, in one Redis round trip (a script), finds B's node N
+   in the registry and publishes ``connect`` to N's channel.
 3. N (the **data node**: B's node) checks its caps, creates the session in its own table,
-   sends B the offer (relayAddr: N) and publishes ``created`` back (relayAddr: N's advertised
-   address, and A's secret), or ``refused``.
+   publishes ``created`` back (relayAddr: N's advertised address, and A's secret) and sends B
+   the offer (relayAddr: N); or publishes ``refused``.
 4. The origin node sends A ``create_session`` (or the error). Both clients open their data
    channels to N, where the pump is a local pair of sockets, as on one relay.
 5. When N closes the session it publishes ``closed`` to the origin node for A; when A ends one
@@ -187,23 +188,25 @@ class Cluster:
         def refuse(code: str, text: str) -> None:
             conn.send(p.Error(message=text, code=code, requestId=msg.requestId))
 
+        ticket = f"{self.node_id}-{next(self._ticket_ids)}-{secrets.token_hex(4)}"
+        waiting = _Ticket(conn, msg.requestId, msg.toClientId, "?", time.monotonic() + REQUEST_TIMEOUT)
+        with self._lock:  # before the publish: the answer may come back before it returns
+            self._tickets[ticket] = waiting
         try:
-            holder = self.store.lookup(msg.toClientId)
-            if holder is None or holder.get("node") == self.node_id:
-                return refuse("client_offline", f"client '{msg.toClientId}' is not online")
-            data_node = holder["node"]
-            ticket = f"{self.node_id}-{next(self._ticket_ids)}-{secrets.token_hex(4)}"
-            with self._lock:
-                self._tickets[ticket] = _Ticket(conn, msg.requestId, msg.toClientId, data_node,
-                                                time.monotonic() + REQUEST_TIMEOUT)
-            heard = self.store.publish(data_node, {
+            # where B is and the request to its node in one round trip (set-up latency)
+            data_node, heard = self.store.publish_to_holder(msg.toClientId, {
                 "type": "connect", "ticket": ticket, "origin": self.node_id, "fromClientId": conn.client_id,
                 "toClientId": msg.toClientId, "remotePort": msg.remotePort, "remoteHost": msg.remoteHost,
                 "protocol": msg.protocol, "localPort": msg.localPort})
         except StoreUnreachable as exc:
+            self._take_ticket(ticket)
             self._mark(False, str(exc))
             return refuse(CODE_UNREACHABLE, f"client '{msg.toClientId}' is not on this relay node and the "
                                             f"{UNREACHABLE}; try again when it is back")
+        waiting.data_node = data_node or "?"
+        if data_node is None:
+            self._take_ticket(ticket)
+            return refuse("client_offline", f"client '{msg.toClientId}' is not online")
         if not heard:
             self._take_ticket(ticket)
             refuse("client_offline", f"client '{msg.toClientId}' is registered on relay node {data_node}, "
@@ -294,17 +297,17 @@ class Cluster:
         session = server.sessions.create(from_client, to_client, message["remotePort"], protocol)
         with self._lock:
             self._inbound[session.id] = (origin, from_client)
+        # A's answer first, so A and B start at once; should B be gone, "closed" follows it on
+        # the same channel, in order.
+        host, port = parse_advertise(self.advertise)
+        answer({"type": "created", "sessionId": session.id, "secret": session.secret_a, "host": host,
+                "port": port, "remotePort": message["remotePort"], "protocol": protocol})
         told = target.send(p.ConnectOffer(
             toClientId=to_client, remotePort=message["remotePort"], remoteHost=message.get("remoteHost"),
             protocol=protocol, localPort=message.get("localPort"), fromClientId=from_client,
             sessionId=session.id, secret=session.secret_b, relayAddr=server.relay_addr(target, protocol)))
         if not told:
-            server.close_session(session, "target went offline", notify=False)
-            return answer({"type": "refused", "code": "client_offline",
-                           "message": f"client '{to_client}' went offline"})
-        host, port = parse_advertise(self.advertise)
-        answer({"type": "created", "sessionId": session.id, "secret": session.secret_a, "host": host,
-                "port": port, "remotePort": message["remotePort"], "protocol": protocol})
+            server.close_session(session, f"client '{to_client}' went offline")
 
     def _on_end(self, message: dict) -> None:
         """The origin's client ended a session pumped here."""

@@ -48,6 +48,17 @@ return 0
 """
 
 
+# Find the node holding an ID and publish a message to it, in one round trip (the set-up of a
+# cross-node session waits for it). Returns {holder node or '', subscribers that got it}.
+_SEND_TO_HOLDER = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {'', 0} end
+local ok, held = pcall(cjson.decode, cur)
+if not ok or type(held['node']) ~= 'string' or held['node'] == ARGV[1] then return {'', 0} end
+return {held['node'], redis.call('PUBLISH', ARGV[2] .. held['node'], ARGV[3])}
+"""
+
+
 class StoreUnreachable(Exception):
     """Redis did not answer (down, refused, timed out)."""
 
@@ -74,6 +85,7 @@ class ClusterStore:
                                           socket_timeout=COMMAND_TIMEOUT, decode_responses=True)
         self._claim = self.redis.register_script(_CLAIM)
         self._release = self.redis.register_script(_RELEASE)
+        self._send_to_holder = self.redis.register_script(_SEND_TO_HOLDER)
 
     @staticmethod
     def node_key(node_id: str) -> str:
@@ -149,6 +161,14 @@ class ClusterStore:
     def publish(self, node_id: str, message: dict) -> int:
         """Send a message to a node's channel; returns how many subscribers got it (0: nobody listens)."""
         return self.redis.publish(self.channel(node_id), json.dumps(message))
+
+    @_guard
+    def publish_to_holder(self, client_id: str, message: dict) -> tuple[str | None, int]:
+        """Send a message to the node holding ``client_id`` (another node than this one).
+        Returns (that node or None when no other node holds it, subscribers that got it)."""
+        node, heard = self._send_to_holder(keys=[self.client_key(client_id)],
+                                           args=[self.node_id, self.channel(""), json.dumps(message)])
+        return node or None, int(heard)
 
     @_guard
     def subscribe(self):
