@@ -78,20 +78,20 @@ class Cluster:
         self.server = server
         self.node_id = node_id
         self.ttl = ttl
-        self.advertise = advertise  # completed in start() when not given (the port may be 0 until then)
+        self.advertise: str = advertise or ""  # completed in start() when not given (the port may be 0 until then)
         self.store = ClusterStore(url, node_id, ttl)
         self.reachable = True  # as last seen by the refresher or a request
         self._lock = threading.Lock()
         self._tickets: dict[str, _Ticket] = {}
         self._ticket_ids = itertools.count(1)
-        self._outbound: dict[str, tuple[str, str]] = {}  # origin side: session -> (data node, local client A)
+        # origin side, UDP sessions only (A ends those with session_closed): session -> (data node, A)
+        self._outbound: dict[str, tuple[str, str | None]] = {}
         self._inbound: dict[str, tuple[str, str]] = {}  # data side: session -> (origin node, remote client A)
-        self._wake = threading.Event()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.advertise is None:
+        if not self.advertise:
             cfg = self.server.config
             host = cfg.public_host or (cfg.host if cfg.host not in ("", "0.0.0.0", "::") else socket.getfqdn())
             scheme = "wss" if self.server.tls_context is not None else "ws"
@@ -103,7 +103,6 @@ class Cluster:
 
     def stop(self) -> None:
         """Called after server.stopping is set: the loops end by themselves; take our keys out now."""
-        self._wake.set()
         try:
             for client_id in self.server.registry.ids():
                 self.store.release(client_id)
@@ -129,9 +128,23 @@ class Cluster:
             self._mark(False, str(exc))
             return
         self._mark(True)
+        self._forget_dead_data_nodes()
         for client_id, holder in held_elsewhere:  # both registered while the store was down
             log.warning("client %s is also registered on node %s (registered during a store outage); "
                         "it stays on both until one goes offline", client_id, holder.get("node"))
+
+    def _forget_dead_data_nodes(self) -> None:
+        """UDP sessions of ours pumped on a node that died end with it: drop what we kept for them."""
+        with self._lock:
+            if not self._outbound:
+                return
+        try:
+            live = {node.get("id") for node in self.store.nodes()}
+        except StoreUnreachable:
+            return
+        with self._lock:
+            for session_id in [sid for sid, (node, _) in self._outbound.items() if node not in live]:
+                del self._outbound[session_id]
 
     def _mark(self, reachable: bool, why: str = "") -> None:
         if reachable and not self.reachable:
@@ -142,7 +155,7 @@ class Cluster:
 
     def status(self) -> dict:
         """This node's view of the cluster, for status and the admin API."""
-        view = {"node": self.node_id, "advertise": self.advertise, "store": "reachable", "nodes": []}
+        view: dict = {"node": self.node_id, "advertise": self.advertise, "store": "reachable", "nodes": []}
         try:
             view["nodes"] = self.store.nodes()
         except StoreUnreachable:
@@ -221,15 +234,16 @@ class Cluster:
         if waiting is None:
             return  # timed out already: the data node's session expires unjoined
         conn, session_id = waiting.conn, message["sessionId"]
-        with self._lock:
-            self._outbound[session_id] = (waiting.data_node, conn.client_id)
+        if message["protocol"] == "udp":  # a TCP session ends by its sockets, on the data node
+            with self._lock:
+                self._outbound[session_id] = (waiting.data_node, conn.client_id)
         told = conn.send(p.CreateSession(
             sessionId=session_id, peerClientId=waiting.to_client, secret=message["secret"],
             service=p.Service(port=message["remotePort"], protocol=message["protocol"]),
             relayAddr=p.RelayAddr(host=message["host"], port=message["port"], protocol=message["protocol"]),
             requestId=waiting.request_id))
         if not told:
-            self._end_remote(session_id, conn.client_id, "requesting client went offline")
+            self._end_remote(session_id, conn.client_id, "requesting client went offline", waiting.data_node)
 
     def _on_refused(self, message: dict) -> None:
         waiting = self._take_ticket(message["ticket"])
@@ -253,14 +267,16 @@ class Cluster:
         if entry is not None and entry[1] == conn.client_id:
             self._end_remote(msg.sessionId, conn.client_id, msg.reason)
 
-    def _end_remote(self, session_id: str, client_id: str, reason: str) -> None:
+    def _end_remote(self, session_id: str, client_id: str | None, reason: str,
+                    data_node: str | None = None) -> None:
         with self._lock:
             entry = self._outbound.pop(session_id, None)
-        if entry is None:
+        data_node = entry[0] if entry is not None else data_node
+        if data_node is None:
             return
         try:
-            self.store.publish(entry[0], {"type": "end", "sessionId": session_id, "clientId": client_id,
-                                          "reason": reason})
+            self.store.publish(data_node, {"type": "end", "sessionId": session_id, "clientId": client_id,
+                                           "reason": reason})
         except StoreUnreachable:
             pass  # the data node closes it by its own deadlines
 
@@ -324,16 +340,29 @@ class Cluster:
                                       reason=f"{said} by '{message['clientId']}': {message['reason']}"))
 
     def session_closed(self, session_id: str, reason: str, notify: bool) -> None:
-        """Hook of Server.close_session: forget a session pumped here for a remote A, telling A's node."""
+        """Hook of Server.close_session: forget a session pumped here for a remote A, telling A's
+        node when the relay itself ends it (``notify``), as a local A would be told."""
         with self._lock:
             entry = self._inbound.pop(session_id, None)
-        if entry is None or not notify:
-            return
+        if entry is not None and notify:
+            self._tell_origin(entry, session_id, reason)
+
+    def tell_origin(self, session_id: str, reason: str) -> bool:
+        """B ended a session whose A is on another node: tell A there (before the close, which
+        forgets the origin). False if A is not remote."""
+        with self._lock:
+            entry = self._inbound.pop(session_id, None)
+        if entry is None:
+            return False
+        self._tell_origin(entry, session_id, reason)
+        return True
+
+    def _tell_origin(self, entry: tuple[str, str], session_id: str, reason: str) -> None:
         try:
             self.store.publish(entry[0], {"type": "closed", "sessionId": session_id, "clientId": entry[1],
                                           "reason": reason})
         except StoreUnreachable:
-            pass
+            pass  # A's side learns it from its data channel
 
     # --- the bus ----------------------------------------------------------------------------------
 
@@ -350,7 +379,8 @@ class Cluster:
                     message = self.store.receive(pubsub, BUS_POLL)
                 except StoreUnreachable as exc:
                     self._mark(False, str(exc))
-                    pubsub = _close_pubsub(pubsub)
+                    _close_pubsub(pubsub)
+                    pubsub = None
                     stopping.wait(backoff)  # a store that is down is asked again, less and less often
                     backoff = min(MAX_BACKOFF, backoff * 2)
                     continue
@@ -383,4 +413,3 @@ def _close_pubsub(pubsub) -> None:
             pubsub.close()
         except Exception:  # the connection is already gone
             pass
-    return None

@@ -20,7 +20,7 @@ import time
 try:
     import redis
 except ImportError:  # the extra is not installed: a relay without --cluster never imports us
-    redis = None
+    redis = None  # type: ignore[assignment]
 
 PREFIX = "chuantou:"
 CONNECT_TIMEOUT = 1.0  # a store that does not answer is treated as down, quickly

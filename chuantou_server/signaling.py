@@ -245,12 +245,15 @@ class ControlConnection:
             return self.server.cluster.forward_session_closed(self, msg)  # pumped on another node
         if session is None or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
-        self.server.close_session(session, msg.reason, notify=False)
         other = session.client_b if self.client_id == session.client_a else session.client_a
+        said = "ended" if p.is_normal_end(msg.reason) else "closed"  # keep a normal end normal for the peer
+        told = f"{said} by '{self.client_id}': {msg.reason}"
+        if self.server.cluster is not None:
+            self.server.cluster.tell_origin(session.id, told)  # a peer on another node (before the close)
+        self.server.close_session(session, msg.reason, notify=False)
         peer = self.server.registry.get(other)
         if peer is not None:
-            said = "ended" if p.is_normal_end(msg.reason) else "closed"  # keep a normal end normal for the peer
-            peer.send(p.SessionClosed(sessionId=session.id, reason=f"{said} by '{self.client_id}': {msg.reason}"))
+            peer.send(p.SessionClosed(sessionId=session.id, reason=told))
 
     def on_heartbeat(self, msg: p.Heartbeat) -> None:
         # Echo it, so the client can tell a silent relay from a quiet one.

@@ -427,3 +427,17 @@ def test_status_and_client_list_show_the_whole_cluster(nodes, a_on_n1_b_on_n3):
     view = nodes["n2"].status()["cluster"]
     assert view["node"] == "n2" and view["store"] == "reachable"
     assert sorted(n["id"] for n in view["nodes"]) == ["n1", "n2", "n3"]
+
+
+def test_a_cross_node_udp_flow_passes_and_closing_it_on_a_ends_it_on_the_data_node(nodes, a_on_n1_b_on_n3,
+                                                                                    udp_echo):
+    from helpers import udp_roundtrip
+    a, b = a_on_n1_b_on_n3
+    proxy = a.create_proxy(0, "B", udp_echo.port, protocol="udp")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as user:
+        user.bind(("127.0.0.1", 0))
+        assert udp_roundtrip(user, proxy.local_port, b"ping across") == b"ping across"
+    assert wait_until(lambda: len(nodes["n3"].sessions) == 1 and len(b.sessions) == 1, 5)
+    assert len(nodes["n1"].sessions) == 0, "pumped on B's node only"
+    proxy.close()  # A tells n1, n1 tells n3 ("end"), n3 tells B
+    assert wait_until(lambda: len(nodes["n3"].sessions) == 0 and len(b.sessions) == 0, 5)
