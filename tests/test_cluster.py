@@ -169,10 +169,10 @@ def test_64_mib_each_way_from_n1_to_n3_pumped_on_n3(nodes, a_on_n1_b_on_n3, serv
 
 
 @pytest.mark.timeout(90)
-def test_20_concurrent_cross_node_connections(nodes, a_on_n1_b_on_n3, tcp_echo):
+def test_50_concurrent_cross_node_connections(nodes, a_on_n1_b_on_n3, tcp_echo):
     a, _b = a_on_n1_b_on_n3
     proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
-    count = 20
+    count = 50
     all_open = threading.Barrier(count, timeout=30)
 
     def user(i: int) -> bool:
