@@ -17,7 +17,7 @@ A session between A (on the origin node) and B (on another) is set up like this:
 
 Messages between nodes (JSON objects on ``bus:<node>``), by ``type``:
 ``connect`` {ticket, origin, fromClientId, toClientId, remotePort, remoteHost, protocol, localPort},
-``created`` {ticket, sessionId, secret, host, port}, ``refused`` {ticket, code, message},
+``created`` {ticket, node, sessionId, secret, host, port, remotePort, protocol}, ``refused`` {ticket, code, message},
 ``closed`` {sessionId, clientId, reason}, ``end`` {sessionId, clientId, reason}.
 
 When Redis is unreachable the node keeps serving everything that needs only itself (local
@@ -234,16 +234,17 @@ class Cluster:
         if waiting is None:
             return  # timed out already: the data node's session expires unjoined
         conn, session_id = waiting.conn, message["sessionId"]
+        data_node = message["node"]  # (the answer can arrive before publish_to_holder returned)
         if message["protocol"] == "udp":  # a TCP session ends by its sockets, on the data node
             with self._lock:
-                self._outbound[session_id] = (waiting.data_node, conn.client_id)
+                self._outbound[session_id] = (data_node, conn.client_id)
         told = conn.send(p.CreateSession(
             sessionId=session_id, peerClientId=waiting.to_client, secret=message["secret"],
             service=p.Service(port=message["remotePort"], protocol=message["protocol"]),
             relayAddr=p.RelayAddr(host=message["host"], port=message["port"], protocol=message["protocol"]),
             requestId=waiting.request_id))
         if not told:
-            self._end_remote(session_id, conn.client_id, "requesting client went offline", waiting.data_node)
+            self._end_remote(session_id, conn.client_id, "requesting client went offline", data_node)
 
     def _on_refused(self, message: dict) -> None:
         waiting = self._take_ticket(message["ticket"])
@@ -316,7 +317,7 @@ class Cluster:
         # A's answer first, so A and B start at once; should B be gone, "closed" follows it on
         # the same channel, in order.
         host, port = parse_advertise(self.advertise)
-        answer({"type": "created", "sessionId": session.id, "secret": session.secret_a, "host": host,
+        answer({"type": "created", "node": self.node_id, "sessionId": session.id, "secret": session.secret_a, "host": host,
                 "port": port, "remotePort": message["remotePort"], "protocol": protocol})
         told = target.send(p.ConnectOffer(
             toClientId=to_client, remotePort=message["remotePort"], remoteHost=message.get("remoteHost"),
