@@ -30,7 +30,8 @@ setup(
         "prometheus-client>=0.17",  # /metrics: the text format, its escaping and metric types done right
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10", "mypy>=1.8"],
+        "cluster": ["redis>=5"],  # python -m chuantou_server --cluster redis://... (a relay cluster)
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10", "mypy>=1.8", "redis>=5"],
     },
     entry_points={
         "console_scripts": [

@@ -54,10 +54,19 @@ PROGRAM = Program(
 files = PROGRAM.files
 
 
+class _JoinUrls(argparse.Action):
+    """A repeated --server adds to the list: one comma-separated string, as it is saved."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{before},{values}" if before else values)
+
+
 def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     default = argparse.SUPPRESS if inherit else None
-    parser.add_argument("--server", default=default, metavar="URL",
-                        help=f"relay URL, saved for next time (default: $CHUANTOU_SERVER, the saved one, "
+    parser.add_argument("--server", default=default, metavar="URL", action=_JoinUrls,
+                        help=f"relay URL, saved for next time; several (a cluster's nodes, tried in order): "
+                             f"repeat it or separate with commas (default: $CHUANTOU_SERVER, the saved one, "
                              f"or {DEFAULT_SERVER_URL})")
     parser.add_argument("--client-id", default=default, metavar="ID",
                         help="this client's ID, saved (default: generated once and reused)")

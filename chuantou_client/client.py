@@ -20,7 +20,7 @@ from common.net import arm_reset, keep_alive
 from common.threads import ThreadGroup
 from common.tls import client_context, normalize_fingerprint
 
-from .control import ControlChannel
+from .control import ControlChannel, split_server_urls
 from .datachannel import JoinError, TlsSettings, open_data_channel
 from .export import ExportPolicy
 from .proxy import Proxy
@@ -39,6 +39,14 @@ def generate_client_id() -> str:
 
 
 def check_server_url(url: str) -> str:
+    """One relay URL, or several separated by commas (a cluster's nodes, tried in order)."""
+    urls = split_server_urls(url)
+    for one in urls:
+        _check_one_server_url(one)
+    return ",".join(urls)
+
+
+def _check_one_server_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ChuantouError(f"server URL {url!r} must look like ws://HOST:8200 (or wss:// for TLS)")

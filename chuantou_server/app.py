@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from common import __version__, auth, config, service
+from common import protocol as p
 from common.net import host_for_url
 
 from . import admin_sessions
@@ -84,6 +85,14 @@ CONFIG_KEYS = {
     "metricsToken": config.Key(str, "a token string of 16 or more characters (not a client token)", None,
                                lambda v: len(v) >= 16, secret=True),
     "metricsLoopbackOpen": config.Key(bool, "true or false", True),
+    # a node of a relay cluster on Redis (issue 14, cluster.py); no "cluster": a relay on its own
+    "cluster": config.Key(str, "a Redis URL such as \"redis://HOST:6379/0\"", None,
+                          lambda v: v.startswith(("redis://", "rediss://", "unix://")), secret=True),
+    "nodeId": config.Key(str, "a node name of 1-64 letters, digits, '.', '_' or '-'", None,
+                         lambda v: bool(p.CLIENT_ID_PATTERN.match(v))),
+    "advertise": config.Key(str, "the URL clients reach this node at, such as \"ws://relay1.example.com:8200\"",
+                            None, lambda v: v.startswith(("ws://", "wss://"))),
+    "clusterTtl": config.Key((int, float), "a number of seconds > 0", 8.0, config.is_positive),
 }
 
 
@@ -102,7 +111,8 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
         if given is not None and auth.token_problem(given, flag):
             raise config.ConfigError(auth.token_problem(given, flag))
     settings = config.load(path, CONFIG_KEYS)
-    for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey", "metricsToken"):
+    for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey", "metricsToken",
+                "cluster", "nodeId", "advertise"):
         if overrides.get(key) is not None:
             settings[key] = overrides[key]
     if not config.is_port(settings["port"]):
@@ -180,6 +190,8 @@ def make_server(settings: dict) -> Server:
         max_unregistered_per_source=settings["maxUnregisteredPerSource"],
         metrics_token=settings["metricsToken"],
         metrics_loopback_open=settings["metricsLoopbackOpen"],
+        cluster_url=settings["cluster"], node_id=settings["nodeId"], advertise=settings["advertise"],
+        cluster_ttl=settings["clusterTtl"],
     )
 
 

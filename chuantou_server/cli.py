@@ -34,7 +34,8 @@ PROGRAM = Program(
     role="server", module=MODULE,
     describe_running=lambda pid, worker: f"chuantou server is already running (pid {pid}, port {worker.get('port')})",
     given_options=given_options, option_defaults=RUN_OPTION_DEFAULTS,
-    worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key"),
+    worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key",
+                    "cluster", "node_id", "advertise"),
     path_options=frozenset({"config", "tls_cert", "tls_key"}), worker_flags=("no_auth", "tls_only"),
 )
 files = PROGRAM.files
@@ -63,6 +64,12 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         help="a token (16+ characters) that may read /metrics from anywhere, as 'Authorization: "
                         "Bearer TOKEN'; saved in the config file (metricsToken). Loopback and the admin token "
                         "may read it anyway")
+    parser.add_argument("--cluster", default=default, metavar="REDIS_URL", help="be a node of a relay cluster "
+                        "sharing this Redis, e.g. redis://HOST:6379/0 (needs pip install chuantou[cluster])")
+    parser.add_argument("--node-id", default=default, metavar="NAME", help="this node's name in the cluster "
+                        "(default: host name and port)")
+    parser.add_argument("--advertise", default=default, metavar="URL", help="where clients reach this node, "
+                        "e.g. ws://relay1.example.com:8200 (default: from --host and --port)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +120,8 @@ def make_app(args, path: Path | None = None) -> ServerApp:
     overrides = {"host": get("host"), "port": get("port"), "heartbeatTimeout": get("heartbeat_timeout"),
                  "logLevel": get("log_level"), "token": get("token"), "tlsCert": get("tls_cert"),
                  "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only"),
-                 "metricsToken": get("metrics_token")}
+                 "metricsToken": get("metrics_token"),
+                 "cluster": get("cluster"), "nodeId": get("node_id"), "advertise": get("advertise")}
     return ServerApp(path or config_path(args), overrides, config_given=path is None and get("config") is not None)
 
 

@@ -78,6 +78,15 @@ class Server:
         self._connections: set[ControlConnection] = set()
         self._state_lock = threading.Lock()
         self._started = False
+        self.cluster = self._make_cluster()  # None: a relay on its own
+
+    def _make_cluster(self):
+        cfg = self.config
+        if cfg.cluster_url is None:
+            return None
+        from .cluster import Cluster  # imported only here: the redis package is an extra
+        node_id = cfg.node_id or f"{socket.gethostname()}-{cfg.port}"
+        return Cluster(self, cfg.cluster_url, node_id, cfg.advertise, cfg.cluster_ttl)
 
     def reconfigure(self, **changes: Any) -> None:
         """Change settings of a running relay that it reads each time it uses them
@@ -114,6 +123,8 @@ class Server:
         self.threads.spawn("udp", self.udp.run)
         self.threads.spawn("housekeeper", self._housekeeping_loop)
         self.threads.spawn("traffic", self.traffic.run, self.stopping)
+        if self.cluster is not None:
+            self.cluster.start()
         log.info("chuantou relay %s listening on %s:%d (TCP and UDP)", __version__, self.config.host, self.port)
         return self
 
@@ -129,6 +140,8 @@ class Server:
         for session in self.sessions.all():
             self.close_session(session, "relay stopping", notify=False)
         self.threads.join_all(timeout=10.0)
+        if self.cluster is not None:
+            self.cluster.stop()
         close_quietly(self._udp_sock)
         self._listener.release()
         log.info("chuantou relay on port %d stopped", self.port)
@@ -253,6 +266,8 @@ class Server:
             self._connections.discard(conn)
         if conn.client_id and self.registry.unregister(conn.client_id, conn):
             log.info("client %s disconnected", conn.client_id)
+            if self.cluster is not None:
+                self.cluster.release(conn.client_id)
             # Sessions still waiting for this client cannot complete; running ones keep going
             # on their own sockets until they end.
             for session in self.sessions.for_client(conn.client_id):
@@ -264,6 +279,8 @@ class Server:
         if conn.client_id:
             log.info("client %s dropped: %s", conn.client_id, reason)
             if self.registry.unregister(conn.client_id, conn):
+                if self.cluster is not None:
+                    self.cluster.release(conn.client_id)
                 for session in self.sessions.for_client(conn.client_id):
                     self.close_session(session, f"client '{conn.client_id}' {reason}")
         conn.close()
@@ -274,6 +291,8 @@ class Server:
         session.close_sockets()
         if self.udp is not None and session.protocol == "udp":
             self.udp.forget(session)
+        if self.cluster is not None:  # a party on another node hears of it through its node
+            self.cluster.session_closed(session.id, reason, notify)
         if notify:
             for client_id in {session.client_a, session.client_b}:
                 conn = self.registry.get(client_id)
@@ -316,6 +335,7 @@ class Server:
             "clients": len(self.registry),
             "sessions": len(self.sessions),
             "threads": len(self.threads),
+            **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 
 
