@@ -18,6 +18,8 @@ import h11
 import simple_websocket
 from wsproto.utilities import ProtocolError as WebSocketProtocolError
 
+from common import pages
+
 from .control_socket import ControlSocket
 
 MAX_HEAD_BYTES = 16 * 1024
@@ -99,23 +101,13 @@ def _request_from(event: h11.Request) -> Request:
     return Request(event.method.decode("latin-1"), event.target.decode("latin-1"), "HTTP/" + version, headers)
 
 
-def send_response(sock: socket.socket, status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8",
-                  extra_headers: dict[str, str] | None = None) -> None:
-    if isinstance(body, str):
-        body = body.encode()
-    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-              405: "Method Not Allowed", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
-              501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}.get(status, "Error")
-    headers = {
-        "Content-Type": content_type,
-        "Content-Length": str(len(body)),
-        "Connection": "close",
-        "Cache-Control": "no-store",
-        "X-Content-Type-Options": "nosniff",
-    }
-    headers.update(extra_headers or {})
-    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    sock.sendall(head.encode("latin-1") + body)
+def send(sock: socket.socket, response: pages.Response, include_body: bool = True) -> None:
+    """Write ``response`` (headers from common/pages.py); the caller then closes the connection."""
+    sock.sendall(pages.encode(response, include_body))
+
+
+def send_text(sock: socket.socket, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    send(sock, pages.text(status, message, headers))
 
 
 def accept_websocket(sock: socket.socket, request: Request, thread_factory, max_message_size: int):
