@@ -70,7 +70,10 @@ def read_request(sock: socket.socket, first: bytes, deadline: float) -> Request:
             raise _refusal(exc) from None
         if isinstance(event, h11.Request):
             return _request_from(event)
-        data = _recv_some(sock, min(4096, MAX_HEAD_BYTES + 1 - received), deadline)
+        room = MAX_HEAD_BYTES + 1 - received
+        if room <= 0:  # h11 has refused such a buffer already; this only keeps the bound in one place
+            raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+        data = _recv_some(sock, min(4096, room), deadline)
         received += len(data)
 
 
