@@ -25,6 +25,7 @@ setup(
         "websocket-client>=1.6",
         "simple-websocket>=1.0",
         "wsproto>=1.2",  # imported directly by the relay (simple-websocket is built on it)
+        "h11>=0.14",  # parses the request heads on the relay port (wsproto is built on it)
         "platformdirs>=3.0",
         "cryptography>=41",  # sealed sessions: makes the key pair and self-signed certificate (ssl cannot)
         "prometheus-client>=0.17",  # /metrics: the text format, its escaping and metric types done right

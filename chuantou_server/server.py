@@ -189,8 +189,7 @@ class Server:
             if request.is_websocket_upgrade and request.path in httpd.CONTROL_PATHS:
                 self._serve_control(sock, addr, request)
                 return
-            status, content_type, body, *headers = admin.handle(self, request, addr)  # headers: optional dict
-            httpd.send_response(sock, status, body, content_type, *headers)
+            httpd.send(sock, admin.handle(self, request, addr), include_body=request.method != "HEAD")
             close_quietly(sock)
         except OSError as exc:  # the peer went away while we answered it
             log.debug("connection from %s:%s dropped: %s", addr[0], addr[1], exc)
@@ -200,7 +199,7 @@ class Server:
         admission, problem = self.unregistered.admit(addr[0])
         if admission is None:
             try:
-                httpd.send_response(sock, 503, f"{problem}\n", extra_headers={"Retry-After": "10"})
+                httpd.send_text(sock, 503, f"{problem}\n", {"Retry-After": "10"})
             finally:
                 close_quietly(sock)
             return
@@ -223,7 +222,7 @@ class Server:
             ws = httpd.accept_websocket(sock, request, reader_thread, self.config.max_message_size)
         except httpd.BadRequest as exc:
             log.debug("connection from %s:%s refused: %s", addr[0], addr[1], exc)
-            httpd.send_response(sock, exc.status, f"{exc}\n")
+            httpd.send_text(sock, exc.status, f"{exc}\n")
             close_quietly(sock)
             return
         conn = ControlConnection(self, ws, sock, addr, self._relay_host_from(request, sock), admission)
