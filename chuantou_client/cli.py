@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from common import __version__, config, service
+from common.bandwidth import format_bandwidth
 from common.cli_shell import LOCAL_OPENER, Program, add_supervise_command, run_command
 from common.errors import ChuantouError
 from common.startcheck import config_restored_on_failure
@@ -34,6 +35,7 @@ EXAMPLES = """examples:
   python -m chuantou_client login-link
   python -m chuantou_client proxy create --local-port 9090 --target-client office --target-port 8080
   python -m chuantou_client proxy create --local-host 0.0.0.0 --local-port 9090 --target-client office --target-port 22
+  python -m chuantou_client proxy create --local-port 9091 --target-client office --target-port 80 --bandwidth 10MiB/s
   python -m chuantou_client proxy list
   python -m chuantou_client clients
   python -m chuantou_client status
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--target-fingerprint", metavar="SHA256:...",
                         help="the target's key as its `status` shows it: sessions refuse any other key, even the "
                              "first (default: trust the key of the first session and pin it)")
+    create.add_argument("--bandwidth", metavar="RATE",
+                        help="limit each direction to RATE bytes/s over all the proxy's connections: 512KiB/s, "
+                             "10MiB/s, 1GiB/s or a plain number (default: no limit; UDP over it is dropped)")
     proxy_sub.add_parser("list", help="proxies with their connections and bytes",
                          epilog="example: python -m chuantou_client proxy list")
     delete = proxy_sub.add_parser("delete", help="close a proxy and forget it",
@@ -340,6 +345,7 @@ def cmd_proxy(args) -> int:
             "localPort": args.local_port, "targetClient": args.target_client,
             "targetPort": args.target_port, "protocol": args.protocol, "targetHost": args.target_host,
             "localHost": args.local_host, "targetFingerprint": args.target_fingerprint,
+            "bandwidth": args.bandwidth,
         })
         print(reply["message"])
         print(f"use it at: {reply['address']}")
@@ -353,10 +359,10 @@ def cmd_proxy(args) -> int:
             print("no proxies; create one with: python -m chuantou_client proxy create --local-port 9090 "
                   "--target-client ID --target-port 8080")
             return 0
-        rows = [("LOCAL", "TARGET", "PROTOCOL", "ACTIVE", "SENT", "RECEIVED")]
+        rows = [("LOCAL", "TARGET", "PROTOCOL", "LIMIT", "ACTIVE", "SENT", "RECEIVED")]
         for x in proxies:
             rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]), f"{x['targetClientId']}:{x['targetPort']}", x["protocol"],
-                         str(x["activeConnections"]), format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
+                         format_bandwidth(x.get("bandwidth")), str(x["activeConnections"]), format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
