@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 
 from common import __version__, auth, config, service
+from common.bandwidth import EXPECTED as BANDWIDTH_EXPECTED
+from common.bandwidth import is_bandwidth, parse_bandwidth
 from common.net import host_for_url
 
 from . import admin_sessions
@@ -84,6 +86,10 @@ CONFIG_KEYS = {
     "metricsToken": config.Key(str, "a token string of 16 or more characters (not a client token)", None,
                                lambda v: len(v) >= 16, secret=True),
     "metricsLoopbackOpen": config.Key(bool, "true or false", True),
+    # bandwidth limits the relay enforces (issue 16 item 3): each client's sending and receiving over all
+    # its sessions, and every byte relayed; "10MiB/s" is accepted as well as a plain number
+    "bandwidthPerClient": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
+    "bandwidthTotal": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
 }
 
 
@@ -180,6 +186,8 @@ def make_server(settings: dict) -> Server:
         max_unregistered_per_source=settings["maxUnregisteredPerSource"],
         metrics_token=settings["metricsToken"],
         metrics_loopback_open=settings["metricsLoopbackOpen"],
+        bandwidth_per_client=parse_bandwidth(settings["bandwidthPerClient"]),
+        bandwidth_total=parse_bandwidth(settings["bandwidthTotal"]),
     )
 
 

@@ -80,6 +80,10 @@ class ServerConfig:
     max_unregistered_per_source: int = DEFAULT_MAX_UNREGISTERED_PER_SOURCE
     metrics_token: str | None = field(default=None, repr=False)
     metrics_loopback_open: bool = True
+    # bytes/s (0: off): each client's sending and its receiving over all its sessions, and every
+    # byte the relay relays (bandwidth.py)
+    bandwidth_per_client: int = 0
+    bandwidth_total: int = 0
 
     def __post_init__(self) -> None:
         # Copies a caller cannot change under us (frozen only stops reassignment).
@@ -99,6 +103,10 @@ class ServerConfig:
             if self.metrics_token in self.registration_tokens():  # a client could read every client's figures
                 raise ChuantouError("the metrics token must not be a client registration token: make a separate "
                                     "one (any random string of 16 or more characters)")
+        for name in ("bandwidth_per_client", "bandwidth_total"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ChuantouError(f"{name} must be a whole number of bytes per second >= 0 (0: off)")
         if self.tls_only and not self.tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
 

@@ -93,6 +93,12 @@ class RateLimit:
                 return True
             return False
 
+    def available(self, n: int) -> bool:
+        """Are ``n`` bytes there now (nothing spent)?"""
+        with self._lock:
+            self._refill(time.monotonic())
+            return self._tokens >= n
+
     def take(self, n: int, interrupt: threading.Event | None = None) -> None:
         take_all((self,), n, interrupt)
 
