@@ -129,6 +129,31 @@ def load_settings(path: Path) -> dict:
     return settings
 
 
+def config_problems(path: Path) -> list[str]:
+    """Every problem with the client config at ``path`` (its keys, each saved proxy, the token,
+    the CA file) without starting anything: what check-config lists."""
+    data, unreadable = config.read_json(path)
+    if unreadable:
+        return [unreadable]
+    settings, found = config.checked(data, CONFIG_KEYS, str(path))
+    ports: dict[int, int] = {}
+    for i, entry in enumerate(settings.get("proxies") or []):
+        proxy, bad = config.checked(entry, PROXY_KEYS, f"{path}: proxies[{i}]")
+        found += bad
+        port = proxy.get("localPort")
+        if port in ports:
+            found.append(f"{path}: proxies[{i}]: local port {port} is also the port of proxies[{ports[port]}]")
+        elif port is not None:
+            ports[port] = i
+    if settings.get("token"):
+        problem = auth.token_problem(settings["token"], f"the token saved in {path}")
+        if problem:
+            found.append(problem)
+    if settings.get("ca") and not Path(settings["ca"]).is_file():
+        found.append(f"{path}: key 'ca': no such file {settings['ca']}")
+    return found
+
+
 class ClientApp:
     """A Client plus its config file and local API; what ``python -m chuantou_client`` runs."""
 

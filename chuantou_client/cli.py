@@ -21,7 +21,7 @@ from common.startcheck import config_restored_on_failure
 from common.supervisor import stop_background
 
 from . import apiauth
-from .app import ClientApp, default_config_path
+from .app import ClientApp, config_problems, default_config_path
 from .client import DEFAULT_SERVER_URL
 from .known_clients import KnownClients, known_clients_path
 from .listen import DEFAULT_LOCAL_HOST, listen_address
@@ -38,6 +38,7 @@ EXAMPLES = """examples:
   python -m chuantou_client proxy create --local-port 9091 --target-client office --target-port 80 --bandwidth 10MiB/s
   python -m chuantou_client proxy list
   python -m chuantou_client clients
+  python -m chuantou_client check-config            validate the config file without starting
   python -m chuantou_client status
   python -m chuantou_client forget-key office
   python -m chuantou_client stop
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="talk to the client whose local API is on this port (default: the running one)")
     for command in (stop, logs, forget, *api_commands):
         PROGRAM.add_config_option(command)
+    PROGRAM.add_check_config_command(sub)
     PROGRAM.add_service_commands(sub, _add_run_options)
     return parser
 
@@ -414,6 +416,8 @@ COMMANDS = {
     "clients": cmd_clients,
     "login-link": cmd_login_link,
     "install-service": lambda args: PROGRAM.install_service(args, prepare_service_config),
+    "check-config": lambda args: PROGRAM.check_config(config_file(args), bool(getattr(args, "config", None)),
+                                                      config_problems),
     "uninstall-service": PROGRAM.uninstall_service,
     "forget-key": cmd_forget_key,
     "_supervise": PROGRAM.supervise,

@@ -14,6 +14,7 @@ from pathlib import Path
 from common import __version__, auth, config, service
 from common.bandwidth import EXPECTED as BANDWIDTH_EXPECTED
 from common.bandwidth import is_bandwidth, parse_bandwidth
+from common.errors import ChuantouError
 from common.net import host_for_url
 
 from . import admin_sessions
@@ -122,6 +123,24 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
     if settings["tlsOnly"] and not settings["tlsCert"]:
         raise config.ConfigError("--tls-only needs --tls-cert and --tls-key")
     return settings
+
+
+def config_problems(path: Path) -> list[str]:
+    """Every problem with the config file at ``path``, checked as a start would check it (keys,
+    values, tokens, the TLS files) without binding anything: what check-config lists."""
+    data, unreadable = config.read_json(path)
+    if unreadable:
+        return [unreadable]
+    settings, found = config.checked(data, CONFIG_KEYS, str(path))
+    if found:
+        return found
+    if settings["tlsOnly"] and not settings["tlsCert"]:
+        return [f"{path}: tlsOnly needs tlsCert and tlsKey"]
+    try:
+        make_server(settings)  # ServerConfig's checks (the admin and metrics tokens), and loads the TLS files
+    except (ChuantouError, OSError, ValueError) as exc:
+        return [f"{path}: {exc}"]
+    return []
 
 
 def scheme(settings: dict) -> str:
