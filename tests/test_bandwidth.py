@@ -1,20 +1,25 @@
 """Bandwidth limits (issue 16 item 3): per proxy on A and per client on the relay, both as
 backpressure on TCP (the achieved rate, measured here, is the limit within 15%) and as counted
-drops on UDP; a session without a limit is not slowed by one that has one. Also the pieces:
-the unit parser and RateLimit."""
+drops on UDP; a session without a limit is not slowed by one that has one. Also the pieces
+(the unit parser, RateLimit), the API field and saved config, and check-config (item 5)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 
 import pytest
 
+from admin_support import CLIENT_API_KEYS
+from admin_support import client_app, clients, relay  # noqa: F401 (fixtures)
+from chuantou_client.app import ClientApp
+from cli_support import cli  # noqa: F401 (a fixture)
 from common.bandwidth import format_bandwidth, parse_bandwidth
 from common.errors import ChuantouError
 from common.limits import RateLimit
-from helpers import HOST, TcpService, connect, udp_roundtrip, wait_until
+from helpers import HOST, TcpService, connect, free_port, http_json, relay_url, udp_roundtrip, wait_until
 
 MiB = 1024 * 1024
 LIMIT = 2 * MiB
@@ -219,3 +224,93 @@ def test_udp_over_a_relay_limit_is_dropped_and_counted(make_server, make_client,
         assert udp_roundtrip(user, proxy.local_port, b"first") == b"first"
         blast(user, proxy.local_port)
         wait_until(lambda: server.udp.drops["bandwidth_limited"] > 100, message="datagrams over the limit dropped")
+
+
+# --- the API field and the saved config --------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_the_api_takes_saves_and_shows_a_bandwidth(client_app, clients, relay, tmp_path):
+    clients("B")
+    api = client_app.admin.port
+    headers = {"Origin": f"http://127.0.0.1:{api}", "X-Chuantou-Key": CLIENT_API_KEYS[api]}
+    port = free_port()
+    status, _, reply = http_json(api, "POST", "/api/proxies", headers,
+                                 {"localPort": port, "targetClient": "B", "targetPort": 22, "bandwidth": "10MiB/s"})
+    assert status == 201, reply
+    assert reply["proxy"]["bandwidth"] == 10 * MiB
+    saved = json.loads((tmp_path / "client.json").read_text())["proxies"]
+    assert saved == [{"localPort": port, "targetClient": "B", "targetPort": 22, "protocol": "both",
+                      "bandwidth": 10 * MiB}]
+    status, _, reply = http_json(api, "POST", "/api/proxies", headers,
+                                 {"localPort": free_port(), "targetClient": "B", "targetPort": 22, "bandwidth": "10Mb/s"})
+    assert status == 400 and "bandwidth '10Mb/s'" in reply["error"]
+    # restored with its limit by the next start
+    client_app.stop()
+    again = ClientApp(tmp_path / "client.json", {"server": relay_url(relay), "clientId": "A2", "adminPort": 0},
+                      api_secret_path=tmp_path / "again.secret").start()
+    try:
+        assert [p["bandwidth"] for p in again.proxies()] == [10 * MiB]
+    finally:
+        again.stop()
+
+
+# --- check-config ------------------------------------------------------------------------------
+
+def test_server_check_config_accepts_a_good_file(cli, tmp_path):
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"port": 8300, "bandwidthPerClient": "2MiB/s", "bandwidthTotal": 100 * MiB}))
+    done = cli.server("check-config", "--config", path)
+    assert (done.returncode, done.stdout.strip()) == (0, f"config OK: {path}"), done.stderr
+
+
+def test_server_check_config_names_each_problem(cli, tmp_path):
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"port": 99999, "bogus": 1, "bandwidthPerClient": "10Mb/s", "token": "short"}))
+    done = cli.server("check-config", "--config", path)
+    assert done.returncode == 1 and done.stdout == ""
+    problems = [line for line in done.stderr.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 4, done.stderr
+    for what in ("unknown key 'bogus'", "key 'port'", "key 'bandwidthPerClient'", "key 'token'"):
+        assert any(what in line for line in problems), (what, done.stderr)
+    assert "short" not in done.stderr  # a secret is never shown, not even a bad one
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{bad", "not valid JSON"),
+    (json.dumps({"tlsCert": "/nonexistent.pem", "tlsKey": "/nonexistent.key"}), "cannot load TLS certificate"),
+    (json.dumps({"tlsOnly": True}), "tlsOnly needs tlsCert"),
+])
+def test_server_check_config_catches_what_a_start_would(cli, tmp_path, text, problem):
+    path = tmp_path / "server.json"
+    path.write_text(text)
+    done = cli.server("check-config", "--config", path)
+    assert done.returncode == 1 and problem in done.stderr, done.stderr
+
+
+def test_check_config_of_a_missing_file(cli, tmp_path):
+    done = cli.server("check-config", "--config", tmp_path / "none.json")
+    assert done.returncode == 1 and "does not exist" in done.stderr
+    done = cli.client("check-config")  # the default file, not made yet: the defaults are fine
+    assert done.returncode == 0 and done.stdout.startswith("config OK: "), done.stderr
+    assert not (cli.config_dir / "client.json").exists()  # checking writes nothing
+
+
+def test_client_check_config_accepts_a_good_file_and_names_each_problem(cli, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"proxies": [{"localPort": 9000, "targetClient": "B", "targetPort": 80,
+                                             "bandwidth": "1MiB/s"}]}))
+    done = cli.client("check-config", "--config", good)
+    assert (done.returncode, done.stdout.strip()) == (0, f"config OK: {good}"), done.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"server": "http://x", "token": "short", "proxies": [
+        {"localPort": 9000, "targetClient": "B", "targetPort": 80, "bandwidth": "fast"},
+        {"localPort": 9000, "targetClient": "B", "targetPort": 81},
+        {"targetClient": "B"},
+    ]}))
+    done = cli.client("check-config", "--config", bad)
+    assert done.returncode == 1
+    problems = [line for line in done.stderr.splitlines() if line.startswith("problem: ")]
+    for what in ("key 'server'", "proxies[0]: key 'bandwidth'", "proxies[1]: local port 9000 is also",
+                 "proxies[2]: missing key 'localPort'", "proxies[2]: missing key 'targetPort'", "token saved in"):
+        assert any(what in line for line in problems), (what, done.stderr)
+    assert len(problems) == 6
