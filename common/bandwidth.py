@@ -46,10 +46,10 @@ def is_bandwidth(value) -> bool:
 
 
 def format_bandwidth(rate: int | None) -> str:
-    """``10 MiB/s`` for 10485760; "unlimited" for 0 or None."""
+    """``10MiB/s`` for 10485760 (as it is written to ``--bandwidth``); "unlimited" for 0 or None."""
     if not rate:
         return "unlimited"
     for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
         if rate >= size:
-            return f"{rate / size:.3g} {unit}/s"
-    return f"{rate} B/s"
+            return f"{rate / size:.3g}{unit}/s"
+    return f"{rate}B/s"

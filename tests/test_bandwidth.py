@@ -103,7 +103,8 @@ def test_bits_decimal_units_and_nonsense_are_refused(text):
 
 
 def test_bandwidth_is_shown_in_binary_units():
-    assert format_bandwidth(10 * MiB) == "10 MiB/s"
+    assert format_bandwidth(10 * MiB) == "10MiB/s"
+    assert parse_bandwidth(format_bandwidth(1536 * 1024)) == 1536 * 1024
     assert format_bandwidth(0) == "unlimited"
 
 
