@@ -165,7 +165,7 @@ class Pipe:
     def _copy_limited(self, src: socket.socket, dst: socket.socket, index: int, limits: tuple) -> None:
         """``_copy`` with bandwidth limits: reads of at most one burst, each paid for before it is
         written on. A read waiting here is no read at all, which is the backpressure."""
-        buf = bytearray(min(self._bulk_buffer, max(SMALL_READ, most_of(limits))))
+        buf = bytearray(min(self._bulk_buffer, max(1024, most_of(limits))))  # never a wait longer than needed
         view = memoryview(buf)
         counts = self.sent
         writing = self._writing_since

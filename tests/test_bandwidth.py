@@ -19,6 +19,8 @@ from cli_support import cli  # noqa: F401 (a fixture)
 from common.bandwidth import format_bandwidth, parse_bandwidth
 from common.errors import ChuantouError
 from common.limits import RateLimit
+from common.pipe import Pipe
+from common.threads import ThreadGroup
 from helpers import HOST, TcpService, connect, free_port, http_json, relay_url, udp_roundtrip, wait_until
 
 MiB = 1024 * 1024
@@ -128,6 +130,31 @@ def test_try_take_spends_nothing_when_it_refuses():
     assert limit.available(0)
 
 
+def test_an_abort_wakes_a_pump_waiting_for_its_bucket():
+    user, a = socket.socketpair()
+    b, service = socket.socketpair()
+    group = ThreadGroup("chuantou-test-pipe")
+    done = threading.Event()
+    slow = RateLimit(1024, burst=4096)  # reads of 4 KiB, each but the first waiting 4 s
+    pipe = Pipe(a, b, on_done=lambda _: done.set(), limits=(slow, None))
+    group.spawn("run", pipe.run, group, "pump")
+    try:
+        user.sendall(bytes(64 * 1024))
+        wait_until(lambda: pipe.sent[0] > 0)  # the first burst passed; the next read waits
+        service.sendall(b"the other way is not limited")
+        assert user.recv(100) == b"the other way is not limited"
+        started = time.monotonic()
+        pipe.abort()
+        assert done.wait(5)
+        assert time.monotonic() - started < 2.0
+        assert pipe.sent[0] < 64 * 1024 and pipe.aborted
+    finally:
+        pipe.abort()
+        user.close()
+        service.close()
+        assert group.join_all(timeout=5) == []
+
+
 # --- on A: a proxy's limit ---------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
@@ -214,6 +241,21 @@ def test_one_clients_sessions_share_its_relay_bucket(make_server, make_client, s
         for uploader in uploaders:
             uploader.join(10)
     assert_near(sum(rates), LIMIT)
+
+
+@pytest.mark.timeout(60)
+def test_the_relay_total_is_shared_by_every_client(make_server, make_client, services):
+    server = make_server(bandwidth_total=LIMIT)
+    a, c = make_client(server, "A"), make_client(server, "C")
+    make_client(server, "B")
+    source = services(TcpService(send_forever, "source"))
+    first = a.create_proxy(0, "B", source.port, protocol="tcp")
+    second = c.create_proxy(0, "B", source.port, protocol="tcp")
+    rates: dict[str, float] = {}
+    threads = [download_rate(first.local_port, rates, "A"), download_rate(second.local_port, rates, "C")]
+    for thread in threads:
+        thread.join(30)
+    assert_near(rates["A"] + rates["C"], LIMIT)
 
 
 def test_udp_over_a_relay_limit_is_dropped_and_counted(make_server, make_client, udp_echo):
