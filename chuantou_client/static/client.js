@@ -82,18 +82,18 @@
         },
         { label: "Protocol", value: (p) => el("span", { class: "tag" }, p.protocol) },
         {
-          label: "Limit", cls: "num",
-          value: (p) => p.bandwidth
-            ? [rate(p.bandwidth), el("span", { class: "sub" }, p.bandwidthDrops ? `${p.bandwidthDrops} UDP dropped` : "each way")]
-            : el("span", { class: "sub" }, "none"),
-        },
-        {
           label: "Connections", cls: "num",
           value: (p) => [String(p.activeConnections), el("span", { class: "sub" }, `${p.totalConnections} in total`)],
         },
         { label: "Sent", cls: "num", value: (p) => bytes(p.bytesSent) },
         { label: "Received", cls: "num", value: (p) => bytes(p.bytesReceived) },
         { label: "Rate", cls: "num", value: (p) => rate(proxyRates.rate(String(p.localPort), p.bytesSent + p.bytesReceived)) },
+        {
+          label: "Limit", cls: "num",
+          value: (p) => p.bandwidth
+            ? [rate(p.bandwidth), el("span", { class: "sub" }, p.bandwidthDrops ? `${p.bandwidthDrops} UDP dropped` : "each way")]
+            : el("span", { class: "sub" }, "none"),
+        },
       ],
       actions: (p) => confirmButton("Delete", "Delete?", async () => {
         const { ok, data } = await api("DELETE", `/api/proxies/${p.localPort}`);
