@@ -363,8 +363,9 @@ def cmd_proxy(args) -> int:
             return 0
         rows = [("LOCAL", "TARGET", "PROTOCOL", "LIMIT", "ACTIVE", "SENT", "RECEIVED")]
         for x in proxies:
-            rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]), f"{x['targetClientId']}:{x['targetPort']}", x["protocol"],
-                         format_bandwidth(x.get("bandwidth")), str(x["activeConnections"]), format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
+            rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]),
+                         f"{x['targetClientId']}:{x['targetPort']}", x["protocol"], format_bandwidth(x.get("bandwidth")),
+                         str(x["activeConnections"]), format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -1,8 +1,9 @@
 """Shared pieces for the limits that protect the relay and the clients from hostile load.
 
 Plain data structures with no I/O: the key one source address is counted under, a token
-bucket (and ``RateLimit``, its thread-safe form that bandwidth limits wait on), and a logger that says a limit bit at most once per source per interval (so a flood
-cannot flood the log as well).
+bucket (and ``RateLimit``, its thread-safe form that bandwidth limits wait on), and a logger
+that says a limit bit at most once per source per interval (so a flood cannot flood the log
+as well).
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def download_rate(port: int, rates: dict, key: str) -> threading.Thread:
 
 
 def assert_near(rate: float, limit: float) -> None:
-    assert 0.85 * limit <= rate <= 1.15 * limit, f"achieved {rate / MiB:.2f} MiB/s under a {limit / MiB:.2f} MiB/s limit"
+    assert 0.85 * limit <= rate <= 1.15 * limit, \
+        f"achieved {rate / MiB:.2f} MiB/s under a {limit / MiB:.2f} MiB/s limit"
 
 
 # --- the pieces --------------------------------------------------------------------------------
@@ -285,7 +286,8 @@ def test_the_api_takes_saves_and_shows_a_bandwidth(client_app, clients, relay, t
     assert saved == [{"localPort": port, "targetClient": "B", "targetPort": 22, "protocol": "both",
                       "bandwidth": 10 * MiB}]
     status, _, reply = http_json(api, "POST", "/api/proxies", headers,
-                                 {"localPort": free_port(), "targetClient": "B", "targetPort": 22, "bandwidth": "10Mb/s"})
+                                 {"localPort": free_port(), "targetClient": "B", "targetPort": 22,
+                                  "bandwidth": "10Mb/s"})
     assert status == 400 and "bandwidth '10Mb/s'" in reply["error"]
     # restored with its limit by the next start
     client_app.stop()
