@@ -235,7 +235,8 @@ class Proxy:
         limit = self.limits[direction]
         if limit is None or limit.try_take(size):
             return True
-        self.bandwidth_drops += 1
+        with self._lock:  # the gateway's thread and every flow's thread drop here
+            self.bandwidth_drops += 1
         return False
 
     def connect_request(self, protocol: str) -> p.ConnectRequest:
