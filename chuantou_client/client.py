@@ -206,15 +206,16 @@ class Client:
 
     def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
                      protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None,
-                     target_fingerprint: str | None = None) -> Proxy:
+                     target_fingerprint: str | None = None, bandwidth: int | str = 0) -> Proxy:
         """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
         the target client (on ``target_host`` of its network, if that client allows it).
         Raises PortInUseError if the local port is taken. ``target_fingerprint`` pins the
-        target's key (SHA256:...) before the first session."""
+        target's key (SHA256:...) before the first session. ``bandwidth`` (bytes/s, or text
+        such as "10MiB/s"; 0: none) limits each direction, over all the proxy's connections."""
         if self._stopped:
             raise ChuantouError("this client is stopped; create a new Client")
         proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host,
-                      target_fingerprint).open()
+                      target_fingerprint, bandwidth).open()
         with self._lock:
             self._proxies.append(proxy)
         return proxy

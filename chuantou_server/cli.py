@@ -15,7 +15,7 @@ from common import __version__, auth, config, service
 from common.cli_shell import Program, add_supervise_command, local_opener, run_command
 from common.startcheck import config_restored_on_failure
 
-from .app import ServerApp, default_config_path, load_file_settings, local_url
+from .app import ServerApp, config_problems, default_config_path, load_file_settings, local_url
 from .app import local_address  # noqa: F401 (part of this module's API: tests and status use it)
 from .startopts import RUN_OPTION_DEFAULTS, given_options
 
@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   python -m chuantou_server start --autostart    run in the background, also at boot
   python -m chuantou_server status
   python -m chuantou_server logs -f
+  python -m chuantou_server check-config         validate server.json without starting
   python -m chuantou_server stop
   sudo python -m chuantou_server install-service  run at boot as a systemd system service
 """
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (stop, status, logs, token):
         PROGRAM.add_config_option(command)
+    PROGRAM.add_check_config_command(sub)
     PROGRAM.add_service_commands(sub, _add_run_options)
     add_supervise_command(sub)
     return parser
@@ -296,6 +298,8 @@ COMMANDS = {
     "token": cmd_token,
     "install-service": lambda args: PROGRAM.install_service(args, prepare_service_config),
     "uninstall-service": PROGRAM.uninstall_service,
+    "check-config": lambda args: PROGRAM.check_config(config_path(args), bool(getattr(args, "config", None)),
+                                                      config_problems),
     "_supervise": PROGRAM.supervise,
 }
 

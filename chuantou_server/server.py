@@ -25,6 +25,7 @@ from common.net import close_quietly, enlarge_udp_buffers
 from common.threads import ThreadGroup
 
 from . import admin, admin_sessions, caps, httpd, metrics
+from .bandwidth import BandwidthLimits
 from .admission import Admission, UnregisteredGate
 from .authenticator import Authenticator
 from .handshakes import HandshakeGate
@@ -66,6 +67,7 @@ class Server:
         self.handshakes = HandshakeGate(cfg.max_pending_handshakes, cfg.max_pending_handshakes_per_source,
                                         self.registry.has_source)
         self.sessions = SessionTable()
+        self.bandwidth = BandwidthLimits(cfg.bandwidth_per_client, cfg.bandwidth_total)
         self.traffic = RelayTraffic(self.sessions, self.registry)  # figures for the admin page
         self.metrics = metrics.RelayMetrics(self)  # this relay's own Prometheus registry (GET /metrics)
         self.threads = ThreadGroup("chuantou-server")
@@ -116,7 +118,8 @@ class Server:
             self.udp = UdpRelay(self._udp_sock, self.sessions, self.stopping,
                                 early_queue_bytes=cfg.udp_early_queue_bytes,  # UDP hardening
                                 early_queue_total_bytes=cfg.udp_early_queue_total_bytes,
-                                registrations_per_second=cfg.udp_registrations_per_second)
+                                registrations_per_second=cfg.udp_registrations_per_second,
+                                bandwidth=self.bandwidth)
             self._started = True
             self.started_at = time.time()
         self.threads.spawn("accept", self._listener.run)

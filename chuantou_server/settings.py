@@ -85,6 +85,10 @@ class ServerConfig:
     node_id: str | None = None  # default: the host name and port
     advertise: str | None = None  # ws://HOST:PORT where clients reach this node (default: from host and port)
     cluster_ttl: float = 8.0  # seconds a killed node's keys outlive it
+    # bytes/s (0: off): each client's sending and its receiving over all its sessions, and every
+    # byte the relay relays (bandwidth.py)
+    bandwidth_per_client: int = 0
+    bandwidth_total: int = 0
 
     def __post_init__(self) -> None:
         # Copies a caller cannot change under us (frozen only stops reassignment).
@@ -108,6 +112,10 @@ class ServerConfig:
             raise ChuantouError(f"the cluster URL must look like redis://HOST:6379/0, not {self.cluster_url!r}")
         if self.cluster_ttl <= 0:
             raise ChuantouError("cluster_ttl must be a number of seconds > 0")
+        for name in ("bandwidth_per_client", "bandwidth_total"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ChuantouError(f"{name} must be a whole number of bytes per second >= 0 (0: off)")
         if self.tls_only and not self.tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
 
