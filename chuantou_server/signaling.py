@@ -249,6 +249,20 @@ class ControlConnection:
             said = "ended" if p.is_normal_end(msg.reason) else "closed"  # keep a normal end normal for the peer
             peer.send(p.SessionClosed(sessionId=session.id, reason=f"{said} by '{self.client_id}': {msg.reason}"))
 
+    def on_session_keys(self, msg: p.SessionKeys) -> None:
+        """Half of a sealed UDP session's key exchange: passed on, unchanged, to the session's other
+        side only (the relay cannot use it: it is signed, and the keys it leads to stay with A and B)."""
+        assert self.client_id is not None  # handle_frame lets nothing but a register through before it
+        session = self.server.sessions.get(msg.sessionId)
+        if session is None or session.protocol != "udp" or not session.involves(self.client_id):
+            self.send(p.Error(message=f"no UDP session {msg.sessionId[:12]}... of this client",
+                              code="unknown_session"))
+            return
+        other = session.client_b if self.client_id == session.client_a else session.client_a
+        peer = self.server.registry.get(other)
+        if peer is not None:
+            peer.send(msg)
+
     def on_heartbeat(self, msg: p.Heartbeat) -> None:
         # Echo it, so the client can tell a silent relay from a quiet one.
         self.send(p.Heartbeat(timestamp=msg.timestamp))
@@ -280,4 +294,5 @@ _HANDLERS: dict[type[p.Message], Callable[[ControlConnection, Any], None]] = {
     p.Heartbeat: ControlConnection.on_heartbeat,
     p.Unregister: ControlConnection.on_unregister,
     p.SessionClosed: ControlConnection.on_session_closed,
+    p.SessionKeys: ControlConnection.on_session_keys,
 }
