@@ -313,7 +313,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             protocol = data.get("protocol", "both")
             proxy = self.app.create_proxy(local_port, target, target_port, protocol, data.get("targetHost"),
                                           local_host=data.get("localHost"),
-                                          target_fingerprint=data.get("targetFingerprint"))
+                                          target_fingerprint=data.get("targetFingerprint"),
+                                          allow_unsealed=data.get("allowUnsealed") is True)
         except PortInUseError as exc:
             raise ApiError(409, str(exc)) from None
         except ChuantouError as exc:

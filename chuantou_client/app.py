@@ -79,6 +79,8 @@ CONFIG_KEYS = {
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
     # who may reach this client, checked against the key a peer proves (--allow-from)
     "allowFrom": config.Key(list, "a list of client IDs and SHA256: fingerprints", list, _valid_allow_from),
+    # sessions with peers that cannot seal (older clients) run in the clear instead of being refused
+    "allowUnsealed": config.Key(bool, "true or false", False),
 }
 
 PROXY_KEYS = {
@@ -90,6 +92,7 @@ PROXY_KEYS = {
                              lambda v: bool(p.HOST_PATTERN.match(v))),
     "localHost": config.Key(str, LOCAL_HOST_HELP, None, is_valid_local_host),  # --local-host (10.12)
     "targetFingerprint": config.Key(str, "the target's key, SHA256:...", None, _valid_fingerprint),
+    "allowUnsealed": config.Key(bool, "true or false", False),  # this proxy may reach a target that cannot seal
 }
 
 
@@ -141,7 +144,7 @@ class ClientApp:
         if overrides.get("allowFrom"):
             overrides["allowFrom"] = parse_allow_from(overrides["allowFrom"])  # a clear error for a bad one
         for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure",
-                    "allowFrom"):
+                    "allowFrom", "allowUnsealed"):
             if overrides.get(key) and overrides[key] != self.settings[key]:
                 self.settings[key] = overrides[key]
                 changed = True
@@ -167,7 +170,7 @@ class ClientApp:
                              max_pending_connects=self.settings["maxPendingConnects"],
                              identity=identity.load_or_create(identity_path(config_path)),
                              known_clients=KnownClients(known_clients_path(config_path)),
-                             allow_from=self.settings["allowFrom"])
+                             allow_from=self.settings["allowFrom"], allow_unsealed=self.settings["allowUnsealed"])
         if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
             self.save()
         self.admin = AdminServer(self, admin_host, self.admin_port,
@@ -202,6 +205,7 @@ class ClientApp:
             proxy = self.client.create_proxy(entry["localPort"], entry["targetClient"], entry["targetPort"],
                                              entry["protocol"], target_host=entry["targetHost"],
                                              target_fingerprint=entry["targetFingerprint"],
+                                             allow_unsealed=entry["allowUnsealed"],
                                              **_local_host_argument(entry["localHost"]))
         except ChuantouError as exc:
             self.failed_proxies[entry["localPort"]] = str(exc)
@@ -231,20 +235,24 @@ class ClientApp:
 
     def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both",
                      target_host: str | None = None, local_host: str | None = None,
-                     target_fingerprint: str | None = None):
+                     target_fingerprint: str | None = None, allow_unsealed: bool = False):
         if local_host is not None:
             local_host = parse_local_host(local_host)  # a clear error naming the value
         entry = config.validate(
             {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol,
-             "targetHost": target_host, "localHost": local_host, "targetFingerprint": target_fingerprint},
+             "targetHost": target_host, "localHost": local_host, "targetFingerprint": target_fingerprint,
+             "allowUnsealed": bool(allow_unsealed)},
             PROXY_KEYS, "proxy",
         )
+        if not entry["allowUnsealed"]:
+            del entry["allowUnsealed"]  # the default: saved only when asked for
         for key in ("targetHost", "localHost", "targetFingerprint"):
             if entry[key] is None:
                 del entry[key]
         with self._lock:
             proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host,
                                              target_fingerprint=entry.get("targetFingerprint"),
+                                             allow_unsealed=bool(allow_unsealed),
                                              **_local_host_argument(local_host))
             self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
             self.settings["proxies"].append(entry)

@@ -20,6 +20,7 @@ from chuantou_server.udp import UdpRelay
 from common import identity
 from common import protocol as p
 
+from cli_support import cli  # noqa: F401 (fixture)
 from helpers import echo_roundtrip, relay_url, udp_roundtrip, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -299,3 +300,29 @@ def test_allow_unsealed_does_not_let_a_relay_strip_a_pinned_peers_key(server, ma
         echo_roundtrip(tcp.local_port)
     wait_until(lambda: tcp.last_error and "pinned here" in tcp.last_error, message="refused: a downgrade")
     tcp.close()
+
+
+def test_cli_saves_allow_unsealed_per_client_and_per_proxy_and_proxy_list_shows_sealed(cli, services):
+    import json
+
+    from cli_support import free_tcp_udp_port
+    from helpers import free_port, text_service
+
+    web = services(text_service(b"hello"))
+    relay = cli.start_relay()
+    cli.start_client(relay, "B", free_port(), config=cli.root / "b.json", extra=("--allow-unsealed",))
+    assert json.loads((cli.root / "b.json").read_text())["allowUnsealed"] is True
+    cli.start_client(relay, "A", free_port())
+    sealed, unsealed = free_tcp_udp_port(), free_tcp_udp_port()
+    assert cli.client("proxy", "create", "--local-port", sealed, "--target-client", "B",
+                      "--target-port", web.port).returncode == 0
+    made = cli.client("proxy", "create", "--local-port", unsealed, "--target-client", "B",
+                      "--target-port", web.port, "--allow-unsealed")
+    assert made.returncode == 0, made.stderr
+    saved = {e["localPort"]: e for e in json.loads((cli.config_dir / "client.json").read_text())["proxies"]}
+    assert saved[unsealed]["allowUnsealed"] is True and "allowUnsealed" not in saved[sealed]
+    listing = cli.client("proxy", "list").stdout
+    assert "SEALED" in listing.splitlines()[0]
+    rows = {line.split()[0].rsplit(":", 1)[1]: line.split() for line in listing.splitlines()[1:3]}
+    assert rows[str(sealed)][3] == "yes" and rows[str(unsealed)][3] == "yes*"
+    assert "--allow-unsealed" in listing
