@@ -191,6 +191,7 @@ class ControlConnection:
         if refused is not None:
             return refuse("limit", refused.message, refused.limit)
         session = self.server.sessions.create(self.client_id, msg.toClientId, msg.remotePort, msg.protocol)
+        session.sealed = self.public_key is not None and target.public_key is not None
         told_target = target.send(p.ConnectOffer(
             toClientId=msg.toClientId,
             remotePort=msg.remotePort,

@@ -326,3 +326,31 @@ def test_cli_saves_allow_unsealed_per_client_and_per_proxy_and_proxy_list_shows_
     rows = {line.split()[0].rsplit(":", 1)[1]: line.split() for line in listing.splitlines()[1:3]}
     assert rows[str(sealed)][3] == "yes" and rows[str(unsealed)][3] == "yes*"
     assert "--allow-unsealed" in listing
+
+
+# --- where "sealed" shows ---------------------------------------------------------------------------
+
+def test_the_relay_api_shows_sealed_only_when_both_sides_registered_keys(make_server, make_client,
+                                                                          make_old_client, tcp_echo):
+    from helpers import http_json
+
+    server = make_server(admin_token="admin-test-token-0123456789")
+    auth = {"Authorization": "Bearer admin-test-token-0123456789"}
+    a = make_client(server, "A", allow_unsealed=True)
+    make_client(server, "B")
+    make_old_client(server, "OLD")
+    sealed = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    unsealed = a.create_proxy(0, "OLD", tcp_echo.port, protocol="tcp")
+    with socket.create_connection(("127.0.0.1", sealed.local_port), timeout=5) as one, \
+            socket.create_connection(("127.0.0.1", unsealed.local_port), timeout=5) as two:
+        for sock in (one, two):
+            sock.sendall(b"ping")
+            assert sock.recv(4) == b"ping"
+        status, _, payload = http_json(server.port, "GET", "/api/sessions", auth)
+        assert status == 200
+        by_peer = {s["b"]: s for s in payload["sessions"]}
+        assert by_peer["B"]["sealed"] is True and by_peer["B"]["sealing"] == "sealed (end to end)"
+        assert by_peer["OLD"]["sealed"] is False and by_peer["OLD"]["sealing"] == "not sealed"
+        assert {c["sealed"] for c in a.connections()} == {True, False}
+    sealed.close()
+    unsealed.close()
