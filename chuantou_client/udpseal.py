@@ -179,7 +179,8 @@ class DatagramOpener:
     def open(self, datagram: bytes) -> bytes | None:
         """The payload, or None (dropped and counted) for a forged, altered or replayed datagram."""
         if len(datagram) < OVERHEAD:
-            return self._reject("too short to be sealed")
+            self._reject("too short to be sealed")
+            return None
         head = datagram[:COUNTER.size]
         counter = COUNTER.unpack(head)[0]
         if not self._window.fresh(counter):
@@ -189,7 +190,8 @@ class DatagramOpener:
         try:
             plain = self._aead.decrypt(b"\0\0\0\0" + head, datagram[COUNTER.size:], self._aad)
         except InvalidTag:
-            return self._reject("failed authentication (forged or altered on the way)")
+            self._reject("failed authentication (forged or altered on the way)")
+            return None
         self._window.mark(counter)
         self.stats.opened += 1
         part, payload = plain[:1], plain[1:]
@@ -206,7 +208,6 @@ class DatagramOpener:
     def _reject(self, why: str) -> None:
         self.stats.rejected += 1
         self._warn(f"a datagram {why}")
-        return None
 
     def _warn(self, what: str) -> None:
         if not self._warned:  # once per session, the counters say how many
