@@ -252,8 +252,8 @@ def test_proxy_create_list_delete_round_trip_with_traffic(cli, web):
     listing = cli.client("proxy", "list")
     assert listing.returncode == 0, listing.stderr
     header, row = listing.stdout.splitlines()
-    assert header.split() == ["LOCAL", "TARGET", "PROTOCOL", "ACTIVE", "SENT", "RECEIVED"]
-    assert row.split()[:3] == [f"localhost:{local}", f"B:{web.port}", "both"]
+    assert header.split() == ["LOCAL", "TARGET", "PROTOCOL", "SEALED", "ACTIVE", "SENT", "RECEIVED"]
+    assert row.split()[:4] == [f"localhost:{local}", f"B:{web.port}", "both", "yes"]
     assert row.split()[-2:] != ["0", "B"]  # bytes came back through it
 
     conflict = cli.client("proxy", "create", "--local-port", local, "--target-client", "B", "--target-port", web.port)
