@@ -354,3 +354,26 @@ def test_the_relay_api_shows_sealed_only_when_both_sides_registered_keys(make_se
         assert {c["sealed"] for c in a.connections()} == {True, False}
     sealed.close()
     unsealed.close()
+
+
+# --- the relay passes session_keys to the session's other side only ---------------------------------
+
+def test_the_relay_passes_session_keys_only_to_the_other_side_of_that_udp_session(server, peers):
+    a, b, stranger = peers(server), peers(server), peers(server)
+    for peer, name in ((a, "A"), (b, "B"), (stranger, "C")):
+        assert peer.register(name).success
+    a.send(p.ConnectRequest(toClientId="B", remotePort=5353, protocol="udp", requestId="r1"))
+    offer = b.recv_until(p.ConnectOffer)
+    created = a.recv_until(p.CreateSession)
+    assert offer.sessionId == created.sessionId
+    keys = udpseal.UdpHandshake(identity.generate(), created.sessionId, "A").offer()
+    a.send(keys)
+    assert b.recv_until(p.SessionKeys) == keys  # unchanged
+    stranger.send(keys)  # not in that session: refused, and B hears nothing of it
+    assert stranger.recv_until(p.Error).code == "unknown_session"
+    a.send(p.ConnectRequest(toClientId="B", remotePort=22, protocol="tcp", requestId="r2"))
+    tcp = a.recv_until(p.CreateSession)
+    a.send(dataclasses.replace(keys, sessionId=tcp.sessionId))  # only UDP sessions exchange keys
+    assert a.recv_until(p.Error).code == "unknown_session"
+    b.send(p.Heartbeat(timestamp=1.0))
+    assert isinstance(b.recv_until((p.SessionKeys, p.Heartbeat)), p.Heartbeat)
