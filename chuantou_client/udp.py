@@ -4,6 +4,11 @@ Gateway (A): one socket on the proxy's port; each user address (ip, port) become
 with its own relay session and its own socket towards the relay. Target (B): per session
 one socket that talks to both the relay and the local service, told apart by source
 address. Idle flows end after ``udp_idle_timeout`` on each side.
+
+Every session is sealed (udpseal.py): both sides exchange keys over the control channel while
+their sockets register with the relay, and only then pass datagrams, each sealed on the way in
+and opened (or dropped and counted) on the way out. With a peer that cannot seal, allowed by
+--allow-unsealed, datagrams pass as they are.
 """
 
 from __future__ import annotations
