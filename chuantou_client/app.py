@@ -81,6 +81,8 @@ CONFIG_KEYS = {
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
     # who may reach this client, checked against the key a peer proves (--allow-from)
     "allowFrom": config.Key(list, "a list of client IDs and SHA256: fingerprints", list, _valid_allow_from),
+    # sessions with peers that cannot seal (older clients) run in the clear instead of being refused
+    "allowUnsealed": config.Key(bool, "true or false", False),
 }
 
 PROXY_KEYS = {
@@ -94,6 +96,7 @@ PROXY_KEYS = {
     "targetFingerprint": config.Key(str, "the target's key, SHA256:...", None, _valid_fingerprint),
     # bytes/s each way over all its connections (issue 16 item 3); "10MiB/s" is accepted from a hand edit
     "bandwidth": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
+    "allowUnsealed": config.Key(bool, "true or false", False),  # this proxy may reach a target that cannot seal
 }
 
 
@@ -170,7 +173,7 @@ class ClientApp:
         if overrides.get("allowFrom"):
             overrides["allowFrom"] = parse_allow_from(overrides["allowFrom"])  # a clear error for a bad one
         for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure",
-                    "allowFrom"):
+                    "allowFrom", "allowUnsealed"):
             if overrides.get(key) and overrides[key] != self.settings[key]:
                 self.settings[key] = overrides[key]
                 changed = True
@@ -196,7 +199,7 @@ class ClientApp:
                              max_pending_connects=self.settings["maxPendingConnects"],
                              identity=identity.load_or_create(identity_path(config_path)),
                              known_clients=KnownClients(known_clients_path(config_path)),
-                             allow_from=self.settings["allowFrom"])
+                             allow_from=self.settings["allowFrom"], allow_unsealed=self.settings["allowUnsealed"])
         if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
             self.save()
         self.admin = AdminServer(self, admin_host, self.admin_port,
@@ -232,6 +235,7 @@ class ClientApp:
                                              entry["protocol"], target_host=entry["targetHost"],
                                              target_fingerprint=entry["targetFingerprint"],
                                              bandwidth=entry["bandwidth"],
+                                             allow_unsealed=entry["allowUnsealed"],
                                              **_local_host_argument(entry["localHost"]))
         except ChuantouError as exc:
             self.failed_proxies[entry["localPort"]] = str(exc)
@@ -261,16 +265,19 @@ class ClientApp:
 
     def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both",
                      target_host: str | None = None, local_host: str | None = None,
-                     target_fingerprint: str | None = None, bandwidth: int | str | None = None):
+                     target_fingerprint: str | None = None, bandwidth: int | str | None = None,
+                     allow_unsealed: bool = False):
         if local_host is not None:
             local_host = parse_local_host(local_host)  # a clear error naming the value
         rate = parse_bandwidth(bandwidth or 0)  # a clear error naming the value; saved as bytes/s
         entry = config.validate(
             {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol,
              "targetHost": target_host, "localHost": local_host, "targetFingerprint": target_fingerprint,
-             "bandwidth": rate},
+             "bandwidth": rate, "allowUnsealed": bool(allow_unsealed)},
             PROXY_KEYS, "proxy",
         )
+        if not entry["allowUnsealed"]:
+            del entry["allowUnsealed"]  # the default: saved only when asked for
         for key in ("targetHost", "localHost", "targetFingerprint"):
             if entry[key] is None:
                 del entry[key]
@@ -279,6 +286,7 @@ class ClientApp:
         with self._lock:
             proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host,
                                              target_fingerprint=entry.get("targetFingerprint"), bandwidth=rate,
+                                             allow_unsealed=bool(allow_unsealed),
                                              **_local_host_argument(local_host))
             self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
             self.settings["proxies"].append(entry)

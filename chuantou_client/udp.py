@@ -4,6 +4,11 @@ Gateway (A): one socket on the proxy's port; each user address (ip, port) become
 with its own relay session and its own socket towards the relay. Target (B): per session
 one socket that talks to both the relay and the local service, told apart by source
 address. Idle flows end after ``udp_idle_timeout`` on each side.
+
+Every session is sealed (udpseal.py): both sides exchange keys over the control channel while
+their sockets register with the relay, and only then pass datagrams, each sealed on the way in
+and opened (or dropped and counted) on the way out. With a peer that cannot seal, allowed by
+--allow-unsealed, datagrams pass as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from common.frames import JoinStatus
 from common.net import close_quietly, enlarge_udp_buffers, udp_socket_for
 
 from .datachannel import register_udp, resolve_udp
+from .sealing import SealError
 from .udpjoin import PAYLOAD
 
 log = logging.getLogger("chuantou.client")
@@ -114,6 +120,8 @@ class UdpFlow:
         self.sock: socket.socket | None = None
         self.relay: tuple | None = None
         self.ready = False
+        self.session_id: str | None = None
+        self.seal = None  # the session's udpseal.SealedUdp, or None while setting up / when unsealed
         self.last_active = time.monotonic()
         self._early: list[bytes] = []
         self._lock = threading.Lock()
@@ -122,20 +130,26 @@ class UdpFlow:
     def send(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         if self.ready:
-            assert self.sock is not None and self.relay is not None  # _serve sets both before ready
-            try:
-                self.sock.sendto(data, self.relay)
-            except OSError:
-                pass
+            self._send_now(data)
             return
         with self._lock:
             if self.ready:
-                self.sock.sendto(data, self.relay)
+                self._send_now(data)
             elif len(self._early) < EARLY_QUEUE:
                 self._early.append(data)
 
+    def _send_now(self, data: bytes) -> None:
+        assert self.sock is not None and self.relay is not None  # _serve sets both before ready
+        for datagram in self.seal.seal(data) if self.seal is not None else (data,):
+            try:
+                self.sock.sendto(datagram, self.relay)
+            except OSError:
+                pass
+
     def close(self) -> None:
         self._closed.set()
+        if self.session_id is not None:
+            self.gateway.proxy.client.udp_keys.cancel(self.session_id)
         close_quietly(self.sock)
 
     def run(self) -> None:
@@ -148,9 +162,9 @@ class UdpFlow:
                 proxy.connect_request("udp"),
                 timeout=client.request_timeout,
             )
-            session_id = reply.sessionId
-            with client.sessions.track(session_id, "A", handle=self, **proxy.session_facts("udp")):
-                self._serve(reply)
+            session_id = self.session_id = reply.sessionId
+            with client.sessions.track(session_id, "A", handle=self, **proxy.session_facts("udp")) as record:
+                self._serve(reply, record)
         except SessionGone as exc:
             log.info("proxy %s: UDP flow from %s:%s ended: %s", proxy.description, self.user[0], self.user[1], exc)
         except (ChuantouError, OSError) as exc:
@@ -163,20 +177,30 @@ class UdpFlow:
         finally:
             self.close()
             self.gateway._forget(self)
+            if self.seal is not None:
+                client.udp_seal_stats.add(self.seal.stats)
             if session_id:
                 client.end_session(session_id, end)
 
-    def _serve(self, reply) -> None:
+    def _serve(self, reply, record) -> None:
         """Register with the relay, send what came early, then relay replies until idle."""
         family, self.relay = resolve_udp(reply.relayAddr)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         enlarge_udp_buffers(self.sock)
         if self._closed.is_set():
             return
-        registrar = register_udp(self.sock, self.relay, reply.sessionId, reply.secret, "A")
+        proxy = self.gateway.proxy
+        registered = []
+        self.seal = proxy.client.seal_udp(
+            "A", reply.sessionId, proxy.target_client_id, reply.peerPublicKey, pinned=proxy.target_fingerprint,
+            allow_unsealed=proxy.allow_unsealed,
+            meanwhile=lambda: registered.append(register_udp(self.sock, self.relay, reply.sessionId,
+                                                             reply.secret, "A")))
+        registrar = registered[0]
+        record.sealed = self.seal is not None
         with self._lock:
             for data in self._early:
-                self.sock.sendto(data, self.relay)
+                self._send_now(data)
             self._early.clear()
             self.ready = True
         self._pump_replies(registrar, self.gateway.proxy.client.udp_idle_timeout)
@@ -200,6 +224,8 @@ class UdpFlow:
                 continue  # only the relay may answer on this socket
             answer = registrar.handle(data, src)
             if answer == PAYLOAD:
+                if self.seal is not None and (data := self.seal.open(data)) is None:
+                    continue  # forged, altered or replayed: dropped and counted
                 self.last_active = time.monotonic()
                 self.gateway.reply(data, self.user)
             else:
@@ -220,11 +246,14 @@ class UdpTarget:
         self.msg = msg
         self.service = service
         self.sock: socket.socket | None = None
+        self.seal = None  # the session's udpseal.SealedUdp (None: unsealed, allowed)
+        self.record = None  # its SessionRecord, given by the caller
         self._closed = threading.Event()
         self._service_failed = False
 
     def abort(self) -> None:
         self._closed.set()
+        self.client.udp_keys.cancel(self.msg.sessionId)
         close_quietly(self.sock)
 
     def run(self) -> None:
@@ -246,9 +275,20 @@ class UdpTarget:
         try:
             self.sock, (relay, service) = udp_socket_for(relay_family, relay, service_family, service)
             enlarge_udp_buffers(self.sock)
-            registrar = register_udp(self.sock, relay, msg.sessionId, msg.secret, "B")
+            registered = []
+            try:
+                self.seal = self.client.seal_udp(
+                    "B", msg.sessionId, msg.fromClientId, msg.peerPublicKey,
+                    meanwhile=lambda: registered.append(register_udp(self.sock, relay, msg.sessionId, msg.secret, "B")))
+            except SealError as exc:
+                if not self._closed.is_set():
+                    log.warning("UDP session %s... from %s refused: %s", msg.sessionId[:8], msg.fromClientId, exc)
+                    self._reject(exc.peer_reason)
+                return
+            if self.record is not None:
+                self.record.sealed = self.seal is not None
             self.client.control.send(p.AcceptSession(sessionId=msg.sessionId))
-            self._pump(registrar, relay, service, self.client.udp_idle_timeout)
+            self._pump(registered[0], relay, service, self.client.udp_idle_timeout)
         except SessionGone as exc:
             log.info("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         except (ChuantouError, OSError) as exc:
@@ -259,6 +299,8 @@ class UdpTarget:
                 log.warning("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         finally:
             self.abort()
+            if self.seal is not None:
+                self.client.udp_seal_stats.add(self.seal.stats)
             self.client.end_session(msg.sessionId, end)
 
     def _reject(self, reason: str) -> None:
@@ -289,11 +331,14 @@ class UdpTarget:
                 if answer != PAYLOAD:
                     _check_still_known(answer)
                     continue
+                if self.seal is not None and (data := self.seal.open(data)) is None:
+                    continue  # forged, altered or replayed: dropped and counted
                 last_active = time.monotonic()
                 self._send(data, service, to_service=True)
             elif src == service:
                 last_active = time.monotonic()
-                self._send(data, relay, to_service=False)
+                for datagram in self.seal.seal(data) if self.seal is not None else (data,):
+                    self._send(datagram, relay, to_service=False)
 
     def _send(self, data: bytes, addr: tuple, to_service: bool) -> None:
         assert self.sock is not None  # only _pump sends

@@ -33,6 +33,7 @@ WIRE = {
     "heartbeat": ["timestamp"],
     "unregister": [],
     "session_closed": ["sessionId", "reason"],
+    "session_keys": ["sessionId", "ephemeral", "publicKey", "signature"],
     "error": ["message", "code", "requestId"],
 }
 NESTED = {
@@ -68,6 +69,7 @@ def sample_messages() -> list:
         p.Heartbeat(timestamp=1700000000.25),
         p.Unregister(),
         p.SessionClosed(sessionId=SESSION_ID, reason="ended"),
+        p.SessionKeys(sessionId=SESSION_ID, ephemeral="QUFB" * 11, publicKey="QUFB" * 11, signature="QkJC" * 22),
         p.Error(message="client 'B' is not online", code="client_offline", requestId="r2"),
     ]
 
