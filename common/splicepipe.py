@@ -45,6 +45,7 @@ def open_pipe() -> tuple[int, int, int] | None:
         read_fd, write_fd = os.pipe()
     except OSError:  # out of descriptors: this direction copies in Python instead
         return None
+    assert _SET_PIPE_SIZE is not None  # (splice_supported())
     try:
         size = fcntl.fcntl(write_fd, _SET_PIPE_SIZE, PIPE_SIZE)
     except OSError:  # over the user's allowance of pipe pages: the default size still splices
