@@ -80,15 +80,18 @@ def main(argv=None) -> int:
         for direction, fn, key in (("upload", br.upload, "sink"), ("download", br.download, "source")):
             times = {label: [] for label in envs}
             tcpu = {label: 0.0 for label in envs}
+            scpu = {label: 0.0 for label in envs}  # the relay server's process alone
             for _ in range(args.repeat):
                 for label, env in envs.items():
-                    c0 = br.cpu_seconds(pids[label])
+                    c0, s0 = br.cpu_seconds(pids[label]), br.cpu_seconds([env["pids"]["server"]])
                     times[label].append(fn(env["tunnel"][key], size))
                     tcpu[label] += br.cpu_seconds(pids[label]) - c0
+                    scpu[label] += br.cpu_seconds([env["pids"]["server"]]) - s0
+            gib = args.repeat * size / br.GIB
             for label in envs:
                 mbps = size / statistics.median(times[label]) / br.MB
-                per_gib = tcpu[label] / (args.repeat * size / br.GIB)
-                print(f"  {direction:8s} {label:7s} {mbps:6.0f} MB/s   relay CPU {per_gib:.2f} s/GiB")
+                print(f"  {direction:8s} {label:7s} {mbps:6.0f} MB/s   tunnel CPU (relay+A+B) {tcpu[label] / gib:.2f} s/GiB"
+                      f"   relay alone {scpu[label] / gib:.2f} s/GiB")
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         procs.stop_all()
