@@ -8,9 +8,10 @@ TlsStream has to be read in Python, so it keeps the plain pump (``can_splice``).
 
 A direction starts with the plain pump's small reads and opens its pipe only once the stream
 proves to be bulk: an idle or chatty session holds no pipe, so thousands of them cost no extra
-descriptors. Should a pipe not open (descriptor limit) or splice be refused, that direction
-carries on with the plain pump; should the 1 MiB size be refused (the user's pipe-pages
-allowance), it splices through the pipe's default size.
+descriptors. At most MAX_PIPES pipes are open at once, so bulk sessions cannot eat the
+descriptors (and pinned pages) that new sessions need. Should a pipe not be granted or not open,
+or splice be refused, that direction carries on with the plain pump; should the 1 MiB size be
+refused (the user's pipe-pages allowance), it splices through the pipe's default size.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import errno
 import fcntl
 import os
 import socket
+import threading
 import time
 
 from .pipe import SMALL_READ, Pipe
 
 PIPE_SIZE = 1024 * 1024
+MAX_PIPES = 256  # one per splicing direction: 512 descriptors of the relay's 20,000, at most 256 MiB in flight
+_pipes_lock = threading.Lock()
+_pipes_open = 0
 _SET_PIPE_SIZE = getattr(fcntl, "F_SETPIPE_SZ", None)
 _GET_PIPE_SIZE = getattr(fcntl, "F_GETPIPE_SZ", None)
 _SPLICE_REFUSED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # this kernel or socket cannot splice
@@ -40,10 +45,17 @@ def can_splice(a, b) -> bool:
 
 
 def open_pipe() -> tuple[int, int, int] | None:
-    """A pipe sized for bulk copies: (read fd, write fd, size), or None when none can be opened."""
+    """A pipe sized for bulk copies: (read fd, write fd, size), or None when none is granted or opens.
+    Give it back with ``close_pipe``."""
+    global _pipes_open
+    with _pipes_lock:
+        if _pipes_open >= MAX_PIPES:
+            return None
+        _pipes_open += 1
     try:
         read_fd, write_fd = os.pipe()
     except OSError:  # out of descriptors: this direction copies in Python instead
+        _give_back()
         return None
     assert _SET_PIPE_SIZE is not None  # (splice_supported())
     try:
@@ -51,6 +63,23 @@ def open_pipe() -> tuple[int, int, int] | None:
     except OSError:  # over the user's allowance of pipe pages: the default size still splices
         size = fcntl.fcntl(write_fd, _GET_PIPE_SIZE) if _GET_PIPE_SIZE is not None else 64 * 1024
     return read_fd, write_fd, size
+
+
+def close_pipe(pipe: tuple[int, int, int]) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
+    _give_back()
+
+
+def _give_back() -> None:
+    global _pipes_open
+    with _pipes_lock:
+        _pipes_open -= 1
+
+
+def pipes_open() -> int:
+    """How many splice pipes this process holds now."""
+    return _pipes_open
 
 
 class SplicePipe(Pipe):
@@ -70,13 +99,11 @@ class SplicePipe(Pipe):
         if pipe is None:
             super()._copy(src, dst, index)
             return
-        read_fd, write_fd, size = pipe
         try:
-            if not self._splice(src, dst, index, read_fd, write_fd, size):
+            if not self._splice(src, dst, index, *pipe):
                 super()._copy(src, dst, index)
         finally:
-            os.close(read_fd)
-            os.close(write_fd)
+            close_pipe(pipe)
 
     def _small_reads(self, src: socket.socket, dst: socket.socket, index: int) -> bool:
         """Copy in small reads until one fills up (the stream is bulk): True, or False at its end."""

@@ -56,6 +56,7 @@ def only_pipe(made: list[Pipe]) -> Pipe:
 
 @pytest.mark.timeout(120)
 def test_64_mib_each_way_are_spliced_with_equal_sha256(server, client_a, client_b, services, relay_pipes):
+    pipes_before = splicepipe.pipes_open()
     upload, download = random_bytes(64 * MiB), random_bytes(64 * MiB)
     service = services(TcpService(exchange_handler(download), "exchange"))
     proxy = client_a.create_proxy(0, "B", service.port, protocol="tcp")
@@ -68,6 +69,7 @@ def test_64_mib_each_way_are_spliced_with_equal_sha256(server, client_a, client_
     assert isinstance(pipe, SplicePipe) and pipe.spliced == [True, True]
     assert pipe.sent[0] > len(upload) and pipe.sent[1] > len(download)  # plus the sealed records' overhead
     wait_until(lambda: len(server.sessions) == 0, timeout=10)
+    wait_until(lambda: splicepipe.pipes_open() == pipes_before, timeout=10, message="the session kept its pipes")
     proxy.close()
 
 
@@ -224,8 +226,15 @@ def test_abort_wakes_a_writer_stuck_on_a_peer_that_stopped_reading(spliced):
 
 
 @pytest.mark.timeout(30)
-def test_a_direction_without_a_pipe_falls_back_to_the_plain_pump(monkeypatch):
-    monkeypatch.setattr(splicepipe, "open_pipe", lambda: None)  # as when descriptors run out
+@pytest.mark.parametrize("shortage", ["no pipes left to grant", "no descriptors"])
+def test_a_direction_without_a_pipe_falls_back_to_the_plain_pump(monkeypatch, shortage):
+    if shortage == "no pipes left to grant":
+        monkeypatch.setattr(splicepipe, "MAX_PIPES", splicepipe.pipes_open())
+    else:
+        def no_descriptors():
+            raise OSError(24, "Too many open files")
+        monkeypatch.setattr(splicepipe.os, "pipe", no_descriptors)
+    pipes_before = splicepipe.pipes_open()
     user, a = tcp_pair()
     service, b = tcp_pair()
     group = ThreadGroup("chuantou-test-splice")
@@ -244,6 +253,7 @@ def test_a_direction_without_a_pipe_falls_back_to_the_plain_pump(monkeypatch):
         assert pipe.spliced == [False, False] and pipe.sent == [len(payload), 0]
         assert group.join_all(timeout=5) == []
         assert pipe.ended_cleanly
+        assert splicepipe.pipes_open() == pipes_before
     finally:
         pipe.abort()
         user.close()
