@@ -272,6 +272,9 @@ class ControlConnection:
         side only (the relay cannot use it: it is signed, and the keys it leads to stay with A and B)."""
         assert self.client_id is not None  # handle_frame lets nothing but a register through before it
         session = self.server.sessions.get(msg.sessionId)
+        cluster = self.server.cluster
+        if session is None and cluster is not None and cluster.forward_keys(self, msg):
+            return  # pumped on another node of the cluster
         if session is None or session.protocol != "udp" or not session.involves(self.client_id):
             self.send(p.Error(message=f"no UDP session {msg.sessionId[:12]}... of this client",
                               code="unknown_session"))
@@ -280,6 +283,8 @@ class ControlConnection:
         peer = self.server.registry.get(other)
         if peer is not None:
             peer.send(msg)
+        elif cluster is not None and self.client_id == session.client_b:
+            cluster.keys_to_origin(session.id, msg)  # A is on another node
 
     def on_heartbeat(self, msg: p.Heartbeat) -> None:
         # Echo it, so the client can tell a silent relay from a quiet one.
