@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common import __version__, auth, config, service
 from common.cli_shell import Program, add_supervise_command, local_opener, run_command
+from common.errors import ChuantouError
 from common.startcheck import config_restored_on_failure
 
 from .app import ServerApp, config_problems, default_config_path, load_file_settings, local_url
@@ -256,9 +257,9 @@ def cmd_token(args) -> int:
             found = len(kept) != len(extras)
             saved["extraTokens"] = kept
         else:
-            raise config.ConfigError("say which token to remove: --client-id ID or --fingerprint FP")
+            raise ChuantouError("say which token to remove: --client-id ID or --fingerprint FP")
         if not found:
-            raise config.ConfigError("no such token (see: python -m chuantou_server token list)")
+            raise ChuantouError("no such token (see: python -m chuantou_server token list)")
         config.save(path, saved)
         print(f"token removed from {path}")
     if service.running_worker(files(args)):
@@ -283,7 +284,7 @@ def admin_token_command(args, app: ServerApp) -> int:
         print(saved["adminToken"])
         print(f"saved in {path} as the admin token (the old one no longer works once the relay restarts)")
     else:
-        raise config.ConfigError("the admin token cannot be removed, only replaced: token add --admin")
+        raise ChuantouError("the admin token cannot be removed, only replaced: token add --admin")
     if service.running_worker(files(args)):
         print("restart the relay to apply: python -m chuantou_server stop && python -m chuantou_server start")
     return 0

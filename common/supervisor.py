@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config
+from .errors import ChuantouError
 from .logfile import RotatingLog, rotate_if_larger
 from .service import ServiceFiles, pid_alive, read_json, remove, running_worker, supervisor_pid, write_json
 
@@ -29,7 +29,7 @@ BURST_LIMIT = 10  # restarts within the window before the supervisor gives up
 def start_background(files: ServiceFiles, module: str, worker_args: list[str], timeout: float = 20.0) -> dict:
     """Start ``python -m module _supervise -- worker_args`` detached; wait until its worker runs.
 
-    Returns the worker facts. Raises config.ConfigError (a ChuantouError) with the worker's
+    Returns the worker facts. Raises ChuantouError with the worker's
     error, or the log's last lines, if it does not come up: as soon as the first worker has
     exited, since a worker that fails at once (busy port, bad setting) fails again.
     """
@@ -62,10 +62,10 @@ def start_background(files: ServiceFiles, module: str, worker_args: list[str], t
     lines = read_log_tail(files.log_file, 10, start=log_start)
     errors = [line for line in lines if line.startswith("error: ")]
     if errors:
-        raise config.ConfigError(f"the {files.name} did not start: {errors[-1][len('error: '):]} "
+        raise ChuantouError(f"the {files.name} did not start: {errors[-1][len('error: '):]} "
                                  f"(log: {files.log_file})")
     tail = "\n".join(lines)
-    raise config.ConfigError(f"the {files.name} did not start; last lines of {files.log_file}:\n{tail}")
+    raise ChuantouError(f"the {files.name} did not start; last lines of {files.log_file}:\n{tail}")
 
 
 def supervise(files: ServiceFiles, module: str, worker_args: list[str]) -> int:
