@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 from common import protocol as p
 
+from . import metrics
 from .cluster_store import ClusterStore, StoreUnreachable
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ CODE_UNREACHABLE = "cluster_unreachable"
 REQUEST_TIMEOUT = 10.0  # an origin node waits this long for the data node's answer
 BUS_POLL = 0.5  # the bus thread looks at stop() and expired tickets this often
 MAX_BACKOFF = 2.0
+# the data node's refusal codes -> the origin's reasons in chuantou_relay_cluster_requests_refused
+_REFUSAL_REASONS = {"client_offline": metrics.TARGET_OFFLINE, "limit": metrics.LIMIT}
 
 
 @dataclass
@@ -214,14 +217,18 @@ class Cluster:
         except StoreUnreachable as exc:
             self._take_ticket(ticket)
             self._mark(False, str(exc))
+            self.server.metrics.cluster_request_refused(metrics.STORE_UNREACHABLE)
             return refuse(CODE_UNREACHABLE, f"client '{msg.toClientId}' is not on this relay node and the "
                                             f"{UNREACHABLE}; try again when it is back")
         waiting.data_node = data_node or "?"
         if data_node is None:
             self._take_ticket(ticket)
+            self.server.metrics.cluster_request_refused(metrics.TARGET_OFFLINE)
             return refuse("client_offline", f"client '{msg.toClientId}' is not online")
+        self.server.metrics.cluster_request_sent()
         if not heard:
             self._take_ticket(ticket)
+            self.server.metrics.cluster_request_refused(metrics.NODE_SILENT)
             refuse("client_offline", f"client '{msg.toClientId}' is registered on relay node {data_node}, "
                                      f"which does not answer")
 
@@ -249,6 +256,7 @@ class Cluster:
     def _on_refused(self, message: dict) -> None:
         waiting = self._take_ticket(message["ticket"])
         if waiting is not None:
+            self.server.metrics.cluster_request_refused(_REFUSAL_REASONS.get(message["code"], metrics.OTHER))
             waiting.conn.send(p.Error(message=message["message"], code=message["code"],
                                       requestId=waiting.request_id))
 
@@ -287,6 +295,7 @@ class Cluster:
             late = [t for t, w in self._tickets.items() if w.deadline <= now]
             expired = [self._tickets.pop(t) for t in late]
         for waiting in expired:
+            self.server.metrics.cluster_request_refused(metrics.TIMEOUT)
             waiting.conn.send(p.Error(message=f"relay node {waiting.data_node}, where client "
                                               f"'{waiting.to_client}' is, did not answer within "
                                               f"{REQUEST_TIMEOUT:g} s", code="timeout",
@@ -306,11 +315,13 @@ class Cluster:
 
         target = server.registry.get(to_client)
         if target is None:
+            server.metrics.session_refused(protocol, metrics.TARGET_OFFLINE)
             return answer({"type": "refused", "code": "client_offline",
                            "message": f"client '{to_client}' is not online"})
         refused = server.caps.refusal(server.sessions, from_client, to_client, protocol)
         if refused is not None:
-            return answer({"type": "refused", "code": "limit", "message": refused})
+            server.metrics.session_refused(protocol, refused.limit)
+            return answer({"type": "refused", "code": "limit", "message": refused.message})
         session = server.sessions.create(from_client, to_client, message["remotePort"], protocol)
         session.sealed = message.get("publicKey") is not None and target.public_key is not None
         with self._lock:
@@ -328,6 +339,8 @@ class Cluster:
             peerPublicKey=message.get("publicKey")))
         if not told:
             server.close_session(session, f"client '{to_client}' went offline")
+        else:
+            server.metrics.session_opened(protocol)
 
     # --- sealed UDP: each side's signed key half reaches the other across nodes -----------------
 

@@ -3,9 +3,11 @@
 Each Server has its own ``CollectorRegistry``, so relays in one process never share figures.
 What the relay already knows is read live at each scrape by ``LiveFigures`` (clients, open
 sessions, bytes a running pipe has moved, handshakes, threads, UDP drops); only events the
-relay keeps no count of (sessions opened and refused, heartbeat and registration timeouts)
-are prometheus_client counters, bumped where they happen. Every label takes values from a
-small fixed set (protocols, directions, the reasons below), never from what a peer sends.
+relay keeps no count of (sessions opened and refused, heartbeat and registration timeouts,
+cross-node requests) are prometheus_client counters, bumped where they happen. Every label
+takes values from a small fixed set (protocols, directions, the reasons below), never from
+what a peer sends; the one exception is ``node`` on a cluster node's per-node gauges, whose
+values are the node IDs the operator gave the cluster's relays (read from the node table).
 
 Who may scrape: see ``access()``; the health check needs no credential and says nothing.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import threading
+import time
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
@@ -34,6 +37,14 @@ DIRECTIONS = ("a_to_b", "b_to_a")  # A: the gateway client that asked, B: the ta
 TARGET_OFFLINE = "target_offline"
 TARGET_IS_SELF = "target_is_self"
 REFUSAL_REASONS = (TARGET_OFFLINE, TARGET_IS_SELF, *caps.LIMITS)
+
+# Why a cross-node request (a connect_request for a client on another node) got no session:
+STORE_UNREACHABLE = "store_unreachable"  # not sent: Redis did not answer
+NODE_SILENT = "node_silent"  # sent to the target's node, which nobody there listened to
+LIMIT = "limit"  # the data node's caps
+TIMEOUT = "timeout"  # the data node did not answer within cluster.REQUEST_TIMEOUT
+OTHER = "other"  # a refusal code this node does not know (a newer data node)
+CLUSTER_REFUSAL_REASONS = (STORE_UNREACHABLE, TARGET_OFFLINE, NODE_SILENT, LIMIT, TIMEOUT, OTHER)
 
 ALLOWED, DENIED, LIMITED = "allowed", "denied", "limited"
 
@@ -58,6 +69,18 @@ class RelayMetrics:
             self.sessions_opened.labels(protocol)
             for reason in REFUSAL_REASONS:
                 self.sessions_refused.labels(protocol, reason)
+        self.cluster_requests_sent: Counter | None = None  # only on a cluster node
+        self.cluster_requests_refused: Counter | None = None
+        if server.config.cluster_url is not None:
+            self.cluster_requests_sent = Counter(
+                "chuantou_relay_cluster_requests_sent", "Session requests this node sent to another node "
+                "(its client asked for a client there)", registry=self.registry)
+            self.cluster_requests_refused = Counter(
+                "chuantou_relay_cluster_requests_refused", "Session requests for a client on another node that got "
+                "no session, by reason (store_unreachable and target_offline ones were never sent)",
+                ["reason"], registry=self.registry)
+            for reason in CLUSTER_REFUSAL_REASONS:
+                self.cluster_requests_refused.labels(reason)
         self.registry.register(LiveFigures(server))
         ProcessCollector(registry=self.registry)  # process_open_fds, process_max_fds, CPU, memory
 
@@ -68,6 +91,14 @@ class RelayMetrics:
     def session_opened(self, protocol: str) -> None:
         if protocol in PROTOCOLS:
             self.sessions_opened.labels(protocol).inc()
+
+    def cluster_request_sent(self) -> None:
+        if self.cluster_requests_sent is not None:
+            self.cluster_requests_sent.inc()
+
+    def cluster_request_refused(self, reason: str) -> None:
+        if self.cluster_requests_refused is not None:
+            self.cluster_requests_refused.labels(reason if reason in CLUSTER_REFUSAL_REASONS else OTHER).inc()
 
     def exposition(self, accept: str) -> tuple[str, bytes]:
         """(content type, body) in the text format the scraper asked for (Prometheus or OpenMetrics)."""
@@ -98,6 +129,8 @@ class LiveFigures(Collector):
                      "File descriptors free above the reserve kept for control connections (descriptorReserve)",
                      server.caps.descriptors.headroom())
         yield self._udp_drops()
+        if server.cluster is not None:
+            yield from cluster_figures(server.cluster.status())
 
     def _sessions_open(self) -> GaugeMetricFamily:
         counts = {(protocol, state): 0 for protocol in PROTOCOLS for state in ("joining", "relaying")}
@@ -129,6 +162,42 @@ class LiveFigures(Collector):
         for reason in udp.DROP_REASONS:
             family.add_metric([reason], drops.get(reason, 0))
         return family
+
+
+def cluster_figures(view: dict) -> Iterator[GaugeMetricFamily]:
+    """A cluster node's figures from its ``Cluster.status()`` (the node table, read from Redis at
+    this scrape): the store's state, the nodes alive (their keys expire when a node dies) and the
+    load each node last wrote. The table says what a node wrote at its last refresh (a few
+    seconds old at most), hence the age gauge."""
+    up = view.get("store") == "reachable"
+    yield _gauge("chuantou_relay_cluster_store_up", "1 while the cluster store (Redis) answers, else 0",
+                 1 if up else 0)
+    nodes = [node for node in view.get("nodes", []) if isinstance(node, dict) and isinstance(node.get("id"), str)]
+    yield _gauge("chuantou_relay_cluster_nodes", "Nodes alive in the cluster's node table (0 while the store "
+                 "is unreachable: unknown)", len(nodes))
+    now = time.time()
+    families = {
+        "clients": GaugeMetricFamily("chuantou_relay_cluster_node_clients",
+                                     "Clients registered on each node, as it last wrote in the node table",
+                                     labels=["node"]),
+        "sessions": GaugeMetricFamily("chuantou_relay_cluster_node_sessions",
+                                      "Open sessions on each node, as it last wrote in the node table",
+                                      labels=["node"]),
+    }
+    age = GaugeMetricFamily("chuantou_relay_cluster_node_update_age_seconds",
+                            "Seconds since each node last wrote its record in the node table", labels=["node"])
+    for node in nodes:
+        for field, family in families.items():
+            if _is_number(node.get(field)):
+                family.add_metric([node["id"]], node[field])
+        if _is_number(node.get("updatedAt")):
+            age.add_metric([node["id"]], max(0.0, now - node["updatedAt"]))
+    yield from families.values()
+    yield age
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

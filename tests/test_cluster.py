@@ -441,3 +441,74 @@ def test_a_cross_node_udp_flow_passes_and_closing_it_on_a_ends_it_on_the_data_no
     assert len(nodes["n1"].sessions) == 0, "pumped on B's node only"
     proxy.close()  # A tells n1, n1 tells n3 ("end"), n3 tells B
     assert wait_until(lambda: len(nodes["n3"].sessions) == 0 and len(b.sessions) == 0, 5)
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+def scrape(server) -> dict:
+    """{(sample name, sorted labels): value} of the relay's /metrics, parsed by prometheus_client."""
+    import http.client
+    from prometheus_client.parser import text_string_to_metric_families
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read().decode()
+        assert response.status == 200, body
+    finally:
+        conn.close()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def refused(figures: dict, reason: str) -> float:
+    return figures["chuantou_relay_cluster_requests_refused_total", (("reason", reason),)]
+
+
+@pytest.mark.timeout(60)
+def test_a_node_s_metrics_show_the_node_table_the_store_and_its_cross_node_requests(redis_server, make_server,
+                                                                                   make_client, tcp_echo):
+    from common.errors import RequestError
+    n1 = make_server(cluster_url=redis_server.url, node_id="n1", cluster_ttl=TTL)
+    n2 = make_server(cluster_url=redis_server.url, node_id="n2", cluster_ttl=TTL, max_pending_sessions_per_client=1)
+    a = make_client(n1, "A")
+    make_client(n2, "B")
+    make_client(n2, "B2")
+    store = redis_server.client()
+    wait_until(lambda: on_node(store, "A") == "n1" and on_node(store, "B") == "n2" and on_node(store, "B2") == "n2")
+    store.close()
+
+    def table_shows_the_clients() -> dict | None:
+        figures = scrape(n1)
+        clients = {node: figures.get(("chuantou_relay_cluster_node_clients", (("node", node),)))
+                   for node in ("n1", "n2")}
+        return figures if clients == {"n1": 1, "n2": 2} else None
+    figures = wait_until(table_shows_the_clients, timeout=TTL * 2, message="the node table has each node's clients")
+    assert figures["chuantou_relay_cluster_nodes", ()] == 2
+    assert figures["chuantou_relay_cluster_store_up", ()] == 1
+    assert figures["chuantou_relay_cluster_node_sessions", (("node", "n2"),)] == 0
+    assert 0 <= figures["chuantou_relay_cluster_node_update_age_seconds", (("node", "n2"),)] <= TTL
+    assert figures["chuantou_relay_cluster_requests_sent_total", ()] == 0
+
+    # one request A never joins, so n2 refuses the next by its pending cap, with the cap's own words
+    a.control.request(connect_request("B", tcp_echo.port), timeout=10)
+    with pytest.raises(RequestError, match="waiting to be joined"):
+        a.control.request(connect_request("B2", tcp_echo.port), timeout=10)
+    with pytest.raises(RequestError, match="not online"):
+        a.control.request(connect_request("nobody", tcp_echo.port), timeout=10)
+    figures = scrape(n1)
+    assert figures["chuantou_relay_cluster_requests_sent_total", ()] == 2, "the offline target's was never sent"
+    assert refused(figures, "limit") == 1 and refused(figures, "target_offline") == 1
+    on_n2 = scrape(n2)
+    assert on_n2["chuantou_relay_sessions_opened_total", (("protocol", "tcp"),)] == 1
+    assert on_n2["chuantou_relay_sessions_refused_total", (("protocol", "tcp"), ("reason", "pending"))] == 1
+
+    redis_server.stop()
+    with pytest.raises(RequestError, match="cluster store unreachable"):
+        a.control.request(connect_request("B", tcp_echo.port), timeout=10)
+    figures = scrape(n1)
+    assert figures["chuantou_relay_cluster_store_up", ()] == 0
+    assert figures["chuantou_relay_cluster_nodes", ()] == 0
+    assert not [key for key in figures if key[0] == "chuantou_relay_cluster_node_clients"]
+    assert refused(figures, "store_unreachable") == 1
+    assert "chuantou_relay_cluster_nodes" not in {name for name, _ in scrape(make_server())}, "a relay on its own"
