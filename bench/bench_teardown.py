@@ -9,6 +9,7 @@ the relay's process saw (starvation of other threads).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import resource
@@ -70,7 +71,11 @@ def ticker(stop: threading.Event, worst: list) -> None:
 def run(n: int) -> dict:
     caps = {"max_sessions_per_client": n + 10, "max_pending_sessions_per_client": n, "max_sessions": n + 10,
             "max_sessions_per_target": n + 10}
-    accepted = inspect.signature(Server).parameters  # an older copy of the library has fewer caps
+    try:  # the settings are ServerConfig's fields; an older copy takes them as Server's parameters
+        from chuantou_server import ServerConfig
+        accepted = {f.name for f in dataclasses.fields(ServerConfig)}
+    except ImportError:
+        accepted = set(inspect.signature(Server).parameters)  # an older copy of the library has fewer caps
     relay = Server(host="127.0.0.1", port=0, heartbeat_timeout=30,
                    **{k: v for k, v in caps.items() if k in accepted}).start()
     url = f"ws://127.0.0.1:{relay.port}"
