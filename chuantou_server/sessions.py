@@ -44,6 +44,9 @@ class Session:
     bytes_seen: int = 0  # TCP: bytes moved when the idle check last looked
     closed: bool = False
     join_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # see SessionTable.join_tcp
+    # the direct path (UDP): each side's offer (candidates, path) once it sent path_candidates
+    candidates: list = field(default_factory=lambda: [None, None], repr=False)
+    punch_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     @property
     def joined(self) -> bool:
