@@ -22,6 +22,7 @@ from common.tls import client_context, normalize_fingerprint
 
 from .control import ControlChannel
 from .datachannel import JoinError, TlsSettings, open_data_channel
+from .direct import DirectPaths, probe_nat
 from .export import ExportPolicy
 from .proxy import Proxy
 from .sealing import SealError, Sealing
@@ -88,6 +89,8 @@ class Client:
         identity=None,
         known_clients=None,
         allow_from=(),
+        path: str = "auto",
+        direct_deadline: float = 1.0,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -101,7 +104,11 @@ class Client:
         TCP sessions are sealed end to end (sealing.py) with ``identity`` (a common.identity
         Identity; default: a new one in memory), pinning peers' keys in ``known_clients`` (a
         KnownClients; default: in memory); ``allow_from``: the IDs and SHA256 fingerprints that
-        may reach this client (default: any peer that passes its pin)."""
+        may reach this client (default: any peer that passes its pin).
+
+        ``path``: whether new UDP flows try a direct path to the peer first ("auto": try, and fall
+        back to the relay after ``direct_deadline`` seconds; "relay": never; "direct": try every
+        flow, and end it rather than relay it; see direct.py)."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -120,11 +127,13 @@ class Client:
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
         self.sealing = Sealing(identity or generate_identity(), known_clients, allow_from, timeout=request_timeout)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
+        self.direct = DirectPaths(path, direct_deadline)
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
             on_lost=self._settle_sessions, public_key=self.sealing.identity.public_key_b64,
+            on_registered=self._registered,
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
@@ -233,6 +242,7 @@ class Client:
             "activeSessions": len(self.sessions),
             "exports": self.export.describe(),
             "proxies": [proxy.info() for proxy in self.proxies],
+            "direct": self.direct.describe(),
         }
 
     def connections(self) -> list[dict]:
@@ -302,6 +312,20 @@ class Client:
         except ChuantouError:
             pass  # the relay's own idle expiry will end it
 
+    def _registered(self, reply: p.RegisterResponse) -> None:
+        """After each registration, find out what our NAT does (a thread: the caller reads the relay)."""
+        try:
+            self.threads.spawn("nat-probe", self._probe_nat, reply)
+        except RuntimeError:
+            pass
+
+    def _probe_nat(self, reply: p.RegisterResponse) -> None:
+        url = urlsplit(self.server_url)
+        host = url.hostname or "127.0.0.1"
+        port = reply.udpPort or url.port or (443 if url.scheme == "wss" else 80)
+        self.direct.nat = probe_nat(host, port, reply.probePort, self.control.stopping_event)
+        log.info("NAT: %s", self.direct.nat["mapping"])
+
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""
         if isinstance(msg, p.ConnectOffer):
@@ -311,6 +335,8 @@ class Client:
                 log.warning("cannot start a thread for a session from %s", msg.fromClientId)
         elif isinstance(msg, p.SessionClosed):
             self._session_closed(msg)
+        elif isinstance(msg, p.PeerCandidates):
+            self.direct.deliver(msg)
         elif isinstance(msg, p.Error) and msg.code == "unknown_session":
             # our accept/reject crossed the session's end (the user hung up first): a normal race
             log.debug("relay reported: %s", msg.message)

@@ -167,6 +167,10 @@ class UdpRelay:
         with self._lock:
             old = session.udp_a if side == 0 else session.udp_b
             if old == addr:
+                if None not in session.candidates:
+                    # a keepalive of a flow that may be going direct: the relay sees none of its
+                    # payload, so this is what keeps the session from expiring as idle here
+                    session.last_active = time.monotonic()
                 return  # a repeated registration (lost ack, or a check after a notice)
             if old is not None:
                 self._addrs.pop(old, None)  # the side moved (NAT rebinding) and proved it: follow it
