@@ -111,6 +111,8 @@ class Puncher:
             except d.DirectFrameError:
                 continue
         self.targets = targets
+        log.debug("UDP session %s... (%s): the peer's candidates are %s", self.session_id[:8], self.side,
+                  ", ".join(msg.candidates) or "none (it takes the relay)")
         if targets and msg.punchKey:
             self.stop_pinging_at = time.monotonic() + self.deadline + (GRACE if self.side == "B" else 0.0)
             self.key = bytes.fromhex(msg.punchKey)
@@ -124,6 +126,14 @@ class Puncher:
     @property
     def pinging(self) -> bool:
         return self.key is not None and self.direct is None and not self.gave_up
+
+    @property
+    def busy(self) -> bool:
+        """Pinging, or about to be: the owner must poll its socket quickly (the relay's answer
+        arrives on another thread, and the peer's first pings die at our NAT until we ping)."""
+        if self.pinging:
+            return True
+        return not self.answered.is_set() and not self.gave_up and time.monotonic() < self.stop_pinging_at
 
     # --- on the owner's thread --------------------------------------------------------------
 
@@ -152,6 +162,9 @@ class Puncher:
             return False
         if self.gave_up and self.direct is None:
             return True  # this flow uses the relay now; live flows do not move
+        if src not in self.confirmed:
+            log.debug("UDP session %s... (%s): a genuine %s from %s:%s", self.session_id[:8], self.side,
+                      "ping" if kind == d.PING else "pong", *src)
         self.confirmed.add(src)
         if kind == d.PING:
             try:

@@ -359,7 +359,7 @@ class UdpTarget:
             if puncher is not None:
                 now = time.monotonic()
                 puncher.tick(now)
-                wanted = POLL if puncher.pinging else resting  # ping on time while the attempt runs
+                wanted = POLL if puncher.busy else resting  # ping on time while the attempt runs
                 if wanted != timeout:
                     timeout = wanted
                     sock.settimeout(timeout)
