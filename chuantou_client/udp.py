@@ -201,7 +201,8 @@ class UdpFlow:
         assert self.sock is not None and self.relay is not None  # _serve made them
         proxy = self.gateway.proxy
         direct, peer = proxy.client.direct, proxy.target_client_id
-        if not direct.wants_to_try(peer):
+        if not direct.wants_to_try(peer):  # tell B, so that it stops waiting for us
+            proxy.client.control.send(p.PathCandidates(sessionId=session_id, candidates=[], path="relay"))
             return
         puncher = self.puncher = Puncher(self.sock, session_id, "A", direct.deadline)
         direct.begin(puncher)
