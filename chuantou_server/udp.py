@@ -250,6 +250,7 @@ class UdpRelay:
             return
         for from_side, datagram in self._take_early(session.id):
             self._send(datagram, session.udp_b if from_side == 0 else session.udp_a)
+            self.relayed_bytes += len(datagram)
 
     def _send(self, data: bytes, addr) -> None:
         try:
