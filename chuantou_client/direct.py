@@ -139,13 +139,14 @@ class Puncher:
 
     def tick(self, now: float) -> None:
         """Send a round of pings when one is due (and give up once the time is over)."""
-        if not self.pinging or now < self._next_ping:
+        key = self.key
+        if key is None or not self.pinging or now < self._next_ping:
             return
         if now >= self.stop_pinging_at:
             self.gave_up = True
             return
         self._next_ping = now + PING_EVERY
-        ping = d.pack_punch(self.key, d.PING, self.side, self.session_id)
+        ping = d.pack_punch(key, d.PING, self.side, self.session_id)
         for target in [*self.targets, *self.confirmed]:
             try:
                 self.sock.sendto(ping, target)

@@ -254,6 +254,7 @@ class ControlConnection:
     def on_path_candidates(self, msg: p.PathCandidates) -> None:
         """A side of a UDP session offers a direct path: add the address its UDP came from, and
         once both sides have offered, hand each the other's (nothing when either wants the relay)."""
+        assert self.client_id is not None  # handle_frame lets nothing but a register through before it
         session = self.server.sessions.get(msg.sessionId)
         if session is None or session.protocol != "udp" or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
