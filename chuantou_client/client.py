@@ -314,6 +314,10 @@ class Client:
 
     def _registered(self, reply: p.RegisterResponse) -> None:
         """After each registration, find out what our NAT does (a thread: the caller reads the relay)."""
+        self.direct.relay_knows = reply.udpPort is not None  # an older relay knows no direct path
+        if not self.direct.relay_knows:
+            self.direct.nat = {"mapping": "unknown (the relay offers no direct path: an older version)"}
+            return
         try:
             self.threads.spawn("nat-probe", self._probe_nat, reply)
         except RuntimeError:

@@ -212,10 +212,10 @@ class ControlChannel:
         self.last_error = None
         self._ever_registered = True
         self._takeover = True  # the ID is ours again: an ordinary reconnect may replace a stale connection
+        if self.on_registered is not None and self.register_reply is not None:
+            self.on_registered(self.register_reply)  # before registered: what it learns holds for every flow
         self.registered.set()
         log.info("registered with relay %s as %s", self.url, self.client_id)
-        if self.on_registered is not None and self.register_reply is not None:
-            self.on_registered(self.register_reply)
         if self._stopping.is_set():  # stop() raced with the connect
             ws.abort()
         ended = "lost"

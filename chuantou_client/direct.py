@@ -46,12 +46,13 @@ class DirectPaths:
         self.deadline = deadline
         self.memory = d.PathMemory()
         self.nat: dict = {"mapping": "not probed yet"}
+        self.relay_knows = False  # the relay said where probes go: it speaks path_candidates too
         self._punchers: dict[str, Puncher] = {}
         self._lock = threading.Lock()
 
     def wants_to_try(self, peer: str) -> bool:
         """Should a new flow to ``peer`` try the direct path (the gateway's decision)?"""
-        if self.path == "relay":
+        if self.path == "relay" or not self.relay_knows:
             return False
         return self.path == "direct" or self.memory.should_try(peer)
 

@@ -201,6 +201,8 @@ class UdpFlow:
         assert self.sock is not None and self.relay is not None  # _serve made them
         proxy = self.gateway.proxy
         direct, peer = proxy.client.direct, proxy.target_client_id
+        if not direct.relay_knows:
+            return
         if not direct.wants_to_try(peer):  # tell B, so that it stops waiting for us
             proxy.client.control.send(p.PathCandidates(sessionId=session_id, candidates=[], path="relay"))
             return
@@ -336,6 +338,8 @@ class UdpTarget:
         """Offer a direct path (or say we want the relay, so A does not wait for us)."""
         assert self.sock is not None  # run() made it
         direct = self.client.direct
+        if not direct.relay_knows:
+            return
         self.puncher = Puncher(self.sock, self.msg.sessionId, "B", direct.deadline)
         direct.begin(self.puncher)
         self.puncher.offer(self.client.control, relay, direct.path)

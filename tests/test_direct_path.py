@@ -13,7 +13,7 @@ import pytest
 
 from common import direct as d
 from common import protocol as p
-from chuantou_client.direct import Puncher
+from chuantou_client.direct import DirectPaths, Puncher
 from helpers import UdpEchoService, udp_roundtrip, wait_until
 
 SESSION = "0123456789abcdef" * 2
@@ -80,6 +80,16 @@ def test_path_memory_backs_off_after_failures_and_a_success_clears_it():
         assert 0.8 * expected <= delay <= expected
     memory.succeeded("B")
     assert memory.should_try("B") and memory.describe()["B"]["last"] == "direct"
+
+
+def test_behind_a_relay_that_knows_no_direct_path_nothing_is_tried():
+    paths = DirectPaths("direct")
+    assert not paths.wants_to_try("B")  # until a register_response names the relay's UDP port
+    paths.relay_knows = True
+    assert paths.wants_to_try("B")
+    paths.memory.failed("B")
+    assert paths.wants_to_try("B")  # --path direct ignores the backoff
+    assert not DirectPaths("relay").wants_to_try("B")
 
 
 # --- a puncher on real sockets -----------------------------------------------------------------
