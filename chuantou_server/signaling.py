@@ -265,7 +265,8 @@ class ControlConnection:
         candidates = list(msg.candidates)
         if seen is not None:
             candidates.insert(0, direct.format_candidate(*seen[:2]))  # the NAT's side of it first
-        session.candidates[side] = (candidates[:direct.MAX_CANDIDATES], msg.path)
+        unique = list(dict.fromkeys(candidates))  # no NAT: the address seen is the local one
+        session.candidates[side] = (unique[:direct.MAX_CANDIDATES], msg.path)
         if None in session.candidates:
             return
         (cand_a, path_a), (cand_b, path_b) = session.candidates
