@@ -25,12 +25,14 @@ setup(
         "websocket-client>=1.6",
         "simple-websocket>=1.0",
         "wsproto>=1.2",  # imported directly by the relay (simple-websocket is built on it)
+        "h11>=0.14",  # parses the request heads on the relay port (wsproto is built on it)
         "platformdirs>=3.0",
         "cryptography>=41",  # sealed sessions: makes the key pair and self-signed certificate (ssl cannot)
         "prometheus-client>=0.17",  # /metrics: the text format, its escaping and metric types done right
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10", "mypy>=1.8"],
+        "cluster": ["redis>=5"],  # python -m chuantou_server --cluster redis://... (a relay cluster)
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "selenium>=4.10", "mypy>=1.8", "redis>=5"],
     },
     entry_points={
         "console_scripts": [

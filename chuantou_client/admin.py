@@ -30,12 +30,10 @@ import errno
 import http.server
 import json
 import logging
-import re
 import socket
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable
 
 from common import pages
 from common.errors import ChuantouError, PortInUseError
@@ -53,10 +51,7 @@ STATIC = Path(__file__).with_name("static")
 TEXT = "text/plain; charset=utf-8"
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        self.status = status
-        super().__init__(message)
+ApiError = pages.HttpError  # answered as {"error": message}
 
 
 class _HttpServer(http.server.ThreadingHTTPServer):
@@ -160,40 +155,38 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         try:
-            self._check_host()
-            path, _, query = self.path.partition("?")
-            if method == "GET" and path.startswith("/static/"):
-                return self._send_static(path[len("/static/"):])
-            if method == "GET" and path == "/login":
-                return self._login(query)
-            if method == "POST" and path == "/logout":
-                self._check_origin()
-                return self._logout()
-            if method == "GET" and path == "/healthz":  # no credential, so no detail
-                healthy = metrics.healthy(self.app)
-                return self._send(200 if healthy else 503, b"ok\n" if healthy else b"unavailable\n", TEXT)
-            allowed = self._authenticated()
-            if method == "GET" and path == "/":
-                return self._send_static("index.html" if allowed else "login.html")
-            if not allowed and (path.startswith("/api/") or path == "/metrics"):
-                raise ApiError(401, f"this client's local API needs its secret: {apiauth.FIX}")
-            if method == "GET" and path == "/metrics":
-                content_type, body = self.server_ref.metrics.exposition(self.headers.get("Accept", ""))
-                return self._send(200, body, content_type)
-            for route_method, pattern, handler in ROUTES:
-                match = re.fullmatch(pattern, path)
-                if match and route_method == method:
-                    if method != "GET":
-                        self._check_origin()
-                    status, payload = handler(self, *match.groups())
-                    return self._send_json(status, payload)
-            if any(re.fullmatch(pattern, path) for _, pattern, _ in ROUTES):
-                raise ApiError(405, f"{method} is not allowed on {path}")
-            raise ApiError(404, f"no such endpoint: {path}")
+            self._send(self._answer(method))
         except ApiError as exc:
-            self._send_json(exc.status, {"error": str(exc)})
+            self._send(exc.response())
         except (ConnectionError, socket.timeout):
             self.close_connection = True
+
+    def _answer(self, method: str) -> pages.Response:
+        self._check_host()
+        path, _, query = self.path.partition("?")
+        if method == "GET" and path.startswith("/static/"):
+            return self._static(path[len("/static/"):])
+        if method == "GET" and path == "/login":
+            return self._login(query)
+        if method == "POST" and path == "/logout":
+            self._check_origin()
+            return self._logout()
+        if method == "GET" and path == "/healthz":  # no credential, so no detail
+            healthy = metrics.healthy(self.app)
+            return pages.text(200, "ok\n") if healthy else pages.text(503, "unavailable\n")
+        allowed = self._authenticated()
+        if method == "GET" and path == "/":
+            return self._static("index.html" if allowed else "login.html")
+        if not allowed and (path.startswith("/api/") or path == "/metrics"):
+            raise ApiError(401, f"this client's local API needs its secret: {apiauth.FIX}")
+        if method == "GET" and path == "/metrics":
+            content_type, body = self.server_ref.metrics.exposition(self.headers.get("Accept", ""))
+            return pages.Response(200, content_type, body)
+        view, args = pages.find_route(ROUTES, method, path)
+        if method != "GET":
+            self._check_origin()
+        status, payload = view(self, *args)
+        return pages.json_response(status, payload)
 
     def do_GET(self):
         self._dispatch("GET")
@@ -208,9 +201,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _check_host(self) -> None:
-        host = self.headers.get("Host", "")
-        if host not in self.server_ref.allowed_hosts:
-            raise ApiError(403, f"requests for host {host!r} are refused; use http://127.0.0.1:{self.server_ref.port}/")
+        pages.check_host(self.headers.get("Host", ""), self.server_ref.allowed_hosts,
+                         f"http://127.0.0.1:{self.server_ref.port}/")
 
     # --- who is asking -------------------------------------------------------------------
 
@@ -225,7 +217,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             return auth.key_matches(given)
         return auth.session_valid(self._session_ids())
 
-    def _login(self, query: str) -> None:
+    def _login(self, query: str) -> pages.Response:
         """GET /login?key=<one-time code>: a session cookie, then the page."""
         if self.command == "HEAD" or "prefetch" in self.headers.get("Sec-Purpose", self.headers.get("Purpose", "")):
             raise ApiError(405, "open the login link in the browser")  # a prefetch must not use the code up
@@ -235,27 +227,21 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         session_id = next(filter(None, (auth.redeem(code) for code in codes[:1])), None)
         if session_id is None:
             if auth.session_valid(self._session_ids()):  # a reload of a used link: already logged in
-                return self._redirect("/")
-            body = ("this login link is used up, expired or wrong; get a fresh one with\n"
-                    "    python -m chuantou_client login-link\n"
-                    "(run it as the user who started the client)\n").encode()
-            return self._send(401, body, "text/plain; charset=utf-8")
+                return pages.redirect("/")
+            return pages.text(401, "this login link is used up, expired or wrong; get a fresh one with\n"
+                                   "    python -m chuantou_client login-link\n"
+                                   "(run it as the user who started the client)\n")
         cookie = apiauth.cookie_header(self.server_ref.port, session_id, auth.sessions.max_age())
-        self._redirect("/", {"Set-Cookie": cookie})
+        return pages.redirect("/", {"Set-Cookie": cookie})
 
-    def _logout(self) -> None:
+    def _logout(self) -> pages.Response:
         assert self.server_ref.auth is not None  # start() made it before serving
         self.server_ref.auth.log_out(self._session_ids())
-        self._send(200, json.dumps({"message": "logged out"}).encode(), "application/json",
-                   {"Set-Cookie": apiauth.cookie_header(self.server_ref.port, "", 0)})
-
-    def _redirect(self, location: str, headers: dict | None = None) -> None:
-        self._send(303, b"", "text/plain; charset=utf-8", {"Location": location, **(headers or {})})
+        return pages.json_response(200, {"message": "logged out"},
+                                   {"Set-Cookie": apiauth.cookie_header(self.server_ref.port, "", 0)})
 
     def _check_origin(self) -> None:
-        origin = self.headers.get("Origin")
-        if origin is not None and origin.removeprefix("http://") not in self.server_ref.allowed_hosts:
-            raise ApiError(403, f"cross-origin request from {origin} refused")
+        pages.check_origin(self.headers.get("Origin"), self.server_ref.allowed_hosts, schemes=("http",))
 
     def _read_json(self) -> dict:
         if "application/json" not in self.headers.get("Content-Type", ""):
@@ -274,27 +260,14 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, "request body must be a JSON object")
         return data
 
-    def _send_json(self, status: int, payload) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json")
-
-    def _send_static(self, name: str) -> None:
-        found = pages.static_file(STATIC, name)
+    def _static(self, name: str) -> pages.Response:
+        found = pages.static(STATIC, name)
         if found is None:
             raise ApiError(404, f"no such file: {name}")
-        content_type, body, headers = found
-        self._send(200, body, content_type, headers)
+        return found
 
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    def _send(self, response: pages.Response) -> None:
+        pages.send(self, response)
 
     # --- endpoints --------------------------------------------------------------------------
 
@@ -313,7 +286,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             protocol = data.get("protocol", "both")
             proxy = self.app.create_proxy(local_port, target, target_port, protocol, data.get("targetHost"),
                                           local_host=data.get("localHost"),
-                                          target_fingerprint=data.get("targetFingerprint"))
+                                          target_fingerprint=data.get("targetFingerprint"),
+                                          bandwidth=data.get("bandwidth"))
         except PortInUseError as exc:
             raise ApiError(409, str(exc)) from None
         except ChuantouError as exc:
@@ -355,13 +329,13 @@ def _port(data: dict, key: str) -> int:
     return value
 
 
-ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]]]] = [
-    ("GET", r"/api/status", ApiHandler.get_status),
-    ("GET", r"/api/proxies", ApiHandler.get_proxies),
-    ("POST", r"/api/proxies", ApiHandler.post_proxy),
-    ("DELETE", r"/api/proxies/(\d{1,5})", ApiHandler.delete_proxy),
-    ("GET", r"/api/clients", ApiHandler.get_clients),
-    ("GET", r"/api/connections", ApiHandler.get_connections),
-    ("GET", r"/api/traffic", ApiHandler.get_traffic),
-    ("POST", r"/api/login-link", ApiHandler.post_login_link),
+ROUTES = [  # views take the request's handler, then the path's groups, and return (status, JSON payload)
+    pages.Route("GET", r"/api/status", ApiHandler.get_status),
+    pages.Route("GET", r"/api/proxies", ApiHandler.get_proxies),
+    pages.Route("POST", r"/api/proxies", ApiHandler.post_proxy),
+    pages.Route("DELETE", r"/api/proxies/(\d{1,5})", ApiHandler.delete_proxy),
+    pages.Route("GET", r"/api/clients", ApiHandler.get_clients),
+    pages.Route("GET", r"/api/connections", ApiHandler.get_connections),
+    pages.Route("GET", r"/api/traffic", ApiHandler.get_traffic),
+    pages.Route("POST", r"/api/login-link", ApiHandler.post_login_link),
 ]

@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 
 from common import auth, config, identity, service
+from common.bandwidth import EXPECTED as BANDWIDTH_EXPECTED
+from common.bandwidth import is_bandwidth, parse_bandwidth
 from common import protocol as p
 from common.errors import ChuantouError
 
@@ -93,6 +95,8 @@ PROXY_KEYS = {
                              lambda v: bool(p.HOST_PATTERN.match(v))),
     "localHost": config.Key(str, LOCAL_HOST_HELP, None, is_valid_local_host),  # --local-host (10.12)
     "targetFingerprint": config.Key(str, "the target's key, SHA256:...", None, _valid_fingerprint),
+    # bytes/s each way over all its connections (issue 16 item 3); "10MiB/s" is accepted from a hand edit
+    "bandwidth": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
 }
 
 
@@ -126,6 +130,31 @@ def load_settings(path: Path) -> dict:
         config.validate(entry, PROXY_KEYS, f"{path}: proxies[{i}]") for i, entry in enumerate(settings["proxies"])
     ]
     return settings
+
+
+def config_problems(path: Path) -> list[str]:
+    """Every problem with the client config at ``path`` (its keys, each saved proxy, the token,
+    the CA file) without starting anything: what check-config lists."""
+    data, unreadable = config.read_json(path)
+    if unreadable:
+        return [unreadable]
+    settings, found = config.checked(data, CONFIG_KEYS, str(path))
+    ports: dict[int, int] = {}
+    for i, entry in enumerate(settings.get("proxies") or []):
+        proxy, bad = config.checked(entry, PROXY_KEYS, f"{path}: proxies[{i}]")
+        found += bad
+        port = proxy.get("localPort")
+        if port in ports:
+            found.append(f"{path}: proxies[{i}]: local port {port} is also the port of proxies[{ports[port]}]")
+        elif port is not None:
+            ports[port] = i
+    if settings.get("token"):
+        problem = auth.token_problem(settings["token"], f"the token saved in {path}")
+        if problem:
+            found.append(problem)
+    if settings.get("ca") and not Path(settings["ca"]).is_file():
+        found.append(f"{path}: key 'ca': no such file {settings['ca']}")
+    return found
 
 
 class ClientApp:
@@ -208,6 +237,7 @@ class ClientApp:
             proxy = self.client.create_proxy(entry["localPort"], entry["targetClient"], entry["targetPort"],
                                              entry["protocol"], target_host=entry["targetHost"],
                                              target_fingerprint=entry["targetFingerprint"],
+                                             bandwidth=entry["bandwidth"],
                                              **_local_host_argument(entry["localHost"]))
         except ChuantouError as exc:
             self.failed_proxies[entry["localPort"]] = str(exc)
@@ -237,20 +267,24 @@ class ClientApp:
 
     def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both",
                      target_host: str | None = None, local_host: str | None = None,
-                     target_fingerprint: str | None = None):
+                     target_fingerprint: str | None = None, bandwidth: int | str | None = None):
         if local_host is not None:
             local_host = parse_local_host(local_host)  # a clear error naming the value
+        rate = parse_bandwidth(bandwidth or 0)  # a clear error naming the value; saved as bytes/s
         entry = config.validate(
             {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol,
-             "targetHost": target_host, "localHost": local_host, "targetFingerprint": target_fingerprint},
+             "targetHost": target_host, "localHost": local_host, "targetFingerprint": target_fingerprint,
+             "bandwidth": rate},
             PROXY_KEYS, "proxy",
         )
         for key in ("targetHost", "localHost", "targetFingerprint"):
             if entry[key] is None:
                 del entry[key]
+        if not entry["bandwidth"]:
+            del entry["bandwidth"]
         with self._lock:
             proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host,
-                                             target_fingerprint=entry.get("targetFingerprint"),
+                                             target_fingerprint=entry.get("targetFingerprint"), bandwidth=rate,
                                              **_local_host_argument(local_host))
             self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
             self.settings["proxies"].append(entry)

@@ -14,13 +14,14 @@ import urllib.request
 from pathlib import Path
 
 from common import __version__, config, service
+from common.bandwidth import format_bandwidth
 from common.cli_shell import LOCAL_OPENER, Program, add_supervise_command, run_command
 from common.errors import ChuantouError
 from common.startcheck import config_restored_on_failure
 from common.supervisor import stop_background
 
 from . import apiauth
-from .app import ClientApp, default_config_path
+from .app import ClientApp, config_problems, default_config_path
 from .client import DEFAULT_SERVER_URL
 from .known_clients import KnownClients, known_clients_path
 from .listen import DEFAULT_LOCAL_HOST, listen_address
@@ -34,8 +35,10 @@ EXAMPLES = """examples:
   python -m chuantou_client login-link
   python -m chuantou_client proxy create --local-port 9090 --target-client office --target-port 8080
   python -m chuantou_client proxy create --local-host 0.0.0.0 --local-port 9090 --target-client office --target-port 22
+  python -m chuantou_client proxy create --local-port 9091 --target-client office --target-port 80 --bandwidth 10MiB/s
   python -m chuantou_client proxy list
   python -m chuantou_client clients
+  python -m chuantou_client check-config            validate the config file without starting
   python -m chuantou_client status
   python -m chuantou_client forget-key office
   python -m chuantou_client stop
@@ -54,10 +57,19 @@ PROGRAM = Program(
 files = PROGRAM.files
 
 
+class _JoinUrls(argparse.Action):
+    """A repeated --server adds to the list: one comma-separated string, as it is saved."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{before},{values}" if before else values)
+
+
 def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     default = argparse.SUPPRESS if inherit else None
-    parser.add_argument("--server", default=default, metavar="URL",
-                        help=f"relay URL, saved for next time (default: $CHUANTOU_SERVER, the saved one, "
+    parser.add_argument("--server", default=default, metavar="URL", action=_JoinUrls,
+                        help=f"relay URL, saved for next time; several (a cluster's nodes, tried in order): "
+                             f"repeat it or separate with commas (default: $CHUANTOU_SERVER, the saved one, "
                              f"or {DEFAULT_SERVER_URL})")
     parser.add_argument("--client-id", default=default, metavar="ID",
                         help="this client's ID, saved (default: generated once and reused)")
@@ -126,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--target-fingerprint", metavar="SHA256:...",
                         help="the target's key as its `status` shows it: sessions refuse any other key, even the "
                              "first (default: trust the key of the first session and pin it)")
+    create.add_argument("--bandwidth", metavar="RATE",
+                        help="limit each direction to RATE bytes/s over all the proxy's connections: 512KiB/s, "
+                             "10MiB/s, 1GiB/s or a plain number (default: no limit; UDP over it is dropped)")
     proxy_sub.add_parser("list", help="proxies with their connections and bytes",
                          epilog="example: python -m chuantou_client proxy list")
     delete = proxy_sub.add_parser("delete", help="close a proxy and forget it",
@@ -147,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="talk to the client whose local API is on this port (default: the running one)")
     for command in (stop, logs, forget, *api_commands):
         PROGRAM.add_config_option(command)
+    PROGRAM.add_check_config_command(sub)
     PROGRAM.add_service_commands(sub, _add_run_options)
     return parser
 
@@ -353,6 +369,7 @@ def cmd_proxy(args) -> int:
             "localPort": args.local_port, "targetClient": args.target_client,
             "targetPort": args.target_port, "protocol": args.protocol, "targetHost": args.target_host,
             "localHost": args.local_host, "targetFingerprint": args.target_fingerprint,
+            "bandwidth": args.bandwidth,
         })
         print(reply["message"])
         print(f"use it at: {reply['address']}")
@@ -366,9 +383,10 @@ def cmd_proxy(args) -> int:
             print("no proxies; create one with: python -m chuantou_client proxy create --local-port 9090 "
                   "--target-client ID --target-port 8080")
             return 0
-        rows = [("LOCAL", "TARGET", "PROTOCOL", "ACTIVE", "SENT", "RECEIVED")]
+        rows = [("LOCAL", "TARGET", "PROTOCOL", "LIMIT", "ACTIVE", "SENT", "RECEIVED")]
         for x in proxies:
-            rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]), f"{x['targetClientId']}:{x['targetPort']}", x["protocol"],
+            rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]),
+                         f"{x['targetClientId']}:{x['targetPort']}", x["protocol"], format_bandwidth(x.get("bandwidth")),
                          str(x["activeConnections"]), format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
@@ -421,6 +439,8 @@ COMMANDS = {
     "clients": cmd_clients,
     "login-link": cmd_login_link,
     "install-service": lambda args: PROGRAM.install_service(args, prepare_service_config),
+    "check-config": lambda args: PROGRAM.check_config(config_file(args), bool(getattr(args, "config", None)),
+                                                      config_problems),
     "uninstall-service": PROGRAM.uninstall_service,
     "forget-key": cmd_forget_key,
     "_supervise": PROGRAM.supervise,

@@ -20,7 +20,7 @@ from common.net import arm_reset, keep_alive
 from common.threads import ThreadGroup
 from common.tls import client_context, normalize_fingerprint
 
-from .control import ControlChannel
+from .control import ControlChannel, split_server_urls
 from .datachannel import JoinError, TlsSettings, open_data_channel
 from .direct import DirectPaths, probe_nat
 from .export import ExportPolicy
@@ -40,6 +40,14 @@ def generate_client_id() -> str:
 
 
 def check_server_url(url: str) -> str:
+    """One relay URL, or several separated by commas (a cluster's nodes, tried in order)."""
+    urls = split_server_urls(url)
+    for one in urls:
+        _check_one_server_url(one)
+    return ",".join(urls)
+
+
+def _check_one_server_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ChuantouError(f"server URL {url!r} must look like ws://HOST:8200 (or wss:// for TLS)")
@@ -207,15 +215,16 @@ class Client:
 
     def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
                      protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None,
-                     target_fingerprint: str | None = None) -> Proxy:
+                     target_fingerprint: str | None = None, bandwidth: int | str = 0) -> Proxy:
         """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
         the target client (on ``target_host`` of its network, if that client allows it).
         Raises PortInUseError if the local port is taken. ``target_fingerprint`` pins the
-        target's key (SHA256:...) before the first session."""
+        target's key (SHA256:...) before the first session. ``bandwidth`` (bytes/s, or text
+        such as "10MiB/s"; 0: none) limits each direction, over all the proxy's connections."""
         if self._stopped:
             raise ChuantouError("this client is stopped; create a new Client")
         proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host,
-                      target_fingerprint).open()
+                      target_fingerprint, bandwidth).open()
         with self._lock:
             self._proxies.append(proxy)
         return proxy
@@ -324,7 +333,7 @@ class Client:
             pass
 
     def _probe_nat(self, reply: p.RegisterResponse) -> None:
-        url = urlsplit(self.server_url)
+        url = urlsplit(self.control.url)  # the relay we registered with (of several, the one in use)
         host = url.hostname or "127.0.0.1"
         port = reply.udpPort or url.port or (443 if url.scheme == "wss" else 80)
         self.direct.nat = probe_nat(host, port, reply.probePort, self.control.stopping_event)

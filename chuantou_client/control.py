@@ -5,6 +5,10 @@ One named thread connects and then reads; another sends heartbeats and notices a
 relay. Messages the relay starts (``connect_request``, ``session_closed``) go to the
 ``on_message`` callback, which must not block.
 
+With several relay URLs (the nodes of a relay cluster), the client starts on the first that
+answers and, when a connection fails or is lost, moves on to the next one, in order; only after
+a whole round of them fails does it wait out its backoff.
+
 A refused registration ends the loop only before the first success (a wrong token or ID at
 the first start); once registered, every failure is retried, so a relay restarted with
 another token, or an ID held by another connection, recovers when the cause goes away. A
@@ -46,6 +50,15 @@ class WrongScheme(ChuantouError):
         super().__init__(f"the relay accepts only TLS: use --server {url.replace('ws://', 'wss://', 1)}")
 
 
+def split_server_urls(value) -> list[str]:
+    """--server's value: one URL, several separated by commas, or a list of such strings."""
+    items = [value] if isinstance(value, str) else list(value)
+    urls = [url.strip() for item in items for url in item.split(",") if url.strip()]
+    if not urls:
+        raise ChuantouError("no relay URL given: use --server ws://HOST:8200 (several: separate with commas)")
+    return urls
+
+
 class _Waiter:
     def __init__(self):
         self.event = threading.Event()
@@ -57,7 +70,10 @@ class ControlChannel:
                  heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
                  token: str | None = None, tls=None, on_lost=None, public_key: str | None = None,
                  on_registered=None):
-        self.url = url
+        self.urls = split_server_urls(url)  # tried in order; see _next_url
+        self._url_index = 0
+        self._round = 0  # URLs moved through since the last registration (a full round: back off)
+        self.url = self.urls[0]  # the one in use or being tried
         self.client_id = client_id
         self.threads = threads
         self.on_message = on_message
@@ -134,6 +150,8 @@ class ControlChannel:
                 except Exception as exc:  # unreachable, reset, bad handshake: try again later
                     self.last_error = _describe(exc)
                     log.info("cannot reach relay at %s: %s", self.url, self.last_error)
+                    if self._next_url():
+                        continue  # another relay of the list, at once
                 else:
                     attempt = 0
                     ended = self._serve(ws)
@@ -148,6 +166,10 @@ class ControlChannel:
                                   "take turns; this client registers again once the other goes offline",
                                   self.last_error, self.reconnect_max_delay)
                     else:
+                        lost = self.url
+                        if self._next_url():
+                            log.warning("connection to relay %s lost; moving to %s", lost, self.url)
+                            continue
                         log.warning("connection to relay %s lost; reconnecting", self.url)
                 delay = min(self.reconnect_max_delay, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
                 attempt += 1
@@ -156,6 +178,19 @@ class ControlChannel:
         finally:
             self.next_attempt_at = None
             self.finished.set()
+
+    def _next_url(self) -> bool:
+        """Move to the next relay URL; False when that starts a new round (or there is only one),
+        so the caller waits its backoff before trying again."""
+        if len(self.urls) == 1:
+            return False
+        self._round += 1
+        self._url_index = (self._url_index + 1) % len(self.urls)
+        self.url = self.urls[self._url_index]
+        if self._round >= len(self.urls):
+            self._round = 0
+            return False
+        return True
 
     def _log_refused_retry(self, exc: Exception) -> None:
         if isinstance(exc, RegistrationRefused) and exc.code == p.ID_IN_USE:
@@ -211,6 +246,7 @@ class ControlChannel:
         self.next_attempt_at = None
         self.last_error = None
         self._ever_registered = True
+        self._round = 0
         self._takeover = True  # the ID is ours again: an ordinary reconnect may replace a stale connection
         if self.on_registered is not None and self.register_reply is not None:
             self.on_registered(self.register_reply)  # before registered: what it learns holds for every flow

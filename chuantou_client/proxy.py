@@ -3,6 +3,8 @@ target client (B) through the relay.
 
 One listener thread per protocol. Each accepted TCP connection asks the relay for a
 session, joins its data channel and is pumped by a Pipe; UDP peers are handled in udp.py.
+A bandwidth limit is one RateLimit per direction, shared by every connection and flow of the
+proxy: TCP waits for it (backpressure), UDP drops what is over it and counts the drops.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import time
 
 from common import protocol as p
 from common.errors import ChuantouError, PortInUseError
+from common.bandwidth import parse_bandwidth
 from common.identity import check_fingerprint
+from common.limits import RateLimit
 from common.net import arm_reset, close_quietly, reset_connection, tune_tcp
 from common.pipe import Pipe
 from common.threads import ThreadGroup
@@ -33,7 +37,7 @@ class Proxy:
 
     def __init__(self, client, local_port: int, target_client_id: str, target_port: int,
                  protocol: str = "both", local_host: str = DEFAULT_LOCAL_HOST, target_host: str | None = None,
-                 target_fingerprint: str | None = None):
+                 target_fingerprint: str | None = None, bandwidth: int | str = 0):
         _check_proxy_args(local_port, target_client_id, target_port, protocol)
         if target_host is not None and not p.HOST_PATTERN.match(target_host):
             raise ChuantouError(f"target host {target_host!r} is not a host name or IP address")
@@ -46,6 +50,11 @@ class Proxy:
         self.target_client_id = target_client_id
         self.target_port = target_port
         self.protocol = protocol
+        self.bandwidth = parse_bandwidth(bandwidth or 0)  # bytes/s each way; 0: no limit
+        # (user -> target, target -> user), shared by all of this proxy's connections and flows
+        self.limits: tuple[RateLimit | None, RateLimit | None] = (
+            (RateLimit(self.bandwidth), RateLimit(self.bandwidth)) if self.bandwidth else (None, None))
+        self.bandwidth_drops = 0  # UDP datagrams dropped over the limit, both directions
         self.threads = ThreadGroup(f"chuantou-proxy-{local_port}")
         self.connections_total = 0
         self._done_bytes = [0, 0]  # of finished connections: user->target, target->user
@@ -154,6 +163,8 @@ class Proxy:
             "targetPort": self.target_port,
             "targetHost": self.target_host,
             "protocol": self.protocol,
+            "bandwidth": self.bandwidth,
+            "bandwidthDrops": self.bandwidth_drops,
             "targetFingerprint": self.target_fingerprint,
             "sealed": True,  # TCP sessions are always sealed (UDP: not yet)
             "activeConnections": self.active_connections,
@@ -206,7 +217,7 @@ class Proxy:
             except ChuantouError as exc:
                 self._connection_failed(user, addr, exc)
                 return
-            pipe = Pipe(user, relay, on_done=self._connection_done)
+            pipe = Pipe(user, relay, on_done=self._connection_done, limits=self.limits)
             with self._lock:
                 if self._closed.is_set():
                     pipe.abort()
@@ -218,6 +229,15 @@ class Proxy:
         log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)
         self.record_failure(str(exc))
         reset_connection(user)  # the session never started: the user must not see a clean end
+
+    def udp_allowed(self, direction: int, size: int) -> bool:
+        """May a datagram of ``size`` bytes go ``direction`` (0: to the target) now? Counts a drop if not."""
+        limit = self.limits[direction]
+        if limit is None or limit.try_take(size):
+            return True
+        with self._lock:  # the gateway's thread and every flow's thread drop here
+            self.bandwidth_drops += 1
+        return False
 
     def connect_request(self, protocol: str) -> p.ConnectRequest:
         return p.ConnectRequest(toClientId=self.target_client_id, remotePort=self.target_port,

@@ -23,6 +23,7 @@ from .udp import UdpTarget
 log = logging.getLogger("chuantou.client")
 
 LOCAL_CONNECT_TIMEOUT = 5.0
+REJECT_GRACE = 5.0  # how long a rejected, joined session waits for the relay to close it
 SELF_REFUSAL = "it is one of this client's own ports (its local API or a proxy), which no session may reach"
 
 
@@ -108,6 +109,9 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
         with client.sessions.track(msg.sessionId, "B", handle=flow, **_session_facts(msg)):
             flow.run()
         return
+    candidates = _checked_addresses(client, msg, service)
+    if candidates is None:
+        return
     with client.sessions.track(msg.sessionId, "B", **_session_facts(msg)) as record:
         try:
             relay = client.join_session(record, msg)
@@ -117,9 +121,9 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
             log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
             return
         # Only now, with A's key proved: a relay that lies cannot make B open connections to its services.
-        local = _connect_service(client, msg, service)
+        local = _connect_service(client, msg, service, candidates)
         if local is None:
-            reset_connection(relay)
+            _await_relay_close(relay)
             return
         tune_tcp(local)
         local.settimeout(None)
@@ -135,9 +139,9 @@ def _session_facts(msg: p.ConnectOffer) -> dict:
     return {"peer": msg.fromClientId, "port": msg.remotePort, "protocol": msg.protocol}
 
 
-def _connect_service(client, msg: p.ConnectOffer, service: tuple[str, int]) -> socket.socket | None:
-    """A connection to the service at an address that was checked against this client's own
-    sockets, or None (and the session rejected)."""
+def _checked_addresses(client, msg: p.ConnectOffer, service: tuple[str, int]) -> list[tuple] | None:
+    """The service's addresses, checked against this client's own sockets, or None (and the
+    session rejected). Resolved once: the connection goes to exactly these addresses."""
     try:
         candidates = resolve_for_connect(*service, "tcp")
     except OSError as exc:
@@ -147,6 +151,12 @@ def _connect_service(client, msg: p.ConnectOffer, service: tuple[str, int]) -> s
         log.warning("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], SELF_REFUSAL)
         _reject(client, msg, f"{target_label(msg)} is not allowed by the target client")
         return None
+    return candidates
+
+
+def _connect_service(client, msg: p.ConnectOffer, service: tuple[str, int],
+                     candidates: list[tuple]) -> socket.socket | None:
+    """A connection to the first of ``candidates`` that answers, or None (and the session rejected)."""
     error: OSError | None = None
     for family, addr in candidates:
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -160,6 +170,18 @@ def _connect_service(client, msg: p.ConnectOffer, service: tuple[str, int]) -> s
     assert error is not None  # getaddrinfo gives at least one address or raises
     _unreachable(client, msg, service, f"cannot connect: {error.strerror or error}")
     return None
+
+
+def _await_relay_close(relay) -> None:
+    """After rejecting a joined session: let the relay close it (A then hears the rejection's
+    reason, not a bare reset that raced it), within a bound, then reset our side."""
+    try:
+        relay.settimeout(REJECT_GRACE)
+        while relay.recv(65536):
+            pass
+    except (OSError, ChuantouError):
+        pass
+    reset_connection(relay)
 
 
 def _unreachable(client, msg: p.ConnectOffer, service: tuple, detail: str) -> None:

@@ -66,6 +66,8 @@ class UdpGateway:
                 if self._closed.is_set():
                     return
                 continue
+            if not self.proxy.udp_allowed(0, len(data)):
+                continue
             self.bytes[0] += len(data)
             flow = self.flows.get(addr)
             if flow is None:
@@ -91,6 +93,8 @@ class UdpGateway:
                 del self.flows[flow.user]
 
     def reply(self, data: bytes, user: tuple) -> None:
+        if not self.proxy.udp_allowed(1, len(data)):
+            return
         try:
             self.sock.sendto(data, user)
             self.bytes[1] += len(data)

@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING
 
 from common import __version__, pages
+from common.pages import Response
 
 from . import metrics
 from .httpd import Request
@@ -47,23 +45,27 @@ if TYPE_CHECKING:
 
 COOKIE_PREFIX = "chuantou_admin_"  # + the port: relays on one host keep apart
 STATIC = Path(__file__).with_name("static")
-TEXT = "text/plain; charset=utf-8"
 
 
-def handle(server: Server, request: Request, peer: tuple) -> tuple:
-    """Return (status, content type, body[, headers]) for a plain HTTP request on the relay port."""
-    refused = _refusal(request)
-    if refused is not None:
-        return refused
+def handle(server: Server, request: Request, peer: tuple) -> Response:
+    """The answer to a plain HTTP request on the relay port."""
+    try:
+        return _answer(server, request, peer)
+    except pages.HttpError as exc:
+        return exc.response()
+
+
+def _answer(server: Server, request: Request, peer: tuple) -> Response:
+    _refuse(request)
     method, path = request.method, request.path
     if path.startswith("/static/") and method in ("GET", "HEAD"):
         return _static(path[len("/static/"):])
     if path in OPERATIONS_PATHS:
         if method not in ("GET", "HEAD"):
-            return 405, TEXT, f"{method} is not allowed on {path}\n"
+            return pages.text(405, f"{method} is not allowed on {path}\n")
         return _healthz(server) if path == "/healthz" else _metrics(server, request, peer)
     if path != "/" and path not in ("/login", "/logout") and not path.startswith("/api/"):
-        return 404, TEXT, "not found\n"
+        return NOT_FOUND
     if server.config.admin_token is None:
         return _disabled(path)
     if path == "/login" and method == "POST":
@@ -76,18 +78,13 @@ def handle(server: Server, request: Request, peer: tuple) -> tuple:
     if path == "/" and method in ("GET", "HEAD"):
         return _static("index.html" if access == ALLOWED else "login.html")
     if not path.startswith("/api/"):
-        return 404, TEXT, "not found\n"
+        return NOT_FOUND
     if access != ALLOWED:
-        return _json(401, {"error": "this relay's admin API needs its admin token: send 'Authorization: Bearer "
-                                    "<admin token>' or log in on the page (show the admin token with: "
-                                    "python -m chuantou_server token --admin)"})
-    for route_method, pattern, view in ROUTES:
-        match = re.fullmatch(pattern, path)
-        if match and route_method == method:
-            return view(server, *(unquote(g) for g in match.groups()))
-    if any(re.fullmatch(pattern, path) for _, pattern, _ in ROUTES):
-        return _json(405, {"error": f"{method} is not allowed on {path}"})
-    return _json(404, {"error": f"no such endpoint: {path}"})
+        return pages.error(401, "this relay's admin API needs its admin token: send 'Authorization: Bearer "
+                                "<admin token>' or log in on the page (show the admin token with: "
+                                "python -m chuantou_server token --admin)")
+    view, args = pages.find_route(ROUTES, method, path)
+    return view(server, *args)
 
 
 # --- access -------------------------------------------------------------------------------------
@@ -105,27 +102,31 @@ def is_loopback(addr: tuple) -> bool:
         return False
 
 
-def _refusal(request: Request):
-    """A 403/405 response if this request may not be served at all, else None."""
+class _MethodRefused(pages.HttpError):
+    def response(self) -> Response:  # a plain-text answer, as before there was an API
+        return pages.text(self.status, f"{self}\n")
+
+
+def _refuse(request: Request) -> None:
+    """Raise if this request may not be served at all: a method no page takes, or a POST from a
+    page of another origin. (Any Host is answered: a relay has many names, and its page needs its
+    admin token or a login cookie, which a page on another site does not have.)"""
     if request.method not in ("GET", "HEAD", "POST"):
-        return 405, TEXT, f"{request.method} is not allowed here\n"
-    host = request.header("host")
+        raise _MethodRefused(405, f"{request.method} is not allowed here")
     if request.method == "POST":
-        origin = request.header("origin")
-        if origin and (not host or urlsplit(origin).netloc != host):
-            return _json(403, {"error": f"cross-origin request from {origin} refused"})
-    return None
+        host = request.header("host")
+        pages.check_origin(request.header("origin"), {host} if host else ())
 
 
-def _disabled(path: str) -> tuple:
+def _disabled(path: str) -> Response:
     if path.startswith("/api/") or path in ("/login", "/logout"):
-        return _json(403, {"error": " ".join(DISABLED.split())})
-    return 403, TEXT, DISABLED
+        return pages.error(403, " ".join(DISABLED.split()))
+    return pages.text(403, DISABLED)
 
 
-def _too_many_failures() -> tuple:
-    return _json(429, {"error": "too many failed logins from your address: wait a minute, then use the admin "
-                                "token (python -m chuantou_server token --admin)"}, {"Retry-After": "60"})
+def _too_many_failures() -> Response:
+    return pages.error(429, "too many failed logins from your address: wait a minute, then use the admin "
+                            "token (python -m chuantou_server token --admin)", {"Retry-After": "60"})
 
 
 def cookie_name(server: Server) -> str:
@@ -174,24 +175,24 @@ def _access(server: Server, request: Request, peer: tuple) -> str:
     return DENIED
 
 
-def _login(server: Server, request: Request, peer: tuple):
+def _login(server: Server, request: Request, peer: tuple) -> Response:
     given = _bearer(request)
     if given is None:
-        return _json(401, {"error": "send the admin token as 'Authorization: Bearer <admin token>'"})
+        return pages.error(401, "send the admin token as 'Authorization: Bearer <admin token>'")
     result = _token_matches(server, given, peer)
     if result == LIMITED:
         return _too_many_failures()
     if result == DENIED:
-        return _json(401, {"error": "wrong admin token"})
+        return pages.error(401, "wrong admin token")
     session_id = server.admin_sessions.create()
-    return _json(200, {"message": "logged in"},
-                 {"Set-Cookie": _cookie(server, session_id, server.admin_sessions.max_age())})
+    return pages.json_response(200, {"message": "logged in"},
+                               {"Set-Cookie": _cookie(server, session_id, server.admin_sessions.max_age())})
 
 
-def _logout(server: Server, request: Request):
+def _logout(server: Server, request: Request) -> Response:
     for value in _session_ids(server, request):
         server.admin_sessions.revoke(value)
-    return _json(200, {"message": "logged out"}, {"Set-Cookie": _cookie(server, "", max_age=0)})
+    return pages.json_response(200, {"message": "logged out"}, {"Set-Cookie": _cookie(server, "", max_age=0)})
 
 
 # --- operations: health and metrics --------------------------------------------------------
@@ -199,37 +200,32 @@ def _logout(server: Server, request: Request):
 OPERATIONS_PATHS = ("/healthz", "/metrics")
 
 
-def _healthz(server: Server) -> tuple:
+def _healthz(server: Server) -> Response:
     """No detail either way: anyone may ask, so the answer must tell a stranger nothing."""
     if metrics.healthy(server):
-        return 200, TEXT, "ok\n"
-    return 503, TEXT, "unavailable\n"
+        return pages.text(200, "ok\n")
+    return pages.text(503, "unavailable\n")
 
 
-def _metrics(server: Server, request: Request, peer: tuple) -> tuple:
+def _metrics(server: Server, request: Request, peer: tuple) -> Response:
     session = any(server.admin_sessions.check(value) for value in _session_ids(server, request))
     access = metrics.access(server, peer, _bearer(request), session)
     if access == metrics.LIMITED:
         return _too_many_failures()
     if access != metrics.ALLOWED:
-        return 401, TEXT, ("this relay's metrics need a credential: send 'Authorization: Bearer <metrics token>' "
+        return pages.text(401, "this relay's metrics need a credential: send 'Authorization: Bearer <metrics token>' "
                            "(metricsToken in the relay's config) or the admin token, or scrape from this host\n")
     content_type, body = server.metrics.exposition(request.header("accept"))
-    return 200, content_type, body
+    return Response(200, content_type, body)
 
 
 # --- responses ----------------------------------------------------------------------------------
 
-def _json(status: int, data, headers: dict | None = None) -> tuple:
-    return status, "application/json", json.dumps(data), headers or {}
+NOT_FOUND = pages.text(404, "not found\n")
 
 
-def _static(name: str) -> tuple:
-    found = pages.static_file(STATIC, name)
-    if found is None:
-        return 404, TEXT, "not found\n"
-    content_type, body, headers = found
-    return 200, content_type, body, headers
+def _static(name: str) -> Response:
+    return pages.static(STATIC, name) or NOT_FOUND
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -273,7 +269,7 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def status(server: Server) -> tuple:
+def status(server: Server) -> Response:
     data = server.status()
     data.update({
         "version": __version__,
@@ -290,10 +286,10 @@ def status(server: Server) -> tuple:
         "totalBytes": server.traffic.total_bytes()[0],
         "bytesPerSecond": server.traffic.history.current()[0],
     })
-    return _json(200, data)
+    return pages.json_response(200, data)
 
 
-def clients(server: Server) -> tuple:
+def clients(server: Server) -> Response:
     sessions = server.sessions.all()
     out = []
     for conn in server.registry.connections():
@@ -319,10 +315,10 @@ def clients(server: Server) -> tuple:
             "rateReceived": rate_received,
         })
     out.sort(key=lambda c: c["id"])
-    return _json(200, {"clients": out})
+    return pages.json_response(200, {"clients": out})
 
 
-def sessions(server: Server) -> tuple:
+def sessions(server: Server) -> Response:
     out = []
     for s in sorted(server.sessions.all(), key=lambda s: s.created_at):
         rate_ab, rate_ba = server.traffic.session_rate(s.id)
@@ -340,41 +336,41 @@ def sessions(server: Server) -> tuple:
             "rateAToB": rate_ab,
             "rateBToA": rate_ba,
         })
-    return _json(200, {"sessions": out})
+    return pages.json_response(200, {"sessions": out})
 
 
-def traffic(server: Server) -> tuple:
-    return _json(200, {
+def traffic(server: Server) -> Response:
+    return pages.json_response(200, {
         "interval": server.traffic.interval,
         "totalBytes": server.traffic.total_bytes()[0],
         "samples": server.traffic.history.history(),  # [unix time, bytes/s]
     })
 
 
-def disconnect_client(server: Server, client_id: str) -> tuple:
+def disconnect_client(server: Server, client_id: str) -> Response:
     conn = server.registry.get(client_id)
     if conn is None:
-        return _json(404, {"error": f"client {client_id!r} is not online"})
+        return pages.error(404, f"client {client_id!r} is not online")
     server.drop_client(conn, "disconnected by admin")
-    return _json(200, {"message": f"client {client_id} disconnected (it reconnects on its own unless stopped)"})
+    return pages.json_response(200, {"message": f"client {client_id} disconnected (it reconnects on its own unless stopped)"})
 
 
-def close_session(server: Server, session_id: str) -> tuple:
+def close_session(server: Server, session_id: str) -> Response:
     session_id = session_id.lower()
     found = [s for s in server.sessions.all()
              if s.id == session_id or (len(session_id) >= 6 and s.id.startswith(session_id))]
     if len(found) != 1:
         problem = "matches several sessions" if found else "is not an open session"
-        return _json(404, {"error": f"session {session_id!r} {problem}"})
+        return pages.error(404, f"session {session_id!r} {problem}")
     server.close_session(found[0], "closed by admin")
-    return _json(200, {"message": f"session {found[0].id[:8]} closed"})
+    return pages.json_response(200, {"message": f"session {found[0].id[:8]} closed"})
 
 
-ROUTES: list[tuple[str, str, Callable[..., tuple]]] = [
-    ("GET", r"/api/status", status),
-    ("GET", r"/api/clients", clients),
-    ("GET", r"/api/sessions", sessions),
-    ("GET", r"/api/traffic", traffic),
-    ("POST", r"/api/clients/([^/]+)/disconnect", disconnect_client),
-    ("POST", r"/api/sessions/([0-9a-fA-F]+)/close", close_session),
+ROUTES = [  # views take the relay, then the path's groups
+    pages.Route("GET", r"/api/status", status),
+    pages.Route("GET", r"/api/clients", clients),
+    pages.Route("GET", r"/api/sessions", sessions),
+    pages.Route("GET", r"/api/traffic", traffic),
+    pages.Route("POST", r"/api/clients/([^/]+)/disconnect", disconnect_client),
+    pages.Route("POST", r"/api/sessions/([0-9a-fA-F]+)/close", close_session),
 ]

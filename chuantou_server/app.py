@@ -12,6 +12,10 @@ import logging
 from pathlib import Path
 
 from common import __version__, auth, config, service
+from common import protocol as p
+from common.bandwidth import EXPECTED as BANDWIDTH_EXPECTED
+from common.bandwidth import is_bandwidth, parse_bandwidth
+from common.errors import ChuantouError
 from common.net import host_for_url
 
 from . import admin_sessions
@@ -86,6 +90,18 @@ CONFIG_KEYS = {
     "metricsToken": config.Key(str, "a token string of 16 or more characters (not a client token)", None,
                                lambda v: len(v) >= 16, secret=True),
     "metricsLoopbackOpen": config.Key(bool, "true or false", True),
+    # a node of a relay cluster on Redis (issue 14, cluster.py); no "cluster": a relay on its own
+    "cluster": config.Key(str, "a Redis URL such as \"redis://HOST:6379/0\"", None,
+                          lambda v: v.startswith(("redis://", "rediss://", "unix://")), secret=True),
+    "nodeId": config.Key(str, "a node name of 1-64 letters, digits, '.', '_' or '-'", None,
+                         lambda v: bool(p.CLIENT_ID_PATTERN.match(v))),
+    "advertise": config.Key(str, "the URL clients reach this node at, such as \"ws://relay1.example.com:8200\"",
+                            None, lambda v: v.startswith(("ws://", "wss://"))),
+    "clusterTtl": config.Key((int, float), "a number of seconds > 0", 8.0, config.is_positive),
+    # bandwidth limits the relay enforces (issue 16 item 3): each client's sending and receiving over all
+    # its sessions, and every byte relayed; "10MiB/s" is accepted as well as a plain number
+    "bandwidthPerClient": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
+    "bandwidthTotal": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
 }
 
 
@@ -105,7 +121,7 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
             raise config.ConfigError(auth.token_problem(given, flag))
     settings = config.load(path, CONFIG_KEYS)
     for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey", "metricsToken",
-                "probePort"):
+                "cluster", "nodeId", "advertise", "probePort"):
         if overrides.get(key) is not None:
             settings[key] = overrides[key]
     if settings["probePort"] is not None and not config.is_port(settings["probePort"]):
@@ -121,6 +137,24 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
     if settings["tlsOnly"] and not settings["tlsCert"]:
         raise config.ConfigError("--tls-only needs --tls-cert and --tls-key")
     return settings
+
+
+def config_problems(path: Path) -> list[str]:
+    """Every problem with the config file at ``path``, checked as a start would check it (keys,
+    values, tokens, the TLS files) without binding anything: what check-config lists."""
+    data, unreadable = config.read_json(path)
+    if unreadable:
+        return [unreadable]
+    settings, found = config.checked(data, CONFIG_KEYS, str(path))
+    if found:
+        return found
+    if settings["tlsOnly"] and not settings["tlsCert"]:
+        return [f"{path}: tlsOnly needs tlsCert and tlsKey"]
+    try:
+        make_server(settings)  # ServerConfig's checks (the admin and metrics tokens), and loads the TLS files
+    except (ChuantouError, OSError, ValueError) as exc:
+        return [f"{path}: {exc}"]
+    return []
 
 
 def scheme(settings: dict) -> str:
@@ -186,6 +220,10 @@ def make_server(settings: dict) -> Server:
         max_unregistered_per_source=settings["maxUnregisteredPerSource"],
         metrics_token=settings["metricsToken"],
         metrics_loopback_open=settings["metricsLoopbackOpen"],
+        cluster_url=settings["cluster"], node_id=settings["nodeId"], advertise=settings["advertise"],
+        cluster_ttl=settings["clusterTtl"],
+        bandwidth_per_client=parse_bandwidth(settings["bandwidthPerClient"]),
+        bandwidth_total=parse_bandwidth(settings["bandwidthTotal"]),
     )
 
 

@@ -76,7 +76,7 @@ def _tell_busy(sock: socket.socket) -> None:
         except socket.timeout:
             first = b""
         if first[:1] and first[:1] != DATA_MAGIC[:1] and first[0] in b"GPHDOCT":
-            httpd.send_response(sock, 503, "the relay is out of file descriptors; try again later\n")
+            httpd.send_text(sock, 503, "the relay is out of file descriptors; try again later\n")
         else:  # a data channel reads this status byte before anything else
             sock.sendall(bytes([JoinStatus.BUSY]))
     except OSError:

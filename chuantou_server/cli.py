@@ -15,7 +15,7 @@ from common import __version__, auth, config, service
 from common.cli_shell import Program, add_supervise_command, local_opener, run_command
 from common.startcheck import config_restored_on_failure
 
-from .app import ServerApp, default_config_path, load_file_settings, local_url
+from .app import ServerApp, config_problems, default_config_path, load_file_settings, local_url
 from .app import local_address  # noqa: F401 (part of this module's API: tests and status use it)
 from .startopts import RUN_OPTION_DEFAULTS, given_options
 
@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   python -m chuantou_server start --autostart    run in the background, also at boot
   python -m chuantou_server status
   python -m chuantou_server logs -f
+  python -m chuantou_server check-config         validate server.json without starting
   python -m chuantou_server stop
   sudo python -m chuantou_server install-service  run at boot as a systemd system service
 """
@@ -34,7 +35,8 @@ PROGRAM = Program(
     role="server", module=MODULE,
     describe_running=lambda pid, worker: f"chuantou server is already running (pid {pid}, port {worker.get('port')})",
     given_options=given_options, option_defaults=RUN_OPTION_DEFAULTS,
-    worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key"),
+    worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key",
+                    "cluster", "node_id", "advertise"),
     path_options=frozenset({"config", "tls_cert", "tls_key"}), worker_flags=("no_auth", "tls_only"),
 )
 files = PROGRAM.files
@@ -66,6 +68,12 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         help="a token (16+ characters) that may read /metrics from anywhere, as 'Authorization: "
                         "Bearer TOKEN'; saved in the config file (metricsToken). Loopback and the admin token "
                         "may read it anyway")
+    parser.add_argument("--cluster", default=default, metavar="REDIS_URL", help="be a node of a relay cluster "
+                        "sharing this Redis, e.g. redis://HOST:6379/0 (needs pip install chuantou[cluster])")
+    parser.add_argument("--node-id", default=default, metavar="NAME", help="this node's name in the cluster "
+                        "(default: host name and port)")
+    parser.add_argument("--advertise", default=default, metavar="URL", help="where clients reach this node, "
+                        "e.g. ws://relay1.example.com:8200 (default: from --host and --port)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (stop, status, logs, token):
         PROGRAM.add_config_option(command)
+    PROGRAM.add_check_config_command(sub)
     PROGRAM.add_service_commands(sub, _add_run_options)
     add_supervise_command(sub)
     return parser
@@ -116,7 +125,9 @@ def make_app(args, path: Path | None = None) -> ServerApp:
     overrides = {"host": get("host"), "port": get("port"), "heartbeatTimeout": get("heartbeat_timeout"),
                  "logLevel": get("log_level"), "token": get("token"), "tlsCert": get("tls_cert"),
                  "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only"),
-                 "metricsToken": get("metrics_token"), "probePort": get("probe_port")}
+                 "metricsToken": get("metrics_token"),
+                 "cluster": get("cluster"), "nodeId": get("node_id"), "advertise": get("advertise"),
+                 "probePort": get("probe_port")}
     return ServerApp(path or config_path(args), overrides, config_given=path is None and get("config") is not None)
 
 
@@ -291,6 +302,8 @@ COMMANDS = {
     "token": cmd_token,
     "install-service": lambda args: PROGRAM.install_service(args, prepare_service_config),
     "uninstall-service": PROGRAM.uninstall_service,
+    "check-config": lambda args: PROGRAM.check_config(config_path(args), bool(getattr(args, "config", None)),
+                                                      config_problems),
     "_supervise": PROGRAM.supervise,
 }
 

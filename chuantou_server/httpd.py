@@ -1,8 +1,10 @@
 """Just enough HTTP/1.1 for the relay port: read one request head, answer or upgrade it.
 
 The accept loop has already read the first bytes; this module reads the rest of the head
-under the connection's deadline, with a size cap, and either writes a short response or
-hands the socket to simple-websocket for the control channel.
+under the connection's deadline and lets h11 parse it (request line, header syntax, the
+Host rules, the 16 KiB cap), then either writes a short response or hands the socket to
+simple-websocket for the control channel. h11 only parses here: the relay answers one
+request per connection and closes, so its connection state machine is not used past the head.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import h11
 import simple_websocket
 from wsproto.utilities import ProtocolError as WebSocketProtocolError
+
+from common import pages
 
 from .control_socket import ControlSocket
 
@@ -32,8 +37,7 @@ class Request:
     method: str
     target: str
     version: str
-    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
-    body_start: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names; a repeated one: the last
 
     @property
     def path(self) -> str:
@@ -52,55 +56,61 @@ class Request:
 
 
 def read_request(sock: socket.socket, first: bytes, deadline: float) -> Request:
-    """Read a request head that starts with ``first``; raise BadRequest if it is not one."""
-    data = bytearray(first)
-    while b"\r\n\r\n" not in data:
-        if len(data) > MAX_HEAD_BYTES:
+    """Read a request head that starts with ``first``; raise BadRequest if it is not one.
+
+    At most MAX_HEAD_BYTES + 1 bytes are read before the head must have ended: h11 refuses
+    a buffer past its ``max_incomplete_event_size`` (431) and reads no further."""
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    data, received = first, len(first)
+    while True:
+        parser.receive_data(data)
+        try:
+            event = parser.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _refusal(exc) from None
+        if isinstance(event, h11.Request):
+            return _request_from(event)
+        room = MAX_HEAD_BYTES + 1 - received
+        if room <= 0:  # h11 has refused such a buffer already; this only keeps the bound in one place
             raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("request head not complete before the deadline")
-        sock.settimeout(remaining)
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("peer closed before the request head ended")
-        data += chunk
-    head, _, rest = bytes(data).partition(b"\r\n\r\n")
-    if len(head) > MAX_HEAD_BYTES:
-        raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
-    try:
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, version = lines[0].split(" ")
-    except ValueError:
-        raise BadRequest(400, "malformed request line") from None
-    if not version.startswith("HTTP/1."):
+        data = _recv_some(sock, min(4096, room), deadline)
+        received += len(data)
+
+
+def _recv_some(sock: socket.socket, size: int, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("request head not complete before the deadline")
+    sock.settimeout(remaining)
+    chunk = sock.recv(size)
+    if not chunk:
+        raise ConnectionError("peer closed before the request head ended")
+    return chunk
+
+
+def _refusal(exc: h11.RemoteProtocolError) -> BadRequest:
+    if exc.error_status_hint == 431:
+        return BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+    # h11 names the rule that was broken; the bytes it quotes after it stay out of the answer
+    rule = str(exc).split(": bytearray(", 1)[0]
+    return BadRequest(exc.error_status_hint, f"malformed request head: {rule}")
+
+
+def _request_from(event: h11.Request) -> Request:
+    version = event.http_version.decode("ascii")
+    if not version.startswith("1."):
         raise BadRequest(505, "only HTTP/1.x is spoken here")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise BadRequest(400, "malformed header line")
-        headers[name.lower()] = value.strip()
-    return Request(method, target, version, headers, rest)
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
+    return Request(event.method.decode("latin-1"), event.target.decode("latin-1"), "HTTP/" + version, headers)
 
 
-def send_response(sock: socket.socket, status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8",
-                  extra_headers: dict[str, str] | None = None) -> None:
-    if isinstance(body, str):
-        body = body.encode()
-    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-              405: "Method Not Allowed", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
-              503: "Service Unavailable", 505: "HTTP Version Not Supported"}.get(status, "Error")
-    headers = {
-        "Content-Type": content_type,
-        "Content-Length": str(len(body)),
-        "Connection": "close",
-        "Cache-Control": "no-store",
-        "X-Content-Type-Options": "nosniff",
-    }
-    headers.update(extra_headers or {})
-    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    sock.sendall(head.encode("latin-1") + body)
+def send(sock: socket.socket, response: pages.Response, include_body: bool = True) -> None:
+    """Write ``response`` (headers from common/pages.py); the caller then closes the connection."""
+    sock.sendall(pages.encode(response, include_body))
+
+
+def send_text(sock: socket.socket, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    send(sock, pages.text(status, message, headers))
 
 
 def accept_websocket(sock: socket.socket, request: Request, thread_factory, max_message_size: int):

@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Callable, cast
 
-from common import tls
+from common import pages, tls
 from common.frames import DATA_MAGIC, HEADER_SIZE
 from common.net import close_quietly, recv_exact, tune_tcp
 
@@ -141,15 +141,14 @@ class Listener:
         try:
             return httpd.read_request(sock, first, deadline)
         except httpd.BadRequest as exc:
-            httpd.send_response(sock, exc.status, f"{exc}\n")
+            httpd.send_text(sock, exc.status, f"{exc}\n")
             close_quietly(sock)
             return None
 
 
-_TLS_ONLY_TEXT = b"this relay accepts only TLS: clients use --server wss://..., browsers use https://...\n"
-TLS_ONLY_REPLY = (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.3, TLS/1.2\r\nConnection: close\r\n"
-                  b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
-                  % (len(_TLS_ONLY_TEXT), _TLS_ONLY_TEXT))
+TLS_ONLY_REPLY = pages.encode(pages.text(
+    426, "this relay accepts only TLS: clients use --server wss://..., browsers use https://...\n",
+    {"Upgrade": "TLS/1.3, TLS/1.2"}))
 
 
 def refuse_plain_connection(sock: socket.socket, deadline: float) -> None:

@@ -60,7 +60,8 @@ def serve_data_channel(server: Server, sock: socket.socket, header: bytes) -> No
 def run_relay(server: Server, session: Session) -> None:
     assert session.sock_a is not None and session.sock_b is not None  # run once both halves joined
     pipe = Pipe(session.sock_a, session.sock_b,
-                on_done=lambda _pipe: server.close_session(session, "ended", notify=False))
+                on_done=lambda _pipe: server.close_session(session, "ended", notify=False),
+                limits=server.bandwidth.pipe_limits(session))  # the relay's own limits, whatever a client says
     session.pipe = pipe
     if session.closed:  # closed while we were setting up
         pipe.abort()

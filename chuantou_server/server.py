@@ -25,6 +25,7 @@ from common.net import close_quietly, enlarge_udp_buffers
 from common.threads import ThreadGroup
 
 from . import admin, admin_sessions, caps, httpd, metrics
+from .bandwidth import BandwidthLimits
 from .admission import Admission, UnregisteredGate
 from .authenticator import Authenticator
 from .handshakes import HandshakeGate
@@ -66,6 +67,7 @@ class Server:
         self.handshakes = HandshakeGate(cfg.max_pending_handshakes, cfg.max_pending_handshakes_per_source,
                                         self.registry.has_source)
         self.sessions = SessionTable()
+        self.bandwidth = BandwidthLimits(cfg.bandwidth_per_client, cfg.bandwidth_total)
         self.traffic = RelayTraffic(self.sessions, self.registry)  # figures for the admin page
         self.metrics = metrics.RelayMetrics(self)  # this relay's own Prometheus registry (GET /metrics)
         self.threads = ThreadGroup("chuantou-server")
@@ -80,6 +82,15 @@ class Server:
         self._connections: set[ControlConnection] = set()
         self._state_lock = threading.Lock()
         self._started = False
+        self.cluster = self._make_cluster()  # None: a relay on its own
+
+    def _make_cluster(self):
+        cfg = self.config
+        if cfg.cluster_url is None:
+            return None
+        from .cluster import Cluster  # imported only here: the redis package is an extra
+        node_id = cfg.node_id or f"{socket.gethostname()}-{cfg.port}"
+        return Cluster(self, cfg.cluster_url, node_id, cfg.advertise, cfg.cluster_ttl)
 
     def reconfigure(self, **changes: Any) -> None:
         """Change settings of a running relay that it reads each time it uses them
@@ -109,7 +120,8 @@ class Server:
             self.udp = UdpRelay(self._udp_sock, self.sessions, self.stopping,
                                 early_queue_bytes=cfg.udp_early_queue_bytes,  # UDP hardening
                                 early_queue_total_bytes=cfg.udp_early_queue_total_bytes,
-                                registrations_per_second=cfg.udp_registrations_per_second)
+                                registrations_per_second=cfg.udp_registrations_per_second,
+                                bandwidth=self.bandwidth)
             if cfg.probe_port is not None:
                 try:
                     self._probe_sock = self._bind_probe(cfg.probe_port)
@@ -126,6 +138,8 @@ class Server:
             self.threads.spawn("udp-probe", ProbeResponder(self._probe_sock, self.stopping).run)
         self.threads.spawn("housekeeper", self._housekeeping_loop)
         self.threads.spawn("traffic", self.traffic.run, self.stopping)
+        if self.cluster is not None:
+            self.cluster.start()
         log.info("chuantou relay %s listening on %s:%d (TCP and UDP)", __version__, self.config.host, self.port)
         return self
 
@@ -141,6 +155,8 @@ class Server:
         for session in self.sessions.all():
             self.close_session(session, "relay stopping", notify=False)
         self.threads.join_all(timeout=10.0)
+        if self.cluster is not None:
+            self.cluster.stop()
         close_quietly(self._udp_sock)
         close_quietly(self._probe_sock)
         self._listener.release()
@@ -201,8 +217,7 @@ class Server:
             if request.is_websocket_upgrade and request.path in httpd.CONTROL_PATHS:
                 self._serve_control(sock, addr, request)
                 return
-            status, content_type, body, *headers = admin.handle(self, request, addr)  # headers: optional dict
-            httpd.send_response(sock, status, body, content_type, *headers)
+            httpd.send(sock, admin.handle(self, request, addr), include_body=request.method != "HEAD")
             close_quietly(sock)
         except OSError as exc:  # the peer went away while we answered it
             log.debug("connection from %s:%s dropped: %s", addr[0], addr[1], exc)
@@ -212,7 +227,7 @@ class Server:
         admission, problem = self.unregistered.admit(addr[0])
         if admission is None:
             try:
-                httpd.send_response(sock, 503, f"{problem}\n", extra_headers={"Retry-After": "10"})
+                httpd.send_text(sock, 503, f"{problem}\n", {"Retry-After": "10"})
             finally:
                 close_quietly(sock)
             return
@@ -235,7 +250,7 @@ class Server:
             ws = httpd.accept_websocket(sock, request, reader_thread, self.config.max_message_size)
         except httpd.BadRequest as exc:
             log.debug("connection from %s:%s refused: %s", addr[0], addr[1], exc)
-            httpd.send_response(sock, exc.status, f"{exc}\n")
+            httpd.send_text(sock, exc.status, f"{exc}\n")
             close_quietly(sock)
             return
         conn = ControlConnection(self, ws, sock, addr, self._relay_host_from(request, sock), admission)
@@ -278,6 +293,8 @@ class Server:
             self._connections.discard(conn)
         if conn.client_id and self.registry.unregister(conn.client_id, conn):
             log.info("client %s disconnected", conn.client_id)
+            if self.cluster is not None:
+                self.cluster.release(conn.client_id)
             # Sessions still waiting for this client cannot complete; running ones keep going
             # on their own sockets until they end.
             for session in self.sessions.for_client(conn.client_id):
@@ -289,6 +306,8 @@ class Server:
         if conn.client_id:
             log.info("client %s dropped: %s", conn.client_id, reason)
             if self.registry.unregister(conn.client_id, conn):
+                if self.cluster is not None:
+                    self.cluster.release(conn.client_id)
                 for session in self.sessions.for_client(conn.client_id):
                     self.close_session(session, f"client '{conn.client_id}' {reason}")
         conn.close()
@@ -299,6 +318,8 @@ class Server:
         session.close_sockets()
         if self.udp is not None and session.protocol == "udp":
             self.udp.forget(session)
+        if self.cluster is not None:  # a party on another node hears of it through its node
+            self.cluster.session_closed(session.id, reason, notify)
         if notify:
             for client_id in {session.client_a, session.client_b}:
                 conn = self.registry.get(client_id)
@@ -342,6 +363,7 @@ class Server:
             "sessions": len(self.sessions),
             "threads": len(self.threads),
             "udpBytesRelayed": self.udp.relayed_bytes if self.udp is not None else 0,
+            **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 
 

@@ -81,6 +81,15 @@ class ServerConfig:
     max_unregistered_per_source: int = DEFAULT_MAX_UNREGISTERED_PER_SOURCE
     metrics_token: str | None = field(default=None, repr=False)
     metrics_loopback_open: bool = True
+    # a node of a relay cluster (cluster.py): None runs a relay on its own
+    cluster_url: str | None = field(default=None, repr=False)  # redis://HOST:6379/0 (may hold a password)
+    node_id: str | None = None  # default: the host name and port
+    advertise: str | None = None  # ws://HOST:PORT where clients reach this node (default: from host and port)
+    cluster_ttl: float = 8.0  # seconds a killed node's keys outlive it
+    # bytes/s (0: off): each client's sending and its receiving over all its sessions, and every
+    # byte the relay relays (bandwidth.py)
+    bandwidth_per_client: int = 0
+    bandwidth_total: int = 0
 
     def __post_init__(self) -> None:
         # Copies a caller cannot change under us (frozen only stops reassignment).
@@ -100,6 +109,14 @@ class ServerConfig:
             if self.metrics_token in self.registration_tokens():  # a client could read every client's figures
                 raise ChuantouError("the metrics token must not be a client registration token: make a separate "
                                     "one (any random string of 16 or more characters)")
+        if self.cluster_url is not None and not self.cluster_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ChuantouError(f"the cluster URL must look like redis://HOST:6379/0, not {self.cluster_url!r}")
+        if self.cluster_ttl <= 0:
+            raise ChuantouError("cluster_ttl must be a number of seconds > 0")
+        for name in ("bandwidth_per_client", "bandwidth_total"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ChuantouError(f"{name} must be a whole number of bytes per second >= 0 (0: off)")
         if self.tls_only and not self.tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
 

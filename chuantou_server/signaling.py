@@ -145,9 +145,16 @@ class ControlConnection:
         if problem is not None:
             return self._refuse_registration(msg, problem)
         self.credential = credential
+        cluster = self.server.cluster
+        if cluster is not None:  # one ID online once in the whole cluster
+            refused_elsewhere = cluster.claim(msg.clientId, credential)
+            if refused_elsewhere is not None:
+                return self._refuse_registration(msg, *refused_elsewhere)
         self.public_key = msg.publicKey  # before the claim: a peer may ask for a session at once
         claim = self.server.registry.claim(msg.clientId, self, takeover=msg.takeover is not False)
         if claim.refused is not None:
+            if cluster is not None and self.server.registry.get(msg.clientId) is None:
+                cluster.release(msg.clientId)  # held for nobody here
             return self._refuse_registration(msg, *_claim_refusal(self.server, msg.clientId, claim.refused))
         old = claim.replaced
         self.client_id = msg.clientId
@@ -160,9 +167,12 @@ class ControlConnection:
                 code="replaced",
             ))
             old.close()
+        # udpPort tells the client this relay hands over direct-path candidates; a cluster node
+        # does not yet (a session may live on another node), so its clients do not try
+        direct = self.server.cluster is None
         self.send(p.RegisterResponse(success=True, assignedId=msg.clientId, existingKicked=old is not None,
-                                     udpPort=self.server.relay_addr(self, "udp").port,
-                                     probePort=self.server.probe_port))
+                                     udpPort=self.server.relay_addr(self, "udp").port if direct else None,
+                                     probePort=self.server.probe_port if direct else None))
         log.info("client %s registered from %s:%s%s", msg.clientId, self.remote[0], self.remote[1],
                  " (replaced its previous connection)" if old else "")
 
@@ -173,8 +183,11 @@ class ControlConnection:
 
     def on_get_client_list(self, msg: p.GetClientList) -> None:
         registry = self.server.registry
+        ids = set(registry.ids())
+        if self.server.cluster is not None:  # the clients of every node
+            ids.update(self.server.cluster.client_ids())
         clients = [p.ClientInfo(id=cid, publicKey=getattr(registry.get(cid), "public_key", None))
-                   for cid in registry.ids()]
+                   for cid in sorted(ids)]
         self.send(p.ClientList(clients=clients, requestId=msg.requestId))
 
     def on_connect_request(self, msg: p.ConnectRequest) -> None:
@@ -187,6 +200,8 @@ class ControlConnection:
             return refuse("bad_request", "the target client is this client itself; reach the port directly",
                           metrics.TARGET_IS_SELF)
         target = self.server.registry.get(msg.toClientId)
+        if target is None and self.server.cluster is not None:
+            return self.server.cluster.connect_remote(self, msg)  # on another node, or offline
         if target is None:
             return refuse("client_offline", f"client '{msg.toClientId}' is not online", metrics.TARGET_OFFLINE)
         refused = self.server.caps.refusal(self.server.sessions, self.client_id, msg.toClientId, msg.protocol)
@@ -242,14 +257,19 @@ class ControlConnection:
         """A party ended a session the relay cannot see end (a UDP flow that went idle or was closed)."""
         assert self.client_id is not None  # handle_frame lets nothing but a register through before it
         session = self.server.sessions.get(msg.sessionId)
+        if session is None and self.server.cluster is not None:
+            return self.server.cluster.forward_session_closed(self, msg)  # pumped on another node
         if session is None or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
-        self.server.close_session(session, msg.reason, notify=False)
         other = session.client_b if self.client_id == session.client_a else session.client_a
+        said = "ended" if p.is_normal_end(msg.reason) else "closed"  # keep a normal end normal for the peer
+        told = f"{said} by '{self.client_id}': {msg.reason}"
+        if self.server.cluster is not None:
+            self.server.cluster.tell_origin(session.id, told)  # a peer on another node (before the close)
+        self.server.close_session(session, msg.reason, notify=False)
         peer = self.server.registry.get(other)
         if peer is not None:
-            said = "ended" if p.is_normal_end(msg.reason) else "closed"  # keep a normal end normal for the peer
-            peer.send(p.SessionClosed(sessionId=session.id, reason=f"{said} by '{self.client_id}': {msg.reason}"))
+            peer.send(p.SessionClosed(sessionId=session.id, reason=told))
 
     def on_path_candidates(self, msg: p.PathCandidates) -> None:
         """A side of a UDP session offers a direct path: add the address its UDP came from, and

@@ -40,7 +40,8 @@ UNKNOWN_SENDER = "unknown_sender"  # from an address in no session, and not a re
 MALFORMED = "malformed"  # registration-shaped but not a valid one
 EARLY_QUEUE_FULL = "early_queue_full"  # the other side had not registered and the queue was full
 SEND_FAILED = "send_failed"  # sendto() failed
-DROP_REASONS = (RATE_LIMITED, UNKNOWN_SENDER, MALFORMED, EARLY_QUEUE_FULL, SEND_FAILED)
+BANDWIDTH_LIMITED = "bandwidth_limited"  # over bandwidthPerClient or bandwidthTotal
+DROP_REASONS = (RATE_LIMITED, UNKNOWN_SENDER, MALFORMED, EARLY_QUEUE_FULL, SEND_FAILED, BANDWIDTH_LIMITED)
 
 
 class UdpRelay:
@@ -48,7 +49,7 @@ class UdpRelay:
                  early_queue_bytes: int = EARLY_QUEUE_BYTES,
                  early_queue_total_bytes: int = EARLY_QUEUE_TOTAL_BYTES,
                  registrations_per_second: float = REGISTRATIONS_PER_SECOND,
-                 limit_log: LimitLog | None = None):
+                 limit_log: LimitLog | None = None, bandwidth=None):
         self.sock = sock
         self.sessions = sessions
         self.stopping = stopping
@@ -56,6 +57,7 @@ class UdpRelay:
         self.early_queue_total_bytes = early_queue_total_bytes
         self.registrations_per_second = registrations_per_second
         self.limits = limit_log or LimitLog(log)
+        self.bandwidth = bandwidth  # BandwidthLimits, or None: no limit
         self._key = secrets.token_bytes(32)  # challenges are HMACs under it: no state per stranger
         self._lock = threading.Lock()
         self._addrs: dict[tuple, tuple] = {}  # addr -> (session, side index 0=A 1=B)
@@ -74,6 +76,7 @@ class UdpRelay:
         recvfrom = self.sock.recvfrom
         sendto = self.sock.sendto
         addrs = self._addrs
+        bandwidth = self.bandwidth if self.bandwidth is not None and self.bandwidth.active else None
         while not self.stopping.is_set():
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -89,6 +92,9 @@ class UdpRelay:
                 self._from_stranger_or_registration(data, key)
                 continue
             session, side = entry
+            if bandwidth is not None and not bandwidth.udp_allowed(session, side, len(data)):
+                self.drops[BANDWIDTH_LIMITED] += 1
+                continue
             session.last_active = time.monotonic()
             session.udp_bytes[side] += len(data)
             peer = session.udp_b if side == 0 else session.udp_a

@@ -226,6 +226,29 @@ class Program:
             command.add_argument("--root", default="/", help=argparse.SUPPRESS)  # tests: a staging root
         uninstall.set_defaults(user=None)
 
+    def add_check_config_command(self, sub) -> argparse.ArgumentParser:
+        check = sub.add_parser("check-config", help="validate the config file without starting anything: exit 0, "
+                               "or 1 naming each problem", epilog=f"example: python -m {self.module} check-config "
+                               "--config /path/to/file.json")
+        check.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                           help="the file to check (default: the default one)")
+        return check
+
+    def check_config(self, path: Path, given: bool, problems: Callable[[Path], list[str]]) -> int:
+        """``check-config``: "config OK: PATH" and 0, or each of ``problems(path)`` on stderr and 1.
+        A file named with --config must exist; the default one may be missing (the defaults apply)."""
+        if given and not path.exists():
+            found = [f"config file {path} does not exist"]
+        else:
+            found = problems(path)
+        if found:
+            for problem in found:
+                print(f"problem: {problem}", file=sys.stderr)
+            print(f"config has {len(found)} problem{'s' if len(found) != 1 else ''}: {path}", file=sys.stderr)
+            return 1
+        print(f"config OK: {path}" + ("" if path.exists() else " (no file yet: the defaults apply)"))
+        return 0
+
     def add_config_option(self, command: argparse.ArgumentParser) -> None:
         """--config on a command that talks to a running instance."""
         command.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",

@@ -75,17 +75,25 @@ def is_positive(value) -> bool:
 
 
 def validate(data: Any, keys: dict[str, Key], where: str) -> dict:
-    """Check a parsed JSON object against ``keys``; return it with defaults filled in."""
+    """Check a parsed JSON object against ``keys``; return it with defaults filled in
+    (ConfigError naming the first problem)."""
+    out, found = checked(data, keys, where)
+    if found:
+        raise ConfigError(found[0])
+    return out
+
+
+def checked(data: Any, keys: dict[str, Key], where: str) -> tuple[dict, list[str]]:
+    """``data`` with defaults filled in (bad values left out), and every problem found, each
+    naming ``where`` and the key: what check-config lists, and validate() raises the first of."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object with keys {', '.join(keys)}")
-    unknown = sorted(set(data) - set(keys))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(keys)})")
+        return {}, [f"{where}: expected a JSON object with keys {', '.join(keys)}"]
+    found = [f"{where}: unknown key '{name}' (known keys: {', '.join(keys)})" for name in sorted(set(data) - set(keys))]
     out = {}
     for name, key in keys.items():
         if name not in data or data[name] is None:
             if key.required:
-                raise ConfigError(f"{where}: missing key '{name}' ({key.expected})")
+                found.append(f"{where}: missing key '{name}' ({key.expected})")
             out[name] = key.default() if callable(key.default) else key.default
             continue
         value = data[name]
@@ -94,9 +102,24 @@ def validate(data: Any, keys: dict[str, Key], where: str) -> dict:
         if ok and key.check is not None:
             ok = key.check(value)
         if not ok:
-            raise ConfigError(f"{where}: key '{name}' must be {key.expected}, not {shown(value, key)}")
+            found.append(f"{where}: key '{name}' must be {key.expected}, not {shown(value, key)}")
+            continue
         out[name] = value
-    return out
+    return out, found
+
+
+def read_json(path: Path) -> tuple[Any, str | None]:
+    """(the parsed file, None), or (None, why it cannot be read or parsed); a missing file reads as {}."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return None, f"cannot read config file {path}: {exc.strerror or exc}"
+    try:
+        return json.loads(text), None
+    except ValueError as exc:
+        return None, f"{path}: not valid JSON ({exc}); fix or delete the file"
 
 
 def load(path: Path, keys: dict[str, Key]) -> dict:

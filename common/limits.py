@@ -1,8 +1,9 @@
 """Shared pieces for the limits that protect the relay and the clients from hostile load.
 
 Plain data structures with no I/O: the key one source address is counted under, a token
-bucket, and a logger that says a limit bit at most once per source per interval (so a flood
-cannot flood the log as well).
+bucket (and ``RateLimit``, its thread-safe form that bandwidth limits wait on), and a logger
+that says a limit bit at most once per source per interval (so a flood cannot flood the log
+as well).
 """
 
 from __future__ import annotations
@@ -50,6 +51,79 @@ class TokenBucket:
             self.tokens -= amount
             return True
         return False
+
+
+class RateLimit:
+    """``bytes_per_second`` on average with bursts of ``burst`` bytes, shared by many threads
+    (every session of a proxy, or of a client on the relay).
+
+    ``take(n)`` reserves ``n`` bytes and sleeps until they are covered: the balance may go into
+    debt, so a chunk larger than the burst still passes, and each taker waits its turn in the
+    order it reserved. That sleep is the backpressure: a pump that waits reads nothing, so its
+    sender's TCP window closes. ``try_take(n)`` is for UDP, which drops instead of waiting."""
+
+    def __init__(self, bytes_per_second: float, burst: float | None = None):
+        if bytes_per_second <= 0:
+            raise ValueError("a rate limit needs bytes_per_second > 0")
+        self.rate = float(bytes_per_second)
+        self.burst = float(burst) if burst else default_burst(self.rate)
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<RateLimit {self.rate:g} B/s burst {self.burst:g}>"
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def reserve(self, n: int) -> float:
+        """Spend ``n`` bytes now (into debt if need be); return the seconds to wait before using them."""
+        with self._lock:
+            self._refill(time.monotonic())
+            self._tokens -= n
+            return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+    def try_take(self, n: int) -> bool:
+        """Spend ``n`` bytes if they are there now; False (nothing spent) if not."""
+        with self._lock:
+            self._refill(time.monotonic())
+            if self._tokens >= n:
+                self._tokens -= n
+                return True
+            return False
+
+    def available(self, n: int) -> bool:
+        """Are ``n`` bytes there now (nothing spent)?"""
+        with self._lock:
+            self._refill(time.monotonic())
+            return self._tokens >= n
+
+    def take(self, n: int, interrupt: threading.Event | None = None) -> None:
+        take_all((self,), n, interrupt)
+
+
+def default_burst(rate: float) -> float:
+    """A tenth of a second's worth, at least 64 KiB: smooth enough to measure, big enough
+    that a pump still moves whole buffers."""
+    return max(64 * 1024.0, rate / 10)
+
+
+def take_all(limits, n: int, interrupt: threading.Event | None = None) -> None:
+    """Take ``n`` bytes from every limit in ``limits``; sleep the longest wait among them
+    (on ``interrupt``, so an abort wakes the sleeper at once)."""
+    wait = max((limit.reserve(n) for limit in limits), default=0.0)
+    if wait > 0:
+        if interrupt is not None:
+            interrupt.wait(wait)
+        else:
+            time.sleep(wait)
+
+
+def most_of(limits) -> int:
+    """The largest chunk a limited pump should read at once: the smallest burst among ``limits``."""
+    return int(min(limit.burst for limit in limits))
 
 
 class LimitLog:

@@ -2,7 +2,9 @@
 
 Used by the relay (data channel A <-> data channel B), by the gateway client (user <-> relay)
 and by the target client (relay <-> local service). Per chunk it does nothing but the copy
-and a byte count.
+and a byte count; a direction with bandwidth limits (``limits=(up, down)``, each a RateLimit
+or a sequence of them) also takes from its buckets before each write, and waiting there is
+what slows the sender: the pump reads no faster than allowed, so the sender's TCP window fills.
 
 How a session ends is passed on faithfully, because a cut transfer must never look finished:
 - a FIN (the far end really finished sending) becomes ``shutdown(SHUT_WR)`` on the other side,
@@ -20,6 +22,7 @@ import socket
 import threading
 import time
 
+from .limits import RateLimit, most_of, take_all
 from .net import arm_reset, close_quietly, disarm_reset, reset_connection, shutdown_quietly
 
 log = logging.getLogger("chuantou")
@@ -32,10 +35,12 @@ STUCK_WRITE = 1.0  # a write blocked this long (its reader stopped reading) is w
 class Pipe:
     """Two sockets joined until both directions have ended.
 
-    ``sent[0]`` counts bytes moved a -> b, ``sent[1]`` b -> a.
+    ``sent[0]`` counts bytes moved a -> b, ``sent[1]`` b -> a. ``limits[0]`` applies to
+    a -> b, ``limits[1]`` to b -> a.
     """
 
-    def __init__(self, a: socket.socket, b: socket.socket, on_done=None, bulk_buffer: int = BULK_BUFFER):
+    def __init__(self, a: socket.socket, b: socket.socket, on_done=None, bulk_buffer: int = BULK_BUFFER,
+                 limits: tuple = (None, None)):
         self.a = a
         self.b = b
         self.sent = [0, 0]
@@ -45,6 +50,7 @@ class Pipe:
         self._finished = [False, False]  # direction ended by a real FIN
         self._writing_since = [0.0, 0.0]  # when a direction entered sendall (0: not writing)
         self._done = [threading.Event(), threading.Event()]
+        self._limits = (_as_tuple(limits[0]), _as_tuple(limits[1]))
         arm_reset(a)
         arm_reset(b)
 
@@ -123,6 +129,9 @@ class Pipe:
         self._await_partner(index)
 
     def _copy(self, src: socket.socket, dst: socket.socket, index: int) -> None:
+        if self._limits[index]:
+            self._copy_limited(src, dst, index, self._limits[index])
+            return
         counts = self.sent
         writing = self._writing_since
         clock = time.monotonic
@@ -152,3 +161,32 @@ class Pipe:
             sendall(view[:n])
             writing[index] = 0.0
             counts[index] += n
+
+    def _copy_limited(self, src: socket.socket, dst: socket.socket, index: int, limits: tuple) -> None:
+        """``_copy`` with bandwidth limits: reads of at most one burst, each paid for before it is
+        written on. A read waiting here is no read at all, which is the backpressure."""
+        buf = bytearray(min(self._bulk_buffer, max(1024, most_of(limits))))  # never a wait longer than needed
+        view = memoryview(buf)
+        counts = self.sent
+        writing = self._writing_since
+        while True:
+            n = src.recv_into(buf)
+            if not n:
+                self._end_of_stream(dst, index)
+                return
+            take_all(limits, n, self._aborted)
+            if self._aborted.is_set():
+                return
+            writing[index] = time.monotonic()
+            dst.sendall(view[:n])
+            writing[index] = 0.0
+            counts[index] += n
+
+
+def _as_tuple(limit) -> tuple[RateLimit, ...]:
+    """A direction's limits as a tuple: None (no limit), one RateLimit, or several (None entries skipped)."""
+    if limit is None:
+        return ()
+    if isinstance(limit, RateLimit):
+        return (limit,)
+    return tuple(item for item in limit if item is not None)

@@ -195,6 +195,39 @@ def test_cross_origin_post_is_refused(relay, a_and_b):
                                {"Origin": f"http://localhost:{relay.port}", "Host": f"localhost:{relay.port}"})
     assert status == 200, reply
 
+    status, _, reply = request(relay.port, "POST", "/api/clients/B/disconnect", {"Origin": "http://[not-a-url"})
+    assert status == 403 and "cross-origin" in reply["error"]  # refused, not a bug in the handler
+
+
+@pytest.mark.timeout(30)
+def test_both_pages_answer_with_the_same_security_headers(relay, client_app):
+    """One place (common/pages.py) gives every answer of both pages its headers."""
+    page_headers = []
+    for port in (relay.port, client_app.admin.port):
+        for path in ("/", "/static/ui.js", "/api/nothing"):
+            status, response, _ = request(port, "GET", path)
+            assert response.getheader("Cache-Control") == "no-store", (port, path)
+            assert response.getheader("X-Content-Type-Options") == "nosniff", (port, path)
+        _, response, _ = request(port, "GET", "/")
+        page_headers.append([response.getheader(name) for name in
+                             ("Content-Security-Policy", "X-Frame-Options", "Referrer-Policy")])
+        _, _, reply = request(port, "GET", "/api/nothing")
+        assert reply == {"error": "no such endpoint: /api/nothing"}, port
+        _, _, reply = request(port, "PUT" if port == relay.port else "POST", "/api/status")
+        assert "not allowed" in (reply if isinstance(reply, str) else reply["error"]), port
+    assert page_headers[0] == page_headers[1] and None not in page_headers[0]
+
+
+@pytest.mark.timeout(30)
+def test_relay_answers_head_with_the_headers_only(relay):
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as sock:
+        sock.sendall(f"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 3" in head and body == b""
+
 
 @pytest.mark.timeout(30)
 def test_admin_page_is_off_without_an_admin_token():

@@ -261,11 +261,14 @@ def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_serv
     driver.find_element(By.ID, "local-port").send_keys(str(local_port))
     driver.find_element(By.ID, "target-port").send_keys(str(web_service))
     Select(driver.find_element(By.ID, "protocol")).select_by_value("tcp")
+    driver.find_element(By.ID, "bandwidth").send_keys("10MiB/s")
     driver.find_element(By.ID, "add-button").click()
     row_css = f'#proxies tr[data-key="{local_port}"]'
     row = wait(driver, lambda d: find(d, row_css), "the new proxy listed")
     assert "proxy created" in driver.find_element(By.ID, "form-message").text
     assert cell(row, 0) == f"localhost:{local_port}" and cell(row, 1) == f"B:{web_service}"
+    assert cell(row, 7).startswith("10.0 MiB/s")  # its bandwidth limit
+    assert client_app.settings["proxies"][-1]["bandwidth"] == 10 * 1024 * 1024
 
     # A connection held open shows as active, here and in the connections list.
     held = user_sockets(local_port)

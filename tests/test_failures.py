@@ -245,6 +245,29 @@ def test_relay_answers_plain_http_and_closes(server):
             assert head.split(b" ")[1] == status, (request[:30], head)
 
 
+
+def plain_http_status(port: int, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection; the status code of the relay's answer (it then closes)."""
+    with connect(port, timeout=5) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    return reply.split(b"\r\n", 1)[0].split(b" ")[1]
+
+
+def test_relay_refuses_heads_that_break_the_http_rules(server):
+    """The head is parsed by h11: a missing or doubled Host, a folded line, an unsupported transfer
+    coding and a head just over 16 KiB in one write are refused, not served."""
+    host = f"Host: 127.0.0.1:{server.port}\r\n".encode()
+    for request, status in ((b"GET / HTTP/1.1\r\n\r\n", b"400"),  # HTTP/1.1 requires Host
+                            (b"GET / HTTP/1.1\r\n" + host + b"Host: evil.example\r\n\r\n", b"400"),
+                            (b"GET / HTTP/1.1\r\n" + host + b"X-A:1\r\n\tfolded\r\nbad line\r\n\r\n", b"400"),
+                            (b"GET / HTTP/1.1\r\n" + host + b"Transfer-Encoding: gzip\r\n\r\n", b"501"),
+                            (b"GET / HTTP/1.1\r\n" + host + b"X-Pad: " + b"a" * 16500 + b"\r\n\r\n", b"431")):
+        assert plain_http_status(server.port, request) == status, request[:40]
+    assert plain_http_status(server.port, b"GET / HTTP/1.0\r\n\r\n") not in (b"400", b"431")  # 1.0: no Host needed
+
 # --- forged data channels ------------------------------------------------------------------------
 
 def join_status(server, join: JoinRequest) -> tuple[int, bytes]:

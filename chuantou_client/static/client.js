@@ -88,6 +88,12 @@
         { label: "Sent", cls: "num", value: (p) => bytes(p.bytesSent) },
         { label: "Received", cls: "num", value: (p) => bytes(p.bytesReceived) },
         { label: "Rate", cls: "num", value: (p) => rate(proxyRates.rate(String(p.localPort), p.bytesSent + p.bytesReceived)) },
+        {
+          label: "Limit", cls: "num",
+          value: (p) => p.bandwidth
+            ? [rate(p.bandwidth), el("span", { class: "sub" }, p.bandwidthDrops ? `${p.bandwidthDrops} UDP dropped` : "each way")]
+            : el("span", { class: "sub" }, "none"),
+        },
       ],
       actions: (p) => confirmButton("Delete", "Delete?", async () => {
         const { ok, data } = await api("DELETE", `/api/proxies/${p.localPort}`);
@@ -167,6 +173,7 @@
       "local-port": /local[ -]?port|already in use/i,
       "target-client": /target ?client|client id|not online/i,
       "target-port": /target ?port/i,
+      "bandwidth": /bandwidth/i,
     };
     for (const [id, pattern] of Object.entries(fields)) {
       document.getElementById(id).setAttribute("aria-invalid", message && pattern.test(message) ? "true" : "false");
@@ -182,6 +189,8 @@
       targetPort: document.getElementById("target-port").value.trim(),
       protocol: document.getElementById("protocol").value,
     };
+    const bandwidth = document.getElementById("bandwidth").value.trim();
+    if (bandwidth) body.bandwidth = bandwidth;
     button.disabled = true;
     say("Creating…", "ok");
     try {
@@ -192,6 +201,7 @@
           data.warning ? "error" : "ok");
         document.getElementById("local-port").value = "";
         document.getElementById("target-port").value = "";
+        document.getElementById("bandwidth").value = "";
       } else {
         markInvalid(data.error);
         say(data.error || "the proxy was not created", "error");

@@ -1,0 +1,177 @@
+"""A cross-node session beside a one-node session, in the same run: set-up latency ("new
+connection to first echoed byte") and one-stream throughput.
+
+    python bench/bench_cluster.py [--connects N] [--mib M]
+
+Starts a redis-server (no persistence, temporary directory), two relay nodes n1 and n2, an
+echo service, client A on n1, B1 on n1 and B2 on n2, each in its own process (one GIL each, as
+deployed); then measures A -> B1
+(one node) and A -> B2 (data node n2, control through Redis) alternately, so both see the same
+machine state. Needs redis-server and the redis package (pip install chuantou[cluster]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from chuantou_client import Client  # noqa: E402
+from chuantou_server import Server  # noqa: E402
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def echo_server(stop: threading.Event) -> int:
+    listener = socket.create_server((HOST, 0), backlog=256)
+    listener.settimeout(0.2)
+
+    def serve(conn):
+        with conn:
+            while data := conn.recv(1 << 20):
+                conn.sendall(data)
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=serve, args=(conn,), name="bench-echo", daemon=True).start()
+        listener.close()
+
+    threading.Thread(target=accept, name="bench-accept", daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def setup_time(port: int) -> float:
+    t0 = time.perf_counter()
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise RuntimeError("no echo")
+        return time.perf_counter() - t0
+
+
+def throughput(port: int, size: int) -> float:
+    chunk = os.urandom(1 << 20)
+    with socket.create_connection((HOST, port), timeout=30) as s:
+        got = [0]
+
+        def read():
+            while got[0] < size:
+                n = len(s.recv(1 << 20))
+                if not n:
+                    break
+                got[0] += n
+        reader = threading.Thread(target=read, name="bench-read", daemon=True)
+        t0 = time.perf_counter()
+        reader.start()
+        for _ in range(size // len(chunk)):
+            s.sendall(chunk)
+        reader.join(60)
+        return got[0] / (time.perf_counter() - t0) / (1 << 20)
+
+
+def run_node(url: str, node_id: str, ports, stop) -> None:
+    server = Server(host=HOST, port=0, cluster_url=url, node_id=node_id).start()
+    ports.put((node_id, server.port))
+    stop.wait()
+    server.stop()
+
+
+def run_client(relay_port: int, client_id: str, proxies: list, ports, stop) -> None:
+    client = Client(f"ws://{HOST}:{relay_port}", client_id).start()
+    for name, target, target_port in proxies:
+        ports.put((name, client.create_proxy(0, target, target_port, protocol="tcp").local_port))
+    ports.put((client_id, 0))
+    stop.wait()
+    client.stop()
+
+
+def run_echo(ports, stop) -> None:
+    ports.put(("echo", echo_server(stop)))
+    stop.wait()
+
+
+def main(argv=None) -> int:
+    import multiprocessing
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connects", type=int, default=300)
+    parser.add_argument("--mib", type=int, default=256)
+    args = parser.parse_args(argv)
+    redis_bin = shutil.which("redis-server")
+    if not redis_bin:
+        print("redis-server is not installed", file=sys.stderr)
+        return 2
+    tmp, rport = tempfile.mkdtemp(prefix="chuantou-bench-redis-"), free_port()
+    redis_proc = subprocess.Popen([redis_bin, "--port", str(rport), "--bind", HOST, "--dir", tmp, "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    mp = multiprocessing.get_context("fork")
+    stop, ports, procs = mp.Event(), mp.Queue(), []
+
+    def spawn(target, *targs, wait_for: tuple) -> dict:
+        proc = mp.Process(target=target, args=(*targs, ports, stop), daemon=True)
+        proc.start()
+        procs.append(proc)
+        got = {}
+        while not set(wait_for) <= set(got):
+            name, port = ports.get(timeout=30)
+            got[name] = port
+        return got
+
+    try:
+        time.sleep(0.3)  # redis-server's start (a benchmark, not a test)
+        url = f"redis://{HOST}:{rport}/0"
+        n1 = spawn(run_node, url, "n1", wait_for=("n1",))["n1"]
+        n2 = spawn(run_node, url, "n2", wait_for=("n2",))["n2"]
+        echo = spawn(run_echo, wait_for=("echo",))["echo"]
+        spawn(run_client, n1, "B1", [], wait_for=("B1",))
+        spawn(run_client, n2, "B2", [], wait_for=("B2",))
+        time.sleep(0.5)  # B2's registry key is written (a benchmark, not a test)
+        proxies = spawn(run_client, n1, "A", [("one node", "B1", echo), ("cross-node", "B2", echo)],
+                        wait_for=("one node", "cross-node", "A"))
+        local, cross = proxies["one node"], proxies["cross-node"]
+        print("each node, client and the echo service in its own process; redis-server on loopback")
+        times = {"one node": [], "cross-node": []}
+        for _ in range(20):  # warm-up
+            setup_time(local), setup_time(cross)
+        for _ in range(args.connects):
+            times["one node"].append(setup_time(local))
+            times["cross-node"].append(setup_time(cross))
+            time.sleep(0.002)  # let teardown finish before the next set-up
+        for name, port in (("one node", local), ("cross-node", cross)):
+            ms = sorted(t * 1000 for t in times[name])
+            print(f"{name:10s} set-up: median {statistics.median(ms):.3f} ms, p90 {ms[int(len(ms) * .9)]:.3f} ms; "
+                  f"one stream {throughput(port, args.mib << 20):.0f} MiB/s")
+        extra = statistics.median(times["cross-node"]) - statistics.median(times["one node"])
+        print(f"the cluster adds {extra * 1000:.3f} ms to the median set-up")
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(15)
+            if proc.is_alive():
+                proc.kill()
+        redis_proc.kill()
+        redis_proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
