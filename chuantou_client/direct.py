@@ -101,8 +101,12 @@ class Puncher:
         """Tell the relay where this flow's socket may be reached on its own network."""
         local = local_candidate(self.sock, relay)
         self.stop_pinging_at = time.monotonic() + self.deadline + (GRACE if self.side == "B" else 0.0)
-        control.send(p.PathCandidates(sessionId=self.session_id, candidates=[local] if local else [],
-                                      path="relay" if path == "relay" else "auto"))
+        try:
+            control.send(p.PathCandidates(sessionId=self.session_id, candidates=[local] if local else [],
+                                          path="relay" if path == "relay" else "auto"))
+        except ChuantouError as exc:  # the control channel is down: this flow takes the relay
+            log.debug("UDP session %s...: no direct path offered: %s", self.session_id[:8], exc)
+            self.answered.set()
 
     def peer_offered(self, msg: p.PeerCandidates) -> None:
         targets = []

@@ -208,7 +208,10 @@ class UdpFlow:
         if not direct.relay_knows:
             return
         if not direct.wants_to_try(peer):  # tell B, so that it stops waiting for us
-            proxy.client.control.send(p.PathCandidates(sessionId=session_id, candidates=[], path="relay"))
+            try:
+                proxy.client.control.send(p.PathCandidates(sessionId=session_id, candidates=[], path="relay"))
+            except ChuantouError:
+                pass  # B stops waiting after its deadline anyway
             return
         puncher = self.puncher = Puncher(self.sock, session_id, "A", direct.deadline)
         direct.begin(puncher)
