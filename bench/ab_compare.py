@@ -79,16 +79,20 @@ def main(argv=None) -> int:
         print(f"one-stream throughput, {args.size_mib} MiB, median of {args.repeat}, alternating")
         for direction, fn, key in (("upload", br.upload, "sink"), ("download", br.download, "source")):
             times = {label: [] for label in envs}
-            tcpu = {label: 0.0 for label in envs}
+            cpu_by_role = {label: {role: 0.0 for role in env["pids"]} for label, env in envs.items()}
             for _ in range(args.repeat):
                 for label, env in envs.items():
-                    c0 = br.cpu_seconds(pids[label])
+                    c0 = {role: br.cpu_seconds([pid]) for role, pid in env["pids"].items()}
                     times[label].append(fn(env["tunnel"][key], size))
-                    tcpu[label] += br.cpu_seconds(pids[label]) - c0
+                    for role, pid in env["pids"].items():
+                        cpu_by_role[label][role] += br.cpu_seconds([pid]) - c0[role]
+            gib = args.repeat * size / br.GIB
             for label in envs:
                 mbps = size / statistics.median(times[label]) / br.MB
-                per_gib = tcpu[label] / (args.repeat * size / br.GIB)
-                print(f"  {direction:8s} {label:7s} {mbps:6.0f} MB/s   relay CPU {per_gib:.2f} s/GiB")
+                per_role = {role: seconds / gib for role, seconds in cpu_by_role[label].items()}
+                roles = "  ".join(f"{role} {value:.2f}" for role, value in per_role.items())
+                print(f"  {direction:8s} {label:7s} {mbps:6.0f} MB/s   tunnel CPU {sum(per_role.values()):.2f} s/GiB"
+                      f" ({roles})")
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         procs.stop_all()

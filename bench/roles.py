@@ -2,6 +2,7 @@
 
     python bench/roles.py server
     python bench/roles.py client --server ws://127.0.0.1:PORT --id A [--proxy NAME:TARGET_ID:PORT:PROTO ...]
+                                 [--unsealed]
     python bench/roles.py service
 
 Each prints what the parent needs on stdout (``PORT n``, ``PROXY name port``, ``PORTS ...``)
@@ -177,7 +178,10 @@ def run_client(args) -> int:
     dump = _maybe_profile()
     trace = _maybe_trace(f"client{args.id}")
     from chuantou_client import Client
-    client = Client(args.server, client_id=args.id).start()
+    client = Client(args.server, client_id=args.id, allow_unsealed=args.unsealed)
+    if args.unsealed:  # as an older chuantou: registers no key, so no session of it is sealed
+        client.control.public_key = None
+    client.start()
     try:
         for spec in args.proxy or []:
             name, target, port, proto = spec.split(":")
@@ -350,6 +354,8 @@ def main(argv=None) -> int:
     c.add_argument("--server", required=True)
     c.add_argument("--id", required=True)
     c.add_argument("--proxy", action="append", help="NAME:TARGET_ID:TARGET_PORT:PROTO")
+    c.add_argument("--unsealed", action="store_true",
+                   help="register no key and allow unsealed sessions: the tunnel as it was before sealing")
     sub.add_parser("service")
     args = parser.parse_args(argv)
     return {"server": run_server, "client": run_client, "service": run_service}[args.role](args)

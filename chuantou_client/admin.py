@@ -287,7 +287,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             proxy = self.app.create_proxy(local_port, target, target_port, protocol, data.get("targetHost"),
                                           local_host=data.get("localHost"),
                                           target_fingerprint=data.get("targetFingerprint"),
-                                          bandwidth=data.get("bandwidth"))
+                                          bandwidth=data.get("bandwidth"),
+                                          allow_unsealed=data.get("allowUnsealed") is True)
         except PortInUseError as exc:
             raise ApiError(409, str(exc)) from None
         except ChuantouError as exc:

@@ -84,6 +84,8 @@ CONFIG_KEYS = {
     # the direct path for UDP flows (direct.py)
     "path": config.Key(str, "one of auto, relay, direct", "auto", lambda v: v in ("auto", "relay", "direct")),
     "directDeadline": config.Key((int, float), "a number of seconds > 0", 1.0, lambda v: v > 0),
+    # sessions with peers that cannot seal (older clients) run in the clear instead of being refused
+    "allowUnsealed": config.Key(bool, "true or false", False),
 }
 
 PROXY_KEYS = {
@@ -97,6 +99,7 @@ PROXY_KEYS = {
     "targetFingerprint": config.Key(str, "the target's key, SHA256:...", None, _valid_fingerprint),
     # bytes/s each way over all its connections (issue 16 item 3); "10MiB/s" is accepted from a hand edit
     "bandwidth": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
+    "allowUnsealed": config.Key(bool, "true or false", False),  # this proxy may reach a target that cannot seal
 }
 
 
@@ -175,7 +178,7 @@ class ClientApp:
         if overrides.get("directDeadline") is not None and not overrides["directDeadline"] > 0:
             raise config.ConfigError(f"--direct-deadline {overrides['directDeadline']:g} must be > 0 seconds")
         for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure",
-                    "allowFrom", "path", "directDeadline"):
+                    "allowFrom", "path", "directDeadline", "allowUnsealed"):
             if overrides.get(key) and overrides[key] != self.settings[key]:
                 self.settings[key] = overrides[key]
                 changed = True
@@ -202,7 +205,8 @@ class ClientApp:
                              identity=identity.load_or_create(identity_path(config_path)),
                              known_clients=KnownClients(known_clients_path(config_path)),
                              allow_from=self.settings["allowFrom"], path=self.settings["path"],
-                             direct_deadline=self.settings["directDeadline"])
+                             direct_deadline=self.settings["directDeadline"],
+                             allow_unsealed=self.settings["allowUnsealed"])
         if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
             self.save()
         self.admin = AdminServer(self, admin_host, self.admin_port,
@@ -238,6 +242,7 @@ class ClientApp:
                                              entry["protocol"], target_host=entry["targetHost"],
                                              target_fingerprint=entry["targetFingerprint"],
                                              bandwidth=entry["bandwidth"],
+                                             allow_unsealed=entry["allowUnsealed"],
                                              **_local_host_argument(entry["localHost"]))
         except ChuantouError as exc:
             self.failed_proxies[entry["localPort"]] = str(exc)
@@ -267,16 +272,19 @@ class ClientApp:
 
     def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both",
                      target_host: str | None = None, local_host: str | None = None,
-                     target_fingerprint: str | None = None, bandwidth: int | str | None = None):
+                     target_fingerprint: str | None = None, bandwidth: int | str | None = None,
+                     allow_unsealed: bool = False):
         if local_host is not None:
             local_host = parse_local_host(local_host)  # a clear error naming the value
         rate = parse_bandwidth(bandwidth or 0)  # a clear error naming the value; saved as bytes/s
         entry = config.validate(
             {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol,
              "targetHost": target_host, "localHost": local_host, "targetFingerprint": target_fingerprint,
-             "bandwidth": rate},
+             "bandwidth": rate, "allowUnsealed": bool(allow_unsealed)},
             PROXY_KEYS, "proxy",
         )
+        if not entry["allowUnsealed"]:
+            del entry["allowUnsealed"]  # the default: saved only when asked for
         for key in ("targetHost", "localHost", "targetFingerprint"):
             if entry[key] is None:
                 del entry[key]
@@ -285,6 +293,7 @@ class ClientApp:
         with self._lock:
             proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host,
                                              target_fingerprint=entry.get("targetFingerprint"), bandwidth=rate,
+                                             allow_unsealed=bool(allow_unsealed),
                                              **_local_host_argument(local_host))
             self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
             self.settings["proxies"].append(entry)

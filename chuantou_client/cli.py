@@ -101,6 +101,10 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                              "direct (saved; default auto; TCP always uses the relay)")
     parser.add_argument("--direct-deadline", type=float, default=default, metavar="SECONDS",
                         help="how long a new UDP flow waits for a direct path (saved; default 1)")
+    parser.add_argument("--allow-unsealed", action="store_true", dest="allow_unsealed", default=default,
+                        help="let sessions with peers that cannot seal (older chuantou clients, which register "
+                             "no key) run unsealed, readable and alterable by the relay, instead of refusing them "
+                             "(saved; per proxy: proxy create --allow-unsealed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--bandwidth", metavar="RATE",
                         help="limit each direction to RATE bytes/s over all the proxy's connections: 512KiB/s, "
                              "10MiB/s, 1GiB/s or a plain number (default: no limit; UDP over it is dropped)")
+    create.add_argument("--allow-unsealed", action="store_true",
+                        help="if the target cannot seal (an older chuantou), reach it unsealed, readable and "
+                             "alterable by the relay (default: refuse; saved with the proxy)")
     proxy_sub.add_parser("list", help="proxies with their connections and bytes",
                          epilog="example: python -m chuantou_client proxy list")
     delete = proxy_sub.add_parser("delete", help="close a proxy and forget it",
@@ -183,7 +190,8 @@ def make_app(args, path: Path | None = None) -> ClientApp:
                  "ca": os.path.abspath(args.ca) if getattr(args, "ca", None) else None, "tlsFingerprint": getattr(args, "tls_fingerprint", None),
                  "tlsInsecure": getattr(args, "tls_insecure", None), "logLevel": getattr(args, "log_level", None),
                  "allowFrom": getattr(args, "allow_from", None), "path": getattr(args, "path", None),
-                 "directDeadline": getattr(args, "direct_deadline", None)}
+                 "directDeadline": getattr(args, "direct_deadline", None),
+                 "allowUnsealed": getattr(args, "allow_unsealed", None)}
     service_files = files(args)
     return ClientApp(path, overrides, api_secret_path=apiauth.secret_path(service_files.state_dir, service_files.name))
 
@@ -370,6 +378,7 @@ def cmd_proxy(args) -> int:
             "targetPort": args.target_port, "protocol": args.protocol, "targetHost": args.target_host,
             "localHost": args.local_host, "targetFingerprint": args.target_fingerprint,
             "bandwidth": args.bandwidth,
+            "allowUnsealed": bool(args.allow_unsealed),
         })
         print(reply["message"])
         print(f"use it at: {reply['address']}")
@@ -383,19 +392,32 @@ def cmd_proxy(args) -> int:
             print("no proxies; create one with: python -m chuantou_client proxy create --local-port 9090 "
                   "--target-client ID --target-port 8080")
             return 0
-        rows = [("LOCAL", "TARGET", "PROTOCOL", "LIMIT", "ACTIVE", "SENT", "RECEIVED")]
+        rows = [("LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "SENT", "RECEIVED")]
         for x in proxies:
             rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]),
-                         f"{x['targetClientId']}:{x['targetPort']}", x["protocol"], format_bandwidth(x.get("bandwidth")),
-                         str(x["activeConnections"]), format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
+                         f"{x['targetClientId']}:{x['targetPort']}", x["protocol"], sealed_label(x),
+                         format_bandwidth(x.get("bandwidth")), str(x["activeConnections"]),
+                         format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if any(x.get("sealed") == "unsealed allowed" for x in proxies):
+            print("* sealed end to end, except with a target that cannot seal (an older chuantou): then unsealed, "
+                  "as --allow-unsealed allows")
         for x in proxies:
             if x.get("lastError"):
                 when = service.format_duration(time.time() - x["lastErrorAt"])
                 print(f"{listen_address(x.get('localHost') or DEFAULT_LOCAL_HOST, x['localPort'])}: last failure {when} ago: {x['lastError']}")
     return 0
+
+
+def sealed_label(proxy: dict) -> str:
+    """`proxy list`'s SEALED column: "yes" (end to end, always), or "yes*" when a target that
+    cannot seal is reached unsealed (--allow-unsealed); older clients' answers say nothing."""
+    sealed = proxy.get("sealed")
+    if sealed == "unsealed allowed":
+        return "yes*"  # explained under the table
+    return "yes" if sealed in (True, "sealed") else "?"
 
 
 def cmd_clients(args) -> int:

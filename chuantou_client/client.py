@@ -26,6 +26,8 @@ from .direct import DirectPaths, probe_nat
 from .export import ExportPolicy
 from .proxy import Proxy
 from .sealing import SealError, Sealing
+from .udpseal import KeyMailbox, SealStats
+from common.identity import decode_public_key
 from .selfguard import SelfGuard
 from .sessions import SessionBook, SessionRecord
 from .target import PendingConnects, serve_connect_request
@@ -99,6 +101,7 @@ class Client:
         allow_from=(),
         path: str = "auto",
         direct_deadline: float = 1.0,
+        allow_unsealed: bool = False,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -112,11 +115,14 @@ class Client:
         TCP sessions are sealed end to end (sealing.py) with ``identity`` (a common.identity
         Identity; default: a new one in memory), pinning peers' keys in ``known_clients`` (a
         KnownClients; default: in memory); ``allow_from``: the IDs and SHA256 fingerprints that
-        may reach this client (default: any peer that passes its pin).
+        may reach this client (default: any peer that passes its pin). UDP sessions are sealed too
+        (udpseal.py). ``allow_unsealed``: run sessions in the clear with peers that cannot seal
+        (registered without a key); refused by default.
 
         ``path``: whether new UDP flows try a direct path to the peer first ("auto": try, and fall
         back to the relay after ``direct_deadline`` seconds; "relay": never; "direct": try every
-        flow, and end it rather than relay it; see direct.py)."""
+        flow, and end it rather than relay it; see direct.py). Either path carries the same sealed
+        datagrams."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -134,6 +140,9 @@ class Client:
         self.pending_connects = PendingConnects(max_pending_connects)
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
         self.sealing = Sealing(identity or generate_identity(), known_clients, allow_from, timeout=request_timeout)
+        self.allow_unsealed = allow_unsealed  # sessions with peers that cannot seal (older clients) run in the clear
+        self.udp_keys = KeyMailbox()  # the peers' halves of sealed UDP sessions' key exchanges
+        self.udp_seal_stats = SealStats()  # datagrams ended UDP sessions dropped (running ones count their own)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
         self.direct = DirectPaths(path, direct_deadline)
         self.control = ControlChannel(
@@ -215,16 +224,19 @@ class Client:
 
     def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
                      protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None,
-                     target_fingerprint: str | None = None, bandwidth: int | str = 0) -> Proxy:
+                     target_fingerprint: str | None = None, bandwidth: int | str = 0,
+                     allow_unsealed: bool = False) -> Proxy:
         """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
         the target client (on ``target_host`` of its network, if that client allows it).
         Raises PortInUseError if the local port is taken. ``target_fingerprint`` pins the
         target's key (SHA256:...) before the first session. ``bandwidth`` (bytes/s, or text
-        such as "10MiB/s"; 0: none) limits each direction, over all the proxy's connections."""
+        such as "10MiB/s"; 0: none) limits each direction, over all the proxy's connections;
+        ``allow_unsealed`` lets this proxy reach a target that cannot seal (an older chuantou)
+        in the clear."""
         if self._stopped:
             raise ChuantouError("this client is stopped; create a new Client")
         proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host,
-                      target_fingerprint, bandwidth).open()
+                      target_fingerprint, bandwidth, allow_unsealed).open()
         with self._lock:
             self._proxies.append(proxy)
         return proxy
@@ -285,6 +297,12 @@ class Client:
     def seal_as_a(self, sock, proxy, reply):
         """Seal a joined session of ``proxy`` (sealing.py). When B hung up on the handshake, B's
         reason (it refused our key, say) follows through the relay: wait a moment for it."""
+        refusal = self.sealing.unsealed_refusal(proxy.target_client_id, reply.peerPublicKey,
+                                                proxy.allow_unsealed or self.allow_unsealed)
+        if refusal is not None:
+            raise SealError(refusal, refused_here=True)
+        if ident_absent(reply.peerPublicKey):
+            return sock  # an older target, allowed: in the clear
         try:
             return self.sealing.seal_a(sock, proxy.target_client_id, proxy.target_fingerprint, reply.sessionId,
                                        reply.peerPublicKey)
@@ -293,6 +311,37 @@ class Client:
                 raise
             reason = self.sessions.wait_close_reason(reply.sessionId, timeout=2.0)
             raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
+
+    def seal_udp(self, role: str, session_id: str, peer: str, hint: str | None, *, pinned: str | None = None,
+                 allow_unsealed: bool = False, meanwhile=None):
+        """The keys of a UDP session (udpseal.py), or None for an unsealed one that is allowed
+        (the peer cannot seal and --allow-unsealed says so). ``meanwhile()`` always runs once."""
+        refusal = self.sealing.unsealed_refusal(peer, hint, allow_unsealed or self.allow_unsealed)
+        if refusal is not None:
+            raise SealError(refusal, "the target client requires sealed sessions", refused_here=True)
+        if ident_absent(hint):
+            if meanwhile is not None:
+                meanwhile()
+            return None
+        try:
+            return self.sealing.seal_udp(self.control.send, self.udp_keys, session_id, role, peer, pinned, hint,
+                                         meanwhile=meanwhile)
+        except SealError as exc:
+            if exc.refused_here:
+                raise
+            reason = self.sessions.wait_close_reason(session_id, timeout=0.5)
+            raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
+
+    def seal_counts(self) -> dict:
+        """Datagrams sealed UDP sessions dropped (rejected: forged or altered; replayed; tooBig)
+        and passed, over ended and running sessions."""
+        total = SealStats()
+        total.add(self.udp_seal_stats)
+        for record in self.sessions.records():
+            seal = getattr(record.handle, "seal", None)
+            if seal is not None:
+                total.add(seal.stats)
+        return total.as_dict()
 
     def _settle_sessions(self, why: str) -> None:
         """The control channel ended: the relay closes every session of ours when it drops us, and
@@ -346,6 +395,8 @@ class Client:
                 self.threads.spawn(f"target-{msg.sessionId[:8]}", serve_connect_request, self, msg)
             except RuntimeError:
                 log.warning("cannot start a thread for a session from %s", msg.fromClientId)
+        elif isinstance(msg, p.SessionKeys):
+            self.udp_keys.post(msg)
         elif isinstance(msg, p.SessionClosed):
             self._session_closed(msg)
         elif isinstance(msg, p.PeerCandidates):
@@ -364,6 +415,12 @@ class Client:
             log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)
             if owner is not None:
                 owner.record_failure(msg.reason)
+        self.udp_keys.cancel(msg.sessionId)  # wakes a UDP flow waiting for the peer's keys
         if handle is not None:
             handle.abort()
 
+
+
+def ident_absent(hint: str | None) -> bool:
+    """The relay says the peer registered no key: it cannot seal."""
+    return decode_public_key(hint) is None

@@ -37,13 +37,15 @@ class Proxy:
 
     def __init__(self, client, local_port: int, target_client_id: str, target_port: int,
                  protocol: str = "both", local_host: str = DEFAULT_LOCAL_HOST, target_host: str | None = None,
-                 target_fingerprint: str | None = None, bandwidth: int | str = 0):
+                 target_fingerprint: str | None = None, bandwidth: int | str = 0,
+                 allow_unsealed: bool = False):
         _check_proxy_args(local_port, target_client_id, target_port, protocol)
         if target_host is not None and not p.HOST_PATTERN.match(target_host):
             raise ChuantouError(f"target host {target_host!r} is not a host name or IP address")
         self.target_host = target_host
         # the target's key, pinned before the first session (else known_clients decides)
         self.target_fingerprint = check_fingerprint(target_fingerprint) if target_fingerprint else None
+        self.allow_unsealed = allow_unsealed  # with a target that cannot seal: run its sessions in the clear
         self.client = client
         self.local_port = local_port
         self.local_host = parse_local_host(local_host)
@@ -166,7 +168,9 @@ class Proxy:
             "bandwidth": self.bandwidth,
             "bandwidthDrops": self.bandwidth_drops,
             "targetFingerprint": self.target_fingerprint,
-            "sealed": True,  # TCP sessions are always sealed (UDP: not yet)
+            # sessions are sealed end to end unless the target cannot seal and unsealed ones are allowed
+            "sealed": self.sealed_state(),
+            "allowUnsealed": self.allow_unsealed,
             "activeConnections": self.active_connections,
             "totalConnections": self.connections_total,
             "bytesSent": self.bytes_sent,
@@ -174,6 +178,10 @@ class Proxy:
             "lastError": self.last_error,
             "lastErrorAt": self.last_error_at,
         }
+
+    def sealed_state(self) -> str:
+        """"sealed", or "unsealed allowed" when a target that cannot seal may be reached in the clear."""
+        return "unsealed allowed" if self.allow_unsealed or self.client.allow_unsealed else "sealed"
 
     def record_failure(self, reason: str) -> None:
         """Remember why the latest connection through this proxy failed, for `proxy list` and the page."""
@@ -213,7 +221,9 @@ class Proxy:
         with self.client.sessions.track(reply.sessionId, "A", **self.session_facts("tcp")) as record:
             try:
                 relay = self.client.join_session(record, reply)
-                relay = self.client.seal_as_a(relay, self, reply)
+                sealed = self.client.seal_as_a(relay, self, reply)
+                record.sealed = sealed is not relay
+                relay = sealed
             except ChuantouError as exc:
                 self._connection_failed(user, addr, exc)
                 return

@@ -36,7 +36,7 @@ from common.errors import ChuantouError
 from common.net import recv_exact, reset_connection
 from common.tls import TlsStream, TlsTruncated
 
-from .known_clients import AllowFrom, KeyRefused, KnownClients
+from .known_clients import AllowFrom, KeyRefused, KnownClients, forget_key_command
 
 log = logging.getLogger("chuantou.client")
 
@@ -282,6 +282,55 @@ class Sealing:
         return seal_as_b(sock, self.identity, None, deadline, contexts=self._server_contexts, verify=verify,
                          on_failure=on_failure, on_proven=lambda proven: self._accept(peer, proven, hint),
                          label=f"sealed session {session_id[:8]}... from {peer}")
+
+    def seal_udp(self, send, mailbox, session_id: str, role: str, peer: str, pinned: str | None = None,
+                 hint: str | None = None, meanwhile=None):
+        """The keys of UDP session ``session_id`` with ``peer`` (udpseal.py): our session_keys goes
+        out by ``send``, the peer's comes from ``mailbox``; its key is held to the pin (and, on B,
+        to --allow-from) as in a TCP session. ``meanwhile()`` runs while the peer's half travels
+        (the UDP registration: the two round trips overlap). Raises SealError."""
+        from .udpseal import SealedUdp, SealStats, UdpHandshake  # udpseal imports this module
+
+        def verify(proven: str) -> None:
+            self.known.verify(peer, proven, pinned)
+            refusal = self.allow_from.refusal(peer, proven) if role == "B" else None
+            if refusal is not None:
+                raise SealError(refusal, "the target client does not accept sessions from this client",
+                                refused_here=True)
+
+        handshake = UdpHandshake(self.identity, session_id, role)
+        send(handshake.offer())
+        if meanwhile is not None:
+            meanwhile()
+        answer = mailbox.wait(session_id, self.timeout)
+        if answer is None:
+            raise SealError(f"no session_keys from {peer} within {self.timeout:g} s (the session ended, or the "
+                            f"peer does not seal UDP)")
+        stats = SealStats()
+        direction = "to" if role == "A" else "from"
+        label = f"sealed UDP session {session_id[:8]}... {direction} {peer}"
+        proven, sealer, opener = handshake.finish(answer, verify, stats, label)
+        self._accept(peer, proven, hint)
+        return SealedUdp(proven, sealer, opener, stats)
+
+    def unsealed_refusal(self, peer: str, hint: str | None, allow_unsealed: bool) -> str | None:
+        """Why a session with ``peer`` may not run unsealed, or None. A peer seals when it
+        registered a key (``hint``, from the relay); one without (an older chuantou) is refused
+        unless --allow-unsealed, and even then not if its key is pinned here: a peer that
+        sealed before and now "cannot" is what a relay stripping the key would look like."""
+        if ident.decode_public_key(hint) is not None:
+            return None
+        if not allow_unsealed:
+            return (f"client '{peer}' does not support sealed sessions (it registered without a key: an older "
+                    f"chuantou?), and an unsealed session is one the relay can read and alter; refusing. Upgrade "
+                    f"it, or accept unsealed sessions with --allow-unsealed (for this client, or per proxy: "
+                    f"proxy create ... --allow-unsealed)")
+        pinned = self.known.get(peer)
+        if pinned is not None:
+            return (f"the relay says client '{peer}' does not support sealed sessions, but its key {pinned} is "
+                    f"pinned here from an earlier sealed session; refusing to drop to an unsealed session (if it "
+                    f"really runs an older chuantou now: {forget_key_command(peer)})")
+        return None
 
     def early_refusal(self, peer: str | None, hint: str | None) -> str | None:
         """Refuse before any work (connecting to the service) a peer that --allow-from cannot

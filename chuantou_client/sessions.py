@@ -38,6 +38,7 @@ class SessionRecord:
     started_at: float = field(default_factory=time.time)
     handle: Any = None  # Pipe / UDP flow, attached once the data path is up
     reason: str | None = None  # why the relay closed it, once it did
+    sealed: bool = True  # end to end (sealing.py, udpseal.py); False: a peer that cannot seal, allowed
 
     @property
     def byte_counts(self) -> tuple[int, int] | None:
@@ -52,7 +53,7 @@ class SessionRecord:
         """What the admin page and ``connections()`` show of this session."""
         info: dict = {"id": self.id, "shortId": self.id[:8], "side": self.side, "peer": self.peer,
                       "port": self.port, "protocol": self.protocol, "startedAt": self.started_at,
-                      "sealed": self.protocol == "tcp"}  # TCP sessions are sealed (sealing.py); UDP: not yet
+                      "sealed": self.sealed}
         # UDP flows may go direct (direct.py); TCP sessions always cross the relay (for now)
         info["path"] = getattr(self.handle, "path", "relay") if self.protocol == "udp" else "relay"
         if self.side == "A":

@@ -38,6 +38,7 @@ def given_options(args) -> dict:
         "--allow-from": sorted(parse_allow_from(get("allow_from"))) if get("allow_from") else None,
         "--path": get("path"),
         "--direct-deadline": float(get("direct_deadline")) if get("direct_deadline") is not None else None,
+        "--allow-unsealed": True if get("allow_unsealed") else None,
     }
     return {flag: value for flag, value in given.items() if value is not None}
 
@@ -59,6 +60,7 @@ def running_options(app, log_level: str, token: str | None) -> dict:
         "--allow-from": sorted(settings["allowFrom"]),
         "--path": settings["path"],
         "--direct-deadline": float(settings["directDeadline"]),
+        "--allow-unsealed": bool(settings["allowUnsealed"]),
     }
 
 

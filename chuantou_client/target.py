@@ -12,6 +12,7 @@ import socket
 import threading
 
 from common import protocol as p
+from common.identity import decode_public_key
 from common.errors import ChuantouError
 from common.limits import LimitLog
 from common.net import reset_connection, tune_tcp
@@ -106,7 +107,8 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
     if msg.protocol == "udp":
         slot.release()  # nothing slow to set up: no connection to the service
         flow = UdpTarget(client, msg, service)
-        with client.sessions.track(msg.sessionId, "B", handle=flow, **_session_facts(msg)):
+        with client.sessions.track(msg.sessionId, "B", handle=flow, **_session_facts(msg)) as record:
+            flow.record = record
             flow.run()
         return
     candidates = _checked_addresses(client, msg, service)
@@ -114,9 +116,16 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
         return
     with client.sessions.track(msg.sessionId, "B", **_session_facts(msg)) as record:
         try:
+            refusal = client.sealing.unsealed_refusal(msg.fromClientId, msg.peerPublicKey, client.allow_unsealed)
+            if refusal is not None:
+                log.warning("session from %s refused: %s", msg.fromClientId, refusal)
+                _reject(client, msg, "the target client requires sealed sessions")
+                return
             relay = client.join_session(record, msg)
-            relay = client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
-                                          on_failure=lambda error: _reject(client, msg, error.peer_reason))
+            record.sealed = decode_public_key(msg.peerPublicKey) is not None
+            if record.sealed:  # else an older requester, allowed: in the clear
+                relay = client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
+                                              on_failure=lambda error: _reject(client, msg, error.peer_reason))
         except ChuantouError as exc:
             log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
             return

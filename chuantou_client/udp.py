@@ -4,6 +4,11 @@ Gateway (A): one socket on the proxy's port; each user address (ip, port) become
 with its own relay session and its own socket towards the relay. Target (B): per session
 one socket that talks to both the relay and the local service, told apart by source
 address. Idle flows end after ``udp_idle_timeout`` on each side.
+
+Every session is sealed (udpseal.py): both sides exchange keys over the control channel while
+their sockets register with the relay, and only then pass datagrams, each sealed on the way in
+and opened (or dropped and counted) on the way out. With a peer that cannot seal, allowed by
+--allow-unsealed, datagrams pass as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from common.net import close_quietly, enlarge_udp_buffers, udp_socket_for
 
 from .datachannel import register_udp, resolve_udp
 from .direct import POLL, Puncher
+from .sealing import SealError
 from .udpjoin import PAYLOAD
 
 log = logging.getLogger("chuantou.client")
@@ -121,6 +127,8 @@ class UdpFlow:
         self.dest: tuple | None = None  # where payload goes: the relay, or the peer on a direct path
         self.puncher: Puncher | None = None
         self.ready = False
+        self.session_id: str | None = None
+        self.seal = None  # the session's udpseal.SealedUdp, or None while setting up / when unsealed
         self.last_active = time.monotonic()
         self._early: list[bytes] = []
         self._lock = threading.Lock()
@@ -129,20 +137,27 @@ class UdpFlow:
     def send(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         if self.ready:
-            assert self.sock is not None and self.dest is not None  # _serve sets both before ready
-            try:
-                self.sock.sendto(data, self.dest)
-            except OSError:
-                pass
+            self._send_now(data)
             return
         with self._lock:
             if self.ready:
-                self.sock.sendto(data, self.dest)
+                self._send_now(data)
             elif len(self._early) < EARLY_QUEUE:
                 self._early.append(data)
 
+    def _send_now(self, data: bytes) -> None:
+        """Seal and send to the relay or, on a direct path, to the peer (the same datagrams either way)."""
+        assert self.sock is not None and self.dest is not None  # _serve sets both before ready
+        for datagram in self.seal.seal(data) if self.seal is not None else (data,):
+            try:
+                self.sock.sendto(datagram, self.dest)
+            except OSError:
+                pass
+
     def close(self) -> None:
         self._closed.set()
+        if self.session_id is not None:
+            self.gateway.proxy.client.udp_keys.cancel(self.session_id)
         close_quietly(self.sock)
 
     def run(self) -> None:
@@ -155,9 +170,9 @@ class UdpFlow:
                 proxy.connect_request("udp"),
                 timeout=client.request_timeout,
             )
-            session_id = reply.sessionId
-            with client.sessions.track(session_id, "A", handle=self, **proxy.session_facts("udp")):
-                self._serve(reply)
+            session_id = self.session_id = reply.sessionId
+            with client.sessions.track(session_id, "A", handle=self, **proxy.session_facts("udp")) as record:
+                self._serve(reply, record)
         except SessionGone as exc:
             log.info("proxy %s: UDP flow from %s:%s ended: %s", proxy.description, self.user[0], self.user[1], exc)
         except (ChuantouError, OSError) as exc:
@@ -170,24 +185,34 @@ class UdpFlow:
         finally:
             self.close()
             self.gateway._forget(self)
+            if self.seal is not None:
+                client.udp_seal_stats.add(self.seal.stats)
             if session_id:
                 client.end_session(session_id, end)
 
-    def _serve(self, reply) -> None:
+    def _serve(self, reply, record) -> None:
         """Register with the relay, send what came early, then relay replies until idle."""
         family, self.relay = resolve_udp(reply.relayAddr)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         enlarge_udp_buffers(self.sock)
         if self._closed.is_set():
             return
-        registrar = register_udp(self.sock, self.relay, reply.sessionId, reply.secret, "A")
-        direct = self.gateway.proxy.client.direct
+        proxy = self.gateway.proxy
+        direct = proxy.client.direct
+        registered = []
+        self.seal = proxy.client.seal_udp(
+            "A", reply.sessionId, proxy.target_client_id, reply.peerPublicKey, pinned=proxy.target_fingerprint,
+            allow_unsealed=proxy.allow_unsealed,
+            meanwhile=lambda: registered.append(register_udp(self.sock, self.relay, reply.sessionId,
+                                                             reply.secret, "A")))
+        registrar = registered[0]
+        record.sealed = self.seal is not None
         try:
             self._try_direct(registrar, reply.sessionId)
             with self._lock:
                 self.dest = self.puncher.direct if self.puncher and self.puncher.direct else self.relay
                 for data in self._early:  # held until the path was chosen, so none crosses the relay needlessly
-                    self.sock.sendto(data, self.dest)
+                    self._send_now(data)
                 self._early.clear()
                 self.ready = True
             self._pump_replies(registrar, self.gateway.proxy.client.udp_idle_timeout)
@@ -242,18 +267,24 @@ class UdpFlow:
             raise NoDirectPath(f"no direct path to {peer} within {direct.deadline:g} s (--path direct)")
 
     def _receive(self, registrar, data: bytes, src: tuple) -> None:
-        """One datagram on the flow's socket: the relay's, a punch packet, or the peer's payload."""
+        """One datagram on the flow's socket: the relay's, a punch packet, or the peer's payload
+        (sealed the same whichever way it came)."""
         puncher = self.puncher
         if src == self.relay:
             answer = registrar.handle(data, src)
             if answer == PAYLOAD:
-                self.last_active = time.monotonic()
-                self.gateway.reply(data, self.user)
+                self._deliver(data)
             else:
                 _check_still_known(answer)
         elif puncher is not None and not puncher.handle(data, src) and puncher.is_peer(src):
-            self.last_active = time.monotonic()
-            self.gateway.reply(data, self.user)
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        """Payload from B (through the relay or direct): opened, then passed to the user."""
+        if self.seal is not None and (data := self.seal.open(data)) is None:
+            return  # forged, altered or replayed: dropped and counted
+        self.last_active = time.monotonic()
+        self.gateway.reply(data, self.user)
 
     def _pump_replies(self, registrar, idle_timeout: float) -> None:
         assert self.sock is not None  # _serve made it
@@ -293,6 +324,8 @@ class UdpTarget:
         self.service = service
         self.sock: socket.socket | None = None
         self.puncher: Puncher | None = None
+        self.seal = None  # the session's udpseal.SealedUdp (None: unsealed, allowed)
+        self.record = None  # its SessionRecord, given by the caller
         self._closed = threading.Event()
         self._service_failed = False
 
@@ -302,6 +335,7 @@ class UdpTarget:
 
     def abort(self) -> None:
         self._closed.set()
+        self.client.udp_keys.cancel(self.msg.sessionId)
         close_quietly(self.sock)
 
     def run(self) -> None:
@@ -323,10 +357,21 @@ class UdpTarget:
         try:
             self.sock, (relay, service) = udp_socket_for(relay_family, relay, service_family, service)
             enlarge_udp_buffers(self.sock)
-            registrar = register_udp(self.sock, relay, msg.sessionId, msg.secret, "B")
+            registered = []
+            try:
+                self.seal = self.client.seal_udp(
+                    "B", msg.sessionId, msg.fromClientId, msg.peerPublicKey,
+                    meanwhile=lambda: registered.append(register_udp(self.sock, relay, msg.sessionId, msg.secret, "B")))
+            except SealError as exc:
+                if not self._closed.is_set():
+                    log.warning("UDP session %s... from %s refused: %s", msg.sessionId[:8], msg.fromClientId, exc)
+                    self._reject(exc.peer_reason)
+                return
+            if self.record is not None:
+                self.record.sealed = self.seal is not None
             self.client.control.send(p.AcceptSession(sessionId=msg.sessionId))
             self._offer_direct(relay)
-            self._pump(registrar, relay, service, self.client.udp_idle_timeout)
+            self._pump(registered[0], relay, service, self.client.udp_idle_timeout)
         except SessionGone as exc:
             log.info("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         except (ChuantouError, OSError) as exc:
@@ -339,6 +384,8 @@ class UdpTarget:
             if self.puncher is not None:
                 self.client.direct.end(self.puncher)
             self.abort()
+            if self.seal is not None:
+                self.client.udp_seal_stats.add(self.seal.stats)
             self.client.end_session(msg.sessionId, end)
 
     def _offer_direct(self, relay: tuple) -> None:
@@ -392,13 +439,18 @@ class UdpTarget:
                 if answer != PAYLOAD:
                     _check_still_known(answer)
                     continue
+                if self.seal is not None and (data := self.seal.open(data)) is None:
+                    continue  # forged, altered or replayed: dropped and counted
                 last_active = time.monotonic()
                 self._send(data, service, to_service=True)
             elif src == service:
                 last_active = time.monotonic()
                 direct = puncher.direct if puncher is not None else None
-                self._send(data, direct or relay, to_service=False)
+                for datagram in self.seal.seal(data) if self.seal is not None else (data,):
+                    self._send(datagram, direct or relay, to_service=False)
             elif puncher is not None and not puncher.handle(data, src) and puncher.is_peer(src):
+                if self.seal is not None and (data := self.seal.open(data)) is None:
+                    continue  # forged, altered or replayed: dropped and counted, and proves no path
                 puncher.peer_payload(src)  # A sends straight to us: it had our pong, the way back works
                 last_active = time.monotonic()
                 self._send(data, service, to_service=True)

@@ -318,6 +318,10 @@ def clients(server: Server) -> Response:
     return pages.json_response(200, {"clients": out})
 
 
+SEALED_LABEL = "sealed (end to end)"
+UNSEALED_LABEL = "not sealed"
+
+
 def sessions(server: Server) -> Response:
     out = []
     for s in sorted(server.sessions.all(), key=lambda s: s.created_at):
@@ -331,6 +335,8 @@ def sessions(server: Server) -> Response:
             "protocol": s.protocol,
             "startedAt": s.created_at,
             "state": "relaying" if s.joined else "joining",
+            "sealed": s.sealed,  # both sides registered keys: sealed end to end, unreadable here
+            "sealing": SEALED_LABEL if s.sealed else UNSEALED_LABEL,
             "bytesAToB": s.bytes_a_to_b,
             "bytesBToA": s.bytes_b_to_a,
             "rateAToB": rate_ab,

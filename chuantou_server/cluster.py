@@ -210,7 +210,7 @@ class Cluster:
             data_node, heard = self.store.publish_to_holder(msg.toClientId, {
                 "type": "connect", "ticket": ticket, "origin": self.node_id, "fromClientId": conn.client_id,
                 "toClientId": msg.toClientId, "remotePort": msg.remotePort, "remoteHost": msg.remoteHost,
-                "protocol": msg.protocol, "localPort": msg.localPort})
+                "protocol": msg.protocol, "localPort": msg.localPort, "publicKey": conn.public_key})
         except StoreUnreachable as exc:
             self._take_ticket(ticket)
             self._mark(False, str(exc))
@@ -242,7 +242,7 @@ class Cluster:
             sessionId=session_id, peerClientId=waiting.to_client, secret=message["secret"],
             service=p.Service(port=message["remotePort"], protocol=message["protocol"]),
             relayAddr=p.RelayAddr(host=message["host"], port=message["port"], protocol=message["protocol"]),
-            requestId=waiting.request_id))
+            requestId=waiting.request_id, peerPublicKey=message.get("publicKey")))
         if not told:
             self._end_remote(session_id, conn.client_id, "requesting client went offline", data_node)
 
@@ -312,19 +312,62 @@ class Cluster:
         if refused is not None:
             return answer({"type": "refused", "code": "limit", "message": refused})
         session = server.sessions.create(from_client, to_client, message["remotePort"], protocol)
+        session.sealed = message.get("publicKey") is not None and target.public_key is not None
         with self._lock:
             self._inbound[session.id] = (origin, from_client)
         # A's answer first, so A and B start at once; should B be gone, "closed" follows it on
         # the same channel, in order.
         host, port = parse_advertise(self.advertise)
         answer({"type": "created", "node": self.node_id, "sessionId": session.id, "secret": session.secret_a, "host": host,
-                "port": port, "remotePort": message["remotePort"], "protocol": protocol})
+                "port": port, "remotePort": message["remotePort"], "protocol": protocol,
+                "publicKey": target.public_key})
         told = target.send(p.ConnectOffer(
             toClientId=to_client, remotePort=message["remotePort"], remoteHost=message.get("remoteHost"),
             protocol=protocol, localPort=message.get("localPort"), fromClientId=from_client,
-            sessionId=session.id, secret=session.secret_b, relayAddr=server.relay_addr(target, protocol)))
+            sessionId=session.id, secret=session.secret_b, relayAddr=server.relay_addr(target, protocol),
+            peerPublicKey=message.get("publicKey")))
         if not told:
             server.close_session(session, f"client '{to_client}' went offline")
+
+    # --- sealed UDP: each side's signed key half reaches the other across nodes -----------------
+
+    def forward_keys(self, conn: ControlConnection, msg: p.SessionKeys) -> bool:
+        """A's half, for a session pumped on another node: to that node (True), if it is A's."""
+        with self._lock:
+            entry = self._outbound.get(msg.sessionId)
+        if entry is None or entry[1] != conn.client_id:
+            return False
+        self._publish_keys(entry[0], msg, to=None)
+        return True
+
+    def keys_to_origin(self, session_id: str, msg: p.SessionKeys) -> bool:
+        """B's half, for a session whose A is on another node: to A's node (True), if so."""
+        with self._lock:
+            entry = self._inbound.get(session_id)
+        if entry is None:
+            return False
+        self._publish_keys(entry[0], msg, to=entry[1])
+        return True
+
+    def _publish_keys(self, node: str, msg: p.SessionKeys, to: str | None) -> None:
+        try:
+            self.store.publish(node, {"type": "keys", "to": to, "frame": p.encode(msg)})
+        except StoreUnreachable as exc:
+            self._mark(False, str(exc))  # the flow times out waiting for the keys, with that reason
+
+    def _on_keys(self, message: dict) -> None:
+        msg = p.decode(message["frame"], sender="client")
+        if not isinstance(msg, p.SessionKeys):
+            return
+        to = message.get("to")
+        if to is None:  # A's half, here on the data node: for the session's B
+            session = self.server.sessions.get(msg.sessionId)
+            to = session.client_b if session is not None else None
+        elif self._outbound.get(msg.sessionId, (None, None))[1] != to:
+            return  # not a session of ours for that client
+        conn = self.server.registry.get(to) if to else None
+        if conn is not None:
+            conn.send(msg)
 
     def _on_end(self, message: dict) -> None:
         """The origin's client ended a session pumped here."""
@@ -370,7 +413,7 @@ class Cluster:
     def _bus_loop(self) -> None:
         stopping, pubsub, backoff = self.server.stopping, None, 0.1
         handlers = {"connect": self._on_connect, "created": self._on_created, "refused": self._on_refused,
-                    "closed": self._on_closed, "end": self._on_end}
+                    "closed": self._on_closed, "end": self._on_end, "keys": self._on_keys}
         try:
             while not stopping.is_set():
                 try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from common.frames import FrameError, JoinStatus, unpack_data_header
 from common.net import arm_reset, close_quietly, keep_alive
 from common.pipe import Pipe
+from common.splicepipe import SplicePipe, can_splice
 
 if TYPE_CHECKING:
     from .server import Server
@@ -59,11 +60,20 @@ def serve_data_channel(server: Server, sock: socket.socket, header: bytes) -> No
 
 def run_relay(server: Server, session: Session) -> None:
     assert session.sock_a is not None and session.sock_b is not None  # run once both halves joined
-    pipe = Pipe(session.sock_a, session.sock_b,
-                on_done=lambda _pipe: server.close_session(session, "ended", notify=False),
-                limits=server.bandwidth.pipe_limits(session))  # the relay's own limits, whatever a client says
+    pipe = make_pipe(session.sock_a, session.sock_b,
+                     on_done=lambda _pipe: server.close_session(session, "ended", notify=False),
+                     limits=server.bandwidth.pipe_limits(session))  # the relay's own limits, whatever a client says
     session.pipe = pipe
     if session.closed:  # closed while we were setting up
         pipe.abort()
     log.debug("session %s relaying %s -> %s:%d", session.id[:8], session.client_a, session.client_b, session.port)
     pipe.run(server.threads, f"relay-{session.id[:8]}")
+
+
+def make_pipe(a: socket.socket, b: socket.socket, on_done, limits=((), ())) -> Pipe:
+    """Two plain TCP data channels are spliced through kernel pipes (the relay's bytes never enter
+    Python); a TLS data channel has to be decrypted here, so it takes the plain pump, and so does a
+    session under a bandwidth limit, which meters each chunk in Python."""
+    if can_splice(a, b) and not any(limits):
+        return SplicePipe(a, b, on_done=on_done)
+    return Pipe(a, b, on_done=on_done, limits=limits)

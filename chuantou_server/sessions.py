@@ -43,6 +43,9 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     bytes_seen: int = 0  # TCP: bytes moved when the idle check last looked
     closed: bool = False
+    # both sides registered a key, so they seal it end to end (the relay cannot check that they do:
+    # it sees ciphertext either way; it knows only that both can)
+    sealed: bool = False
     join_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # see SessionTable.join_tcp
     # the direct path (UDP): each side's offer (candidates, path) once it sent path_candidates
     candidates: list = field(default_factory=lambda: [None, None], repr=False)

@@ -208,6 +208,7 @@ class ControlConnection:
         if refused is not None:
             return refuse("limit", refused.message, refused.limit)
         session = self.server.sessions.create(self.client_id, msg.toClientId, msg.remotePort, msg.protocol)
+        session.sealed = self.public_key is not None and target.public_key is not None
         told_target = target.send(p.ConnectOffer(
             toClientId=msg.toClientId,
             remotePort=msg.remotePort,
@@ -296,6 +297,24 @@ class ControlConnection:
             if conn is not None:
                 conn.send(p.PeerCandidates(sessionId=session.id, candidates=[] if relay_only else theirs,
                                            punchKey=None if relay_only else session.punch_key))
+    def on_session_keys(self, msg: p.SessionKeys) -> None:
+        """Half of a sealed UDP session's key exchange: passed on, unchanged, to the session's other
+        side only (the relay cannot use it: it is signed, and the keys it leads to stay with A and B)."""
+        assert self.client_id is not None  # handle_frame lets nothing but a register through before it
+        session = self.server.sessions.get(msg.sessionId)
+        cluster = self.server.cluster
+        if session is None and cluster is not None and cluster.forward_keys(self, msg):
+            return  # pumped on another node of the cluster
+        if session is None or session.protocol != "udp" or not session.involves(self.client_id):
+            self.send(p.Error(message=f"no UDP session {msg.sessionId[:12]}... of this client",
+                              code="unknown_session"))
+            return
+        other = session.client_b if self.client_id == session.client_a else session.client_a
+        peer = self.server.registry.get(other)
+        if peer is not None:
+            peer.send(msg)
+        elif cluster is not None and self.client_id == session.client_b:
+            cluster.keys_to_origin(session.id, msg)  # A is on another node
 
     def on_heartbeat(self, msg: p.Heartbeat) -> None:
         # Echo it, so the client can tell a silent relay from a quiet one.
@@ -329,4 +348,5 @@ _HANDLERS: dict[type[p.Message], Callable[[ControlConnection, Any], None]] = {
     p.Unregister: ControlConnection.on_unregister,
     p.SessionClosed: ControlConnection.on_session_closed,
     p.PathCandidates: ControlConnection.on_path_candidates,
+    p.SessionKeys: ControlConnection.on_session_keys,
 }

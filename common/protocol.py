@@ -242,6 +242,27 @@ class RejectSession(Message, wire="reject_session", sent_by="client"):
     reason: str | None = None
 
 
+SESSION_KEYS_B64 = re.compile(r"^[A-Za-z0-9+/]{4,200}={0,2}$")
+
+
+@dataclass(frozen=True)
+class SessionKeys(Message, wire="session_keys"):
+    """One side's half of a sealed UDP session's key exchange (chuantou_client.udpseal): an
+    ephemeral X25519 key signed with the long-term key ``publicKey``. The relay checks only
+    that the sender is in the session and passes it, unchanged, to the other side."""
+
+    sessionId: str
+    ephemeral: str  # base64 of the 32-byte X25519 public key
+    publicKey: str  # base64 SPKI of the signer (checked against the pin, never trusted as given)
+    signature: str  # base64 Ed25519 signature over the transcript (udpseal.transcript)
+
+    def check(self) -> None:
+        _require(len(self.sessionId) <= 64, "sessionId is too long")
+        _require(bool(SESSION_KEYS_B64.match(self.ephemeral)), "ephemeral must be base64")
+        _require(bool(SESSION_KEYS_B64.match(self.signature)), "signature must be base64")
+        _check_public_key(self.publicKey, "publicKey")
+
+
 @dataclass(frozen=True)
 class Heartbeat(Message, wire="heartbeat"):
     timestamp: float

@@ -138,8 +138,9 @@ def test_server_page_shows_clients_and_a_live_session(relay, clients, tcp_echo, 
         row = wait(driver, lambda d: find(d, row_css), "the session listed")
         assert "A" in cell(row, 1) and "B" in cell(row, 1)
         assert cell(row, 2) == str(tcp_echo.port) and cell(row, 3) == "TCP"
-        first = parse_bytes(cell(row, 5))
-        wait(driver, lambda d: parse_bytes(cell(find(d, row_css), 5)) > first, "bytes sent by A to rise")
+        assert cell(row, 4).lower() == "sealed (end to end)"
+        first = parse_bytes(cell(row, 6))
+        wait(driver, lambda d: parse_bytes(cell(find(d, row_css), 6)) > first, "bytes sent by A to rise")
         wait(driver, lambda d: d.find_element(By.ID, "stat-rate").text not in ("0 B/s", "–"), "a live throughput")
         assert driver.find_element(By.ID, "stat-clients").text == "2"
         # A's "Sent" cell: the bytes, then the current rate.
@@ -267,21 +268,23 @@ def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_serv
     row = wait(driver, lambda d: find(d, row_css), "the new proxy listed")
     assert "proxy created" in driver.find_element(By.ID, "form-message").text
     assert cell(row, 0) == f"localhost:{local_port}" and cell(row, 1) == f"B:{web_service}"
-    assert cell(row, 7).startswith("10.0 MiB/s")  # its bandwidth limit
+    assert cell(row, 8).startswith("10.0 MiB/s")  # its bandwidth limit
     assert client_app.settings["proxies"][-1]["bandwidth"] == 10 * 1024 * 1024
 
     # A connection held open shows as active, here and in the connections list.
     held = user_sockets(local_port)
-    wait(driver, lambda d: cell(find(d, row_css), 3).startswith("1"), "one active connection")
+    assert cell(row, 3).lower() == "sealed"
+    wait(driver, lambda d: cell(find(d, row_css), 4).startswith("1"), "one active connection")
     conn_row = wait(driver, lambda d: find(d, "#connections tbody tr[data-key]"), "the connection listed")
     assert "A · OUT" in cell(conn_row, 0).upper()
     assert cell(conn_row, 1) == "B" and cell(conn_row, 2) == str(web_service)
+    assert cell(conn_row, 4).lower() == "sealed"
 
     # Fetch through the proxy: the totals and the bytes rise.
     with urllib.request.urlopen(f"http://127.0.0.1:{local_port}/", timeout=WAIT) as response:
         assert len(response.read()) == PAGE_BYTES
-    wait(driver, lambda d: "2 in total" in cell(find(d, row_css), 3), "two connections in total")
-    wait(driver, lambda d: parse_bytes(cell(find(d, row_css), 5)) >= PAGE_BYTES, "received bytes to rise")
+    wait(driver, lambda d: "2 in total" in cell(find(d, row_css), 4), "two connections in total")
+    wait(driver, lambda d: parse_bytes(cell(find(d, row_css), 6)) >= PAGE_BYTES, "received bytes to rise")
     wait(driver, lambda d: parse_bytes(d.find_element(By.ID, "stat-total").text) >= PAGE_BYTES, "the totals")
     wait(driver, lambda d: float(d.find_element(By.ID, "chart").get_attribute("data-peak") or 0) > PAGE_BYTES / 10,
          "the chart to show the fetch")
@@ -290,7 +293,7 @@ def test_client_page_adds_uses_and_deletes_a_proxy(client_app, clients, web_serv
     screenshot(driver, "client-phone", PHONE)
 
     held.close()
-    wait(driver, lambda d: cell(find(d, row_css), 3).startswith("0"), "no active connection")
+    wait(driver, lambda d: cell(find(d, row_css), 4).startswith("0"), "no active connection")
     wait(driver, lambda d: find(d, "#connections tr.empty"), "the connections list empty again")
 
     # Delete it with the row's button (two clicks).

@@ -253,12 +253,12 @@ def test_proxy_create_list_delete_round_trip_with_traffic(cli, web):
     listing = cli.client("proxy", "list")
     assert listing.returncode == 0, listing.stderr
     header, row = listing.stdout.splitlines()
-    assert header.split() == ["LOCAL", "TARGET", "PROTOCOL", "LIMIT", "ACTIVE", "SENT", "RECEIVED"]
-    assert row.split()[:4] == [f"localhost:{local}", f"B:{web.port}", "both", "unlimited"]
+    assert header.split() == ["LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "SENT", "RECEIVED"]
+    assert row.split()[:5] == [f"localhost:{local}", f"B:{web.port}", "both", "yes", "unlimited"]
     assert row.split()[-2:] != ["0", "B"]  # bytes came back through it
     limited = free_tcp_udp_port()
     create_proxy(cli, limited, web.port, "--bandwidth", "10MiB/s")
-    assert f"localhost:{limited} B:{web.port} both 10MiB/s" in " ".join(cli.client("proxy", "list").stdout.split())
+    assert f"localhost:{limited} B:{web.port} both yes 10MiB/s" in " ".join(cli.client("proxy", "list").stdout.split())
     assert cli.client("proxy", "delete", "--local-port", limited).returncode == 0
 
     conflict = cli.client("proxy", "create", "--local-port", local, "--target-client", "B", "--target-port", web.port)

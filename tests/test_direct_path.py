@@ -190,3 +190,73 @@ def test_path_relay_on_either_side_keeps_the_flow_on_the_relay_without_waiting(s
         assert _flow_paths(a) == ["relay"]
     # counted just after the relay's sendto, which may be after the echo arrived
     wait_until(lambda: server.udp.relayed_bytes >= 2 * len(b"relayed"), message="the relay carried both ways")
+
+
+class _TargetSocketTap:
+    """B's flow socket, recording what arrives from anywhere but the relay and the service (the
+    direct peer, then), and able to flip a byte of the next sealed datagram it receives from, or
+    sends to, that peer."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.seen: list[bytes] = []
+        self.relay: tuple | None = None
+        self.service: tuple | None = None
+        self.alter_in = self.alter_out = False
+
+    def recvfrom(self, size: int):
+        data, addr = self.sock.recvfrom(size)
+        if addr[:2] not in (self.relay, self.service):
+            self.seen.append(data)
+            if self.alter_in and data[:1] == b"\0":  # sealed payload (punch packets start 0xfd)
+                self.alter_in = False
+                data = data[:30] + bytes([data[30] ^ 0x01]) + data[31:]
+        return data, addr
+
+    def sendto(self, data: bytes, addr):
+        if self.alter_out and addr[:2] not in (self.relay, self.service) and data[:1] == b"\0":
+            self.alter_out = False
+            data = data[:30] + bytes([data[30] ^ 0x01]) + data[31:]
+        return self.sock.sendto(data, addr)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_a_direct_flow_carries_sealed_datagrams_and_each_side_opens_what_the_peer_sends(
+        server, make_client, services, monkeypatch):
+    import chuantou_client.udp as udp_module
+    taps: list[_TargetSocketTap] = []
+    real = udp_module.udp_socket_for
+
+    def tapped(*args):
+        sock, (relay, service) = real(*args)
+        taps.append(_TargetSocketTap(sock))
+        taps[-1].relay, taps[-1].service = relay, service
+        return taps[-1], (relay, service)
+
+    monkeypatch.setattr(udp_module, "udp_socket_for", tapped)
+    echo = services(UdpEchoService())
+    a, b = make_client(server, "A"), make_client(server, "B")
+    proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
+    marker = b"DIRECT-PLAINTEXT-MARKER"
+    with _user() as user:
+        for i in range(20):
+            data = marker + b" %d" % i
+            assert udp_roundtrip(user, proxy.local_port, data) == data
+        assert _flow_paths(a) == ["direct"] and _flow_paths(b) == ["direct"]
+        assert [c["sealed"] for c in a.connections() if c["protocol"] == "udp"] == [True]
+        (tap,) = taps
+        payload = [data for data in tap.seen if data[:1] == b"\0"]
+        assert len(payload) >= 20 and not any(marker in data for data in tap.seen)  # sealed, not plain
+
+        tap.alter_in = True  # altered on the direct way to B: B drops it, the service never sees it
+        received_before = len(echo.sizes)
+        user.sendto(b"altered on the way to B", ("127.0.0.1", proxy.local_port))
+        wait_until(lambda: b.seal_counts()["rejected"] == 1, message="B rejects the altered datagram")
+        assert len(echo.sizes) == received_before
+        tap.alter_out = True  # altered on the direct way to A: A drops it, the user never sees it
+        user.sendto(b"answer altered on the way to A", ("127.0.0.1", proxy.local_port))
+        wait_until(lambda: a.seal_counts()["rejected"] == 1, message="A rejects the altered answer")
+        assert udp_roundtrip(user, proxy.local_port, b"after") == b"after"  # the flow still works
+    assert server.udp.relayed_bytes == 0

@@ -219,7 +219,7 @@ MARKER = b"CHUANTOU-PLAINTEXT-MARKER-5e1f"
 
 
 class RelayTap:
-    """Installed as the relay's Pipe: sees every byte the relay pumps, as the relay's operator
+    """Installed as the relay's pump (``relay.make_pipe``): sees every byte the relay pumps, as the relay's operator
     could, and may change them. ``tamper``: (direction, kind, offset), direction 0 = A -> B."""
 
     def __init__(self, tamper: tuple | None = None):
@@ -231,11 +231,11 @@ class RelayTap:
         self._lock = threading.Lock()
 
     def install(self, monkeypatch) -> "RelayTap":
-        monkeypatch.setattr(relay, "Pipe", self.pipe)
+        monkeypatch.setattr(relay, "make_pipe", self.pipe)
         return self
 
-    def pipe(self, a, b, on_done=None):
-        return Pipe(_TapSocket(a, self, 1), _TapSocket(b, self, 0), on_done=on_done)
+    def pipe(self, a, b, on_done=None, limits=((), ())):
+        return Pipe(_TapSocket(a, self, 1), _TapSocket(b, self, 0), on_done=on_done, limits=limits)
 
     def look(self, index: int, data: bytes) -> None:
         with self._lock:

@@ -139,8 +139,10 @@ def test_connection_info_says_what_each_side_sent_and_received():
         assert "localPort" not in info and (info["bytesReceived"], info["bytesSent"]) == (30, 40)
         info = udp.connection_info()
         assert info["protocol"] == "udp" and info["localPort"] == 2222 and "bytesSent" not in info
-        assert info["sealed"] is False  # UDP is not sealed yet
+        assert info["sealed"] is True  # UDP is sealed too (udpseal.py), unless the peer cannot seal
         assert info["path"] == "relay"  # a flow that has not gone direct (FakeFlow has no path)
+        udp.sealed = False  # such a peer, allowed by --allow-unsealed
+        assert udp.connection_info()["sealed"] is False
 
 
 def test_abort_all_aborts_running_sessions_or_only_the_tcp_ones():

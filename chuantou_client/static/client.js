@@ -82,6 +82,13 @@
         },
         { label: "Protocol", value: (p) => el("span", { class: "tag" }, p.protocol) },
         {
+          label: "Sealed",
+          value: (p) => (p.sealed === "unsealed allowed"
+            ? [el("span", { class: "tag" }, "sealed"),
+              el("span", { class: "sub" }, "unsealed with a target that cannot seal (--allow-unsealed)")]
+            : el("span", { class: "tag", title: "end to end: the relay cannot read or change it" }, "sealed")),
+        },
+        {
           label: "Connections", cls: "num",
           value: (p) => [String(p.activeConnections), el("span", { class: "sub" }, `${p.totalConnections} in total`)],
         },
@@ -119,6 +126,12 @@
         { label: "Peer", value: (c) => el("span", { class: "id" }, c.peer || "?") },
         { label: "Port", cls: "num", value: (c) => c.port },
         { label: "Protocol", value: (c) => c.protocol },
+        {
+          label: "Sealed",
+          value: (c) => (c.sealed
+            ? el("span", { class: "tag", title: "end to end: the relay cannot read or change it" }, "sealed")
+            : el("span", { class: "tag warn", title: "the peer cannot seal; allowed by --allow-unsealed" }, "not sealed")),
+        },
         { label: "Started", value: (c) => ago(c.startedAt) },
         { label: "Sent", cls: "num", value: (c) => bytes(c.bytesSent) },
         { label: "Received", cls: "num", value: (c) => bytes(c.bytesReceived) },

@@ -92,6 +92,14 @@
         },
         { label: "Port on B", cls: "num", value: (s) => s.port },
         { label: "Protocol", value: (s) => el("span", { class: s.protocol === "udp" ? "tag b" : "tag" }, s.protocol) },
+        {
+          label: "Sealed",
+          value: (s) => el("span", {
+            class: s.sealed ? "tag" : "tag warn",
+            title: s.sealed ? "both clients registered keys: the relay moves only ciphertext"
+              : "a client registered no key (an older chuantou): the relay can read this session",
+          }, s.sealing),
+        },
         { label: "Started", value: (s) => [ago(s.startedAt), el("span", { class: "sub" }, clock(s.startedAt))] },
         { label: "Sent by A", cls: "num", value: (s) => bytes(s.bytesAToB) },
         { label: "Sent by B", cls: "num", value: (s) => bytes(s.bytesBToA) },
