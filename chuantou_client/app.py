@@ -81,6 +81,9 @@ CONFIG_KEYS = {
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
     # who may reach this client, checked against the key a peer proves (--allow-from)
     "allowFrom": config.Key(list, "a list of client IDs and SHA256: fingerprints", list, _valid_allow_from),
+    # the direct path for UDP flows (direct.py)
+    "path": config.Key(str, "one of auto, relay, direct", "auto", lambda v: v in ("auto", "relay", "direct")),
+    "directDeadline": config.Key((int, float), "a number of seconds > 0", 1.0, lambda v: v > 0),
     # sessions with peers that cannot seal (older clients) run in the clear instead of being refused
     "allowUnsealed": config.Key(bool, "true or false", False),
 }
@@ -172,8 +175,10 @@ class ClientApp:
             parse_ports(overrides["allow"])  # a clear error for a bad --allow
         if overrides.get("allowFrom"):
             overrides["allowFrom"] = parse_allow_from(overrides["allowFrom"])  # a clear error for a bad one
+        if overrides.get("directDeadline") is not None and not overrides["directDeadline"] > 0:
+            raise config.ConfigError(f"--direct-deadline {overrides['directDeadline']:g} must be > 0 seconds")
         for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure",
-                    "allowFrom", "allowUnsealed"):
+                    "allowFrom", "path", "directDeadline", "allowUnsealed"):
             if overrides.get(key) and overrides[key] != self.settings[key]:
                 self.settings[key] = overrides[key]
                 changed = True
@@ -199,7 +204,9 @@ class ClientApp:
                              max_pending_connects=self.settings["maxPendingConnects"],
                              identity=identity.load_or_create(identity_path(config_path)),
                              known_clients=KnownClients(known_clients_path(config_path)),
-                             allow_from=self.settings["allowFrom"], allow_unsealed=self.settings["allowUnsealed"])
+                             allow_from=self.settings["allowFrom"], path=self.settings["path"],
+                             direct_deadline=self.settings["directDeadline"],
+                             allow_unsealed=self.settings["allowUnsealed"])
         if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
             self.save()
         self.admin = AdminServer(self, admin_host, self.admin_port,

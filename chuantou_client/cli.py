@@ -95,6 +95,12 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     parser.add_argument("--allow-from", action="append", dest="allow_from", default=default, metavar="ID|SHA256:...",
                         help="only these clients may reach this one: client IDs (held to the key pinned at their "
                              "first session) or key fingerprints (repeatable or comma-separated, saved)")
+    parser.add_argument("--path", choices=("auto", "relay", "direct"), default=default,
+                        help="UDP flows: auto tries a direct path to the peer for up to --direct-deadline and "
+                             "falls back to the relay; relay never tries; direct drops a flow that cannot go "
+                             "direct (saved; default auto; TCP always uses the relay)")
+    parser.add_argument("--direct-deadline", type=float, default=default, metavar="SECONDS",
+                        help="how long a new UDP flow waits for a direct path (saved; default 1)")
     parser.add_argument("--allow-unsealed", action="store_true", dest="allow_unsealed", default=default,
                         help="let sessions with peers that cannot seal (older chuantou clients, which register "
                              "no key) run unsealed, readable and alterable by the relay, instead of refusing them "
@@ -183,7 +189,8 @@ def make_app(args, path: Path | None = None) -> ClientApp:
                  "allow": getattr(args, "allow", None), "allowHosts": getattr(args, "allow_hosts", None),
                  "ca": os.path.abspath(args.ca) if getattr(args, "ca", None) else None, "tlsFingerprint": getattr(args, "tls_fingerprint", None),
                  "tlsInsecure": getattr(args, "tls_insecure", None), "logLevel": getattr(args, "log_level", None),
-                 "allowFrom": getattr(args, "allow_from", None),
+                 "allowFrom": getattr(args, "allow_from", None), "path": getattr(args, "path", None),
+                 "directDeadline": getattr(args, "direct_deadline", None),
                  "allowUnsealed": getattr(args, "allow_unsealed", None)}
     service_files = files(args)
     return ClientApp(path, overrides, api_secret_path=apiauth.secret_path(service_files.state_dir, service_files.name))
@@ -348,6 +355,12 @@ def cmd_status(args) -> int:
     print(f"  state:      {state}")
     print(f"  uptime:     {service.format_duration(time.time() - status['startedAt'])}")
     print(f"  proxies:    {len(status['proxies'])}, active sessions {status['activeSessions']}")
+    direct = status.get("direct")
+    if direct:
+        nat = direct["nat"]
+        seen = f" (the relay sees {nat['seenAs']})" if nat.get("seenAs") else ""
+        print(f"  NAT:        {nat['mapping']}{seen}")
+        print(f"  UDP path:   {direct['path']} (direct attempts wait at most {direct['deadline']:g} s)")
     for failed in status.get("failedProxies", []):
         print(f"  not running: proxy on port {failed['localPort']}: {failed['error']}")
     if supervisor:

@@ -22,6 +22,7 @@ from common.tls import client_context, normalize_fingerprint
 
 from .control import ControlChannel, split_server_urls
 from .datachannel import JoinError, TlsSettings, open_data_channel
+from .direct import DirectPaths, probe_nat
 from .export import ExportPolicy
 from .proxy import Proxy
 from .sealing import SealError, Sealing
@@ -98,6 +99,8 @@ class Client:
         identity=None,
         known_clients=None,
         allow_from=(),
+        path: str = "auto",
+        direct_deadline: float = 1.0,
         allow_unsealed: bool = False,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
@@ -114,7 +117,12 @@ class Client:
         KnownClients; default: in memory); ``allow_from``: the IDs and SHA256 fingerprints that
         may reach this client (default: any peer that passes its pin). UDP sessions are sealed too
         (udpseal.py). ``allow_unsealed``: run sessions in the clear with peers that cannot seal
-        (registered without a key); refused by default."""
+        (registered without a key); refused by default.
+
+        ``path``: whether new UDP flows try a direct path to the peer first ("auto": try, and fall
+        back to the relay after ``direct_deadline`` seconds; "relay": never; "direct": try every
+        flow, and end it rather than relay it; see direct.py). Either path carries the same sealed
+        datagrams."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -136,11 +144,13 @@ class Client:
         self.udp_keys = KeyMailbox()  # the peers' halves of sealed UDP sessions' key exchanges
         self.udp_seal_stats = SealStats()  # datagrams ended UDP sessions dropped (running ones count their own)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
+        self.direct = DirectPaths(path, direct_deadline)
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
             on_lost=self._settle_sessions, public_key=self.sealing.identity.public_key_b64,
+            on_registered=self._registered,
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
@@ -253,6 +263,7 @@ class Client:
             "activeSessions": len(self.sessions),
             "exports": self.export.describe(),
             "proxies": [proxy.info() for proxy in self.proxies],
+            "direct": self.direct.describe(),
         }
 
     def connections(self) -> list[dict]:
@@ -359,6 +370,24 @@ class Client:
         except ChuantouError:
             pass  # the relay's own idle expiry will end it
 
+    def _registered(self, reply: p.RegisterResponse) -> None:
+        """After each registration, find out what our NAT does (a thread: the caller reads the relay)."""
+        self.direct.relay_knows = reply.udpPort is not None  # an older relay knows no direct path
+        if not self.direct.relay_knows:
+            self.direct.nat = {"mapping": "unknown (the relay offers no direct path: an older version)"}
+            return
+        try:
+            self.threads.spawn("nat-probe", self._probe_nat, reply)
+        except RuntimeError:
+            pass
+
+    def _probe_nat(self, reply: p.RegisterResponse) -> None:
+        url = urlsplit(self.control.url)  # the relay we registered with (of several, the one in use)
+        host = url.hostname or "127.0.0.1"
+        port = reply.udpPort or url.port or (443 if url.scheme == "wss" else 80)
+        self.direct.nat = probe_nat(host, port, reply.probePort, self.control.stopping_event)
+        log.info("NAT: %s", self.direct.nat["mapping"])
+
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""
         if isinstance(msg, p.ConnectOffer):
@@ -370,6 +399,8 @@ class Client:
             self.udp_keys.post(msg)
         elif isinstance(msg, p.SessionClosed):
             self._session_closed(msg)
+        elif isinstance(msg, p.PeerCandidates):
+            self.direct.deliver(msg)
         elif isinstance(msg, p.Error) and msg.code == "unknown_session":
             # our accept/reject crossed the session's end (the user hung up first): a normal race
             log.debug("relay reported: %s", msg.message)

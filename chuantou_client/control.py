@@ -68,7 +68,8 @@ class _Waiter:
 class ControlChannel:
     def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
                  heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
-                 token: str | None = None, tls=None, on_lost=None, public_key: str | None = None):
+                 token: str | None = None, tls=None, on_lost=None, public_key: str | None = None,
+                 on_registered=None):
         self.urls = split_server_urls(url)  # tried in order; see _next_url
         self._url_index = 0
         self._round = 0  # URLs moved through since the last registration (a full round: back off)
@@ -84,6 +85,8 @@ class ControlChannel:
         self._tls = tls
         self.on_lost = on_lost  # called when a registered connection ends: the relay drops our sessions
         self.public_key = public_key  # base64 SPKI sent with register, for peers' sealed sessions
+        self.on_registered = on_registered  # called with the register_response after each registration
+        self.register_reply: p.RegisterResponse | None = None
 
         self.state = "idle"  # idle, connecting, connected, reconnecting, failed, stopped
         self.last_error: str | None = None
@@ -99,6 +102,10 @@ class ControlChannel:
         self._ids = itertools.count(1)
         self._pending: dict[str, _Waiter] = {}
         self._pending_lock = threading.Lock()
+
+    @property
+    def stopping_event(self) -> threading.Event:
+        return self._stopping
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -219,6 +226,7 @@ class ControlChannel:
             ws.abort()
             ws.shutdown()
             raise
+        self.register_reply = reply
         if reply.existingKicked:
             log.warning("client ID %s was registered elsewhere; that connection was replaced", self.client_id)
         return ws
@@ -240,6 +248,8 @@ class ControlChannel:
         self._ever_registered = True
         self._round = 0
         self._takeover = True  # the ID is ours again: an ordinary reconnect may replace a stale connection
+        if self.on_registered is not None and self.register_reply is not None:
+            self.on_registered(self.register_reply)  # before registered: what it learns holds for every flow
         self.registered.set()
         log.info("registered with relay %s as %s", self.url, self.client_id)
         if self._stopping.is_set():  # stop() raced with the connect

@@ -54,6 +54,8 @@ class SessionRecord:
         info: dict = {"id": self.id, "shortId": self.id[:8], "side": self.side, "peer": self.peer,
                       "port": self.port, "protocol": self.protocol, "startedAt": self.started_at,
                       "sealed": self.sealed}
+        # UDP flows may go direct (direct.py); TCP sessions always cross the relay (for now)
+        info["path"] = getattr(self.handle, "path", "relay") if self.protocol == "udp" else "relay"
         if self.side == "A":
             info["localPort"] = self.local_port
         counts = self.byte_counts

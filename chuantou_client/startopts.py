@@ -36,6 +36,8 @@ def given_options(args) -> dict:
         "--tls-fingerprint": normalize_fingerprint(get("tls_fingerprint")) if get("tls_fingerprint") else None,
         "--tls-insecure": True if get("tls_insecure") else None,
         "--allow-from": sorted(parse_allow_from(get("allow_from"))) if get("allow_from") else None,
+        "--path": get("path"),
+        "--direct-deadline": float(get("direct_deadline")) if get("direct_deadline") is not None else None,
         "--allow-unsealed": True if get("allow_unsealed") else None,
     }
     return {flag: value for flag, value in given.items() if value is not None}
@@ -56,6 +58,8 @@ def running_options(app, log_level: str, token: str | None) -> dict:
         "--tls-fingerprint": normalize_fingerprint(settings["tlsFingerprint"]) if settings["tlsFingerprint"] else None,
         "--tls-insecure": bool(settings["tlsInsecure"]),
         "--allow-from": sorted(settings["allowFrom"]),
+        "--path": settings["path"],
+        "--direct-deadline": float(settings["directDeadline"]),
         "--allow-unsealed": bool(settings["allowUnsealed"]),
     }
 

@@ -24,6 +24,7 @@ from common.frames import JoinStatus
 from common.net import close_quietly, enlarge_udp_buffers, udp_socket_for
 
 from .datachannel import register_udp, resolve_udp
+from .direct import POLL, Puncher
 from .sealing import SealError
 from .udpjoin import PAYLOAD
 
@@ -33,6 +34,10 @@ MAX_DATAGRAM = 65535
 EARLY_QUEUE = 64  # datagrams a new flow holds while its session is being set up
 GATEWAY_END = p.NORMAL_END + ": the UDP flow went idle on the gateway"
 TARGET_END = p.NORMAL_END + ": the UDP flow went idle on the target"
+
+
+class NoDirectPath(ChuantouError):
+    """``--path direct`` and the attempt failed: the flow ends rather than use the relay."""
 
 
 class SessionGone(ChuantouError):
@@ -119,6 +124,8 @@ class UdpFlow:
         self.user = user
         self.sock: socket.socket | None = None
         self.relay: tuple | None = None
+        self.dest: tuple | None = None  # where payload goes: the relay, or the peer on a direct path
+        self.puncher: Puncher | None = None
         self.ready = False
         self.session_id: str | None = None
         self.seal = None  # the session's udpseal.SealedUdp, or None while setting up / when unsealed
@@ -139,10 +146,11 @@ class UdpFlow:
                 self._early.append(data)
 
     def _send_now(self, data: bytes) -> None:
-        assert self.sock is not None and self.relay is not None  # _serve sets both before ready
+        """Seal and send to the relay or, on a direct path, to the peer (the same datagrams either way)."""
+        assert self.sock is not None and self.dest is not None  # _serve sets both before ready
         for datagram in self.seal.seal(data) if self.seal is not None else (data,):
             try:
-                self.sock.sendto(datagram, self.relay)
+                self.sock.sendto(datagram, self.dest)
             except OSError:
                 pass
 
@@ -190,6 +198,7 @@ class UdpFlow:
         if self._closed.is_set():
             return
         proxy = self.gateway.proxy
+        direct = proxy.client.direct
         registered = []
         self.seal = proxy.client.seal_udp(
             "A", reply.sessionId, proxy.target_client_id, reply.peerPublicKey, pinned=proxy.target_fingerprint,
@@ -198,20 +207,96 @@ class UdpFlow:
                                                              reply.secret, "A")))
         registrar = registered[0]
         record.sealed = self.seal is not None
-        with self._lock:
-            for data in self._early:
-                self._send_now(data)
-            self._early.clear()
-            self.ready = True
-        self._pump_replies(registrar, self.gateway.proxy.client.udp_idle_timeout)
+        try:
+            self._try_direct(registrar, reply.sessionId)
+            with self._lock:
+                self.dest = self.puncher.direct if self.puncher and self.puncher.direct else self.relay
+                for data in self._early:  # held until the path was chosen, so none crosses the relay needlessly
+                    self._send_now(data)
+                self._early.clear()
+                self.ready = True
+            self._pump_replies(registrar, self.gateway.proxy.client.udp_idle_timeout)
+        finally:
+            if self.puncher is not None:
+                direct.end(self.puncher)
+
+    @property
+    def path(self) -> str:
+        return self.puncher.path if self.puncher is not None else "relay"
+
+    def _try_direct(self, registrar, session_id: str) -> None:
+        """Punch toward B for at most the deadline while the user's first datagrams wait; no
+        puncher, or one that gave up, means the relay carries this flow."""
+        assert self.sock is not None and self.relay is not None  # _serve made them
+        proxy = self.gateway.proxy
+        direct, peer = proxy.client.direct, proxy.target_client_id
+        if not direct.relay_knows:
+            return
+        if not direct.wants_to_try(peer):  # tell B, so that it stops waiting for us
+            try:
+                proxy.client.control.send(p.PathCandidates(sessionId=session_id, candidates=[], path="relay"))
+            except ChuantouError:
+                pass  # B stops waiting after its deadline anyway
+            return
+        puncher = self.puncher = Puncher(self.sock, session_id, "A", direct.deadline)
+        direct.begin(puncher)
+        puncher.offer(proxy.client.control, self.relay, direct.path)
+        deadline = time.monotonic() + direct.deadline
+        self.sock.settimeout(POLL)
+        while not self._closed.is_set() and puncher.direct is None and not puncher.refused:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            puncher.tick(now)
+            try:
+                data, src = self.sock.recvfrom(MAX_DATAGRAM)
+            except (socket.timeout, ConnectionRefusedError):  # refused: ICMP from a dead candidate
+                continue
+            self._receive(registrar, data, src[:2])
+        if puncher.direct is not None:
+            direct.memory.succeeded(peer)
+            log.info("proxy %s: UDP flow from %s:%s goes direct to %s:%s", proxy.description, *self.user[:2],
+                     *puncher.direct)
+            return
+        puncher.gave_up = True
+        if puncher.key is not None:  # a real attempt (not the peer choosing the relay)
+            direct.memory.failed(peer)
+            log.info("proxy %s: no direct path to %s within %g s; the relay carries this flow",
+                     proxy.description, peer, direct.deadline)
+        if direct.path == "direct":
+            raise NoDirectPath(f"no direct path to {peer} within {direct.deadline:g} s (--path direct)")
+
+    def _receive(self, registrar, data: bytes, src: tuple) -> None:
+        """One datagram on the flow's socket: the relay's, a punch packet, or the peer's payload
+        (sealed the same whichever way it came)."""
+        puncher = self.puncher
+        if src == self.relay:
+            answer = registrar.handle(data, src)
+            if answer == PAYLOAD:
+                self._deliver(data)
+            else:
+                _check_still_known(answer)
+        elif puncher is not None and not puncher.handle(data, src) and puncher.is_peer(src):
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        """Payload from B (through the relay or direct): opened, then passed to the user."""
+        if self.seal is not None and (data := self.seal.open(data)) is None:
+            return  # forged, altered or replayed: dropped and counted
+        self.last_active = time.monotonic()
+        self.gateway.reply(data, self.user)
 
     def _pump_replies(self, registrar, idle_timeout: float) -> None:
         assert self.sock is not None  # _serve made it
         keepalive = self.gateway.proxy.client.udp_keepalive
         self.sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
-        relay = self.relay
+        puncher = self.puncher
+        last_direct_ping = time.monotonic()
         while not self._closed.is_set():
             registrar.keep_alive(keepalive)
+            if puncher is not None and time.monotonic() - last_direct_ping >= keepalive:
+                last_direct_ping = time.monotonic()
+                puncher.keep_alive()
             try:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:
@@ -220,16 +305,8 @@ class UdpFlow:
                 continue
             except ConnectionRefusedError:  # ICMP: the relay is down (restarting); its notice will come
                 continue
-            if src[:2] != relay:
-                continue  # only the relay may answer on this socket
-            answer = registrar.handle(data, src)
-            if answer == PAYLOAD:
-                if self.seal is not None and (data := self.seal.open(data)) is None:
-                    continue  # forged, altered or replayed: dropped and counted
-                self.last_active = time.monotonic()
-                self.gateway.reply(data, self.user)
-            else:
-                _check_still_known(answer)
+            # only the relay, and a peer that proved the punch key, may answer on this socket
+            self._receive(registrar, data, src[:2])
 
     def abort(self) -> None:
         self.close()
@@ -246,10 +323,15 @@ class UdpTarget:
         self.msg = msg
         self.service = service
         self.sock: socket.socket | None = None
+        self.puncher: Puncher | None = None
         self.seal = None  # the session's udpseal.SealedUdp (None: unsealed, allowed)
         self.record = None  # its SessionRecord, given by the caller
         self._closed = threading.Event()
         self._service_failed = False
+
+    @property
+    def path(self) -> str:
+        return self.puncher.path if self.puncher is not None else "relay"
 
     def abort(self) -> None:
         self._closed.set()
@@ -288,6 +370,7 @@ class UdpTarget:
             if self.record is not None:
                 self.record.sealed = self.seal is not None
             self.client.control.send(p.AcceptSession(sessionId=msg.sessionId))
+            self._offer_direct(relay)
             self._pump(registered[0], relay, service, self.client.udp_idle_timeout)
         except SessionGone as exc:
             log.info("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
@@ -298,10 +381,22 @@ class UdpTarget:
                 end = f"the UDP flow failed on the target: {exc}"
                 log.warning("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         finally:
+            if self.puncher is not None:
+                self.client.direct.end(self.puncher)
             self.abort()
             if self.seal is not None:
                 self.client.udp_seal_stats.add(self.seal.stats)
             self.client.end_session(msg.sessionId, end)
+
+    def _offer_direct(self, relay: tuple) -> None:
+        """Offer a direct path (or say we want the relay, so A does not wait for us)."""
+        assert self.sock is not None  # run() made it
+        direct = self.client.direct
+        if not direct.relay_knows:
+            return
+        self.puncher = Puncher(self.sock, self.msg.sessionId, "B", direct.deadline)
+        direct.begin(self.puncher)
+        self.puncher.offer(self.client.control, relay, direct.path)
 
     def _reject(self, reason: str) -> None:
         try:
@@ -313,10 +408,23 @@ class UdpTarget:
         sock = self.sock
         assert sock is not None  # run() made it
         keepalive = self.client.udp_keepalive
-        sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
-        last_active = time.monotonic()
+        resting = min(1.0, idle_timeout / 2, keepalive)
+        timeout = resting
+        sock.settimeout(timeout)
+        last_active = last_direct_ping = time.monotonic()
+        puncher = self.puncher
         while not self._closed.is_set():
             registrar.keep_alive(keepalive)
+            if puncher is not None:
+                now = time.monotonic()
+                puncher.tick(now)
+                wanted = POLL if puncher.busy else resting  # ping on time while the attempt runs
+                if wanted != timeout:
+                    timeout = wanted
+                    sock.settimeout(timeout)
+                if now - last_direct_ping >= keepalive:
+                    last_direct_ping = now
+                    puncher.keep_alive()
             try:
                 data, src = sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:
@@ -337,8 +445,15 @@ class UdpTarget:
                 self._send(data, service, to_service=True)
             elif src == service:
                 last_active = time.monotonic()
+                direct = puncher.direct if puncher is not None else None
                 for datagram in self.seal.seal(data) if self.seal is not None else (data,):
-                    self._send(datagram, relay, to_service=False)
+                    self._send(datagram, direct or relay, to_service=False)
+            elif puncher is not None and not puncher.handle(data, src) and puncher.is_peer(src):
+                if self.seal is not None and (data := self.seal.open(data)) is None:
+                    continue  # forged, altered or replayed: dropped and counted, and proves no path
+                puncher.peer_payload(src)  # A sends straight to us: it had our pong, the way back works
+                last_active = time.monotonic()
+                self._send(data, service, to_service=True)
 
     def _send(self, data: bytes, addr: tuple, to_service: bool) -> None:
         assert self.sock is not None  # only _pump sends

@@ -46,6 +46,8 @@ CONFIG_KEYS = {
     "tlsCert": config.Key(str, "the path of a PEM certificate (chain)", None),
     "tlsKey": config.Key(str, "the path of its PEM private key", None),
     "tlsOnly": config.Key(bool, "true or false", False),
+    "probePort": config.Key(int, "a UDP port 1-65535 that answers NAT probes (the direct path)", None,
+                            config.is_port),
     "idReservationTime": config.Key((int, float), "a number of seconds >= 0 (0: only while online)",
                                     DEFAULT_RESERVATION_TIME, lambda v: v >= 0),
     "maxReservedIdsPerToken": config.Key(int, "a whole number >= 0", DEFAULT_MAX_RESERVED_PER_CREDENTIAL,
@@ -119,9 +121,11 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
             raise config.ConfigError(auth.token_problem(given, flag))
     settings = config.load(path, CONFIG_KEYS)
     for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey", "metricsToken",
-                "cluster", "nodeId", "advertise"):
+                "cluster", "nodeId", "advertise", "probePort"):
         if overrides.get(key) is not None:
             settings[key] = overrides[key]
+    if settings["probePort"] is not None and not config.is_port(settings["probePort"]):
+        raise config.ConfigError(f"--probe-port {settings['probePort']} is not a port number 1-65535")
     if not config.is_port(settings["port"]):
         raise config.ConfigError(f"--port {settings['port']} is not a port number 1-65535")
     if not config.is_positive(settings["heartbeatTimeout"]):
@@ -209,6 +213,7 @@ def make_server(settings: dict) -> Server:
         udp_early_queue_bytes=settings["udpEarlyQueueBytes"],
         udp_early_queue_total_bytes=settings["udpEarlyQueueTotalBytes"],
         udp_registrations_per_second=settings["udpRegistrationsPerSecond"],
+        probe_port=settings["probePort"],
         **caps_settings(settings),
         data_channel_timeout=settings["dataChannelTimeout"],
         max_unregistered=settings["maxUnregistered"],

@@ -62,6 +62,9 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         "with this certificate chain")
     parser.add_argument("--tls-key", default=default, metavar="PEM", help="the certificate's private key")
     parser.add_argument("--tls-only", action="store_true", default=default, help="refuse plain connections")
+    parser.add_argument("--probe-port", type=int, default=default, metavar="PORT",
+                        help="a second UDP port that answers NAT probes, so clients can tell whether their NAT "
+                             "allows a direct path (default: none)")
     parser.add_argument("--metrics-token", default=default, metavar="TOKEN",
                         help="a token (16+ characters) that may read /metrics from anywhere, as 'Authorization: "
                         "Bearer TOKEN'; saved in the config file (metricsToken). Loopback and the admin token "
@@ -124,7 +127,8 @@ def make_app(args, path: Path | None = None) -> ServerApp:
                  "logLevel": get("log_level"), "token": get("token"), "tlsCert": get("tls_cert"),
                  "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only"),
                  "metricsToken": get("metrics_token"),
-                 "cluster": get("cluster"), "nodeId": get("node_id"), "advertise": get("advertise")}
+                 "cluster": get("cluster"), "nodeId": get("node_id"), "advertise": get("advertise"),
+                 "probePort": get("probe_port")}
     return ServerApp(path or config_path(args), overrides, config_given=path is None and get("config") is not None)
 
 

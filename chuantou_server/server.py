@@ -35,7 +35,7 @@ from .sessions import Session, SessionTable
 from .settings import ServerConfig
 from .signaling import ControlConnection
 from .traffic import RelayTraffic
-from .udp import UdpRelay
+from .udp import ProbeResponder, UdpRelay
 
 log = logging.getLogger("chuantou.server")
 
@@ -76,6 +76,8 @@ class Server:
         self._listener: Listener | None = None
         self._udp_sock: socket.socket | None = None
         self.udp: UdpRelay | None = None
+        self._probe_sock: socket.socket | None = None
+        self.probe_port: int | None = None  # bound --probe-port, if any
         self._conn_lock = threading.Lock()
         self._connections: set[ControlConnection] = set()
         self._state_lock = threading.Lock()
@@ -120,10 +122,20 @@ class Server:
                                 early_queue_total_bytes=cfg.udp_early_queue_total_bytes,
                                 registrations_per_second=cfg.udp_registrations_per_second,
                                 bandwidth=self.bandwidth)
+            if cfg.probe_port is not None:
+                try:
+                    self._probe_sock = self._bind_probe(cfg.probe_port)
+                except ChuantouError:
+                    close_quietly(tcp)
+                    close_quietly(self._udp_sock)
+                    raise
+                self.probe_port = self._probe_sock.getsockname()[1]
             self._started = True
             self.started_at = time.time()
         self.threads.spawn("accept", self._listener.run)
         self.threads.spawn("udp", self.udp.run)
+        if self._probe_sock is not None:
+            self.threads.spawn("udp-probe", ProbeResponder(self._probe_sock, self.stopping).run)
         self.threads.spawn("housekeeper", self._housekeeping_loop)
         self.threads.spawn("traffic", self.traffic.run, self.stopping)
         if self.cluster is not None:
@@ -146,8 +158,21 @@ class Server:
         if self.cluster is not None:
             self.cluster.stop()
         close_quietly(self._udp_sock)
+        close_quietly(self._probe_sock)
         self._listener.release()
         log.info("chuantou relay on port %d stopped", self.port)
+
+    def _bind_probe(self, port: int) -> socket.socket:
+        host = self.config.host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        _dual_stack_if_wildcard(sock, host)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ChuantouError(f"cannot bind the UDP probe port {host}:{port}: {exc.strerror or exc}; "
+                                f"choose another with --probe-port") from None
+        return sock
 
     def _bind(self) -> tuple[socket.socket, socket.socket]:
         """Bind TCP and UDP on one port number; with port 0, retry until both get the same one."""
@@ -337,6 +362,7 @@ class Server:
             "clients": len(self.registry),
             "sessions": len(self.sessions),
             "threads": len(self.threads),
+            "udpBytesRelayed": self.udp.relayed_bytes if self.udp is not None else 0,
             **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 

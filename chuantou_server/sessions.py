@@ -47,6 +47,9 @@ class Session:
     # it sees ciphertext either way; it knows only that both can)
     sealed: bool = False
     join_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # see SessionTable.join_tcp
+    # the direct path (UDP): each side's offer (candidates, path) once it sent path_candidates
+    candidates: list = field(default_factory=lambda: [None, None], repr=False)
+    punch_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     @property
     def joined(self) -> bool:

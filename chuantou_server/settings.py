@@ -75,6 +75,7 @@ class ServerConfig:
     udp_early_queue_bytes: int = EARLY_QUEUE_BYTES
     udp_early_queue_total_bytes: int = EARLY_QUEUE_TOTAL_BYTES
     udp_registrations_per_second: float = REGISTRATIONS_PER_SECOND
+    probe_port: int | None = None  # a second UDP port answering NAT probes (common.direct); 0: any free one
     data_channel_timeout: float = 30.0  # a silent data channel is dropped after it
     max_unregistered: int = DEFAULT_MAX_UNREGISTERED
     max_unregistered_per_source: int = DEFAULT_MAX_UNREGISTERED_PER_SOURCE

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import simple_websocket
 from wsproto.utilities import LocalProtocolError
 
-from common import handshake
+from common import direct, handshake
 from common import protocol as p
 from common.net import shutdown_quietly
 
@@ -167,7 +167,12 @@ class ControlConnection:
                 code="replaced",
             ))
             old.close()
-        self.send(p.RegisterResponse(success=True, assignedId=msg.clientId, existingKicked=old is not None))
+        # udpPort tells the client this relay hands over direct-path candidates; a cluster node
+        # does not yet (a session may live on another node), so its clients do not try
+        direct = self.server.cluster is None
+        self.send(p.RegisterResponse(success=True, assignedId=msg.clientId, existingKicked=old is not None,
+                                     udpPort=self.server.relay_addr(self, "udp").port if direct else None,
+                                     probePort=self.server.probe_port if direct else None))
         log.info("client %s registered from %s:%s%s", msg.clientId, self.remote[0], self.remote[1],
                  " (replaced its previous connection)" if old else "")
 
@@ -267,6 +272,31 @@ class ControlConnection:
         if peer is not None:
             peer.send(p.SessionClosed(sessionId=session.id, reason=told))
 
+    def on_path_candidates(self, msg: p.PathCandidates) -> None:
+        """A side of a UDP session offers a direct path: add the address its UDP came from, and
+        once both sides have offered, hand each the other's (nothing when either wants the relay)."""
+        assert self.client_id is not None  # handle_frame lets nothing but a register through before it
+        session = self.server.sessions.get(msg.sessionId)
+        if session is None or session.protocol != "udp" or not session.involves(self.client_id):
+            return  # already gone, or not this client's: nothing to do, nothing to reveal
+        side = 0 if self.client_id == session.client_a else 1
+        if session.candidates[side] is not None:
+            return  # one offer per side and session
+        seen = session.udp_a if side == 0 else session.udp_b
+        candidates = list(msg.candidates)
+        if seen is not None:
+            candidates.insert(0, direct.format_candidate(*seen[:2]))  # the NAT's side of it first
+        unique = list(dict.fromkeys(candidates))  # no NAT: the address seen is the local one
+        session.candidates[side] = (unique[:direct.MAX_CANDIDATES], msg.path)
+        if None in session.candidates:
+            return
+        (cand_a, path_a), (cand_b, path_b) = session.candidates
+        relay_only = "relay" in (path_a, path_b)
+        for client_id, theirs in ((session.client_a, cand_b), (session.client_b, cand_a)):
+            conn = self.server.registry.get(client_id)
+            if conn is not None:
+                conn.send(p.PeerCandidates(sessionId=session.id, candidates=[] if relay_only else theirs,
+                                           punchKey=None if relay_only else session.punch_key))
     def on_session_keys(self, msg: p.SessionKeys) -> None:
         """Half of a sealed UDP session's key exchange: passed on, unchanged, to the session's other
         side only (the relay cannot use it: it is signed, and the keys it leads to stay with A and B)."""
@@ -317,5 +347,6 @@ _HANDLERS: dict[type[p.Message], Callable[[ControlConnection, Any], None]] = {
     p.Heartbeat: ControlConnection.on_heartbeat,
     p.Unregister: ControlConnection.on_unregister,
     p.SessionClosed: ControlConnection.on_session_closed,
+    p.PathCandidates: ControlConnection.on_path_candidates,
     p.SessionKeys: ControlConnection.on_session_keys,
 }

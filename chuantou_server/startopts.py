@@ -28,6 +28,7 @@ def given_options(args) -> dict:
         "--tls-key": _path(get("tls_key")),
         "--tls-only": True if get("tls_only") else None,
         "--metrics-token": fingerprint(metrics_token) if metrics_token else None,
+        "--probe-port": get("probe_port"),
     }
     return {flag: value for flag, value in given.items() if value is not None}
 
@@ -45,8 +46,10 @@ def running_options(settings: dict, port: int) -> dict:
         "--tls-key": _path(settings["tlsKey"]),
         "--tls-only": bool(settings["tlsOnly"]),
         "--metrics-token": fingerprint(settings["metricsToken"]) if settings["metricsToken"] else None,
+        "--probe-port": settings["probePort"],
     }
 
 
 RUN_OPTION_DEFAULTS = {"--token": "none", "--metrics-token": "none (loopback and the admin token only)",
-                       "--tls-cert": "none (plain ws://)", "--tls-key": "none"}
+                       "--tls-cert": "none (plain ws://)", "--tls-key": "none",
+                       "--probe-port": "none"}

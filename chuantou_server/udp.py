@@ -22,6 +22,7 @@ from common.frames import (
     UDP_WHO_ARE_YOU, FrameError, JoinStatus, address_challenge, is_udp_register, pack_udp_ack,
     pack_udp_challenge, udp_proof_matches, unpack_udp_register,
 )
+from common.direct import is_probe, pack_probe_answer
 from common.limits import LimitLog, TokenBucket, source_key
 
 log = logging.getLogger("chuantou.server")
@@ -68,6 +69,7 @@ class UdpRelay:
         # reason -> datagrams, written by run() only; every key present from the start, so a
         # scrape reading it from another thread never sees the dict change size
         self.drops: collections.Counter[str] = collections.Counter(dict.fromkeys(DROP_REASONS, 0))
+        self.relayed_bytes = 0  # payload forwarded between sides (the direct path's tests read it)
 
     def run(self) -> None:
         self.sock.settimeout(0.25)  # lets the loop notice stop()
@@ -101,6 +103,7 @@ class UdpRelay:
                 continue
             try:
                 sendto(data, peer)
+                self.relayed_bytes += len(data)
             except OSError:
                 self.drops[SEND_FAILED] += 1
 
@@ -111,6 +114,9 @@ class UdpRelay:
     # --- registrations ----------------------------------------------------------------------
 
     def _from_stranger_or_registration(self, data: bytes, addr: tuple) -> None:
+        if is_probe(data):
+            self.answer_probe(data, addr)
+            return
         registration = is_udp_register(data)
         source = self._source(addr[0])
         if not self._allowed("register" if registration else "notice", source):
@@ -145,6 +151,17 @@ class UdpRelay:
         if status == JoinStatus.JOINED:
             self._flush_early(session)
 
+    def answer_probe(self, data: bytes, addr: tuple, sock: socket.socket | None = None) -> None:
+        """A NAT probe (common.direct): tell the sender the address we saw, rate-limited per
+        source like registrations; the answer is smaller than the probe."""
+        if not self._allowed("probe", self._source(addr[0])):
+            self.drops[RATE_LIMITED] += 1
+            return
+        try:
+            (sock or self.sock).sendto(pack_probe_answer(data, addr), addr)
+        except OSError:
+            self.drops[SEND_FAILED] += 1
+
     def _check_proof(self, session, register) -> JoinStatus:
         if not udp_proof_matches(session.secret_for(register.side), register):
             return JoinStatus.BAD_SECRET
@@ -156,6 +173,10 @@ class UdpRelay:
         with self._lock:
             old = session.udp_a if side == 0 else session.udp_b
             if old == addr:
+                if None not in session.candidates:
+                    # a keepalive of a flow that may be going direct: the relay sees none of its
+                    # payload, so this is what keeps the session from expiring as idle here
+                    session.last_active = time.monotonic()
                 return  # a repeated registration (lost ack, or a check after a notice)
             if old is not None:
                 self._addrs.pop(old, None)  # the side moved (NAT rebinding) and proved it: follow it
@@ -235,6 +256,7 @@ class UdpRelay:
             return
         for from_side, datagram in self._take_early(session.id):
             self._send(datagram, session.udp_b if from_side == 0 else session.udp_a)
+            self.relayed_bytes += len(datagram)
 
     def _send(self, data: bytes, addr) -> None:
         try:
@@ -248,3 +270,43 @@ class UdpRelay:
                 if addr is not None and self._addrs.get(addr, (None,))[0] is session:
                     del self._addrs[addr]
         self._take_early(session.id)
+
+
+class ProbeResponder:
+    """The --probe-port socket: it answers NAT probes and nothing else, so that a client can tell
+    whether its NAT maps one socket to the same port toward two relay ports. Its own thread,
+    with its own per-source rate limit (the relay's buckets belong to the relay's thread)."""
+
+    def __init__(self, sock: socket.socket, stopping: threading.Event, per_second: float = REGISTRATIONS_PER_SECOND):
+        self.sock = sock
+        self.stopping = stopping
+        self.per_second = per_second
+        self._buckets: dict[str, TokenBucket] = {}
+        self.answered = 0
+
+    def run(self) -> None:
+        self.sock.settimeout(0.25)  # lets the loop notice stop()
+        while not self.stopping.is_set():
+            try:
+                data, addr = self.sock.recvfrom(MAX_DATAGRAM)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                continue
+            if not is_probe(data) or not self._allowed(source_key(addr[0])):
+                continue
+            try:
+                self.sock.sendto(pack_probe_answer(data, addr[:2]), addr)
+                self.answered += 1
+            except OSError:
+                pass
+
+    def _allowed(self, source: str) -> bool:
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._buckets.clear()  # they would start full anyway
+            bucket = self._buckets[source] = TokenBucket(self.per_second, max(1.0, self.per_second))
+        return bucket.take()

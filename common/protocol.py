@@ -156,6 +156,8 @@ class RegisterResponse(Message, wire="register_response", sent_by="relay"):
     error: str | None = None
     protocolVersion: int = PROTOCOL_VERSION
     code: str | None = None  # why a registration failed: ID_IN_USE, ID_TAKEN, or None for any other reason
+    udpPort: int | None = None  # where NAT probes go (common.direct): the relay's UDP port
+    probePort: int | None = None  # a second UDP port that answers probes (--probe-port), if any
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,45 @@ class Unregister(Message, wire="unregister", sent_by="client"):
 class SessionClosed(Message, wire="session_closed"):
     sessionId: str
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class PathCandidates(Message, wire="path_candidates", sent_by="client"):
+    """A side of a UDP session offers where it may be reached directly (common.direct); the
+    relay adds the address it saw, and once both sides have spoken sends each ``PeerCandidates``."""
+
+    sessionId: str
+    candidates: list[str]
+    path: str = "auto"  # "relay": this side will not try (the relay tells the other at once)
+
+    def check(self) -> None:
+        _check_candidates(self.candidates)
+        _require(self.path in ("auto", "relay", "direct"), "path must be auto, relay or direct")
+
+
+@dataclass(frozen=True)
+class PeerCandidates(Message, wire="peer_candidates", sent_by="relay"):
+    """The other side's candidates and the key both sign punch packets with; no candidates:
+    use the relay."""
+
+    sessionId: str
+    candidates: list[str]
+    punchKey: str | None = None  # hex, 16 bytes
+
+    def check(self) -> None:
+        _check_candidates(self.candidates)
+        if self.punchKey is not None:
+            _require(bool(re.fullmatch(r"[0-9a-f]{32}", self.punchKey)), "punchKey must be 32 hex digits")
+
+
+MAX_CANDIDATES = 8
+CANDIDATE_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[0-9.]{7,15}):[0-9]{1,5}$")
+
+
+def _check_candidates(candidates: list[str]) -> None:
+    _require(len(candidates) <= MAX_CANDIDATES, f"at most {MAX_CANDIDATES} candidates")
+    for candidate in candidates:
+        _require(bool(CANDIDATE_PATTERN.match(candidate)), "a candidate must be ip:port or [ipv6]:port")
 
 
 NORMAL_END = "ended"  # a session_closed reason starting with this is a normal end (a UDP flow went idle)

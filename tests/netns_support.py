@@ -117,8 +117,9 @@ class Topology:
 
     # --- processes ----------------------------------------------------------------------------
 
-    def start(self, netns: str, role: str, *args) -> "NsProcess":
-        proc = NsProcess(netns, role, [str(a) for a in args], self.log_dir / f"{role}-{len(self._procs)}.log")
+    def start(self, netns: str, role: str, *args, script: str = __file__) -> "NsProcess":
+        proc = NsProcess(netns, role, [str(a) for a in args], self.log_dir / f"{role}-{len(self._procs)}.log",
+                         script)
         self._procs.append(proc)
         proc.wait_ready()
         return proc
@@ -151,14 +152,14 @@ class Topology:
 class NsProcess:
     """A relay or client B in a namespace, driven over its stdin and stdout."""
 
-    def __init__(self, netns: str, role: str, args: list[str], log_path: Path):
+    def __init__(self, netns: str, role: str, args: list[str], log_path: Path, script: str = __file__):
         self.role = role
         self.log_path = log_path
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                "PYTHONUNBUFFERED": "1"}
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", netns, sys.executable, __file__, role, *args], env=env, cwd=REPO,
+                ["ip", "netns", "exec", netns, sys.executable, script, role, *args], env=env, cwd=REPO,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
         self._buffer = b""
         self.ready: dict = {}
@@ -168,7 +169,11 @@ class NsProcess:
         return self.ready
 
     def status(self, timeout: float = 5.0) -> dict:
-        self.proc.stdin.write(b"status\n")
+        return self.command("status", timeout)
+
+    def command(self, line: str, timeout: float = 5.0) -> dict:
+        """Send one command line; its one-line JSON answer."""
+        self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
         return self._read_line(timeout)
 

@@ -21,7 +21,8 @@ SECRET = "fedcba9876543210" * 2
 WIRE = {
     "challenge": ["nonce", "authRequired", "protocolVersion"],
     "register": ["clientId", "protocolVersion", "auth", "takeover", "publicKey"],
-    "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion", "code"],
+    "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion", "code",
+                          "udpPort", "probePort"],
     "get_client_list": ["requestId"],
     "client_list": ["clients", "requestId"],
     "connect_request": ["toClientId", "remotePort", "remoteHost", "requestId", "protocol", "localPort"],
@@ -35,6 +36,8 @@ WIRE = {
     "session_closed": ["sessionId", "reason"],
     "session_keys": ["sessionId", "ephemeral", "publicKey", "signature"],
     "error": ["message", "code", "requestId"],
+    "path_candidates": ["sessionId", "candidates", "path"],
+    "peer_candidates": ["sessionId", "candidates", "punchKey"],
 }
 NESTED = {
     p.ClientInfo: ["id", "publicKey"],
@@ -71,6 +74,8 @@ def sample_messages() -> list:
         p.SessionClosed(sessionId=SESSION_ID, reason="ended"),
         p.SessionKeys(sessionId=SESSION_ID, ephemeral="QUFB" * 11, publicKey="QUFB" * 11, signature="QkJC" * 22),
         p.Error(message="client 'B' is not online", code="client_offline", requestId="r2"),
+        p.PathCandidates(sessionId=SESSION_ID, candidates=["10.0.0.2:40000", "[2001:db8::1]:40000"]),
+        p.PeerCandidates(sessionId=SESSION_ID, candidates=["198.51.100.7:5000"], punchKey="ab" * 16),
     ]
 
 

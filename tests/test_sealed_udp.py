@@ -88,8 +88,8 @@ def the_udp_session(server):
 
 def test_sealed_echo_of_1000_datagrams_is_intact_and_the_relay_sees_no_plaintext(hooked_server, make_client,
                                                                                  udp_echo):
-    a = make_client(hooked_server, "A")
-    b = make_client(hooked_server, "B")
+    a = make_client(hooked_server, "A", path="relay")  # what the relay sees: the flow must cross it
+    b = make_client(hooked_server, "B", path="relay")
     proxy = a.create_proxy(0, "B", udp_echo.port, protocol="udp")
     with udp_user() as user:
         for i in range(1000):
@@ -108,8 +108,8 @@ def test_sealed_echo_of_1000_datagrams_is_intact_and_the_relay_sees_no_plaintext
 
 
 def test_forged_replayed_and_altered_datagrams_are_dropped_and_counted(hooked_server, make_client, udp_echo):
-    a = make_client(hooked_server, "A")
-    b = make_client(hooked_server, "B")
+    a = make_client(hooked_server, "A", path="relay")  # what the relay sees: the flow must cross it
+    b = make_client(hooked_server, "B", path="relay")
     proxy = a.create_proxy(0, "B", udp_echo.port, protocol="udp")
     with udp_user() as user:
         for i in range(5):

@@ -133,13 +133,14 @@ def test_connection_info_says_what_each_side_sent_and_received():
             book.track("c" * 32, "A", handle=FakeFlow(), **a_facts(protocol="udp")) as udp:
         info = on_a.connection_info()
         assert info == {"id": "a" * 32, "shortId": "a" * 8, "side": "A", "peer": "B", "port": 22, "protocol": "tcp",
-                        "startedAt": on_a.started_at, "sealed": True, "localPort": 2222, "bytesSent": 10,
-                        "bytesReceived": 20}
+                        "startedAt": on_a.started_at, "sealed": True, "path": "relay", "localPort": 2222,
+                        "bytesSent": 10, "bytesReceived": 20}
         info = on_b.connection_info()
         assert "localPort" not in info and (info["bytesReceived"], info["bytesSent"]) == (30, 40)
         info = udp.connection_info()
         assert info["protocol"] == "udp" and info["localPort"] == 2222 and "bytesSent" not in info
         assert info["sealed"] is True  # UDP is sealed too (udpseal.py), unless the peer cannot seal
+        assert info["path"] == "relay"  # a flow that has not gone direct (FakeFlow has no path)
         udp.sealed = False  # such a peer, allowed by --allow-unsealed
         assert udp.connection_info()["sealed"] is False
 

@@ -94,8 +94,9 @@ def test_a_flow_follows_a_nat_rebinding_by_proving_its_secret_from_the_new_addre
     relay = make_server()
     tap = tap_factory(relay.port)
     relay.reconfigure(public_port=tap.port)
-    a = make_client(relay, "A", udp_keepalive=0.5)
-    make_client(relay, "B", udp_keepalive=0.5)  # B only answers: its keepalive is what moves it
+    # the relay path is what is tested: a direct path would leave the relay's addresses alone
+    a = make_client(relay, "A", udp_keepalive=0.5, path="relay")
+    make_client(relay, "B", udp_keepalive=0.5, path="relay")  # B only answers: its keepalive is what moves it
     proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
     with udp_socket() as user:
         assert udp_roundtrip(user, proxy.local_port, b"before the rebinding") == b"before the rebinding"
@@ -224,8 +225,9 @@ def test_udp_resumes_after_a_relay_restart_while_the_user_keeps_sending_from_the
     echo = services(UdpEchoService())
     first = make_server()
     port = first.port
-    a = make_client(first, "A", reconnect_max_delay=0.5)
-    b = make_client(first, "B", reconnect_max_delay=0.5)
+    # the relay path is what is tested (a direct flow would not need the relay until its keepalive)
+    a = make_client(first, "A", reconnect_max_delay=0.5, path="relay")
+    b = make_client(first, "B", reconnect_max_delay=0.5, path="relay")
     proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
     with udp_socket() as user:
         assert udp_roundtrip(user, proxy.local_port, b"before") == b"before"

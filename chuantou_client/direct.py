@@ -1,0 +1,267 @@
+"""The direct path for UDP flows on both clients: NAT discovery and hole punching.
+
+``probe_nat`` asks the relay's UDP port (and its ``--probe-port``) what address they see for
+one socket and classifies the NAT's mapping (common.direct). ``Puncher`` runs one flow's
+attempt on the socket the flow already uses toward the relay: it offers the flow's local
+address over the control channel, the relay adds what it saw and hands each side the other's
+candidates with a punch key, and both sides send signed pings to every candidate. A side
+trusts an address as its peer once a genuine punch packet came from it, and sends its payload
+there once it has proof that the way back works too (a pong, or the peer's payload arriving
+directly). ``DirectPaths`` holds the client's mode, deadline, memory of pairs and NAT result.
+
+TCP proxies do not use the direct path yet (simultaneous open is a later slice).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from common import direct as d
+from common import protocol as p
+from common.errors import ChuantouError
+from common.net import close_quietly
+
+log = logging.getLogger("chuantou.client")
+
+PING_EVERY = 0.02  # seconds between rounds of pings while an attempt runs
+POLL = 0.01  # socket timeout of a flow while it punches (so it pings on time)
+GRACE = 0.5  # the target keeps pinging this much past the deadline (the gateway's clock started first)
+PROBE_TRIES = 3
+PROBE_WAIT = 0.3  # seconds per try
+
+
+class DirectPaths:
+    """The client's side of the direct path: mode, deadline, memory, live attempts, NAT result."""
+
+    def __init__(self, path: str = "auto", deadline: float = d.DEFAULT_DEADLINE):
+        if path not in d.PATHS:
+            raise ChuantouError(f"--path must be one of {', '.join(d.PATHS)}, not {path!r}")
+        if not deadline > 0:
+            raise ChuantouError(f"the direct path deadline must be > 0 seconds, not {deadline!r}")
+        self.path = path
+        self.deadline = deadline
+        self.memory = d.PathMemory()
+        self.nat: dict = {"mapping": "not probed yet"}
+        self.relay_knows = False  # the relay said where probes go: it speaks path_candidates too
+        self._punchers: dict[str, Puncher] = {}
+        self._lock = threading.Lock()
+
+    def wants_to_try(self, peer: str) -> bool:
+        """Should a new flow to ``peer`` try the direct path (the gateway's decision)?"""
+        if self.path == "relay" or not self.relay_knows:
+            return False
+        return self.path == "direct" or self.memory.should_try(peer)
+
+    def begin(self, puncher: Puncher) -> None:
+        with self._lock:
+            self._punchers[puncher.session_id] = puncher
+
+    def end(self, puncher: Puncher) -> None:
+        with self._lock:
+            if self._punchers.get(puncher.session_id) is puncher:
+                del self._punchers[puncher.session_id]
+
+    def deliver(self, msg: p.PeerCandidates) -> None:
+        """The relay's answer to an offer (on the control reader thread: must not block)."""
+        with self._lock:
+            puncher = self._punchers.get(msg.sessionId)
+        if puncher is not None:
+            puncher.peer_offered(msg)
+
+    def describe(self) -> dict:
+        return {"path": self.path, "deadline": self.deadline, "nat": dict(self.nat), "pairs": self.memory.describe()}
+
+
+class Puncher:
+    """One UDP flow's attempt at a direct path, driven by the thread that owns ``sock``."""
+
+    def __init__(self, sock: socket.socket, session_id: str, side: str, deadline: float):
+        self.sock = sock
+        self.session_id = session_id
+        self.side = side
+        self.peer_side = "B" if side == "A" else "A"
+        self.deadline = deadline
+        self.v6 = sock.family == socket.AF_INET6
+        self.answered = threading.Event()  # the relay handed us the peer's offer
+        self.key: bytes | None = None  # set last by peer_offered: the owner thread reads it unlocked
+        self.targets: list[tuple] = []
+        self.confirmed: set[tuple] = set()  # addresses a genuine punch packet came from
+        self.direct: tuple | None = None  # where this side sends payload, once the way back is proved
+        self.gave_up = False  # decided on the relay: no more pings, no more pongs
+        self.stop_pinging_at = float("inf")
+        self._next_ping = 0.0
+
+    # --- the offer --------------------------------------------------------------------------
+
+    def offer(self, control, relay: tuple, path: str) -> None:
+        """Tell the relay where this flow's socket may be reached on its own network."""
+        local = local_candidate(self.sock, relay)
+        self.stop_pinging_at = time.monotonic() + self.deadline + (GRACE if self.side == "B" else 0.0)
+        try:
+            control.send(p.PathCandidates(sessionId=self.session_id, candidates=[local] if local else [],
+                                          path="relay" if path == "relay" else "auto"))
+        except ChuantouError as exc:  # the control channel is down: this flow takes the relay
+            log.debug("UDP session %s...: no direct path offered: %s", self.session_id[:8], exc)
+            self.answered.set()
+
+    def peer_offered(self, msg: p.PeerCandidates) -> None:
+        targets = []
+        for text in msg.candidates:
+            try:
+                targets.append(d.for_socket(self.v6, *d.parse_candidate(text)))
+            except d.DirectFrameError:
+                continue
+        self.targets = targets
+        log.debug("UDP session %s... (%s): the peer's candidates are %s", self.session_id[:8], self.side,
+                  ", ".join(msg.candidates) or "none (it takes the relay)")
+        if targets and msg.punchKey:
+            self.stop_pinging_at = time.monotonic() + self.deadline + (GRACE if self.side == "B" else 0.0)
+            self.key = bytes.fromhex(msg.punchKey)
+        self.answered.set()
+
+    @property
+    def refused(self) -> bool:
+        """The relay answered with no candidates: the peer (or its mode) wants the relay."""
+        return self.answered.is_set() and self.key is None
+
+    @property
+    def pinging(self) -> bool:
+        return self.key is not None and self.direct is None and not self.gave_up
+
+    @property
+    def busy(self) -> bool:
+        """Pinging, or about to be: the owner must poll its socket quickly (the relay's answer
+        arrives on another thread, and the peer's first pings die at our NAT until we ping)."""
+        if self.pinging:
+            return True
+        return not self.answered.is_set() and not self.gave_up and time.monotonic() < self.stop_pinging_at
+
+    # --- on the owner's thread --------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Send a round of pings when one is due (and give up once the time is over)."""
+        key = self.key
+        if key is None or not self.pinging or now < self._next_ping:
+            return
+        if now >= self.stop_pinging_at:
+            self.gave_up = True
+            return
+        self._next_ping = now + PING_EVERY
+        ping = d.pack_punch(key, d.PING, self.side, self.session_id)
+        for target in [*self.targets, *self.confirmed]:
+            try:
+                self.sock.sendto(ping, target)
+            except OSError:  # an unreachable candidate (a private address elsewhere): the others may work
+                pass
+
+    def handle(self, data: bytes, src: tuple) -> bool:
+        """True when ``data`` was a punch packet (answered here, never payload)."""
+        key = self.key
+        if key is None:
+            return False
+        kind = d.unpack_punch(data, key, self.session_id, self.peer_side)
+        if kind is None:
+            return False
+        if self.gave_up and self.direct is None:
+            return True  # this flow uses the relay now; live flows do not move
+        if src not in self.confirmed:
+            log.debug("UDP session %s... (%s): a genuine %s from %s:%s", self.session_id[:8], self.side,
+                      "ping" if kind == d.PING else "pong", *src)
+        self.confirmed.add(src)
+        if kind == d.PING:
+            try:
+                self.sock.sendto(d.pack_punch(key, d.PONG, self.side, self.session_id), src)
+            except OSError:
+                pass
+        elif self.direct is None:
+            self.direct = src  # our ping reached them and their pong reached us: both ways work
+        return True
+
+    def is_peer(self, src: tuple) -> bool:
+        return src in self.confirmed
+
+    def peer_payload(self, src: tuple) -> None:
+        """Payload came straight from the peer: it has our pong, so the way to it works."""
+        if self.direct is None and not self.gave_up:
+            self.direct = src
+
+    def keep_alive(self) -> None:
+        """A ping down the direct path, so that both NATs keep the mapping (the caller paces it)."""
+        if self.direct is not None and self.key is not None:
+            try:
+                self.sock.sendto(d.pack_punch(self.key, d.PING, self.side, self.session_id), self.direct)
+            except OSError:
+                pass
+
+    @property
+    def path(self) -> str:
+        return "direct" if self.direct is not None else "relay"
+
+
+def local_candidate(sock: socket.socket, relay: tuple) -> str | None:
+    """This socket's address on its own network: the interface address that routes to the
+    relay, with the socket's port (for two clients behind one NAT)."""
+    port = sock.getsockname()[1]
+    probe = socket.socket(sock.family, socket.SOCK_DGRAM)
+    try:
+        probe.connect(relay)  # no packet is sent: it only picks the route
+        ip = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        close_quietly(probe)
+    if ip.startswith("::ffff:"):
+        ip = ip[7:]
+    try:
+        return d.format_candidate(ip, port)
+    except ValueError:
+        return None
+
+
+def probe_nat(host: str, udp_port: int, probe_port: int | None, stopping: threading.Event) -> dict:
+    """Ask the relay's UDP port and probe port what they see of one socket; classify it."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, udp_port, type=socket.SOCK_DGRAM)[0]
+    except OSError as exc:
+        return {"mapping": f"unknown (cannot resolve {host}: {exc.strerror or exc})"}
+    relay = sockaddr[:2]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        first = _ask(sock, relay, stopping)
+        second = _ask(sock, (relay[0], probe_port), stopping) if probe_port and first else None
+        local_ip = local_candidate(sock, relay)
+        local = d.parse_candidate(local_ip) if local_ip else None
+    finally:
+        close_quietly(sock)
+    result = {"mapping": d.classify_mapping(local, first, second)}
+    if first is not None:
+        result["seenAs"] = d.format_candidate(*first)
+    return result
+
+
+def _ask(sock: socket.socket, relay: tuple, stopping: threading.Event) -> tuple | None:
+    nonce = os.urandom(d.NONCE_BYTES)
+    for _ in range(PROBE_TRIES):
+        if stopping.is_set():
+            return None
+        try:
+            sock.sendto(d.pack_probe(nonce), relay)
+        except OSError:
+            return None
+        deadline = time.monotonic() + PROBE_WAIT
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            try:
+                data, src = sock.recvfrom(2048)
+            except socket.timeout:
+                break
+            except OSError:  # ICMP: nothing listens there
+                return None
+            answer = d.unpack_probe_answer(data, nonce) if src[:2] == relay else None
+            if answer is not None:
+                return answer
+    return None

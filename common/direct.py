@@ -1,0 +1,194 @@
+"""The direct path for UDP, as plain data: NAT probes, punch packets, candidates, path memory.
+
+No sockets here. Framing (all on the UDP sockets the clients already use toward the relay)::
+
+    probe    client -> relay port (or --probe-port):  0xFD 0x06 | nonce (16) | zero padding to 40 bytes
+    answer   relay -> client:                         0xFD 0x07 | nonce (16) | port (2) | ip (4 or 16)
+    punch    client -> peer candidate:                0xFD 0x08 | kind ('P' ping, 'O' pong) | side | session id (16)
+                                                      | tag (16)
+
+The probe is padded so that the answer is never bigger than the request (no amplification).
+The punch tag is HMAC-SHA256(punch key, "chuantou-punch" | kind | side | session id)[:16]; the
+punch key comes from the relay over each side's authenticated control channel, so a stranger
+who sees a client's punched port cannot make it take another address for its peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import random
+import time
+from dataclasses import dataclass
+
+PROBE_MAGIC = b"\xfd\x06"
+PROBE_ANSWER_MAGIC = b"\xfd\x07"
+PUNCH_MAGIC = b"\xfd\x08"
+NONCE_BYTES = 16
+PROBE_SIZE = 40  # >= the largest answer (2 + 16 + 2 + 16 = 36)
+PUNCH_TAG_BYTES = 16
+PUNCH_SIZE = 2 + 1 + 1 + 16 + PUNCH_TAG_BYTES
+PING, PONG = b"P", b"O"
+PATHS = ("auto", "relay", "direct")
+DEFAULT_DEADLINE = 1.0  # seconds a new flow waits for a direct path before it takes the relay
+MAX_CANDIDATES = 8
+
+# NAT mapping behaviour, as `status` words it
+EIM = "endpoint-independent mapping"
+EDM = "endpoint-dependent mapping (symmetric NAT: direct paths will fail)"
+NO_NAT = "no NAT (the relay sees this host's own address)"
+ONE_PORT = "mapping not tested (the relay has no --probe-port)"
+NO_ANSWER = "unknown (the relay did not answer UDP probes)"
+
+
+class DirectFrameError(ValueError):
+    pass
+
+
+# --- NAT probes ------------------------------------------------------------------------------
+
+def pack_probe(nonce: bytes) -> bytes:
+    if len(nonce) != NONCE_BYTES:
+        raise DirectFrameError(f"a probe nonce is {NONCE_BYTES} bytes")
+    return PROBE_MAGIC + nonce + bytes(PROBE_SIZE - 2 - NONCE_BYTES)
+
+
+def is_probe(data: bytes) -> bool:
+    return len(data) == PROBE_SIZE and data[:2] == PROBE_MAGIC
+
+
+def pack_probe_answer(probe: bytes, addr: tuple) -> bytes:
+    """The relay's answer to ``probe`` from ``addr``: the (ip, port) it saw."""
+    ip = ipaddress.ip_address(addr[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack relay sees IPv4 clients as ::ffff:a.b.c.d
+    return PROBE_ANSWER_MAGIC + probe[2:2 + NONCE_BYTES] + int(addr[1]).to_bytes(2, "big") + ip.packed
+
+
+def unpack_probe_answer(data: bytes, nonce: bytes) -> tuple[str, int] | None:
+    """The (ip, port) in an answer to our probe with ``nonce``, else None."""
+    if data[:2] != PROBE_ANSWER_MAGIC or len(data) not in (2 + NONCE_BYTES + 2 + 4, 2 + NONCE_BYTES + 2 + 16):
+        return None
+    if not hmac.compare_digest(data[2:2 + NONCE_BYTES], nonce):
+        return None
+    port = int.from_bytes(data[18:20], "big")
+    return str(ipaddress.ip_address(data[20:])), port
+
+
+def classify_mapping(local: tuple | None, first: tuple | None, second: tuple | None) -> str:
+    """RFC 5780's mapping test, simplified: what two relay ports saw of one socket.
+
+    ``local``: the socket's own (ip, port); ``first`` and ``second``: what the relay's port and
+    its probe port reported (None: no answer, or no probe port)."""
+    if first is None:
+        return NO_ANSWER
+    if local is not None and tuple(first) == tuple(local):
+        return NO_NAT
+    if second is None:
+        return ONE_PORT
+    return EIM if tuple(first) == tuple(second) else EDM
+
+
+# --- punch packets ---------------------------------------------------------------------------
+
+def punch_tag(key: bytes, kind: bytes, side: str, session_id: str) -> bytes:
+    message = b"chuantou-punch" + kind + side.encode() + bytes.fromhex(session_id)
+    return hmac.new(key, message, hashlib.sha256).digest()[:PUNCH_TAG_BYTES]
+
+
+def pack_punch(key: bytes, kind: bytes, side: str, session_id: str) -> bytes:
+    return PUNCH_MAGIC + kind + side.encode() + bytes.fromhex(session_id) + punch_tag(key, kind, side, session_id)
+
+
+def unpack_punch(data: bytes, key: bytes, session_id: str, from_side: str) -> bytes | None:
+    """PING or PONG when ``data`` is a genuine punch packet of ``from_side`` for this session."""
+    if len(data) != PUNCH_SIZE or data[:2] != PUNCH_MAGIC:
+        return None
+    kind, side = data[2:3], data[3:4]
+    if kind not in (PING, PONG) or side != from_side.encode() or data[4:20] != bytes.fromhex(session_id):
+        return None
+    if not hmac.compare_digest(data[20:], punch_tag(key, kind, from_side, session_id)):
+        return None
+    return kind
+
+
+# --- candidates ------------------------------------------------------------------------------
+
+def format_candidate(ip: str, port: int) -> str:
+    parsed = ipaddress.ip_address(ip)
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return f"[{parsed}]:{port}" if parsed.version == 6 else f"{parsed}:{port}"
+
+
+def parse_candidate(text: str) -> tuple[str, int]:
+    """``"a.b.c.d:port"`` or ``"[v6]:port"`` -> (ip, port); DirectFrameError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise DirectFrameError(f"candidate {text[:60]!r} has no port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise DirectFrameError(f"candidate {text[:60]!r} is not ip:port") from None
+    if not 1 <= number <= 65535:
+        raise DirectFrameError(f"candidate {text[:60]!r} has a port outside 1-65535")
+    return str(ip), number
+
+
+def for_socket(family_is_v6: bool, ip: str, port: int) -> tuple:
+    """A candidate as a socket of that family sends to it (and recvfrom reports it)."""
+    if family_is_v6 and ipaddress.ip_address(ip).version == 4:
+        return f"::ffff:{ip}", port
+    return ip, port
+
+
+# --- path memory -----------------------------------------------------------------------------
+
+FIRST_RETRY = 5.0  # seconds after a first failure before a pair is tried again
+MAX_RETRY = 300.0  # never longer than this: a pair is never "relay forever"
+
+
+@dataclass
+class PairMemory:
+    successes: int = 0
+    failures: int = 0  # in a row
+    last: str = ""  # "direct" or "relay"
+    retry_at: float = 0.0  # monotonic; before it a failed pair goes straight to the relay
+
+
+class PathMemory:
+    """Per peer: did the last attempt go direct? A pair that failed is retried after a backoff
+    that doubles per failure (with jitter, capped); one success clears it."""
+
+    def __init__(self, first_retry: float = FIRST_RETRY, max_retry: float = MAX_RETRY, clock=time.monotonic):
+        self.first_retry = first_retry
+        self.max_retry = max_retry
+        self.clock = clock
+        self.pairs: dict[str, PairMemory] = {}
+
+    def should_try(self, peer: str) -> bool:
+        pair = self.pairs.get(peer)
+        return pair is None or pair.failures == 0 or self.clock() >= pair.retry_at
+
+    def succeeded(self, peer: str) -> None:
+        pair = self.pairs.setdefault(peer, PairMemory())
+        pair.successes += 1
+        pair.failures = 0
+        pair.last = "direct"
+        pair.retry_at = 0.0
+
+    def failed(self, peer: str) -> None:
+        pair = self.pairs.setdefault(peer, PairMemory())
+        pair.failures += 1
+        pair.last = "relay"
+        delay = min(self.max_retry, self.first_retry * 2 ** (pair.failures - 1))
+        pair.retry_at = self.clock() + delay * random.uniform(0.8, 1.0)
+
+    def describe(self) -> dict:
+        now = self.clock()
+        return {peer: {"last": pair.last, "successes": pair.successes, "failures": pair.failures,
+                       "retryIn": max(0.0, pair.retry_at - now) if pair.failures else 0.0}
+                for peer, pair in self.pairs.items()}
