@@ -261,7 +261,7 @@ def test_the_relay_total_is_shared_by_every_client(make_server, make_client, ser
 
 def test_udp_over_a_relay_limit_is_dropped_and_counted(make_server, make_client, udp_echo):
     server = make_server(bandwidth_per_client=64 * 1024)
-    a = make_client(server, "A")
+    a = make_client(server, "A", path="relay")  # on one host the flow would go direct, past the relay's limit
     make_client(server, "B")
     proxy = a.create_proxy(0, "B", udp_echo.port, protocol="udp")
     with udp_user() as user:
