@@ -8,7 +8,6 @@ import os
 import sys
 import threading
 import time
-import urllib.error
 from pathlib import Path
 
 from common import __version__, config, service
