@@ -19,7 +19,7 @@ from common.net import reset_connection, tune_tcp
 from common.pipe import Pipe
 
 from .selfguard import resolve_for_connect
-from .udp import UdpTarget
+from .udptarget import UdpTarget
 
 log = logging.getLogger("chuantou.client")
 

@@ -225,7 +225,7 @@ class _TargetSocketTap:
 
 def test_a_direct_flow_carries_sealed_datagrams_and_each_side_opens_what_the_peer_sends(
         server, make_client, services, monkeypatch):
-    import chuantou_client.udp as udp_module
+    import chuantou_client.udptarget as udp_module  # B's flow opens its socket there
     taps: list[_TargetSocketTap] = []
     real = udp_module.udp_socket_for
 
