@@ -206,6 +206,8 @@ def local_candidate(sock: socket.socket, relay: tuple) -> str | None:
     """This socket's address on its own network: the interface address that routes to the
     relay, with the socket's port (for two clients behind one NAT)."""
     port = sock.getsockname()[1]
+    if port == 0:  # not bound yet: it has sent nothing, so it has no address to offer
+        return None
     probe = socket.socket(sock.family, socket.SOCK_DGRAM)
     try:
         probe.connect(relay)  # no packet is sent: it only picks the route
@@ -233,7 +235,8 @@ def probe_nat(host: str, udp_port: int, probe_port: int | None, stopping: thread
     try:
         first = _ask(sock, relay, stopping)
         second = _ask(sock, (relay[0], probe_port), stopping) if probe_port and first else None
-        local_ip = local_candidate(sock, relay)
+        # no probe sent (stopping): the socket was never bound, and has no address worth naming
+        local_ip = local_candidate(sock, relay) if first is not None else None
         local = d.parse_candidate(local_ip) if local_ip else None
     finally:
         close_quietly(sock)

@@ -260,3 +260,19 @@ def test_a_direct_flow_carries_sealed_datagrams_and_each_side_opens_what_the_pee
         wait_until(lambda: a.seal_counts()["rejected"] == 1, message="A rejects the altered answer")
         assert udp_roundtrip(user, proxy.local_port, b"after") == b"after"  # the flow still works
     assert server.udp.relayed_bytes == 0
+
+
+def test_a_probe_cut_short_by_stopping_reports_no_local_address_and_does_not_fail():
+    """A client refused at registration stops before its NAT probe sends anything: the probe's
+    socket has no port then, and that must not be offered (nor crash the probe thread)."""
+    import socket as socket_module
+    import threading as threading_module
+
+    from chuantou_client.direct import local_candidate, probe_nat
+
+    stopping = threading_module.Event()
+    stopping.set()
+    with socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM) as unbound:
+        assert local_candidate(unbound, ("127.0.0.1", 9)) is None
+    result = probe_nat("127.0.0.1", 9, None, stopping)
+    assert "mapping" in result and "seenAs" not in result
