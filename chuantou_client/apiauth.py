@@ -16,6 +16,7 @@ import os
 import secrets
 from pathlib import Path
 
+from common import config
 from common.errors import ChuantouError
 from common.login_sessions import DEFAULT_IDLE, DEFAULT_LIFETIME, DEFAULT_MAX_SESSIONS, LoginSessions
 
@@ -71,20 +72,7 @@ def _read(path: Path) -> str:
 
 
 def _write_new(path: Path, secret: str) -> None:
-    """Write atomically: create a private temporary file (0600 from the start), then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, (secret + "\n").encode())
-        os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    config.write_private(path, (secret + "\n").encode())
 
 
 def _keep_private(path: Path) -> None:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 
-from common import identity
+from common import config, identity
 from common import protocol as p
 from common.errors import ChuantouError
 
@@ -112,12 +111,7 @@ class KnownClients:
             return
         text = "# peers' keys, as sealed sessions proved them (see: python -m chuantou_client forget-key)\n"
         text += "".join(f"{peer} {fp}\n" for peer, fp in sorted(self._pins.items()))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        config.write_private(self.path, text.encode("utf-8"))
         self._seen_mtime = os.stat(self.path).st_mtime_ns
 
     # --- the checks -----------------------------------------------------------------------------

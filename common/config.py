@@ -149,20 +149,25 @@ def _owner_to_keep(path: Path) -> tuple[int, int] | None:
 
 
 def save(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON, atomically, readable only by the owner.
+    """Write ``data`` as indented JSON, atomically, readable only by the owner."""
+    write_private(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
-    The file keeps its owner: root editing a system service's config (``token add``) must not
-    leave it unreadable to the service's user."""
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically (a temporary file, then a rename) with mode 0600 from the start,
+    for every file that holds a secret: configs, keys, the API secret, pins.
+
+    The file keeps its owner: root editing a system service's files (``token add``) must not
+    leave them unreadable to the service's user."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     owner = _owner_to_keep(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp: 0600 already
     try:
         os.fchmod(fd, 0o600)
         if owner:
             os.fchown(fd, *owner)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         try:

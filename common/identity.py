@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import config
 from .errors import ChuantouError
 
 IDENTITY_FILE = "identity.pem"
@@ -216,16 +217,4 @@ def _to_pem(key, certificate) -> bytes:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the start (the key is never readable by others)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    config.write_private(path, data)  # atomic, 0600 from the start: the key is never readable by others
