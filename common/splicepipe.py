@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 
-from .pipe import SMALL_READ, Pipe
+from .pipe import IDLE_READ, SMALL_READ, Pipe, next_read_size
 
 PIPE_SIZE = 1024 * 1024
 MAX_PIPES = 256  # one per splicing direction: 512 descriptors of the relay's 20,000, at most 256 MiB in flight
@@ -107,8 +107,9 @@ class SplicePipe(Pipe):
 
     def _small_reads(self, src: socket.socket, dst: socket.socket, index: int) -> bool:
         """Copy in small reads until one fills up (the stream is bulk): True, or False at its end."""
+        size = IDLE_READ
         while True:
-            data = src.recv(SMALL_READ)
+            data = src.recv(size)
             if not data:
                 self._end_of_stream(dst, index)
                 return False
@@ -118,6 +119,7 @@ class SplicePipe(Pipe):
             self.sent[index] += len(data)
             if len(data) == SMALL_READ:
                 return True
+            size = next_read_size(len(data), size)
 
     def _splice(self, src: socket.socket, dst: socket.socket, index: int,
                 read_fd: int, write_fd: int, size: int) -> bool:
