@@ -483,14 +483,14 @@ def pct(samples: list[float], q: float) -> float:
 
 # --- the run --------------------------------------------------------------------------------
 
-def build(procs: Procs, want_socat: bool, roles: str = ROLES, tag: str = "") -> dict:
+def build(procs: Procs, want_socat: bool, roles: str = ROLES, tag: str = "", server_args: tuple = ()) -> dict:
     """Start service, server, B and A (with proxies to the service) and, if asked, the socat
     hops. ``roles`` may be the roles.py of another copy of the library (it runs the library it
     sits beside); ``tag`` tells apart the logs of two tunnels built side by side."""
     py = sys.executable
     _, lines = procs.start(f"service{tag}", [py, roles, "service"])
     echo, source, sink = (int(x) for x in lines[-1].split()[1:4])
-    server_proc, lines = procs.start(f"server{tag}", [py, roles, "server"])
+    server_proc, lines = procs.start(f"server{tag}", [py, roles, "server", *server_args])
     relay_port = int(lines[-1].split()[1])
     url = f"ws://{HOST}:{relay_port}"
     b_proc, _ = procs.start(f"clientB{tag}", [py, roles, "client", "--server", url, "--id", "B"])

@@ -157,7 +157,11 @@ def run_server(args) -> int:
     dump = _maybe_profile()
     trace = _maybe_trace("server")
     from chuantou_server import Server
-    server = Server(host=HOST, port=0).start()
+    caps = {}
+    if args.session_cap:
+        n = args.session_cap
+        caps = {"max_sessions": n, "max_sessions_per_client": n, "max_sessions_per_target": n}
+    server = Server(host=HOST, port=0, **caps).start()
     try:
         _say(f"PORT {server.port}")
         _say("READY")
@@ -349,7 +353,9 @@ def run_service(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="role", required=True)
-    sub.add_parser("server")
+    srv = sub.add_parser("server")
+    srv.add_argument("--session-cap", type=int, default=0,
+                     help="raise the relay's session caps (total, per client, per target) to N (bench_scale.py)")
     c = sub.add_parser("client")
     c.add_argument("--server", required=True)
     c.add_argument("--id", required=True)
