@@ -33,6 +33,7 @@ TARGETS = {"rss_per_session_kib": 96.0, "relay_rss_per_session_kib": 32.0, "open
            "after_close_ratio": 1.10, "churn_drift_ratio": 1.10}
 THREADS_PER_SESSION = 6  # a pump pair in each of relay, A and B
 PID_MAX = "/proc/sys/kernel/pid_max"
+AFTER_CLOSE = 10.0  # memory "after close" is read this long after the last session closed
 
 
 def make_room(sessions: int) -> list[str]:
@@ -95,7 +96,10 @@ def hold(echo_port: int, count: int, pids: dict[str, int], batch: int = 200) -> 
     finally:
         for s in socks.values():
             s.close()
-    after, settle_seconds = settle(pids, idle)
+    closed_at = time.monotonic()
+    _, settle_seconds = settle(pids, idle)
+    time.sleep(max(0.0, closed_at + AFTER_CLOSE - time.monotonic()))  # a fixed window: the clients trim on their 5 s tick
+    after = sample(pids)
     served = served_first & served_second
     per = {n: (during[n]["rss_kib"] - idle[n]["rss_kib"]) / max(1, count) for n in pids}
     return {

@@ -145,16 +145,16 @@ class Client:
         self.udp_seal_stats = SealStats()  # datagrams ended UDP sessions dropped (running ones count their own)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
         self.direct = DirectPaths(path, direct_deadline)
+        self.sessions = SessionBook()  # every session as A and as B, and what is left of ended ones
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
             on_lost=self._settle_sessions, public_key=self.sealing.identity.public_key_b64,
-            on_registered=self._registered,
+            on_registered=self._registered, on_tick=self.sessions.trimmer.tick,
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
-        self.sessions = SessionBook()  # every session as A and as B, and what is left of ended ones
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False

@@ -69,7 +69,7 @@ class ControlChannel:
     def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
                  heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
                  token: str | None = None, tls=None, on_lost=None, public_key: str | None = None,
-                 on_registered=None):
+                 on_registered=None, on_tick=None):
         self.urls = split_server_urls(url)  # tried in order; see _next_url
         self._url_index = 0
         self._round = 0  # URLs moved through since the last registration (a full round: back off)
@@ -78,6 +78,7 @@ class ControlChannel:
         self.threads = threads
         self.on_message = on_message
         self.heartbeat_interval = heartbeat_interval
+        self._on_tick = on_tick  # the client's periodic chores, on the heartbeat's beat
         self.heartbeat_timeout = heartbeat_timeout
         self.connect_timeout = connect_timeout
         self.reconnect_max_delay = reconnect_max_delay
@@ -345,6 +346,8 @@ class ControlChannel:
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(self.heartbeat_interval):
+            if self._on_tick is not None:
+                self._on_tick()
             if not self.registered.is_set():
                 continue
             if time.monotonic() - self._last_received > self.heartbeat_timeout:

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from common.memtrim import Trimmer
+
 REMEMBERED_REASONS = 256  # closing reasons kept for sessions that may not be tracked yet (or any more)
 REMEMBERED_OWNERS = 1024  # proxies of ended sessions, for a reason the relay sends late
 
@@ -76,6 +78,7 @@ class SessionBook:
         self._done = [0, 0]  # received, sent: by ended sessions as B and by closed proxies
         self._lock = threading.Lock()
         self._reason_came = threading.Condition(self._lock)
+        self.trimmer = Trimmer()  # the heartbeat loop ticks it
 
     # --- the life of one session ------------------------------------------------------------
 
@@ -88,6 +91,8 @@ class SessionBook:
         record = SessionRecord(session_id, side, peer, port, protocol, local_port, owner)
         with self._lock:
             self._records[session_id] = record
+            live = len(self._records)
+        self.trimmer.opened(live)
         try:
             if handle is not None:
                 self.attach(record, handle)
@@ -113,6 +118,8 @@ class SessionBook:
                 self._done[1] += counts[1]
             if record.owner is not None and record.id not in self._reasons:
                 _remember(self._ended_owners, record.id, record.owner, self._max_owners)
+            live = len(self._records)
+        self.trimmer.note(live)  # after a mass close, give the freed memory back
 
     def closed(self, session_id: str, reason: str) -> tuple[Any, Any]:
         """The relay closed the session: remember why. Returns (handle to abort, owner to tell),

@@ -333,6 +333,7 @@ class Server:
         tick = max(0.05, min(0.5, cfg.heartbeat_timeout / 4, cfg.session_join_timeout / 4))
         while not self.stopping.wait(tick):
             self.expire_once()
+            self.sessions.trimmer.tick()
 
     def expire_once(self) -> None:
         cfg = self.config

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from common.frames import ID_BYTES, SECRET_BYTES, JoinRequest, JoinStatus
+from common.memtrim import Trimmer
 from common.net import reset_connection
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class SessionTable:
         # Indexes, so that closing N sessions of one client costs O(N), not a scan of the table each:
         self._by_client: dict[str, dict[str, Session]] = {}  # client (A or B) -> its sessions
         self._unjoined_by: dict[str, dict[str, Session]] = {}  # client A -> sessions not joined yet (lazily)
+        self.trimmer = Trimmer()  # the housekeeper ticks it
 
     def create(self, client_a: str, client_b: str, port: int, protocol: str) -> Session:
         session = Session(
@@ -103,11 +105,13 @@ class SessionTable:
         )
         with self._lock:
             self._sessions[session.id] = session
+            live = len(self._sessions)
             self._opened_by[client_a, protocol] += 1
             self._targeted[client_b] += 1
             for client_id in {client_a, client_b}:
                 self._by_client.setdefault(client_id, {})[session.id] = session
             self._unjoined_by.setdefault(client_a, {})[session.id] = session
+        self.trimmer.opened(live)
         return session
 
     def get(self, session_id: str) -> Session | None:
@@ -117,16 +121,18 @@ class SessionTable:
     def remove(self, session: Session) -> bool:
         """Take the session out of the table; True if this call removed it."""
         with self._lock:
-            if self._sessions.get(session.id) is session:
-                del self._sessions[session.id]
-                session.closed = True
-                _decrement(self._opened_by, (session.client_a, session.protocol))
-                _decrement(self._targeted, session.client_b)
-                for client_id in {session.client_a, session.client_b}:
-                    _discard(self._by_client, client_id, session.id)
-                _discard(self._unjoined_by, session.client_a, session.id)
-                return True
-            return False
+            if self._sessions.get(session.id) is not session:
+                return False
+            del self._sessions[session.id]
+            session.closed = True
+            _decrement(self._opened_by, (session.client_a, session.protocol))
+            _decrement(self._targeted, session.client_b)
+            for client_id in {session.client_a, session.client_b}:
+                _discard(self._by_client, client_id, session.id)
+            _discard(self._unjoined_by, session.client_a, session.id)
+            live = len(self._sessions)
+        self.trimmer.note(live)  # after a mass close, give the freed memory back
+        return True
 
     def all(self) -> list[Session]:
         with self._lock:
