@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_relay import HOST, Procs, _connect, _exchange_all, build, rss_kib, threads_of  # noqa: E402
+from bench_relay import Procs, _connect, _exchange_all, build, rss_kib, threads_of  # noqa: E402
 
 TARGETS = {"rss_per_session_kib": 96.0, "relay_rss_per_session_kib": 32.0, "open_seconds": 20.0,
            "after_close_ratio": 1.10, "churn_drift_ratio": 1.10}

@@ -182,7 +182,9 @@ def run_client(args) -> int:
     dump = _maybe_profile()
     trace = _maybe_trace(f"client{args.id}")
     from chuantou_client import Client
-    client = Client(args.server, client_id=args.id, allow_unsealed=args.unsealed)
+    import inspect
+    path = {"path": args.path} if "path" in inspect.signature(Client).parameters else {}  # older copies: relay only
+    client = Client(args.server, client_id=args.id, allow_unsealed=args.unsealed, **path)
     if args.unsealed:  # as an older chuantou: registers no key, so no session of it is sealed
         client.control.public_key = None
     client.start()
@@ -360,6 +362,8 @@ def main(argv=None) -> int:
     c.add_argument("--server", required=True)
     c.add_argument("--id", required=True)
     c.add_argument("--proxy", action="append", help="NAME:TARGET_ID:TARGET_PORT:PROTO")
+    c.add_argument("--path", default="relay", choices=("relay", "auto", "direct"),
+                   help="UDP path (default relay: on one host a direct path would bypass the relay being measured)")
     c.add_argument("--unsealed", action="store_true",
                    help="register no key and allow unsealed sessions: the tunnel as it was before sealing")
     sub.add_parser("service")
