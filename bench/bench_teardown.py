@@ -25,11 +25,21 @@ sys.path.insert(0, LIBRARY)
 
 from chuantou_server import Server  # noqa: E402
 
+try:  # as the CLIs do (an older copy of the library has no such function)
+    from common.threads import tune_for_many_threads  # noqa: E402
+except ImportError:
+    tune_for_many_threads = None  # type: ignore[assignment]
+
 CHILD = r"""
 import socket, sys, threading, time, resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
 import inspect
 from chuantou_client import Client
+try:
+    from common.threads import tune_for_many_threads
+    tune_for_many_threads()
+except ImportError:
+    pass
 role, url = sys.argv[1], sys.argv[2]
 burst = {"max_pending_connects": 100000} if "max_pending_connects" in inspect.signature(Client).parameters else {}
 client = Client(url, role, token=None, **burst).start()  # the bench opens every session at once
@@ -112,6 +122,8 @@ def run(n: int) -> dict:
 
 
 if __name__ == "__main__":
+    if tune_for_many_threads is not None:
+        tune_for_many_threads()
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     for count in map(int, sys.argv[1:] or ["500", "2000"]):
         print(run(count), flush=True)

@@ -31,7 +31,12 @@ HOST = "127.0.0.1"
 
 
 def _prepare_process() -> threading.Event:
-    threading.stack_size(512 * 1024)
+    try:
+        from common.threads import tune_for_many_threads
+    except ImportError:  # an older copy of the library
+        threading.stack_size(512 * 1024)
+    else:
+        tune_for_many_threads()  # as the CLIs do
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -25,6 +25,7 @@ from . import config, logsafe, service, startcheck, systemunit
 from .autostart import install_autostart, remove_autostart
 from .errors import ChuantouError
 from .supervisor import follow_log, read_log_tail, start_background, stop_background, supervise
+from .threads import tune_for_many_threads
 
 
 def local_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
@@ -139,7 +140,7 @@ class Program:
             raise ChuantouError(f"{running}; stop it first: python -m {self.module} stop")
         app = make_app(args)
         setup_logging(app.log_level)
-        threading.stack_size(512 * 1024)  # thousands of pump threads: keep their stacks modest
+        tune_for_many_threads()  # modest stacks, a GIL switch interval that does not convoy
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         app.start()
