@@ -12,6 +12,7 @@ import websocket
 
 from chuantou_client import Client
 from chuantou_server import Server
+from common.threads import tune_for_many_threads
 
 from helpers import (
     SERVICE_THREAD_PREFIX,
@@ -25,6 +26,8 @@ from helpers import (
     ws_echo,
 )
 from security_support import ControlPeer
+
+tune_for_many_threads()  # the tests run relays and clients in this process, tuned as the CLIs tune theirs
 
 LIBRARY_THREAD_PREFIX = "chuantou-"
 LEAK_DEADLINE = 5.0
