@@ -125,7 +125,11 @@ class Procs:
                 pass
             if proc.poll() is None:
                 proc.kill()
-                proc.wait(5)
+        for name, proc in reversed(self.procs):  # a process of 18,000 threads takes a while to die
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                print(f"warning: {name} (pid {proc.pid}) still alive after SIGKILL", file=sys.stderr)
             if proc.stdout:
                 proc.stdout.close()
 
