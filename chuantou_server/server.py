@@ -130,6 +130,7 @@ class Server:
                     close_quietly(self._udp_sock)
                     raise
                 self.probe_port = self._probe_sock.getsockname()[1]
+                self.udp.probe_sock = self._probe_sock  # it answers filtering probes from this port
             self._started = True
             self.started_at = time.time()
         self.threads.spawn("accept", self._listener.run)
