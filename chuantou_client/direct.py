@@ -32,6 +32,7 @@ PING_EVERY = 0.02  # seconds between rounds of pings while an attempt runs
 POLL = 0.01  # socket timeout of a flow while it punches (so it pings on time)
 GRACE = 0.5  # the target keeps pinging this much past the deadline (the gateway's clock started first)
 PROBE_TRIES = 3
+REPORT_EVERY = 5.0  # seconds between a direct flow's reports of its bytes to the relay (while they change)
 PROBE_WAIT = 0.3  # seconds per try
 
 
@@ -95,6 +96,9 @@ class Puncher:
         self.gave_up = False  # decided on the relay: no more pings, no more pongs
         self.stop_pinging_at = float("inf")
         self._next_ping = 0.0
+        self.direct_bytes = [0, 0]  # sent, received on the direct path (counted by the flow; see report())
+        self._reported: tuple | None = None
+        self._next_report = 0.0
 
     # --- the offer --------------------------------------------------------------------------
 
@@ -201,6 +205,23 @@ class Puncher:
     @property
     def path(self) -> str:
         return "direct" if self.direct is not None else "relay"
+
+    def report(self, control, now: float, final: bool = False) -> None:
+        """Tell the relay what went direct, which it cannot see (it shows it as reported by
+        clients): once the path is direct, then every REPORT_EVERY seconds while the counts
+        change, and at the end (``final``)."""
+        if self.direct is None or (now < self._next_report and not final):
+            return
+        counts = (self.direct_bytes[0], self.direct_bytes[1])
+        if counts == self._reported:
+            return
+        self._next_report = now + REPORT_EVERY
+        try:
+            control.send(p.PathReport(sessionId=self.session_id, path="direct", directBytesSent=counts[0],
+                                      directBytesReceived=counts[1]))
+        except ChuantouError:  # the control channel is down: the relay's page misses these bytes
+            return
+        self._reported = counts
 
 
 def local_candidate(sock: socket.socket, relay: tuple) -> str | None:
