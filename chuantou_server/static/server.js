@@ -108,6 +108,10 @@
               : "a client registered no key (an older chuantou): the relay can read this session",
           }, s.sealing),
         },
+        { label: "Started", value: (s) => [ago(s.startedAt), el("span", { class: "sub" }, clock(s.startedAt))] },
+        { label: "Sent by A", cls: "num", value: (s) => bytes(s.bytesAToB) },
+        { label: "Sent by B", cls: "num", value: (s) => bytes(s.bytesBToA) },
+        { label: "Rate", cls: "num", value: (s) => rate(s.rateAToB + s.rateBToA) },
         {
           label: "Path",
           value: (s) => (s.path === "direct"
@@ -115,15 +119,11 @@
               el("span", { class: "sub" }, `reported by ${(s.pathReportedBy || []).join(" and ") || "a client"}`)]
             : el("span", { class: "tag", title: "the relay carries this session" }, "relayed")),
         },
-        { label: "Started", value: (s) => [ago(s.startedAt), el("span", { class: "sub" }, clock(s.startedAt))] },
-        { label: "Sent by A", cls: "num", value: (s) => bytes(s.bytesAToB) },
-        { label: "Sent by B", cls: "num", value: (s) => bytes(s.bytesBToA) },
-        { label: "Rate", cls: "num", value: (s) => rate(s.rateAToB + s.rateBToA) },
         {
           label: "Direct (reported)", cls: "num",
           value: (s) => (s.directAToB || s.directBToA
             ? [bytes(s.directAToB + s.directBToA),
-              el("span", { class: "sub", title: DIRECT_CLAIM }, `A ${bytes(s.directAToB)} · B ${bytes(s.directBToA)}`)]
+              el("span", { class: "sub", title: DIRECT_CLAIM }, `A→B ${bytes(s.directAToB)} · B→A ${bytes(s.directBToA)}`)]
             : el("span", { class: "sub" }, "—")),
         },
       ],
