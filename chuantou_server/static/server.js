@@ -116,7 +116,7 @@
           label: "Path",
           value: (s) => (s.path === "direct"
             ? [el("span", { class: "tag b", title: DIRECT_CLAIM }, "direct"),
-              el("span", { class: "sub" }, `reported by ${(s.pathReportedBy || []).join(" and ") || "a client"}`)]
+              el("span", { class: "sub" }, `reported by ${(s.pathReportedBy || []).join(", ") || "a client"}`)]
             : el("span", { class: "tag", title: "the relay carries this session" }, "relayed")),
         },
         {
