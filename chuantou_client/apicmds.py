@@ -134,7 +134,7 @@ def cmd_proxy(args) -> int:
                   "--target-client ID --target-port 8080")
             return 0
         connections = api(args, "GET", "/api/connections")["connections"]
-        rows = [("LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "SENT", "RECEIVED", "PATHS")]
+        rows: list[tuple[str, ...]] = [("LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "SENT", "RECEIVED", "PATHS")]
         for x in proxies:
             rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]),
                          f"{x['targetClientId']}:{x['targetPort']}", x["protocol"], sealed_label(x),
@@ -173,7 +173,7 @@ def path_summary(connections: list[dict], local_port: int) -> str:
 def connection_rows(connections: list[dict]) -> list[tuple[str, ...]]:
     """The sessions running through this client (as A and as B), each with its path. Bytes: a TCP
     session's through the relay, a UDP flow's on the direct path (a relayed one counts per proxy)."""
-    rows = [("SESSION", "SIDE", "PEER", "PROTOCOL", "PATH", "SENT", "RECEIVED")]
+    rows: list[tuple[str, ...]] = [("SESSION", "SIDE", "PEER", "PROTOCOL", "PATH", "SENT", "RECEIVED")]
     for c in connections:
         side = f"A from :{c['localPort']}" if c.get("side") == "A" and c.get("localPort") else f"B to :{c.get('port')}"
         if "bytesSent" in c:
