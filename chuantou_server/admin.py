@@ -285,8 +285,6 @@ def status(server: Server) -> Response:
         "openRelay": not server.auth_required,
         "totalBytes": server.traffic.total_bytes()[0],
         "bytesPerSecond": server.traffic.history.current()[0],
-        # claims of the clients, which the relay cannot check (direct_claims.py): never added to the above
-        "directBytesReported": sum(server.traffic.direct_by_direction().values()),
     })
     return pages.json_response(200, data)
 

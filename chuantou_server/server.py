@@ -364,6 +364,8 @@ class Server:
             "sessions": len(self.sessions),
             "threads": len(self.threads),
             "udpBytesRelayed": self.udp.relayed_bytes if self.udp is not None else 0,
+            # what clients claim went direct (direct_claims.py): unchecked, never part of what was relayed
+            "directBytesReported": sum(self.traffic.direct_by_direction().values()),
             **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 

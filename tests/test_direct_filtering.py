@@ -131,3 +131,26 @@ def test_behind_masquerade_nats_filtering_is_address_and_port_dependent(tmp_path
         assert gateway.status()["direct"]["nat"]["filtering"] == d.APDF
     finally:
         topo.destroy()
+
+
+@pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))
+def test_behind_cone_nats_the_relay_learns_what_went_direct_from_the_clients(tmp_path):
+    """The clients' path reports cross the real NATs' control channels: the relay relays none of
+    the flow's payload, and reports (every few seconds while the flow runs) what went direct."""
+    topo = NatTopology(tmp_path).create()
+    try:
+        relay = topo.start("p", "relay", "--token", TOKEN)
+        url = lambda side: f"ws://{topo.relay_ip[side]}:{relay.ready['port']}"  # noqa: E731
+        target = topo.start("b", "target", "--url", url("b"), "--token", TOKEN)
+        gateway = topo.start("a", "gateway", "--url", url("a"), "--token", TOKEN,
+                             "--service-port", target.ready["servicePort"])
+        count = 200
+        result = gateway.command(f"run {count}", timeout=60.0)
+        assert result["intact"] == count, result
+        flow = next(c for c in result["connections"] if c["protocol"] == "udp")
+        assert flow["path"] == "direct" and flow["directBytesSent"] >= count * 512
+        wait_until(lambda: relay.status()["directBytesReported"] >= 2 * count * 512, timeout=15.0, interval=0.5,
+                   message="the gateway's periodic path report")
+        assert relay.status()["udpBytesRelayed"] == 0
+    finally:
+        topo.destroy()
