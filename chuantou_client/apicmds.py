@@ -99,7 +99,8 @@ def cmd_status(args) -> int:
     if direct:
         nat = direct["nat"]
         seen = f" (the relay sees {nat['seenAs']})" if nat.get("seenAs") else ""
-        print(f"  NAT:        {nat['mapping']}{seen}")
+        filtering = f", {nat['filtering']}" if nat.get("filtering") else ""  # an older client's answer has none
+        print(f"  NAT:        {nat['mapping']}{filtering}{seen}")
         print(f"  UDP path:   {direct['path']} (direct attempts wait at most {direct['deadline']:g} s)")
     for failed in status.get("failedProxies", []):
         print(f"  not running: proxy on port {failed['localPort']}: {failed['error']}")
@@ -132,23 +133,58 @@ def cmd_proxy(args) -> int:
             print("no proxies; create one with: python -m chuantou_client proxy create --local-port 9090 "
                   "--target-client ID --target-port 8080")
             return 0
-        rows = [("LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "SENT", "RECEIVED")]
+        connections = api(args, "GET", "/api/connections")["connections"]
+        rows: list[tuple[str, ...]] = [("LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "SENT", "RECEIVED", "PATHS")]
         for x in proxies:
             rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]),
                          f"{x['targetClientId']}:{x['targetPort']}", x["protocol"], sealed_label(x),
                          format_bandwidth(x.get("bandwidth")), str(x["activeConnections"]),
-                         format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"])))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+                         format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"]),
+                         path_summary(connections, x["localPort"])))
+        print_table(rows)
         if any(x.get("sealed") == "unsealed allowed" for x in proxies):
             print("* sealed end to end, except with a target that cannot seal (an older chuantou): then unsealed, "
                   "as --allow-unsealed allows")
+        if connections:
+            print()
+            print_table(connection_rows(connections))
         for x in proxies:
             if x.get("lastError"):
                 when = service.format_duration(time.time() - x["lastErrorAt"])
                 print(f"{listen_address(x.get('localHost') or DEFAULT_LOCAL_HOST, x['localPort'])}: last failure {when} ago: {x['lastError']}")
     return 0
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def path_summary(connections: list[dict], local_port: int) -> str:
+    """`proxy list`'s PATHS column: how many of the proxy's running sessions go direct, how many
+    through the relay ("-": none running)."""
+    paths = [c.get("path", "?") for c in connections if c.get("side") == "A" and c.get("localPort") == local_port]
+    if not paths:
+        return "-"
+    return ", ".join(f"{paths.count(path)} {path}" for path in dict.fromkeys(sorted(paths)))
+
+
+def connection_rows(connections: list[dict]) -> list[tuple[str, ...]]:
+    """The sessions running through this client (as A and as B), each with its path. Bytes: a TCP
+    session's through the relay, a UDP flow's on the direct path (a relayed one counts per proxy)."""
+    rows: list[tuple[str, ...]] = [("SESSION", "SIDE", "PEER", "PROTOCOL", "PATH", "SENT", "RECEIVED")]
+    for c in connections:
+        side = f"A from :{c['localPort']}" if c.get("side") == "A" and c.get("localPort") else f"B to :{c.get('port')}"
+        if "bytesSent" in c:
+            sent, received = format_bytes(c["bytesSent"]), format_bytes(c["bytesReceived"])
+        elif "directBytesSent" in c:
+            sent, received = format_bytes(c["directBytesSent"]), format_bytes(c["directBytesReceived"])
+        else:
+            sent = received = "-"
+        rows.append((str(c.get("shortId") or c["id"][:8]), side, str(c.get("peer") or "?"), str(c.get("protocol")),
+                     str(c.get("path", "?")), sent, received))
+    return rows
 
 
 def sealed_label(proxy: dict) -> str:

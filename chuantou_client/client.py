@@ -374,7 +374,8 @@ class Client:
         """After each registration, find out what our NAT does (a thread: the caller reads the relay)."""
         self.direct.relay_knows = reply.udpPort is not None  # an older relay knows no direct path
         if not self.direct.relay_knows:
-            self.direct.nat = {"mapping": "unknown (the relay offers no direct path: an older version)"}
+            self.direct.nat = {"mapping": "unknown (the relay offers no direct path: an older version)",
+                               "filtering": "filtering unknown"}
             return
         try:
             self.threads.spawn("nat-probe", self._probe_nat, reply)
@@ -386,7 +387,7 @@ class Client:
         host = url.hostname or "127.0.0.1"
         port = reply.udpPort or url.port or (443 if url.scheme == "wss" else 80)
         self.direct.nat = probe_nat(host, port, reply.probePort, self.control.stopping_event)
-        log.info("NAT: %s", self.direct.nat["mapping"])
+        log.info("NAT: %s, %s", self.direct.nat["mapping"], self.direct.nat["filtering"])
 
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""

@@ -1,7 +1,8 @@
 """The direct path for UDP flows on both clients: NAT discovery and hole punching.
 
 ``probe_nat`` asks the relay's UDP port (and its ``--probe-port``) what address they see for
-one socket and classifies the NAT's mapping (common.direct). ``Puncher`` runs one flow's
+one socket and classifies the NAT's mapping, then asks the UDP port to answer a fresh socket
+from the probe port and classifies its filtering (common.direct). ``Puncher`` runs one flow's
 attempt on the socket the flow already uses toward the relay: it offers the flow's local
 address over the control channel, the relay adds what it saw and hands each side the other's
 candidates with a punch key, and both sides send signed pings to every candidate. A side
@@ -31,6 +32,7 @@ PING_EVERY = 0.02  # seconds between rounds of pings while an attempt runs
 POLL = 0.01  # socket timeout of a flow while it punches (so it pings on time)
 GRACE = 0.5  # the target keeps pinging this much past the deadline (the gateway's clock started first)
 PROBE_TRIES = 3
+REPORT_EVERY = 5.0  # seconds between a direct flow's reports of its bytes to the relay (while they change)
 PROBE_WAIT = 0.3  # seconds per try
 
 
@@ -45,7 +47,7 @@ class DirectPaths:
         self.path = path
         self.deadline = deadline
         self.memory = d.PathMemory()
-        self.nat: dict = {"mapping": "not probed yet"}
+        self.nat: dict = {"mapping": "not probed yet", "filtering": "not probed yet"}
         self.relay_knows = False  # the relay said where probes go: it speaks path_candidates too
         self._punchers: dict[str, Puncher] = {}
         self._lock = threading.Lock()
@@ -94,6 +96,9 @@ class Puncher:
         self.gave_up = False  # decided on the relay: no more pings, no more pongs
         self.stop_pinging_at = float("inf")
         self._next_ping = 0.0
+        self.direct_bytes = [0, 0]  # sent, received on the direct path (counted by the flow; see report())
+        self._reported: tuple | None = None
+        self._next_report = 0.0
 
     # --- the offer --------------------------------------------------------------------------
 
@@ -201,6 +206,23 @@ class Puncher:
     def path(self) -> str:
         return "direct" if self.direct is not None else "relay"
 
+    def report(self, control, now: float, final: bool = False) -> None:
+        """Tell the relay what went direct, which it cannot see (it shows it as reported by
+        clients): once the path is direct, then every REPORT_EVERY seconds while the counts
+        change, and at the end (``final``)."""
+        if self.direct is None or (now < self._next_report and not final):
+            return
+        counts = (self.direct_bytes[0], self.direct_bytes[1])
+        if counts == self._reported:
+            return
+        self._next_report = now + REPORT_EVERY
+        try:
+            control.send(p.PathReport(sessionId=self.session_id, path="direct", directBytesSent=counts[0],
+                                      directBytesReceived=counts[1]))
+        except ChuantouError:  # the control channel is down: the relay's page misses these bytes
+            return
+        self._reported = counts
+
 
 def local_candidate(sock: socket.socket, relay: tuple) -> str | None:
     """This socket's address on its own network: the interface address that routes to the
@@ -225,11 +247,13 @@ def local_candidate(sock: socket.socket, relay: tuple) -> str | None:
 
 
 def probe_nat(host: str, udp_port: int, probe_port: int | None, stopping: threading.Event) -> dict:
-    """Ask the relay's UDP port and probe port what they see of one socket; classify it."""
+    """Ask the relay's UDP port and probe port what they see of one socket, and whether an answer
+    from the probe port reaches a socket that sent only to the UDP port; classify both."""
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(host, udp_port, type=socket.SOCK_DGRAM)[0]
     except OSError as exc:
-        return {"mapping": f"unknown (cannot resolve {host}: {exc.strerror or exc})"}
+        return {"mapping": f"unknown (cannot resolve {host}: {exc.strerror or exc})",
+                "filtering": d.FILTER_NO_ANSWER}
     relay = sockaddr[:2]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -240,19 +264,38 @@ def probe_nat(host: str, udp_port: int, probe_port: int | None, stopping: thread
         local = d.parse_candidate(local_ip) if local_ip else None
     finally:
         close_quietly(sock)
-    result = {"mapping": d.classify_mapping(local, first, second)}
+    mapping = d.classify_mapping(local, first, second)
+    answered = _other_port_answers(family, relay, probe_port, stopping) if probe_port and first else None
+    result = {"mapping": mapping, "filtering": d.classify_filtering(mapping, answered)}
     if first is not None:
         result["seenAs"] = d.format_candidate(*first)
     return result
 
 
-def _ask(sock: socket.socket, relay: tuple, stopping: threading.Event) -> tuple | None:
+def _other_port_answers(family: int, relay: tuple, probe_port: int, stopping: threading.Event) -> bool | None:
+    """The filtering test, on a fresh socket (one that sent to the probe port would have opened
+    its NAT to it): ask the relay's UDP port to answer from the probe port. None: stopped."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        answer = _ask(sock, relay, stopping, d.pack_filter_probe, answer_from=(relay[0], probe_port))
+    finally:
+        close_quietly(sock)
+    if answer is None and stopping.is_set():
+        return None
+    return answer is not None
+
+
+def _ask(sock: socket.socket, relay: tuple, stopping: threading.Event, pack=d.pack_probe,
+         answer_from: tuple | None = None) -> tuple | None:
+    """Send a probe to ``relay`` (a few tries); the address in the answer that came from
+    ``answer_from`` (default: ``relay``), or None."""
     nonce = os.urandom(d.NONCE_BYTES)
+    source = answer_from or relay
     for _ in range(PROBE_TRIES):
         if stopping.is_set():
             return None
         try:
-            sock.sendto(d.pack_probe(nonce), relay)
+            sock.sendto(pack(nonce), relay)
         except OSError:
             return None
         deadline = time.monotonic() + PROBE_WAIT
@@ -264,7 +307,7 @@ def _ask(sock: socket.socket, relay: tuple, stopping: threading.Event) -> tuple 
                 break
             except OSError:  # ICMP: nothing listens there
                 return None
-            answer = d.unpack_probe_answer(data, nonce) if src[:2] == relay else None
+            answer = d.unpack_probe_answer(data, nonce) if src[:2] == source else None
             if answer is not None:
                 return answer
     return None

@@ -58,6 +58,9 @@ class SessionRecord:
                       "sealed": self.sealed}
         # UDP flows may go direct (direct.py); TCP sessions always cross the relay (for now)
         info["path"] = getattr(self.handle, "path", "relay") if self.protocol == "udp" else "relay"
+        direct = getattr(self.handle, "direct_counts", None)
+        if direct is not None:  # what went direct (the relay sees none of it; it is told, see direct.py)
+            info["directBytesSent"], info["directBytesReceived"] = direct
         if self.side == "A":
             info["localPort"] = self.local_port
         counts = self.byte_counts

@@ -147,11 +147,14 @@ class UdpFlow:
     def _send_now(self, data: bytes) -> None:
         """Seal and send to the relay or, on a direct path, to the peer (the same datagrams either way)."""
         assert self.sock is not None and self.dest is not None  # _serve sets both before ready
+        counts = self.puncher.direct_bytes if self.puncher is not None and self.dest != self.relay else None
         for datagram in self.seal.seal(data) if self.seal is not None else (data,):
             try:
                 self.sock.sendto(datagram, self.dest)
             except OSError:
-                pass
+                continue
+            if counts is not None:
+                counts[0] += len(datagram)
 
     def close(self) -> None:
         self._closed.set()
@@ -217,11 +220,20 @@ class UdpFlow:
             self._pump_replies(registrar, self.gateway.proxy.client.udp_idle_timeout)
         finally:
             if self.puncher is not None:
+                self.puncher.report(proxy.client.control, time.monotonic(), final=True)  # before session_closed
                 direct.end(self.puncher)
 
     @property
     def path(self) -> str:
         return self.puncher.path if self.puncher is not None else "relay"
+
+    @property
+    def direct_counts(self) -> tuple[int, int] | None:
+        """(sent, received) on the direct path, or None on the relay."""
+        puncher = self.puncher
+        if puncher is None or puncher.direct is None:
+            return None
+        return puncher.direct_bytes[0], puncher.direct_bytes[1]
 
     def _try_direct(self, registrar, session_id: str) -> None:
         """Punch toward B for at most the deadline while the user's first datagrams wait; no
@@ -276,6 +288,7 @@ class UdpFlow:
             else:
                 check_still_known(answer)
         elif puncher is not None and not puncher.handle(data, src) and puncher.is_peer(src):
+            puncher.direct_bytes[1] += len(data)
             self._deliver(data)
 
     def _deliver(self, data: bytes) -> None:
@@ -290,12 +303,16 @@ class UdpFlow:
         keepalive = self.gateway.proxy.client.udp_keepalive
         self.sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
         puncher = self.puncher
+        control = self.gateway.proxy.client.control
         last_direct_ping = time.monotonic()
         while not self._closed.is_set():
             registrar.keep_alive(keepalive)
-            if puncher is not None and time.monotonic() - last_direct_ping >= keepalive:
-                last_direct_ping = time.monotonic()
-                puncher.keep_alive()
+            if puncher is not None:
+                now = time.monotonic()
+                puncher.report(control, now)
+                if now - last_direct_ping >= keepalive:
+                    last_direct_ping = now
+                    puncher.keep_alive()
             try:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:

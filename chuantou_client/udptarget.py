@@ -42,6 +42,14 @@ class UdpTarget:
     def path(self) -> str:
         return self.puncher.path if self.puncher is not None else "relay"
 
+    @property
+    def direct_counts(self) -> tuple[int, int] | None:
+        """(sent, received) on the direct path, or None on the relay."""
+        puncher = self.puncher
+        if puncher is None or puncher.direct is None:
+            return None
+        return puncher.direct_bytes[0], puncher.direct_bytes[1]
+
     def abort(self) -> None:
         self._closed.set()
         self.client.udp_keys.cancel(self.msg.sessionId)
@@ -91,6 +99,7 @@ class UdpTarget:
                 log.warning("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         finally:
             if self.puncher is not None:
+                self.puncher.report(self.client.control, time.monotonic(), final=True)  # before session_closed
                 self.client.direct.end(self.puncher)
             self.abort()
             if self.seal is not None:
@@ -127,6 +136,7 @@ class UdpTarget:
             if puncher is not None:
                 now = time.monotonic()
                 puncher.tick(now)
+                puncher.report(self.client.control, now)
                 wanted = POLL if puncher.busy else resting  # ping on time while the attempt runs
                 if wanted != timeout:
                     timeout = wanted
@@ -155,24 +165,30 @@ class UdpTarget:
             elif src == service:
                 last_active = time.monotonic()
                 direct = puncher.direct if puncher is not None else None
+                counts = puncher.direct_bytes if puncher is not None and direct is not None else None
                 for datagram in self.seal.seal(data) if self.seal is not None else (data,):
-                    self._send(datagram, direct or relay, to_service=False)
+                    if self._send(datagram, direct or relay, to_service=False) and counts is not None:
+                        counts[0] += len(datagram)
             elif puncher is not None and not puncher.handle(data, src) and puncher.is_peer(src):
+                puncher.direct_bytes[1] += len(data)
                 if self.seal is not None and (data := self.seal.open(data)) is None:
                     continue  # forged, altered or replayed: dropped and counted, and proves no path
                 puncher.peer_payload(src)  # A sends straight to us: it had our pong, the way back works
                 last_active = time.monotonic()
                 self._send(data, service, to_service=True)
 
-    def _send(self, data: bytes, addr: tuple, to_service: bool) -> None:
+    def _send(self, data: bytes, addr: tuple, to_service: bool) -> bool:
+        """True if the datagram went out."""
         assert self.sock is not None  # only _pump sends
         try:
             self.sock.sendto(data, addr)
+            return True
         except OSError as exc:
             if to_service and not self._service_failed:  # say it once per flow, not per datagram
                 self._service_failed = True
                 log.warning("UDP session %s... cannot send to the service %s:%s: %s",
                             self.msg.sessionId[:8], addr[0], addr[1], exc.strerror or exc)
+            return False
 
 
 def resolve_service(host: str, port: int) -> tuple:

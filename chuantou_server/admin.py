@@ -10,7 +10,7 @@ Routes::
     GET  /metrics                        Prometheus metrics (metrics.py says who may scrape)
     GET  /api/status                     version, uptime, port, threads, sockets, memory, totals
     GET  /api/clients                    online clients with their sessions and bytes
-    GET  /api/sessions                   sessions with bytes and rates each way
+    GET  /api/sessions                   sessions with bytes and rates each way, and their path
     GET  /api/traffic                    throughput, one sample a second for five minutes
     POST /api/clients/<id>/disconnect    take a client offline (it will reconnect on its own)
     POST /api/sessions/<id>/close        close a session (full id or a unique prefix)
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from common import __version__, pages
 from common.pages import Response
 
-from . import metrics
+from . import direct_claims, metrics
 from .httpd import Request
 
 if TYPE_CHECKING:
@@ -296,6 +296,7 @@ def clients(server: Server) -> Response:
         cid = conn.client_id
         mine = [s for s in sessions if s.involves(cid)]
         sent, received = server.traffic.client_bytes(cid, mine)
+        direct_sent, direct_received = server.traffic.client_direct(cid, mine)
         rate_sent = rate_received = 0.0
         for s in mine:
             a_to_b, b_to_a = server.traffic.session_rate(s.id)
@@ -313,6 +314,8 @@ def clients(server: Server) -> Response:
             "bytesReceived": received,
             "rateSent": rate_sent,
             "rateReceived": rate_received,
+            "directBytesSent": direct_sent,  # as this client reports it (unchecked)
+            "directBytesReceived": direct_received,
         })
     out.sort(key=lambda c: c["id"])
     return pages.json_response(200, {"clients": out})
@@ -326,6 +329,7 @@ def sessions(server: Server) -> Response:
     out = []
     for s in sorted(server.sessions.all(), key=lambda s: s.created_at):
         rate_ab, rate_ba = server.traffic.session_rate(s.id)
+        direct_ab, direct_ba = direct_claims.direct_bytes(s)
         out.append({
             "id": s.id,
             "shortId": s.id[:8],
@@ -341,6 +345,11 @@ def sessions(server: Server) -> Response:
             "bytesBToA": s.bytes_b_to_a,
             "rateAToB": rate_ab,
             "rateBToA": rate_ba,
+            # as the clients report it (unchecked): "direct", else "relay"; and by which sides
+            "path": direct_claims.path(s),
+            "pathReportedBy": direct_claims.reported_by(s),
+            "directAToB": direct_ab,
+            "directBToA": direct_ba,
         })
     return pages.json_response(200, {"sessions": out})
 

@@ -117,6 +117,7 @@ class LiveFigures(Collector):
         yield _gauge("chuantou_relay_clients_online", "Registered clients", len(server.registry))
         yield self._sessions_open()
         yield self._bytes_relayed()
+        yield self._bytes_direct_reported()
         stages = GaugeMetricFamily("chuantou_relay_handshakes_in_progress",
                                    "Connections not through their handshake yet: first bytes (TLS, HTTP head, "
                                    "data-channel header) or a control channel not registered yet", labels=["stage"])
@@ -149,6 +150,17 @@ class LiveFigures(Collector):
         family = CounterMetricFamily("chuantou_relay_bytes_relayed",
                                      "Bytes relayed between clients, by protocol and direction "
                                      "(advances while a session runs)", labels=["protocol", "direction"])
+        for protocol in PROTOCOLS:
+            for index, direction in enumerate(DIRECTIONS):
+                family.add_metric([protocol, direction], totals.get((protocol, index), 0))
+        return family
+
+    def _bytes_direct_reported(self) -> CounterMetricFamily:
+        totals = self.server.traffic.direct_by_direction()
+        family = CounterMetricFamily("chuantou_relay_bytes_direct_reported",
+                                     "Bytes that went directly between clients, as the clients report it "
+                                     "(claims the relay cannot check, capped per session), by protocol and "
+                                     "direction", labels=["protocol", "direction"])
         for protocol in PROTOCOLS:
             for index, direction in enumerate(DIRECTIONS):
                 family.add_metric([protocol, direction], totals.get((protocol, index), 0))

@@ -130,6 +130,7 @@ class Server:
                     close_quietly(self._udp_sock)
                     raise
                 self.probe_port = self._probe_sock.getsockname()[1]
+                self.udp.probe_sock = self._probe_sock  # it answers filtering probes from this port
             self._started = True
             self.started_at = time.time()
         self.threads.spawn("accept", self._listener.run)
@@ -364,6 +365,8 @@ class Server:
             "sessions": len(self.sessions),
             "threads": len(self.threads),
             "udpBytesRelayed": self.udp.relayed_bytes if self.udp is not None else 0,
+            # what clients claim went direct (direct_claims.py): unchecked, never part of what was relayed
+            "directBytesReported": sum(self.traffic.direct_by_direction().values()),
             **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 

@@ -51,6 +51,10 @@ class Session:
     # the direct path (UDP): each side's offer (candidates, path) once it sent path_candidates
     candidates: list = field(default_factory=lambda: [None, None], repr=False)
     punch_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
+    # what each side reports of its direct path (direct_claims.py): [sent, received] per side, and the
+    # path it says it took (None: no report yet); untrusted, bounded, shown as reported by clients
+    claims: list = field(default_factory=lambda: [[0, 0], [0, 0]], repr=False)
+    claimed_path: list = field(default_factory=lambda: [None, None], repr=False)
 
     @property
     def joined(self) -> bool:

@@ -21,7 +21,7 @@ from common import direct, handshake
 from common import protocol as p
 from common.net import shutdown_quietly
 
-from . import metrics, registry
+from . import direct_claims, metrics, registry
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -297,6 +297,16 @@ class ControlConnection:
             if conn is not None:
                 conn.send(p.PeerCandidates(sessionId=session.id, candidates=[] if relay_only else theirs,
                                            punchKey=None if relay_only else session.punch_key))
+
+    def on_path_report(self, msg: p.PathReport) -> None:
+        """A side's claim of the path its session took and the bytes it moved directly: kept,
+        bounded, for the admin page and metrics (direct_claims.py); never trusted for anything else."""
+        assert self.client_id is not None  # handle_frame lets nothing but a register through before it
+        session = self.server.sessions.get(msg.sessionId)
+        if session is None or session.closed or not session.involves(self.client_id):
+            return  # already gone, or not this client's: nothing to do, nothing to reveal
+        direct_claims.record(session, 0 if self.client_id == session.client_a else 1, msg)
+
     def on_session_keys(self, msg: p.SessionKeys) -> None:
         """Half of a sealed UDP session's key exchange: passed on, unchanged, to the session's other
         side only (the relay cannot use it: it is signed, and the keys it leads to stay with A and B)."""
@@ -348,5 +358,6 @@ _HANDLERS: dict[type[p.Message], Callable[[ControlConnection, Any], None]] = {
     p.Unregister: ControlConnection.on_unregister,
     p.SessionClosed: ControlConnection.on_session_closed,
     p.PathCandidates: ControlConnection.on_path_candidates,
+    p.PathReport: ControlConnection.on_path_report,
     p.SessionKeys: ControlConnection.on_session_keys,
 }

@@ -1,5 +1,6 @@
 """Byte figures of the relay for the admin page: totals, per-client totals, per-session rates,
-and a five-minute history of throughput.
+and a five-minute history of throughput; beside them, the bytes clients report they moved on
+direct paths (direct_claims.py: claims, kept apart from what the relay itself counted).
 
 ``Server`` ends a session through ``retire()`` (which takes it out of the table and adds its
 bytes to the finished totals in one step), and runs ``run()`` on a thread of its own;
@@ -13,6 +14,8 @@ import time
 
 from common.traffic import SAMPLE_INTERVAL, RateHistory
 
+from . import direct_claims
+
 
 class RelayTraffic:
     def __init__(self, sessions, registry, interval: float = SAMPLE_INTERVAL):
@@ -22,6 +25,8 @@ class RelayTraffic:
         self._lock = threading.Lock()
         self._finished: dict[tuple[str, int], int] = {}  # (protocol, 0: a->b / 1: b->a) -> bytes, ended sessions
         self._finished_by_client: dict[str, list[int]] = {}  # client id -> [sent, received]
+        self._finished_direct: dict[tuple[str, int], int] = {}  # as _finished, the bytes reported direct
+        self._finished_direct_by_client: dict[str, list[int]] = {}  # client id -> [sent, received] it claimed
         self._session_rates: dict[str, tuple[float, float]] = {}
         self._last_bytes: dict[str, tuple[int, int]] = {}
         self._last_sample: float | None = None
@@ -48,6 +53,14 @@ class RelayTraffic:
             totals = self._finished_by_client.setdefault(client_id, [0, 0])
             totals[0] += sent
             totals[1] += received
+        for index, count in enumerate(direct_claims.direct_bytes(session)):
+            key = (session.protocol, index)
+            self._finished_direct[key] = self._finished_direct.get(key, 0) + count
+        for client_id in {session.client_a, session.client_b}:
+            claimed = direct_claims.claimed_by(session, client_id)
+            totals = self._finished_direct_by_client.setdefault(client_id, [0, 0])
+            totals[0] += claimed[0]
+            totals[1] += claimed[1]
 
     def bytes_by_direction(self) -> dict[tuple[str, int], int]:
         """(protocol, 0: A->B / 1: B->A) -> bytes relayed since start, running sessions included."""
@@ -58,6 +71,25 @@ class RelayTraffic:
                     key = (s.protocol, index)
                     totals[key] = totals.get(key, 0) + count
         return totals
+
+    def direct_by_direction(self) -> dict[tuple[str, int], int]:
+        """As ``bytes_by_direction``, the bytes clients report went direct (claims, bounded)."""
+        with self._lock:
+            totals = dict(self._finished_direct)
+            for s in self.sessions.all():
+                for index, count in enumerate(direct_claims.direct_bytes(s)):
+                    key = (s.protocol, index)
+                    totals[key] = totals.get(key, 0) + count
+        return totals
+
+    def client_direct(self, client_id: str, live_sessions) -> tuple[int, int]:
+        """(sent, received) directly, as ``client_id`` itself reported: ended sessions plus ``live_sessions``."""
+        with self._lock:
+            sent, received = self._finished_direct_by_client.get(client_id, (0, 0))
+        for s in live_sessions:
+            claimed = direct_claims.claimed_by(s, client_id)
+            sent, received = sent + claimed[0], received + claimed[1]
+        return sent, received
 
     def total_bytes(self) -> tuple[int]:
         return (sum(self.bytes_by_direction().values()),)
@@ -85,8 +117,9 @@ class RelayTraffic:
         # Per-client totals live as long as the client is online or has a session running.
         keep = set(self.registry.ids()).union(*({s.client_a, s.client_b} for s in sessions))
         with self._lock:
-            for client_id in [c for c in self._finished_by_client if c not in keep]:
-                del self._finished_by_client[client_id]
+            for finished in (self._finished_by_client, self._finished_direct_by_client):
+                for client_id in [c for c in finished if c not in keep]:
+                    del finished[client_id]
             if self._last_sample is not None and now > self._last_sample:
                 elapsed = now - self._last_sample
                 previous = self._last_bytes

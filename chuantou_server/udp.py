@@ -22,7 +22,7 @@ from common.frames import (
     UDP_WHO_ARE_YOU, FrameError, JoinStatus, address_challenge, is_udp_register, pack_udp_ack,
     pack_udp_challenge, udp_proof_matches, unpack_udp_register,
 )
-from common.direct import is_probe, pack_probe_answer
+from common.direct import is_filter_probe, is_probe, pack_probe_answer
 from common.limits import LimitLog, TokenBucket, source_key
 
 log = logging.getLogger("chuantou.server")
@@ -58,6 +58,7 @@ class UdpRelay:
         self.registrations_per_second = registrations_per_second
         self.limits = limit_log or LimitLog(log)
         self.bandwidth = bandwidth  # BandwidthLimits, or None: no limit
+        self.probe_sock: socket.socket | None = None  # the --probe-port socket (owned by the Server), if any
         self._key = secrets.token_bytes(32)  # challenges are HMACs under it: no state per stranger
         self._lock = threading.Lock()
         self._addrs: dict[tuple, tuple] = {}  # addr -> (session, side index 0=A 1=B)
@@ -117,6 +118,10 @@ class UdpRelay:
         if is_probe(data):
             self.answer_probe(data, addr)
             return
+        if is_filter_probe(data):  # the NAT filtering test: answered from the other port, or not at all
+            if self.probe_sock is not None:
+                self.answer_probe(data, addr, self.probe_sock)
+            return
         registration = is_udp_register(data)
         source = self._source(addr[0])
         if not self._allowed("register" if registration else "notice", source):
@@ -153,7 +158,9 @@ class UdpRelay:
 
     def answer_probe(self, data: bytes, addr: tuple, sock: socket.socket | None = None) -> None:
         """A NAT probe (common.direct): tell the sender the address we saw, rate-limited per
-        source like registrations; the answer is smaller than the probe."""
+        source like registrations; the answer is smaller than the probe, and goes to the probe's
+        own source only (``sock``: from the probe port, for the filtering test; sending on a UDP
+        socket another thread reads is safe)."""
         if not self._allowed("probe", self._source(addr[0])):
             self.drops[RATE_LIMITED] += 1
             return

@@ -4,10 +4,14 @@ No sockets here. Framing (all on the UDP sockets the clients already use toward 
 
     probe    client -> relay port (or --probe-port):  0xFD 0x06 | nonce (16) | zero padding to 40 bytes
     answer   relay -> client:                         0xFD 0x07 | nonce (16) | port (2) | ip (4 or 16)
+    filter   client -> relay port:                    0xFD 0x09 | nonce (16) | zero padding to 40 bytes
+             ("answer from your --probe-port": the answer comes from the other port, to the sender only)
     punch    client -> peer candidate:                0xFD 0x08 | kind ('P' ping, 'O' pong) | side | session id (16)
                                                       | tag (16)
 
-The probe is padded so that the answer is never bigger than the request (no amplification).
+The probe is padded so that the answer is never bigger than the request (no amplification), and
+every answer goes to the address the request came from: a spoofed source gets no more than the
+spoofer sent.
 The punch tag is HMAC-SHA256(punch key, "chuantou-punch" | kind | side | session id)[:16]; the
 punch key comes from the relay over each side's authenticated control channel, so a stranger
 who sees a client's punched port cannot make it take another address for its peer.
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 PROBE_MAGIC = b"\xfd\x06"
 PROBE_ANSWER_MAGIC = b"\xfd\x07"
 PUNCH_MAGIC = b"\xfd\x08"
+FILTER_PROBE_MAGIC = b"\xfd\x09"
 NONCE_BYTES = 16
 PROBE_SIZE = 40  # >= the largest answer (2 + 16 + 2 + 16 = 36)
 PUNCH_TAG_BYTES = 16
@@ -41,6 +46,15 @@ NO_NAT = "no NAT (the relay sees this host's own address)"
 ONE_PORT = "mapping not tested (the relay has no --probe-port)"
 NO_ANSWER = "unknown (the relay did not answer UDP probes)"
 
+# NAT filtering (RFC 5780's test III, simplified): does an answer from the relay's other port get
+# in, to a socket that sent only to the relay's main port? With one relay address the relay
+# cannot tell endpoint-independent filtering from address-dependent behind a NAT.
+EIF = "endpoint-independent filtering (no NAT: an answer from another port of the relay got in)"
+ADF = "address-dependent (or endpoint-independent) filtering (an answer from another port of the relay got in)"
+APDF = "address-and-port-dependent filtering (an answer from another port of the relay did not get in)"
+FILTER_ONE_PORT = "filtering not tested (the relay has no --probe-port)"
+FILTER_NO_ANSWER = "filtering unknown (the relay did not answer UDP probes)"
+
 
 class DirectFrameError(ValueError):
     pass
@@ -56,6 +70,15 @@ def pack_probe(nonce: bytes) -> bytes:
 
 def is_probe(data: bytes) -> bool:
     return len(data) == PROBE_SIZE and data[:2] == PROBE_MAGIC
+
+
+def pack_filter_probe(nonce: bytes) -> bytes:
+    """A probe the relay answers from its other port (the filtering test)."""
+    return FILTER_PROBE_MAGIC + pack_probe(nonce)[2:]
+
+
+def is_filter_probe(data: bytes) -> bool:
+    return len(data) == PROBE_SIZE and data[:2] == FILTER_PROBE_MAGIC
 
 
 def pack_probe_answer(probe: bytes, addr: tuple) -> bytes:
@@ -88,6 +111,19 @@ def classify_mapping(local: tuple | None, first: tuple | None, second: tuple | N
     if second is None:
         return ONE_PORT
     return EIM if tuple(first) == tuple(second) else EDM
+
+
+def classify_filtering(mapping: str, other_port_answered: bool | None) -> str:
+    """RFC 5780's filtering test, simplified. ``mapping``: classify_mapping's verdict (the relay
+    answered at all, and is there a NAT); ``other_port_answered``: did the answer sent from the
+    relay's other port arrive (None: not asked, the relay has no probe port)."""
+    if mapping == NO_ANSWER:
+        return FILTER_NO_ANSWER
+    if other_port_answered is None:
+        return FILTER_ONE_PORT
+    if not other_port_answered:
+        return APDF
+    return EIF if mapping == NO_NAT else ADF
 
 
 # --- punch packets ---------------------------------------------------------------------------

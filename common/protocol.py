@@ -308,6 +308,27 @@ class PeerCandidates(Message, wire="peer_candidates", sent_by="relay"):
             _require(bool(re.fullmatch(r"[0-9a-f]{32}", self.punchKey)), "punchKey must be 32 hex digits")
 
 
+MAX_REPORTED_BYTES = 2 ** 53 - 1  # the largest count a JSON number carries exactly (to a browser too)
+
+
+@dataclass(frozen=True)
+class PathReport(Message, wire="path_report", sent_by="client"):
+    """A side's claim about a session of its own: the path it takes and the bytes it has sent and
+    received on the direct path so far (cumulative; sent while the session runs and at its end).
+    The relay cannot check it: it keeps it bounded, per side, shown as reported by clients."""
+
+    sessionId: str
+    path: str  # "direct" or "relay"
+    directBytesSent: int = 0
+    directBytesReceived: int = 0
+
+    def check(self) -> None:
+        _require(len(self.sessionId) <= 64, "sessionId is too long")
+        _require(self.path in ("direct", "relay"), "path must be direct or relay")
+        for name in ("directBytesSent", "directBytesReceived"):
+            _require(0 <= getattr(self, name) <= MAX_REPORTED_BYTES, f"{name} must be 0 to 2**53-1")
+
+
 MAX_CANDIDATES = 8
 CANDIDATE_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[0-9.]{7,15}):[0-9]{1,5}$")
 

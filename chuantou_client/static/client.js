@@ -57,8 +57,22 @@
     document.getElementById("stat-state-sub").title = stateDetail(s);
     setText("stat-proxies", s.proxies.length);
     setText("stat-connections", s.activeSessions);
+    renderDirect(s.direct);
     const failed = s.failedProxies || [];
     setText("failed-proxies", failed.map((f) => `saved proxy on port ${f.localPort} not running: ${f.error}`).join("\n"));
+  }
+
+  const PATH_MODES = { auto: "auto", relay: "relay only", direct: "direct only" };
+
+  // The UDP path mode and what the NAT probe found (python -m chuantou_client status says the same).
+  function renderDirect(d) {
+    if (!d) return;
+    setText("stat-path", PATH_MODES[d.path] || d.path);
+    const nat = d.nat || {};
+    const text = `NAT: ${[nat.mapping, nat.filtering].filter(Boolean).join(", ")}`
+      + (nat.seenAs ? ` (the relay sees ${nat.seenAs})` : "");
+    setText("stat-nat", text);
+    document.getElementById("stat-nat").title = text;
   }
 
   // Where the proxy listens, as the CLI's proxy list shows it (see chuantou_client/listen.py).
@@ -131,6 +145,13 @@
           value: (c) => (c.sealed
             ? el("span", { class: "tag", title: "end to end: the relay cannot read or change it" }, "sealed")
             : el("span", { class: "tag warn", title: "the peer cannot seal; allowed by --allow-unsealed" }, "not sealed")),
+        },
+        {
+          label: "Path",
+          value: (c) => (c.path === "direct"
+            ? [el("span", { class: "tag b", title: "straight to the peer: the relay carries none of it" }, "direct"),
+              el("span", { class: "sub" }, `${bytes(c.directBytesSent)} sent · ${bytes(c.directBytesReceived)} received`)]
+            : el("span", { class: "tag", title: "through the relay" }, "relay")),
         },
         { label: "Started", value: (c) => ago(c.startedAt) },
         { label: "Sent", cls: "num", value: (c) => bytes(c.bytesSent) },

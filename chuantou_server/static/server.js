@@ -6,6 +6,7 @@
   const POLL_MS = 2000;
   const chart = new UI.Chart(document.getElementById("chart"), [{ label: "total", color: "--accent" }]);
   const banner = document.getElementById("error");
+  const DIRECT_CLAIM = "reported by the clients: the relay never sees direct traffic and cannot check it";
   let keepErrorUntil = 0;  // an action's error stays a while; a poll's clears with the next success
 
   function showError(text) {
@@ -33,6 +34,7 @@
     setText("stat-rate", rate(s.bytesPerSecond));
     setText("stat-total", bytes(s.totalBytes));
     setText("stat-since", `since start, ${clock(s.startedAt)}`);
+    setText("stat-direct", bytes(s.directBytesReported || 0));
     document.getElementById("logout").hidden = !s.adminLogin;
     document.getElementById("open-relay").hidden = !s.openRelay;
     const facts = [
@@ -69,6 +71,12 @@
           label: "Received", cls: "num",
           value: (c) => [bytes(c.bytesReceived), el("span", { class: "sub" }, rate(c.rateReceived))],
         },
+        {
+          label: "Direct (reported)", cls: "num",
+          value: (c) => (c.directBytesSent || c.directBytesReceived
+            ? [bytes(c.directBytesSent), el("span", { class: "sub", title: DIRECT_CLAIM }, `sent · ${bytes(c.directBytesReceived)} received`)]
+            : el("span", { class: "sub" }, "—")),
+        },
       ],
       actions: (c) => confirmButton("Disconnect", "Disconnect?",
         () => act("POST", `/api/clients/${encodeURIComponent(c.id)}/disconnect`)),
@@ -104,6 +112,20 @@
         { label: "Sent by A", cls: "num", value: (s) => bytes(s.bytesAToB) },
         { label: "Sent by B", cls: "num", value: (s) => bytes(s.bytesBToA) },
         { label: "Rate", cls: "num", value: (s) => rate(s.rateAToB + s.rateBToA) },
+        {
+          label: "Path",
+          value: (s) => (s.path === "direct"
+            ? [el("span", { class: "tag b", title: DIRECT_CLAIM }, "direct"),
+              el("span", { class: "sub" }, `reported by ${(s.pathReportedBy || []).join(", ") || "a client"}`)]
+            : el("span", { class: "tag", title: "the relay carries this session" }, "relayed")),
+        },
+        {
+          label: "Direct (reported)", cls: "num",
+          value: (s) => (s.directAToB || s.directBToA
+            ? [bytes(s.directAToB + s.directBToA),
+              el("span", { class: "sub", title: DIRECT_CLAIM }, `A→B ${bytes(s.directAToB)} · B→A ${bytes(s.directBToA)}`)]
+            : el("span", { class: "sub" }, "—")),
+        },
       ],
       actions: (s) => confirmButton("Close", "Close?", () => act("POST", `/api/sessions/${s.id}/close`)),
     });

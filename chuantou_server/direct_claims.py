@@ -1,0 +1,67 @@
+"""What clients report about their direct paths (``path_report``): claims the relay cannot check.
+
+A session that goes direct moves no payload through the relay, so only its clients know how
+much it carried. Each side reports the path it took and the bytes it sent and received on the
+direct path so far; the relay keeps one claim per side of each session and shows the figures
+labelled "reported by clients". A lying client can therefore only skew figures about its own
+sessions, and never without bounds:
+
+- a claim names a session the relay holds with this client as one of its sides;
+- counts are cumulative: a report never lowers what an earlier one said (so counters built on
+  them never go backwards);
+- a count is capped at what the session could have carried at MAX_CLAIM_RATE since it began
+  (plus CLAIM_SLACK), and at protocol.MAX_REPORTED_BYTES, so one report cannot make a total
+  jump to petabytes.
+
+A direction's direct bytes are the larger of its sender's "sent" and its receiver's "received":
+the side that ends a session first reports both directions in full, and the other side's last
+report, which may arrive after the session is gone, is not needed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from common import protocol as p
+
+MAX_CLAIM_RATE = 2 * 1024 ** 3  # bytes/s per direction and session: beyond any real direct flow
+CLAIM_SLACK = 64 * 1024 ** 2  # bytes a claim may hold in a session's first moments
+PATHS = ("direct", "relay")
+
+
+def record(session, side: int, report: p.PathReport, now: float | None = None) -> None:
+    """Keep ``report`` as side ``side``'s (0: A, 1: B) claim about ``session``, bounded."""
+    age = max(0.0, (time.monotonic() if now is None else now) - session.created_mono)
+    cap = min(p.MAX_REPORTED_BYTES, CLAIM_SLACK + int(MAX_CLAIM_RATE * age))
+    claim = session.claims[side]
+    # one writer per side (its client's control thread); readers see each count grow, never shrink
+    claim[0] = max(claim[0], min(cap, report.directBytesSent))
+    claim[1] = max(claim[1], min(cap, report.directBytesReceived))
+    if report.path in PATHS:
+        session.claimed_path[side] = report.path
+
+
+def direct_bytes(session) -> tuple[int, int]:
+    """(A->B, B->A) bytes that went direct, as the two sides' claims say."""
+    (a_sent, a_received), (b_sent, b_received) = session.claims
+    return max(a_sent, b_received), max(b_sent, a_received)
+
+
+def claimed_by(session, client_id: str) -> tuple[int, int]:
+    """(sent, received) directly that ``client_id`` claims in ``session`` (its own side's claim)."""
+    if client_id == session.client_a:
+        return session.claims[0][0], session.claims[0][1]
+    if client_id == session.client_b:
+        return session.claims[1][0], session.claims[1][1]
+    return 0, 0
+
+
+def path(session) -> str:
+    """"direct" when a side reported it goes direct, else "relay" (the default: it is what the
+    relay sees; a client that says nothing is relayed or still choosing)."""
+    return "direct" if "direct" in session.claimed_path else "relay"
+
+
+def reported_by(session) -> list[str]:
+    """Which sides reported a path, as "A"/"B"."""
+    return [side for side, claimed in zip("AB", session.claimed_path) if claimed is not None]
