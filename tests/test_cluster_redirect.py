@@ -18,7 +18,10 @@ from chuantou_server import cluster_redirect
 from common.errors import ChuantouError
 
 from helpers import connect, free_port, recv_exactly, relay_url, wait_until
-from test_cluster import REDIS_SERVER, TTL, on_node, redis_server  # noqa: F401 (a fixture)
+import test_cluster
+from test_cluster import REDIS_SERVER, TTL, on_node
+
+redis_server = test_cluster.redis_server  # the fixture: a real redis-server on a free port
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
@@ -38,7 +41,7 @@ def node_table_shows(store, counts: dict) -> bool:
     return True
 
 
-def wait_for_table(redis_server, counts: dict) -> None:  # noqa: F811 (the fixture's value)
+def wait_for_table(redis_server, counts: dict) -> None:
     store = redis_server.client()
     try:
         wait_until(lambda: node_table_shows(store, counts), timeout=TTL * 3,
@@ -69,7 +72,7 @@ def test_random_order_then_goes_round_the_shuffled_list():
     assert relays.current == relays.urls[0]
 
 
-def test_clients_with_random_order_land_on_more_than_one_node(redis_server, make_server,  # noqa: F811
+def test_clients_with_random_order_land_on_more_than_one_node(redis_server, make_server,
                                                               make_client):
     nodes = [make_server(cluster_url=redis_server.url, node_id=f"n{i}", cluster_ttl=TTL) for i in (1, 2, 3)]
     urls = [relay_url(node) for node in nodes]
@@ -123,7 +126,7 @@ def test_redirect_rules():
 # --- a loaded node redirects ---------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
-def test_a_redirect_lands_a_client_on_the_less_loaded_node(redis_server, make_server, make_client,  # noqa: F811
+def test_a_redirect_lands_a_client_on_the_less_loaded_node(redis_server, make_server, make_client,
                                                            fresh_table, tcp_echo):
     n1, n2, n3 = (make_server(cluster_url=redis_server.url, node_id=f"n{i}", cluster_ttl=TTL,
                               cluster_redirect_margin=1) for i in (1, 2, 3))
@@ -148,7 +151,7 @@ def test_a_redirect_lands_a_client_on_the_less_loaded_node(redis_server, make_se
 
 
 @pytest.mark.timeout(60)
-def test_a_redirect_to_a_host_not_in_the_list_is_not_followed(redis_server, make_server, make_client,  # noqa: F811
+def test_a_redirect_to_a_host_not_in_the_list_is_not_followed(redis_server, make_server, make_client,
                                                               fresh_table, caplog):
     far_port = free_port()
     n1 = make_server(cluster_url=redis_server.url, node_id="n1", cluster_ttl=TTL, cluster_redirect_margin=1)
@@ -184,3 +187,96 @@ def test_redirect_margin_reaches_the_server_and_is_checked(tmp_path):
     assert make_server(make_app(args).settings).config.cluster_redirect_margin == 3
     with pytest.raises(ChuantouError, match="redirect margin"):
         Server(cluster_redirect_margin=-1)
+
+
+# --- a hostile node: redirects in a loop, and even when asked not to --------------------------------
+
+class RedirectingRelay:
+    """A stand-in for a hostile relay node on 127.0.0.1: it answers every register with a
+    register_redirect to ``target`` (set after start), and records each register's payload."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.target = ""
+        self.registers: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="svc-redirecting-relay", daemon=True)
+
+    def start(self) -> "RedirectingRelay":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self._answer(conn)
+                except OSError:
+                    pass
+
+    def _answer(self, conn) -> None:
+        import base64
+        import hashlib
+        import json
+        import re
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096) or b"\r\n\r\n"
+        key = re.search(rb"Sec-WebSocket-Key: *(\S+)", head, re.I).group(1)
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        send_text(conn, {"type": "challenge", "payload": {"nonce": "ab" * 32, "protocolVersion": 2}})
+        self.registers.append(json.loads(read_masked_text(conn))["payload"])
+        send_text(conn, {"type": "register_redirect", "payload": {"url": self.target, "node": "evil"}})
+
+
+def send_text(conn, message: dict) -> None:
+    import json
+    data = json.dumps(message).encode()
+    assert len(data) < 1 << 16
+    head = bytes([0x81, len(data)]) if len(data) < 126 else bytes([0x81, 126]) + len(data).to_bytes(2, "big")
+    conn.sendall(head + data)
+
+
+def read_masked_text(conn) -> bytes:
+    from helpers import recv_exactly as exactly
+    _, size = exactly(conn, 2)
+    size &= 0x7F
+    if size == 126:
+        size = int.from_bytes(exactly(conn, 2), "big")
+    mask = exactly(conn, 4)
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(exactly(conn, size)))
+
+
+@pytest.mark.timeout(60)
+def test_hostile_nodes_redirecting_in_a_loop_leave_the_client_on_a_good_node(make_server, make_client, caplog):
+    good = make_server()
+    first, second = RedirectingRelay().start(), RedirectingRelay().start()
+    first.target, second.target = second.url, first.url  # each to the other: a loop
+    try:
+        with caplog.at_level(logging.INFO, logger="chuantou.client"):
+            client = make_client(f"{first.url},{second.url},{relay_url(good)}", "L")
+        assert client.control.url == relay_url(good) and good.registry.get("L") is not None
+    finally:
+        first.stop()
+        second.stop()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "a redirect loop" in text and "although this client asked not to be redirected" in text
+    assert first.registers[0]["followsRedirect"] is True
+    assert "followsRedirect" not in first.registers[1], "back at its list's URL it asks not to be redirected"
