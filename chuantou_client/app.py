@@ -25,6 +25,7 @@ from .export import parse_ports
 from .known_clients import KnownClients, identity_path, known_clients_path, parse_allow_from
 from .listen import DEFAULT_LOCAL_HOST, LOCAL_HOST_HELP, is_valid_local_host, listen_address, parse_local_host
 from .proxy import PROTOCOL_CHOICES
+from .relays import IN_ORDER, ORDERS
 from .startopts import running_options
 
 log = logging.getLogger("chuantou.client")
@@ -86,6 +87,8 @@ CONFIG_KEYS = {
     "directDeadline": config.Key((int, float), "a number of seconds > 0", 1.0, lambda v: v > 0),
     # sessions with peers that cannot seal (older clients) run in the clear instead of being refused
     "allowUnsealed": config.Key(bool, "true or false", False),
+    # the order several --server URLs are tried in (relays.py)
+    "serverOrder": config.Key(str, "one of in-order, random", IN_ORDER, lambda v: v in ORDERS),
 }
 
 PROXY_KEYS = {
@@ -178,7 +181,7 @@ class ClientApp:
         if overrides.get("directDeadline") is not None and not overrides["directDeadline"] > 0:
             raise config.ConfigError(f"--direct-deadline {overrides['directDeadline']:g} must be > 0 seconds")
         for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure",
-                    "allowFrom", "path", "directDeadline", "allowUnsealed"):
+                    "allowFrom", "path", "directDeadline", "allowUnsealed", "serverOrder"):
             if overrides.get(key) and overrides[key] != self.settings[key]:
                 self.settings[key] = overrides[key]
                 changed = True
@@ -206,7 +209,8 @@ class ClientApp:
                              known_clients=KnownClients(known_clients_path(config_path)),
                              allow_from=self.settings["allowFrom"], path=self.settings["path"],
                              direct_deadline=self.settings["directDeadline"],
-                             allow_unsealed=self.settings["allowUnsealed"])
+                             allow_unsealed=self.settings["allowUnsealed"],
+                             server_order=self.settings["serverOrder"])
         if changed or not config_path.exists():  # only now: Client() has checked the URL and the ID
             self.save()
         self.admin = AdminServer(self, admin_host, self.admin_port,

@@ -21,6 +21,7 @@ from .apicmds import api, cmd_clients, cmd_login_link, cmd_proxy, cmd_status
 from .app import ClientApp, config_problems, default_config_path
 from .client import DEFAULT_SERVER_URL
 from .known_clients import KnownClients, known_clients_path
+from .relays import ORDERS
 from .startopts import RUN_OPTION_DEFAULTS, given_options
 
 MODULE = "chuantou_client"
@@ -66,6 +67,10 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         help=f"relay URL, saved for next time; several (a cluster's nodes, tried in order): "
                              f"repeat it or separate with commas (default: $CHUANTOU_SERVER, the saved one, "
                              f"or {DEFAULT_SERVER_URL})")
+    parser.add_argument("--server-order", choices=ORDERS, default=default, dest="server_order",
+                        help="with several --server URLs: try them in-order (as given), or in a random order "
+                             "chosen once per start, so many clients spread over a cluster's nodes (saved; "
+                             "default in-order)")
     parser.add_argument("--client-id", default=default, metavar="ID",
                         help="this client's ID, saved (default: generated once and reused)")
     parser.add_argument("--admin-port", type=int, default=default, metavar="PORT",
@@ -186,7 +191,8 @@ def make_app(args, path: Path | None = None) -> ClientApp:
                  "tlsInsecure": getattr(args, "tls_insecure", None), "logLevel": getattr(args, "log_level", None),
                  "allowFrom": getattr(args, "allow_from", None), "path": getattr(args, "path", None),
                  "directDeadline": getattr(args, "direct_deadline", None),
-                 "allowUnsealed": getattr(args, "allow_unsealed", None)}
+                 "allowUnsealed": getattr(args, "allow_unsealed", None),
+                 "serverOrder": getattr(args, "server_order", None)}
     service_files = files(args)
     return ClientApp(path, overrides, api_secret_path=apiauth.secret_path(service_files.state_dir, service_files.name))
 

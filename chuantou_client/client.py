@@ -8,6 +8,7 @@ session and socket and joins every thread.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
 import time
@@ -25,6 +26,7 @@ from .datachannel import JoinError, TlsSettings, open_data_channel
 from .direct import DirectPaths, probe_nat
 from .export import ExportPolicy
 from .proxy import Proxy
+from .relays import IN_ORDER, ORDERS
 from .sealing import SealError, Sealing
 from .udpseal import KeyMailbox, SealStats
 from common.identity import decode_public_key
@@ -102,6 +104,8 @@ class Client:
         path: str = "auto",
         direct_deadline: float = 1.0,
         allow_unsealed: bool = False,
+        server_order: str = IN_ORDER,
+        server_order_seed: int | None = None,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -122,8 +126,15 @@ class Client:
         ``path``: whether new UDP flows try a direct path to the peer first ("auto": try, and fall
         back to the relay after ``direct_deadline`` seconds; "relay": never; "direct": try every
         flow, and end it rather than relay it; see direct.py). Either path carries the same sealed
-        datagrams."""
+        datagrams.
+
+        ``server_order``: with several URLs in ``server_url`` (a cluster's nodes), "in-order" tries
+        them as given, "random" in an order shuffled once per start (``server_order_seed`` makes
+        that order reproducible); see relays.py."""
         self.server_url = check_server_url(server_url)
+        if server_order not in ORDERS:
+            raise ChuantouError(f"server order {server_order!r} is invalid: use one of {', '.join(ORDERS)}")
+        self.server_order = server_order
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
             raise ChuantouError(
@@ -152,6 +163,7 @@ class Client:
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
             on_lost=self._settle_sessions, public_key=self.sealing.identity.public_key_b64,
             on_registered=self._registered, on_tick=self.sessions.trimmer.tick,
+            server_order=server_order, order_rng=random.Random(server_order_seed),
         )
         self.started_at: float | None = None
         self._proxies: list[Proxy] = []
@@ -255,6 +267,8 @@ class Client:
             "clientId": self.client_id,
             "fingerprint": self.sealing.fingerprint,
             "serverUrl": self.server_url,
+            "serverOrder": self.server_order,
+            "relayUrl": self.control.url,  # the one in use or being tried (a redirect may have led there)
             "state": self.control.state,
             "lastError": self.control.last_error,
             "nextAttemptAt": self.control.next_attempt_at,

@@ -6,8 +6,11 @@ relay. Messages the relay starts (``connect_request``, ``session_closed``) go to
 ``on_message`` callback, which must not block.
 
 With several relay URLs (the nodes of a relay cluster), the client starts on the first that
-answers and, when a connection fails or is lost, moves on to the next one, in order; only after
-a whole round of them fails does it wait out its backoff.
+answers and, when a connection fails or is lost, moves on to the next one, in order (or in an
+order shuffled once per start, relays.py); only after a whole round of them fails does it wait
+out its backoff. A node may answer ``register`` with a redirect to a less loaded node, which
+the client follows within the rules of relays.py; a redirect it does not follow, or one that
+fails, sends it back to the URL of its list, where it registers without accepting redirects.
 
 A refused registration ends the loop only before the first success (a wrong token or ID at
 the first start); once registered, every failure is retried, so a relay restarted with
@@ -31,6 +34,8 @@ import websocket
 from common import handshake, tls
 from common import protocol as p
 from common.errors import ChuantouError, NotConnectedError, RequestError
+
+from .relays import IN_ORDER, RelayList, redirect_problem
 
 log = logging.getLogger("chuantou.client")
 
@@ -69,11 +74,10 @@ class ControlChannel:
     def __init__(self, url: str, client_id: str, threads, on_message, *, heartbeat_interval: float,
                  heartbeat_timeout: float, connect_timeout: float, reconnect_max_delay: float,
                  token: str | None = None, tls=None, on_lost=None, public_key: str | None = None,
-                 on_registered=None, on_tick=None):
-        self.urls = split_server_urls(url)  # tried in order; see _next_url
-        self._url_index = 0
-        self._round = 0  # URLs moved through since the last registration (a full round: back off)
-        self.url = self.urls[0]  # the one in use or being tried
+                 on_registered=None, on_tick=None, server_order: str = IN_ORDER, order_rng=None):
+        self.relays = RelayList(split_server_urls(url), server_order, order_rng)  # see _next_url
+        self.urls = self.relays.urls  # in the order they are tried
+        self.url = self.relays.current  # the one in use or being tried (a redirect may lead off the list)
         self.client_id = client_id
         self.threads = threads
         self.on_message = on_message
@@ -183,15 +187,9 @@ class ControlChannel:
     def _next_url(self) -> bool:
         """Move to the next relay URL; False when that starts a new round (or there is only one),
         so the caller waits its backoff before trying again."""
-        if len(self.urls) == 1:
-            return False
-        self._round += 1
-        self._url_index = (self._url_index + 1) % len(self.urls)
-        self.url = self.urls[self._url_index]
-        if self._round >= len(self.urls):
-            self._round = 0
-            return False
-        return True
+        more = self.relays.advance()
+        self.url = self.relays.current
+        return more
 
     def _log_refused_retry(self, exc: Exception) -> None:
         if isinstance(exc, RegistrationRefused) and exc.code == p.ID_IN_USE:
@@ -201,6 +199,34 @@ class ControlChannel:
                       "client was registered before", self.last_error, self.reconnect_max_delay)
 
     def _connect_and_register(self) -> websocket.WebSocket:
+        """Register at the current URL of the list, or where its redirects lead (relays.py)."""
+        home = self.url
+        visited = [home]
+        follows = True
+        while True:
+            try:
+                return self._register_at(follows)
+            except handshake.Redirected as redirect:
+                if not follows:  # a node must not redirect a client that said it does not follow
+                    raise ConnectionError(f"relay {self.url} redirected to {redirect.url} although this client "
+                                          f"asked not to be redirected") from None
+                problem = redirect_problem(self.urls, visited, redirect.url)
+                if problem is None:
+                    log.info("relay %s redirected this client to %s%s; registering there", self.url, redirect.url,
+                             f" (node {redirect.node})" if redirect.node else "")
+                    self.url = redirect.url
+                    visited.append(redirect.url)
+                    continue
+                log.warning("not following the redirect from relay %s to %s: %s; registering at %s (from "
+                            "--server) without redirects", self.url, redirect.url, problem, home)
+            except Exception as exc:
+                if self.url == home:
+                    raise
+                log.warning("relay %s, where a redirect led, failed: %s; registering at %s (from --server) "
+                            "without redirects", self.url, _describe(exc), home)
+            self.url, follows = home, False
+
+    def _register_at(self, follows_redirect: bool) -> websocket.WebSocket:
         sslopt = {"context": self._tls.context} if self._tls else None
         # protocol.decode rejects invalid UTF-8 itself; websocket-client's own check is a slow Python loop
         try:
@@ -216,7 +242,7 @@ class ControlChannel:
                 tls.check_pin(ws.sock.getpeercert(binary_form=True), self._tls.fingerprint)
             try:
                 ws.send(p.encode(handshake.register_for(self._receive_message(ws), self.client_id, self._token,
-                                                        self._takeover, self.public_key)))
+                                                        self._takeover, self.public_key, follows_redirect)))
                 reply = None
                 while reply is None:
                     reply = handshake.registration_result(self._receive_message(ws))
@@ -247,7 +273,7 @@ class ControlChannel:
         self.next_attempt_at = None
         self.last_error = None
         self._ever_registered = True
-        self._round = 0
+        self.relays.registered_at(self.url)
         self._takeover = True  # the ID is ours again: an ordinary reconnect may replace a stale connection
         if self.on_registered is not None and self.register_reply is not None:
             self.on_registered(self.register_reply)  # before registered: what it learns holds for every flow

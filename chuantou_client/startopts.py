@@ -26,6 +26,7 @@ def given_options(args) -> dict:
     get: Callable[[str], Any] = lambda name: getattr(args, name, None)  # noqa: E731
     given = {
         "--server": get("server"),
+        "--server-order": get("server_order"),
         "--client-id": get("client_id"),
         "--admin-port": get("admin_port") or None,
         "--log-level": get("log_level"),
@@ -48,6 +49,7 @@ def running_options(app, log_level: str, token: str | None) -> dict:
     settings = app.settings
     return {
         "--server": app.server_url,
+        "--server-order": settings["serverOrder"],
         "--client-id": app.client.client_id,
         "--admin-port": app.admin.port,
         "--log-level": log_level,
@@ -64,5 +66,5 @@ def running_options(app, log_level: str, token: str | None) -> dict:
     }
 
 
-RUN_OPTION_DEFAULTS = {"--allow": "every port on 127.0.0.1", "--allow-host": "none", "--ca": "the system's CAs",
+RUN_OPTION_DEFAULTS = {"--server-order": "in-order", "--allow": "every port on 127.0.0.1", "--allow-host": "none", "--ca": "the system's CAs",
                        "--tls-fingerprint": "none", "--token": "none", "--allow-from": "any peer that passes its pin"}

@@ -98,6 +98,8 @@ CONFIG_KEYS = {
     "advertise": config.Key(str, "the URL clients reach this node at, such as \"ws://relay1.example.com:8200\"",
                             None, lambda v: v.startswith(("ws://", "wss://"))),
     "clusterTtl": config.Key((int, float), "a number of seconds > 0", 8.0, config.is_positive),
+    # redirect a registering client when this node has this many more clients than the least loaded one
+    "redirectMargin": config.Key(int, "a whole number of clients >= 0 (0: never redirect)", 0, lambda v: v >= 0),
     # bandwidth limits the relay enforces (issue 16 item 3): each client's sending and receiving over all
     # its sessions, and every byte relayed; "10MiB/s" is accepted as well as a plain number
     "bandwidthPerClient": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
@@ -121,7 +123,7 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
             raise config.ConfigError(auth.token_problem(given, flag))
     settings = config.load(path, CONFIG_KEYS)
     for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey", "metricsToken",
-                "cluster", "nodeId", "advertise", "probePort"):
+                "cluster", "nodeId", "advertise", "redirectMargin", "probePort"):
         if overrides.get(key) is not None:
             settings[key] = overrides[key]
     if settings["probePort"] is not None and not config.is_port(settings["probePort"]):
@@ -221,7 +223,7 @@ def make_server(settings: dict) -> Server:
         metrics_token=settings["metricsToken"],
         metrics_loopback_open=settings["metricsLoopbackOpen"],
         cluster_url=settings["cluster"], node_id=settings["nodeId"], advertise=settings["advertise"],
-        cluster_ttl=settings["clusterTtl"],
+        cluster_ttl=settings["clusterTtl"], cluster_redirect_margin=settings["redirectMargin"],
         bandwidth_per_client=parse_bandwidth(settings["bandwidthPerClient"]),
         bandwidth_total=parse_bandwidth(settings["bandwidthTotal"]),
     )

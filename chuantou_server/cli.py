@@ -37,7 +37,7 @@ PROGRAM = Program(
     describe_running=lambda pid, worker: f"chuantou server is already running (pid {pid}, port {worker.get('port')})",
     given_options=given_options, option_defaults=RUN_OPTION_DEFAULTS,
     worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key",
-                    "cluster", "node_id", "advertise"),
+                    "cluster", "node_id", "advertise", "redirect_margin"),
     path_options=frozenset({"config", "tls_cert", "tls_key"}), worker_flags=("no_auth", "tls_only"),
 )
 files = PROGRAM.files
@@ -75,6 +75,9 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         "(default: host name and port)")
     parser.add_argument("--advertise", default=default, metavar="URL", help="where clients reach this node, "
                         "e.g. ws://relay1.example.com:8200 (default: from --host and --port)")
+    parser.add_argument("--redirect-margin", type=int, default=default, metavar="N", help="with --cluster: "
+                        "answer a registering client with a redirect to the least loaded live node when this "
+                        "node has at least N more clients than it (default 0: never redirect)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +131,7 @@ def make_app(args, path: Path | None = None) -> ServerApp:
                  "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only"),
                  "metricsToken": get("metrics_token"),
                  "cluster": get("cluster"), "nodeId": get("node_id"), "advertise": get("advertise"),
-                 "probePort": get("probe_port")}
+                 "redirectMargin": get("redirect_margin"), "probePort": get("probe_port")}
     return ServerApp(path or config_path(args), overrides, config_given=path is None and get("config") is not None)
 
 

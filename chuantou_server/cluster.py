@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 from common import protocol as p
 
 from . import metrics
+from .cluster_redirect import Redirector
 from .cluster_store import ClusterStore, StoreUnreachable
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class Cluster:
         self.advertise: str = advertise or ""  # completed in start() when not given (the port may be 0 until then)
         self.store = ClusterStore(url, node_id, ttl)
         self.reachable = True  # as last seen by the refresher or a request
+        self.redirects = Redirector(self, server.config.cluster_redirect_margin)  # register -> a less loaded node
         self._lock = threading.Lock()
         self._tickets: dict[str, _Ticket] = {}
         self._ticket_ids = itertools.count(1)

@@ -86,6 +86,9 @@ class ServerConfig:
     node_id: str | None = None  # default: the host name and port
     advertise: str | None = None  # ws://HOST:PORT where clients reach this node (default: from host and port)
     cluster_ttl: float = 8.0  # seconds a killed node's keys outlive it
+    # > 0: answer register with a redirect when this node has that many more clients than the least
+    # loaded live node (cluster_redirect.py); 0: never redirect
+    cluster_redirect_margin: int = 0
     # bytes/s (0: off): each client's sending and its receiving over all its sessions, and every
     # byte the relay relays (bandwidth.py)
     bandwidth_per_client: int = 0
@@ -113,6 +116,9 @@ class ServerConfig:
             raise ChuantouError(f"the cluster URL must look like redis://HOST:6379/0, not {self.cluster_url!r}")
         if self.cluster_ttl <= 0:
             raise ChuantouError("cluster_ttl must be a number of seconds > 0")
+        margin = self.cluster_redirect_margin
+        if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+            raise ChuantouError("the redirect margin must be a whole number of clients >= 0 (0: never redirect)")
         for name in ("bandwidth_per_client", "bandwidth_total"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

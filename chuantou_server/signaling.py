@@ -146,6 +146,9 @@ class ControlConnection:
             return self._refuse_registration(msg, problem)
         self.credential = credential
         cluster = self.server.cluster
+        redirect = cluster.redirects.answer(msg) if cluster is not None else None
+        if redirect is not None:  # before the claim: nothing is held here for a redirected client
+            return self._redirect_registration(msg, redirect)
         if cluster is not None:  # one ID online once in the whole cluster
             refused_elsewhere = cluster.claim(msg.clientId, credential)
             if refused_elsewhere is not None:
@@ -179,6 +182,10 @@ class ControlConnection:
     def _refuse_registration(self, msg: p.Register, problem: str, code: str | None = None) -> None:
         log.warning("registration as %s from %s refused: %s", msg.clientId, self.remote[0], problem)
         self.send(p.RegisterResponse(success=False, error=problem, code=code))
+        self.close()
+
+    def _redirect_registration(self, msg: p.Register, redirect: p.RegisterRedirect) -> None:
+        self.send(redirect)
         self.close()
 
     def on_get_client_list(self, msg: p.GetClientList) -> None:

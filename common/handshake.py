@@ -4,6 +4,8 @@
     challenge(nonce, authRequired)  ---->
                                     <----   register(clientId, version, proof, takeover)
     register_response(success|error) ---->
+    (or, from a cluster node to a client that follows redirects:
+    register_redirect(url)           ---->  the client registers at url instead, or not)
 
 The relay's side is ``challenge_for`` / ``version_problem`` / ``verify_proof``; the client's is
 ``register_for`` / ``registration_result``. No sockets: the relay's signaling and the client's
@@ -26,6 +28,14 @@ class Refused(Exception):
     def __init__(self, message: str, code: str | None = None):
         super().__init__(message)
         self.code = code
+
+
+class Redirected(Exception):
+    """The relay (a cluster node) answered with a redirect to ``url``; nothing was registered."""
+
+    def __init__(self, url: str, node: str | None = None, reason: str | None = None):
+        super().__init__(f"relay redirected this client to {url}" + (f" (node {node})" if node else ""))
+        self.url, self.node, self.reason = url, node, reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,19 +80,26 @@ def verify_proof(candidates, client_id: str, nonce: str, proof: str | None) -> V
 
 # --- the client's side -----------------------------------------------------------------------
 
+def redirect_for(url: str, node: str, reason: str) -> p.RegisterRedirect:
+    return p.RegisterRedirect(url=url, node=node, reason=reason)
+
+
 def register_for(challenge, client_id: str, token: str | None, takeover: bool = True,
-                 public_key: str | None = None) -> p.Register:
+                 public_key: str | None = None, follows_redirect: bool = False) -> p.Register:
     """The ``register`` answering ``challenge``; Refused if the first message was not one."""
     if not isinstance(challenge, p.Challenge):
         raise Refused("the relay did not open with a challenge; is it a chuantou relay of the same version?")
     proof = auth.register_proof(token, challenge.nonce, client_id) if token else None
     return p.Register(clientId=client_id, protocolVersion=p.PROTOCOL_VERSION, auth=proof,
-                      takeover=None if takeover else False, publicKey=public_key)
+                      takeover=None if takeover else False, publicKey=public_key,
+                      followsRedirect=True if follows_redirect else None)
 
 
 def registration_result(reply) -> p.RegisterResponse | None:
     """A successful ``register_response``; None for a message to skip (the relay may send others
-    first); Refused for a refusal or an error."""
+    first); Refused for a refusal or an error; Redirected for a cluster node's redirect."""
+    if isinstance(reply, p.RegisterRedirect):
+        raise Redirected(reply.url, reply.node, reply.reason)
     if isinstance(reply, p.Error):
         raise Refused(reply.message, reply.code)
     if not isinstance(reply, p.RegisterResponse):

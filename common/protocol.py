@@ -31,6 +31,9 @@ PROTOCOLS = ("tcp", "udp")
 # ID is online with, or reserved for, another credential
 ID_IN_USE = "id_in_use"
 ID_TAKEN = "id_taken"
+# register_redirect.url: a relay URL with a host (a name, IPv4, or [IPv6]), an optional port and path
+MAX_REDIRECT_URL = 255
+REDIRECT_URL_PATTERN = re.compile(r"^wss?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
 
 
 class ProtocolError(ValueError):
@@ -138,6 +141,9 @@ class Register(Message, wire="register", sent_by="client"):
     # asks this, so two holders of one token do not take turns kicking each other); unset: replace
     takeover: bool | None = None
     publicKey: str | None = None  # this client's key for sealed sessions (see PUBLIC_KEY_PATTERN)
+    # True: this client follows a register_redirect (a cluster node may send one); unset: it does
+    # not, now (an older client, or one that just refused or looped through redirects)
+    followsRedirect: bool | None = None
 
     def check(self) -> None:
         _require(
@@ -158,6 +164,25 @@ class RegisterResponse(Message, wire="register_response", sent_by="relay"):
     code: str | None = None  # why a registration failed: ID_IN_USE, ID_TAKEN, or None for any other reason
     udpPort: int | None = None  # where NAT probes go (common.direct): the relay's UDP port
     probePort: int | None = None  # a second UDP port that answers probes (--probe-port), if any
+
+
+@dataclass(frozen=True)
+class RegisterRedirect(Message, wire="register_redirect", sent_by="relay"):
+    """A cluster node's answer to ``register`` (instead of ``register_response``) from a client
+    that follows redirects: register at ``url``, a less loaded node of the same cluster. Nothing
+    was registered here; the relay closes the connection after it. The client decides whether
+    to follow (chuantou_client/relays.py): it never drops its ID or proxies for it."""
+
+    url: str
+    node: str | None = None
+    reason: str | None = None
+
+    def check(self) -> None:
+        _require(len(self.url) <= MAX_REDIRECT_URL and REDIRECT_URL_PATTERN.match(self.url) is not None,
+                 "url must look like ws://HOST:PORT or wss://HOST:PORT (at most 255 characters)")
+        _require(self.node is None or CLIENT_ID_PATTERN.match(self.node) is not None,
+                 "node must be a node name of 1-64 letters, digits, '.', '_' or '-'")
+        _require(self.reason is None or len(self.reason) <= 200, "reason must be at most 200 characters")
 
 
 @dataclass(frozen=True)
