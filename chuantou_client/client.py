@@ -281,12 +281,12 @@ class Client:
 
     # --- used by proxies and the target side ------------------------------------------------
 
-    def join_session(self, record: SessionRecord, msg):
+    def join_session(self, record: SessionRecord, msg, reusable: bool = False):
         """Open the data channel of ``record``'s session, as told by a create_session (side A)
-        or a connect_request (side B)."""
+        or a connect_request (side B); ``reusable``: from a port a direct attempt dials from."""
         try:
             sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, record.side,
-                                     timeout=self.request_timeout, tls=self.tls)
+                                     timeout=self.request_timeout, tls=self.tls, reusable=reusable)
         except JoinError as exc:
             reason = self.sessions.close_reason(msg.sessionId)
             raise JoinError(reason or str(exc)) from None
@@ -402,6 +402,8 @@ class Client:
             self._session_closed(msg)
         elif isinstance(msg, p.PeerCandidates):
             self.direct.deliver(msg)
+        elif isinstance(msg, p.PathSync):
+            self.direct.deliver_sync(msg)
         elif isinstance(msg, p.Error) and msg.code == "unknown_session":
             # our accept/reject crossed the session's end (the user hung up first): a normal race
             log.debug("relay reported: %s", msg.message)

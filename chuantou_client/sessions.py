@@ -41,6 +41,7 @@ class SessionRecord:
     handle: Any = None  # Pipe / UDP flow, attached once the data path is up
     reason: str | None = None  # why the relay closed it, once it did
     sealed: bool = True  # end to end (sealing.py, udpseal.py); False: a peer that cannot seal, allowed
+    path: str = "relay"  # a TCP session's: "direct" once it runs on its own connection (directtcp.py)
 
     @property
     def byte_counts(self) -> tuple[int, int] | None:
@@ -56,8 +57,8 @@ class SessionRecord:
         info: dict = {"id": self.id, "shortId": self.id[:8], "side": self.side, "peer": self.peer,
                       "port": self.port, "protocol": self.protocol, "startedAt": self.started_at,
                       "sealed": self.sealed}
-        # UDP flows may go direct (direct.py); TCP sessions always cross the relay (for now)
-        info["path"] = getattr(self.handle, "path", "relay") if self.protocol == "udp" else "relay"
+        # a UDP flow's path is its own to say (direct.py); a TCP session's is chosen before it runs
+        info["path"] = getattr(self.handle, "path", "relay") if self.protocol == "udp" else self.path
         direct = getattr(self.handle, "direct_counts", None)
         if direct is not None:  # what went direct (the relay sees none of it; it is told, see direct.py)
             info["directBytesSent"], info["directBytesReceived"] = direct

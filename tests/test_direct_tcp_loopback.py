@@ -1,0 +1,60 @@
+"""The direct path for TCP on 127.0.0.1 (no namespaces): both clients' data channels come from
+reusable ports the relay sees as they are, so simultaneous open meets at once; the NAT cases are
+in test_direct_tcp.py (network namespaces, root)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from helpers import IO_TIMEOUT, connect, sha256, wait_until
+
+SIZE = 1 << 20
+
+
+def _tcp_bytes(server) -> int:
+    """Bytes the relay pumped for TCP sessions since start (live and ended)."""
+    return sum(count for (protocol, _), count in server.traffic.bytes_by_direction().items() if protocol == "tcp")
+
+
+def _echo_through(port: int, payload: bytes) -> str:
+    """Send ``payload`` through the proxy and read as many bytes back (no half-close); their sha256."""
+    with connect(port) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(payload,), name="svc-direct-sender", daemon=True)
+        sender.start()
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        sender.join(IO_TIMEOUT)
+    return sha256(bytes(got))
+
+
+def _proxy(make_client, server, tcp_echo, path_a: str, path_b: str):
+    b = make_client(server, "B", path=path_b)
+    a = make_client(server, "A", path=path_a)
+    wait_until(lambda: a.direct.relay_knows and b.direct.relay_knows, message="no registration")
+    return a, b, a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+
+
+@pytest.mark.parametrize("path", ["auto", "direct"])
+def test_on_loopback_a_tcp_session_goes_direct_and_the_relay_carries_none_of_it(server, make_client, tcp_echo,
+                                                                                   path):
+    a, b, proxy = _proxy(make_client, server, tcp_echo, path, "auto")
+    payload = os.urandom(SIZE)
+    assert _echo_through(proxy.local_port, payload) == sha256(payload)
+    assert a.direct.describe()["pairs"]["B"]["last"] == "direct"
+    assert _tcp_bytes(server) == 0
+
+
+def test_with_the_target_on_path_relay_the_session_is_relayed_at_once(server, make_client, tcp_echo):
+    a, b, proxy = _proxy(make_client, server, tcp_echo, "auto", "relay")
+    payload = os.urandom(SIZE)
+    assert _echo_through(proxy.local_port, payload) == sha256(payload)
+    assert _tcp_bytes(server) >= 2 * SIZE
+    assert "B" not in a.direct.describe()["pairs"]  # B chose the relay: no attempt, nothing to remember
