@@ -119,10 +119,10 @@ class Client:
         (udpseal.py). ``allow_unsealed``: run sessions in the clear with peers that cannot seal
         (registered without a key); refused by default.
 
-        ``path``: whether new UDP flows try a direct path to the peer first ("auto": try, and fall
-        back to the relay after ``direct_deadline`` seconds; "relay": never; "direct": try every
-        flow, and end it rather than relay it; see direct.py). Either path carries the same sealed
-        datagrams."""
+        ``path``: whether new TCP sessions and UDP flows try a direct path to the peer first
+        ("auto": try, and fall back to the relay after ``direct_deadline`` seconds; "relay": never;
+        "direct": try every one, and end it rather than relay it; see direct.py, directtcp.py).
+        Either path carries the same sealed bytes and datagrams."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):

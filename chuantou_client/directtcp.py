@@ -7,7 +7,7 @@ SO_REUSEPORT, datachannel.connect_reusable). That channel is the fallback and th
 once: the relay adds the address it sees it come from (what the side's NAT maps that port to)
 to the side's offer (path_candidates). Once both have offered (peer_candidates)::
 
-    A --path_sync ping--> relay --> B --path_sync pong--> relay --> A   (A: the round trip)
+    A --path_sync ping--> relay --> B --path_sync pong--> relay --> A    (A: the round trip)
     A --path_sync sync--> relay --> B, which dials at once; A dials after half the round trip
 
 Each side dials every candidate of the other from that same port until its deadline, dialing
