@@ -73,6 +73,7 @@ class TcpAttempt:
         self._lock = threading.Lock()
         self._dialing: set[socket.socket] = set()  # dialing or listening: stop() wakes them
         self.abandoned = False  # B: A's choice is known, a stream made from now on is dropped
+        self._arrivals: queue.Queue = queue.Queue(MAX_ARRIVALS + 1)  # B: direct connections (None: stop)
         self._thread: threading.Thread | None = None
 
     @property
@@ -107,6 +108,10 @@ class TcpAttempt:
             event.set()
         for sock in dialing:
             shutdown_quietly(sock)  # a connect() or accept() in progress returns at once
+        try:
+            self._arrivals.put_nowait(None)  # and B's wait for a connection to seal
+        except queue.Full:  # it is not waiting: it has connections to look at first
+            pass
 
     # --- the two sides ------------------------------------------------------------------------
 
@@ -154,9 +159,9 @@ class TcpAttempt:
         self._send(p.PathSync(sessionId=self.session_id, step="pong"))
         if not self._wait(self.steps["sync"], end) or not self._wait(self.answered, end) or not self.targets:
             return
-        arrivals: queue.Queue = queue.Queue(MAX_ARRIVALS)
+        arrivals = self._arrivals
         end = time.monotonic() + self.deadline + GRACE
-        workers = self._start_dialing(end, arrivals.put_nowait, listen=True)
+        workers = self._start_dialing(end, self._arrived, listen=True)
         try:
             stream = self._seal_first(msg, arrivals, end)
         finally:
@@ -172,6 +177,12 @@ class TcpAttempt:
                 return
             self.result = stream
 
+    def _arrived(self, sock: socket.socket) -> None:
+        try:
+            self._arrivals.put_nowait(sock)
+        except queue.Full:  # strangers knocking: A's connection is among those already queued
+            reset_connection(sock)
+
     def _seal_first(self, msg: p.ConnectOffer, arrivals: queue.Queue, end: float):
         """B: seal the first connection over which A proves its key (A resets any other it made;
         a stranger's connection to our port fails its handshake and the next one is tried)."""
@@ -179,6 +190,8 @@ class TcpAttempt:
             try:
                 sock = arrivals.get(timeout=remaining)
             except queue.Empty:
+                return None
+            if sock is None:  # stop() woke us
                 return None
             prepare(sock, self.client.data_channel_timeout)
             try:
@@ -284,10 +297,7 @@ class TcpAttempt:
                     sock, _ = listener.accept()
                 except socket.timeout:
                     return
-                try:
-                    deliver(sock)
-                except queue.Full:  # strangers knocking: ours is among those already queued
-                    reset_connection(sock)
+                deliver(sock)
         except OSError:  # stopped (shut down), or no listening on this port here: dialing still works
             return
         finally:
@@ -334,9 +344,10 @@ def prepare(sock: socket.socket, liveness: float) -> None:
 def _drain(arrivals: queue.Queue) -> None:
     while True:
         try:
-            reset_connection(arrivals.get_nowait())
+            sock = arrivals.get_nowait()
         except queue.Empty:
             return
+        reset_connection(sock)
 
 
 def sock_peer(sock) -> tuple:
