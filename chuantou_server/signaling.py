@@ -351,13 +351,7 @@ def _seen_address(session: Session, side: int) -> tuple | None:
     address of its TCP data channel (what its NAT maps the port it will dial from to)."""
     if session.protocol == "udp":
         return session.udp_a if side == 0 else session.udp_b
-    sock = session.sock_a if side == 0 else session.sock_b
-    if sock is None:
-        return None
-    try:
-        return sock.getpeername()
-    except OSError:  # the channel already ended
-        return None
+    return session.tcp_seen[side]
 
 
 def _claim_refusal(server: Server, client_id: str, refused: str) -> tuple[str, str]:

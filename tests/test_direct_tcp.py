@@ -16,6 +16,7 @@ import pytest
 import direct_tcp_support as support
 from common import direct as d
 from direct_support import NatTopology
+from helpers import wait_until
 from netns_support import netns_unavailable
 
 TOKEN = "direct-tcp-test-token-0123456789"
@@ -62,9 +63,17 @@ def test_a_tcp_session_goes_direct_behind_cone_nats_and_falls_back_to_the_relay_
     pair = result["direct"]["pairs"]["B"]
     if not symmetric:
         assert pair["last"] == "direct", result["direct"]
-        assert relay.command("traffic")["tcpBytesRelayed"] == 0  # not one byte of the session crossed it
+        assert _tcp_paths(target.status()) in (["direct"], [])  # B's side: direct too (or ended already)
+        wait_until(lambda: _tcp_paths(target.status()) == [], message="B's side of the session never ended")
+        assert relay.command("traffic") == {"tcpBytesRelayed": 0, "sessions": 0}  # not one byte crossed it
+        again = gateway.command("tcp 1", timeout=60.0)  # the pair that went direct goes direct first again
+        assert again["intact"] and again["direct"]["pairs"]["B"]["successes"] == 2, again
+        assert relay.command("traffic")["tcpBytesRelayed"] == 0
         return
     # the attempt failed: the user waited at most the deadline (plus setup), then the relay carried it
     assert result["firstByte"] <= d.DEFAULT_DEADLINE + 0.5, result
     assert pair["last"] == "relay" and pair["failures"] == 1 and pair["retryIn"] > 0, pair  # retried later
     assert relay.command("traffic")["tcpBytesRelayed"] >= 2 * MIB << 20
+    again = gateway.command("tcp 1", timeout=60.0)  # within the backoff: straight to the relay, no waiting
+    assert again["intact"] and again["firstByte"] < d.DEFAULT_DEADLINE / 2, again
+    assert again["direct"]["pairs"]["B"]["failures"] == 1, again["direct"]  # not tried again yet

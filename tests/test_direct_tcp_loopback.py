@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from helpers import IO_TIMEOUT, connect, sha256, wait_until
+from common import protocol as p
+from helpers import IO_TIMEOUT, closed_by_peer, connect, sha256, wait_until
 
 SIZE = 1 << 20
 
@@ -58,3 +59,20 @@ def test_with_the_target_on_path_relay_the_session_is_relayed_at_once(server, ma
     assert _echo_through(proxy.local_port, payload) == sha256(payload)
     assert _tcp_bytes(server) >= 2 * SIZE
     assert "B" not in a.direct.describe()["pairs"]  # B chose the relay: no attempt, nothing to remember
+
+
+def test_with_path_direct_a_session_that_cannot_go_direct_is_refused_rather_than_relayed(server, make_client,
+                                                                                        tcp_echo):
+    a, b, proxy = _proxy(make_client, server, tcp_echo, "direct", "relay")
+    with connect(proxy.local_port) as user:
+        user.sendall(b"never relayed")
+        assert closed_by_peer(user, timeout=IO_TIMEOUT)
+    assert "--path direct" in (proxy.last_error or "")
+    assert _tcp_bytes(server) == 0
+
+
+def test_path_sync_is_plain_data_with_a_known_step():
+    msg = p.decode(p.encode(p.PathSync(sessionId="ab" * 16, step="sync")), sender="relay")
+    assert msg == p.PathSync(sessionId="ab" * 16, step="sync")
+    with pytest.raises(p.ProtocolError, match="step must be one of"):
+        p.decode('{"type":"path_sync","payload":{"sessionId":"x","step":"dial-now"}}', sender="client")
