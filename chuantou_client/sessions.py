@@ -165,8 +165,10 @@ class SessionBook:
         return len(self.records())
 
     def abort_all(self, tcp_only: bool = False) -> int:
-        """Abort every running session (only TCP ones with ``tcp_only``); returns how many."""
-        handles = [r.handle for r in self.records() if not tcp_only or r.protocol != "udp"]
+        """Abort every running session (with ``tcp_only``, only TCP ones the relay carries: a
+        direct one does not need it); returns how many."""
+        handles = [r.handle for r in self.records()
+                   if not tcp_only or (r.protocol != "udp" and r.path != "direct")]
         for handle in handles:
             handle.abort()
         return len(handles)

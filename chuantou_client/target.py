@@ -138,7 +138,8 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
         tune_tcp(local)
         local.settimeout(None)
         slot.release()  # joined: from here on the session counts against the relay's caps, not this one
-        _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
+        if record.path != "direct":  # a direct session's relay half is gone already
+            _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
         pipe = Pipe(relay, local)
         client.sessions.attach(record, pipe)
         pipe.run(client.threads, f"b-{msg.sessionId[:8]}")

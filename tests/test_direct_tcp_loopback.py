@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from common import protocol as p
-from helpers import IO_TIMEOUT, closed_by_peer, connect, sha256, wait_until
+from helpers import IO_TIMEOUT, closed_by_peer, connect, recv_exactly, sha256, wait_until
 
 SIZE = 1 << 20
 
@@ -76,3 +76,31 @@ def test_path_sync_is_plain_data_with_a_known_step():
     assert msg == p.PathSync(sessionId="ab" * 16, step="sync")
     with pytest.raises(p.ProtocolError, match="step must be one of"):
         p.decode('{"type":"path_sync","payload":{"sessionId":"x","step":"dial-now"}}', sender="client")
+
+
+def test_behind_a_tls_relay_the_session_goes_direct_too(make_server, make_client, tcp_echo, tmp_path):
+    from security_support import TOKEN, make_self_signed, wss_url
+
+    cert = make_self_signed(tmp_path, "relay")
+    relay = make_server(token=TOKEN, tls_cert=cert.cert, tls_key=cert.key, tls_only=True)
+    b = make_client(wss_url(relay), "B", token=TOKEN, ca_file=cert.cert, path="auto")
+    a = make_client(wss_url(relay), "A", token=TOKEN, ca_file=cert.cert, path="auto")
+    wait_until(lambda: a.direct.relay_knows and b.direct.relay_knows, message="no registration")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    payload = os.urandom(SIZE)
+    assert _echo_through(proxy.local_port, payload) == sha256(payload)
+    assert a.direct.describe()["pairs"]["B"]["last"] == "direct"
+    assert _tcp_bytes(relay) == 0
+
+
+def test_a_direct_session_outlives_the_relay(make_server, make_client, tcp_echo):
+    server = make_server()
+    a, b, proxy = _proxy(make_client, server, tcp_echo, "auto", "auto")
+    with connect(proxy.local_port) as user:
+        user.sendall(b"before")
+        assert recv_exactly(user, 6) == b"before"
+        assert [c["path"] for c in a.connections()] == ["direct"]
+        server.stop()  # the relay goes: a direct session does not need it
+        wait_until(lambda: not a.connected and not b.connected, message="the clients never saw the relay go")
+        user.sendall(b"after")
+        assert recv_exactly(user, 5) == b"after"
