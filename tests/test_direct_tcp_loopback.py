@@ -5,7 +5,6 @@ in test_direct_tcp.py (network namespaces, root)."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 
 import pytest
