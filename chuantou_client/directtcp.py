@@ -16,10 +16,9 @@ waiting) makes one connection of both. Over it A and B run the sealed handshake 
 relay (sealing.py: A the TLS client, the proven keys held to the pins), so whoever answers at a
 candidate's address must prove the peer's key.
 
-A decides. A goes direct once its handshake is done and the key passed its checks, and then
-closes its relay data channel; otherwise it seals over the relay channel as always. B's
-attempt runs on a thread of its own while B reads the relay channel: A's preamble there means
-the relay; the channel's end means A went direct, and B takes its direct stream.
+B also listens on that port while it dials: a SYN that finds no socket of B's dialing its
+sender (on a path without NAT, such as loopback, every SYN arrives before the other side's
+socket exists) is accepted rather than refused. Who decides, and how: directchoice.py.
 """
 
 from __future__ import annotations
@@ -34,11 +33,10 @@ from typing import Any
 from common import direct as d
 from common import protocol as p
 from common.errors import ChuantouError
-from common.identity import decode_public_key
-from common.net import arm_reset, close_quietly, disarm_reset, keep_alive, reset_connection, shutdown_quietly, tune_tcp
+from common.net import arm_reset, close_quietly, keep_alive, reset_connection, shutdown_quietly, tune_tcp
 
 from .datachannel import reusable_socket
-from .sealing import SealError, read_preamble
+from .sealing import SealError
 
 log = logging.getLogger("chuantou.client")
 
@@ -355,94 +353,3 @@ def sock_peer(sock) -> tuple:
         return tuple(sock.getpeername()[:2])
     except OSError:
         return ("?", 0)
-
-
-def close_relay_channel(relay) -> None:
-    """The session went direct: end its relay data channel cleanly (no reset: nothing failed)."""
-    try:
-        disarm_reset(relay)
-    except OSError:
-        pass
-    shutdown_quietly(relay)
-    close_quietly(relay)
-
-
-# --- the choice, on each side ---------------------------------------------------------------------
-
-def wants_direct(client, hint: str | None) -> bool:
-    """May this TCP session try a direct path at all? Only a sealed one (a direct session is
-    authenticated end to end like a relayed one), and only with a relay that hands over candidates."""
-    return client.direct.path != "relay" and client.direct.relay_knows and not _absent(hint)
-
-
-def seal_a(client, proxy, relay, reply, record):
-    """A: the session's sealed stream, direct when an attempt wins within the deadline, else
-    through ``relay`` (its joined data channel) as always."""
-    direct, peer = client.direct, proxy.target_client_id
-    if not wants_direct(client, reply.peerPublicKey):
-        return client.seal_as_a(relay, proxy, reply)
-    if not direct.wants_to_try(peer):
-        TcpAttempt(client, reply.sessionId, "A", relay, direct.deadline).offer("relay")  # so B stops waiting
-        return client.seal_as_a(relay, proxy, reply)
-    attempt = TcpAttempt(client, reply.sessionId, "A", relay, direct.deadline)
-    direct.begin_tcp(attempt)
-    try:
-        stream = attempt.run_a(proxy, reply)
-    finally:
-        direct.end_tcp(attempt)
-    if stream is not None:
-        direct.memory.succeeded(peer)
-        close_relay_channel(relay)
-        record.path = "direct"
-        log.info("proxy %s: TCP session %s... goes direct to %s:%s", proxy.description, reply.sessionId[:8],
-                 *sock_peer(stream))
-        return stream
-    if attempt.tried:
-        direct.memory.failed(peer)
-        log.info("proxy %s: no direct path to %s within %g s; the relay carries TCP session %s...",
-                 proxy.description, peer, direct.deadline, reply.sessionId[:8])
-    if direct.path == "direct":
-        reset_connection(relay)
-        raise NoDirectPath(f"no direct path to {peer} within {direct.deadline:g} s (--path direct)")
-    return client.seal_as_a(relay, proxy, reply)
-
-
-def seal_b(client, relay, msg: p.ConnectOffer, record, on_failure):
-    """B: offer a direct path and try it on a thread while A's choice arrives on ``relay``: A's
-    preamble (seal over the relay), or the channel's end (A went direct: our direct stream)."""
-    if not wants_direct(client, msg.peerPublicKey):
-        if client.direct.relay_knows and client.direct.path == "relay" and not _absent(msg.peerPublicKey):
-            TcpAttempt(client, msg.sessionId, "B", relay, client.direct.deadline).offer("relay")  # A: don't wait
-        return client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
-                                     on_failure=on_failure)
-    attempt = TcpAttempt(client, msg.sessionId, "B", relay, client.direct.deadline)
-    client.direct.begin_tcp(attempt)
-    try:
-        attempt.start_b(msg)
-        try:
-            certificate = read_preamble(relay, time.monotonic() + client.sealing.timeout)
-        except SealError as exc:  # not a sealed session's opening: refused as over the relay
-            attempt.abandon_b()
-            on_failure(exc)
-            reset_connection(relay)
-            raise
-        except (OSError, ValueError) as exc:  # the channel ended: A went direct (or gave up)
-            stream = attempt.finish_b(client.direct.deadline + GRACE + 2 * HANDSHAKE_TIME)
-            if stream is None:
-                reset_connection(relay)
-                raise SealError(f"the relay channel ended before A's sealed handshake ({exc}), and no direct "
-                                f"connection from A was sealed") from None
-            close_relay_channel(relay)
-            record.path = "direct"
-            log.info("TCP session %s... from %s goes direct (%s:%s)", msg.sessionId[:8], msg.fromClientId,
-                     *sock_peer(stream))
-            return stream
-        attempt.abandon_b()
-    finally:
-        client.direct.end_tcp(attempt)
-    return client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
-                                 on_failure=on_failure, certificate=certificate)
-
-
-def _absent(hint: str | None) -> bool:
-    return decode_public_key(hint) is None

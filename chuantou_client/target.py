@@ -18,7 +18,7 @@ from common.limits import LimitLog
 from common.net import reset_connection, tune_tcp
 from common.pipe import Pipe
 
-from . import directtcp
+from . import directchoice
 from .selfguard import resolve_for_connect
 from .udptarget import UdpTarget
 
@@ -122,10 +122,10 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
                 log.warning("session from %s refused: %s", msg.fromClientId, refusal)
                 _reject(client, msg, "the target client requires sealed sessions")
                 return
-            relay = client.join_session(record, msg, reusable=directtcp.wants_direct(client, msg.peerPublicKey))
+            relay = client.join_session(record, msg, reusable=directchoice.wants_direct(client, msg.peerPublicKey))
             record.sealed = decode_public_key(msg.peerPublicKey) is not None
             if record.sealed:  # else an older requester, allowed: in the clear (and never direct)
-                relay = directtcp.seal_b(client, relay, msg, record,
+                relay = directchoice.seal_b(client, relay, msg, record,
                                          on_failure=lambda error: _reject(client, msg, error.peer_reason))
         except ChuantouError as exc:
             log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
