@@ -103,3 +103,17 @@ def test_a_direct_session_outlives_the_relay(make_server, make_client, tcp_echo)
         wait_until(lambda: not a.connected and not b.connected, message="the clients never saw the relay go")
         user.sendall(b"after")
         assert recv_exactly(user, 5) == b"after"
+
+
+def test_over_an_ipv6_relay_the_session_goes_direct_too(make_server, make_client, tcp_echo):
+    from udp_support import ipv6_loopback_available
+
+    if not ipv6_loopback_available():
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    relay = make_server(host="::1")
+    url = f"ws://[::1]:{relay.port}"
+    a, b, proxy = _proxy(make_client, url, tcp_echo, "auto", "auto")
+    payload = os.urandom(SIZE)
+    assert _echo_through(proxy.local_port, payload) == sha256(payload)
+    assert a.direct.describe()["pairs"]["B"]["last"] == "direct"
+    assert _tcp_bytes(relay) == 0
