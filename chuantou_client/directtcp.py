@@ -40,7 +40,8 @@ from .sealing import SealError
 
 log = logging.getLogger("chuantou.client")
 
-HANDSHAKE_TIME = 1.0  # the sealed handshake over a fresh direct connection gets this long
+HANDSHAKE_TIME = 1.0  # the sealed handshake over a fresh direct connection gets at most this long
+HANDSHAKE_MIN = 0.3  # and A's at least this, even when its connection came just before the deadline
 GRACE = 0.5  # B dials this much longer than the deadline (A's clock started first)
 RETRY_GAP = 0.02  # seconds between two dials of one candidate when the first was refused
 MAX_ARRIVALS = 4  # B: direct connections queued for their handshake (A makes one; others are strangers')
@@ -136,10 +137,11 @@ class TcpAttempt:
         sock = self._dial(end)
         if sock is None:
             return None
+        now = time.monotonic()  # the handshake may run past the deadline, but not by much
         try:
             return self.client.sealing.seal_a(sock, proxy.target_client_id, proxy.target_fingerprint,
                                               self.session_id, reply.peerPublicKey,
-                                              deadline=time.monotonic() + HANDSHAKE_TIME)
+                                              deadline=min(now + HANDSHAKE_TIME, max(end, now + HANDSHAKE_MIN)))
         except SealError as exc:  # whoever answered there did not prove B's key, or broke off
             log.info("TCP session %s...: the direct connection to %s:%s failed its sealed handshake (%s); "
                      "the relay carries it", self.session_id[:8], *sock_peer(sock), exc)
@@ -189,7 +191,7 @@ class TcpAttempt:
                 sock = arrivals.get(timeout=remaining)
             except queue.Empty:
                 return None
-            if sock is None:  # stop() woke us
+            if sock is None or self._own(sock) is None:  # stop() woke us
                 return None
             prepare(sock, self.client.data_channel_timeout)
             try:
@@ -198,6 +200,8 @@ class TcpAttempt:
             except SealError as exc:
                 log.debug("TCP session %s...: a direct connection failed its sealed handshake: %s",
                           self.session_id[:8], exc)
+            finally:
+                self._disown(sock)  # (stop() wakes a handshake still waiting: A chose the relay)
         return None
 
     def finish_b(self, timeout: float):
