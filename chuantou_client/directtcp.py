@@ -13,8 +13,9 @@ to the side's offer (path_candidates). Once both have offered (peer_candidates):
 Each side dials every candidate of the other from that same port until its deadline, dialing
 again whenever a SYN was refused; a SYN that meets the other side's SYN (or its socket still
 waiting) makes one connection of both. Over it A and B run the sealed handshake as over the
-relay (sealing.py: A the TLS client, the proven keys held to the pins), so whoever answers at a
-candidate's address must prove the peer's key.
+relay (sealing.py: A the TLS client, the proven keys held to the pins), and each side must
+also prove the very key the relay named for it (sealing.hinted_key): whoever answers at a
+candidate's address, or connects to B's port, cannot get its own key pinned as the peer's.
 
 B also listens on that port while it dials: a SYN that finds no socket of B's dialing its
 sender (on a path without NAT, such as loopback, every SYN arrives before the other side's
@@ -36,7 +37,7 @@ from common.errors import ChuantouError
 from common.net import arm_reset, close_quietly, keep_alive, reset_connection, shutdown_quietly, tune_tcp
 
 from .datachannel import reusable_socket
-from .sealing import SealError
+from .sealing import SealError, hinted_key
 
 log = logging.getLogger("chuantou.client")
 
@@ -141,7 +142,8 @@ class TcpAttempt:
         try:
             return self.client.sealing.seal_a(sock, proxy.target_client_id, proxy.target_fingerprint,
                                               self.session_id, reply.peerPublicKey,
-                                              deadline=min(now + HANDSHAKE_TIME, max(end, now + HANDSHAKE_MIN)))
+                                              deadline=min(now + HANDSHAKE_TIME, max(end, now + HANDSHAKE_MIN)),
+                                              expected=hinted_key(reply.peerPublicKey))
         except SealError as exc:  # whoever answered there did not prove B's key, or broke off
             log.info("TCP session %s...: the direct connection to %s:%s failed its sealed handshake (%s); "
                      "the relay carries it", self.session_id[:8], *sock_peer(sock), exc)
@@ -196,7 +198,8 @@ class TcpAttempt:
             prepare(sock, self.client.data_channel_timeout)
             try:
                 return self.client.sealing.seal_b(sock, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
-                                                  deadline=time.monotonic() + HANDSHAKE_TIME + GRACE)
+                                                  deadline=time.monotonic() + HANDSHAKE_TIME + GRACE,
+                                                  expected=hinted_key(msg.peerPublicKey))
             except SealError as exc:
                 log.debug("TCP session %s...: a direct connection failed its sealed handshake: %s",
                           self.session_id[:8], exc)

@@ -5,6 +5,7 @@ in test_direct_tcp.py (network namespaces, root)."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 import pytest
@@ -117,3 +118,33 @@ def test_over_an_ipv6_relay_the_session_goes_direct_too(make_server, make_client
     assert _echo_through(proxy.local_port, payload) == sha256(payload)
     assert a.direct.describe()["pairs"]["B"]["last"] == "direct"
     assert _tcp_bytes(relay) == 0
+
+
+def test_over_a_direct_connection_a_stranger_is_refused_and_not_pinned_even_before_any_pin():
+    """Anyone may connect to B's port during an attempt (a full-cone NAT, or none): B must take
+    only the key the relay named for A, never pin a stranger's on first use as over the relay."""
+    import time
+
+    from chuantou_client.sealing import SealError, Sealing, hinted_key, seal_as_a
+    from common import identity
+
+    real_a, stranger = identity.generate(), identity.generate()
+    b = Sealing(identity.generate())  # no pins at all yet
+    hint = real_a.public_key_b64
+    left, right = socket.socketpair()
+    errors: list = []
+
+    def the_stranger():
+        try:
+            seal_as_a(left, stranger, None, time.monotonic() + 5)
+        except SealError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=the_stranger, name="svc-stranger")
+    worker.start()
+    try:
+        with pytest.raises(SealError, match="not the expected"):
+            b.seal_b(right, "A", "ab" * 16, hint, deadline=time.monotonic() + 5, expected=hinted_key(hint))
+    finally:
+        worker.join(IO_TIMEOUT)
+    assert b.known.get("A") is None  # nothing pinned: the real A's first session still works
