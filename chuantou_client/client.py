@@ -206,6 +206,7 @@ class Client:
         for proxy in list(self._proxies):
             proxy.close()
         self.control.stop()
+        self.direct.stop_tcp()
         self.sessions.abort_all()
         self.threads.join_all(timeout=10.0)
 

@@ -79,6 +79,13 @@ class DirectPaths:
             if self._tcp.get(session_id) is attempt:
                 del self._tcp[session_id]
 
+    def stop_tcp(self) -> None:
+        """The client stops: every TCP attempt ends now (its threads return, its dials close)."""
+        with self._lock:
+            attempts = list(self._tcp.values())
+        for attempt in attempts:
+            attempt.stop()
+
     def deliver(self, msg: p.PeerCandidates) -> None:
         """The relay's answer to an offer (on the control reader thread: must not block)."""
         with self._lock:
