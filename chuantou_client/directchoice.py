@@ -51,10 +51,11 @@ def seal_a(client, proxy, relay, reply, record):
         log.info("proxy %s: TCP session %s... goes direct to %s:%s", proxy.description, reply.sessionId[:8],
                  *sock_peer(stream))
         return stream
-    if attempt.tried:
+    if attempt.tried or not attempt.heard:  # failed, or the peer never offered (an older one): back off
         direct.memory.failed(peer)
-        log.info("proxy %s: no direct path to %s within %g s; the relay carries TCP session %s...",
-                 proxy.description, peer, direct.deadline, reply.sessionId[:8])
+        log.info("proxy %s: no direct path to %s within %g s%s; the relay carries TCP session %s...",
+                 proxy.description, peer, direct.deadline, "" if attempt.heard else " (it offered none)",
+                 reply.sessionId[:8])
     if direct.path == "direct":
         reset_connection(relay)
         raise NoDirectPath(f"no direct path to {peer} within {direct.deadline:g} s (--path direct)")

@@ -69,6 +69,7 @@ class TcpAttempt:
         self.steps = {step: threading.Event() for step in p.PATH_SYNC_STEPS}
         self.stopped = threading.Event()
         self.targets: list[tuple] = []
+        self.heard = False  # the relay answered our offer (else the peer never offered: an older one?)
         self.result = None  # B: the sealed direct stream, once its thread made one
         self._lock = threading.Lock()
         self._dialing: set[socket.socket] = set()  # dialing or listening: stop() wakes them
@@ -91,6 +92,7 @@ class TcpAttempt:
             except d.DirectFrameError:
                 continue
         self.targets = targets
+        self.heard = True
         log.debug("TCP session %s... (%s): the peer's candidates are %s", self.session_id[:8], self.side,
                   ", ".join(msg.candidates) or "none (it takes the relay)")
         self.answered.set()

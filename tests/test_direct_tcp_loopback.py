@@ -148,3 +148,14 @@ def test_over_a_direct_connection_a_stranger_is_refused_and_not_pinned_even_befo
     finally:
         worker.join(IO_TIMEOUT)
     assert b.known.get("A") is None  # nothing pinned: the real A's first session still works
+
+
+def test_a_peer_that_never_offers_costs_the_deadline_once_then_the_backoff_applies(server, make_client, tcp_echo):
+    a, b, proxy = _proxy(make_client, server, tcp_echo, "auto", "auto")
+    b.direct.relay_knows = False  # as a client that predates the TCP direct path: it never offers
+    for _ in range(2):
+        payload = os.urandom(1024)
+        assert _echo_through(proxy.local_port, payload) == sha256(payload)
+    pair = a.direct.describe()["pairs"]["B"]
+    assert (pair["last"], pair["failures"]) == ("relay", 1), pair  # the second did not wait for it again
+    assert _tcp_bytes(server) >= 2 * 2 * 1024  # both relayed (sealed: a little more than the payload)
