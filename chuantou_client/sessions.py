@@ -67,6 +67,8 @@ class SessionRecord:
         counts = self.byte_counts
         if counts is not None:
             info["bytesReceived"], info["bytesSent"] = counts
+            if self.protocol == "tcp" and self.path == "direct":  # every byte of it went direct
+                info["directBytesReceived"], info["directBytesSent"] = counts
         return info
 
 

@@ -53,6 +53,16 @@ def test_on_loopback_a_tcp_session_goes_direct_and_the_relay_carries_none_of_it(
     assert _tcp_bytes(server) == 0
 
 
+def test_a_direct_session_shows_its_path_and_its_direct_bytes_on_both_sides(server, make_client, tcp_echo):
+    a, b, proxy = _proxy(make_client, server, tcp_echo, "auto", "auto")
+    with connect(proxy.local_port) as user:
+        user.sendall(b"seen")
+        assert recv_exactly(user, 4) == b"seen"
+        (mine,) = a.connections()
+        assert (mine["path"], mine["directBytesSent"], mine["directBytesReceived"]) == ("direct", 4, 4), mine
+        wait_until(lambda: [c["path"] for c in b.connections()] == ["direct"], message="B's side is not direct")
+
+
 def test_with_the_target_on_path_relay_the_session_is_relayed_at_once(server, make_client, tcp_echo):
     a, b, proxy = _proxy(make_client, server, tcp_echo, "auto", "relay")
     payload = os.urandom(SIZE)
