@@ -101,7 +101,7 @@ def cmd_status(args) -> int:
         seen = f" (the relay sees {nat['seenAs']})" if nat.get("seenAs") else ""
         filtering = f", {nat['filtering']}" if nat.get("filtering") else ""  # an older client's answer has none
         print(f"  NAT:        {nat['mapping']}{filtering}{seen}")
-        print(f"  UDP path:   {direct['path']} (direct attempts wait at most {direct['deadline']:g} s)")
+        print(f"  Path:       {direct['path']} (TCP and UDP; direct attempts wait at most {direct['deadline']:g} s)")
     for failed in status.get("failedProxies", []):
         print(f"  not running: proxy on port {failed['localPort']}: {failed['error']}")
     if supervisor:

@@ -96,9 +96,9 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         help="only these clients may reach this one: client IDs (held to the key pinned at their "
                              "first session) or key fingerprints (repeatable or comma-separated, saved)")
     parser.add_argument("--path", choices=("auto", "relay", "direct"), default=default,
-                        help="UDP flows: auto tries a direct path to the peer for up to --direct-deadline and "
-                             "falls back to the relay; relay never tries; direct drops a flow that cannot go "
-                             "direct (saved; default auto; TCP always uses the relay)")
+                        help="TCP sessions and UDP flows: auto tries a direct path to the peer for up to "
+                             "--direct-deadline and falls back to the relay; relay never tries; direct drops a "
+                             "session that cannot go direct (saved; default auto)")
     parser.add_argument("--direct-deadline", type=float, default=default, metavar="SECONDS",
                         help="how long a new UDP flow waits for a direct path (saved; default 1)")
     parser.add_argument("--allow-unsealed", action="store_true", dest="allow_unsealed", default=default,

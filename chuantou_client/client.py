@@ -123,10 +123,10 @@ class Client:
         (udpseal.py). ``allow_unsealed``: run sessions in the clear with peers that cannot seal
         (registered without a key); refused by default.
 
-        ``path``: whether new UDP flows try a direct path to the peer first ("auto": try, and fall
-        back to the relay after ``direct_deadline`` seconds; "relay": never; "direct": try every
-        flow, and end it rather than relay it; see direct.py). Either path carries the same sealed
-        datagrams.
+        ``path``: whether new TCP sessions and UDP flows try a direct path to the peer first
+        ("auto": try, and fall back to the relay after ``direct_deadline`` seconds; "relay": never;
+        "direct": try every one, and end it rather than relay it; see direct.py, directtcp.py).
+        Either path carries the same sealed bytes and datagrams.
 
         ``server_order``: with several URLs in ``server_url`` (a cluster's nodes), "in-order" tries
         them as given, "random" in an order shuffled once per start (``server_order_seed`` makes
@@ -218,6 +218,7 @@ class Client:
         for proxy in list(self._proxies):
             proxy.close()
         self.control.stop()
+        self.direct.stop_tcp()
         self.sessions.abort_all()
         self.threads.join_all(timeout=10.0)
 
@@ -295,12 +296,12 @@ class Client:
 
     # --- used by proxies and the target side ------------------------------------------------
 
-    def join_session(self, record: SessionRecord, msg):
+    def join_session(self, record: SessionRecord, msg, reusable: bool = False):
         """Open the data channel of ``record``'s session, as told by a create_session (side A)
-        or a connect_request (side B)."""
+        or a connect_request (side B); ``reusable``: from a port a direct attempt dials from."""
         try:
             sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, record.side,
-                                     timeout=self.request_timeout, tls=self.tls)
+                                     timeout=self.request_timeout, tls=self.tls, reusable=reusable)
         except JoinError as exc:
             reason = self.sessions.close_reason(msg.sessionId)
             raise JoinError(reason or str(exc)) from None
@@ -416,6 +417,8 @@ class Client:
             self._session_closed(msg)
         elif isinstance(msg, p.PeerCandidates):
             self.direct.deliver(msg)
+        elif isinstance(msg, p.PathSync):
+            self.direct.deliver_sync(msg)
         elif isinstance(msg, p.Error) and msg.code == "unknown_session":
             # our accept/reject crossed the session's end (the user hung up first): a normal race
             log.debug("relay reported: %s", msg.message)

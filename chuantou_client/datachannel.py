@@ -28,10 +28,14 @@ class TlsSettings:
 
 
 def open_data_channel(addr: p.RelayAddr, session_id: str, secret: str, side: str,
-                      timeout: float = 10.0, tls: TlsSettings | None = None) -> socket.socket:
-    """Connect to the relay, present the session header, and return the joined socket (blocking)."""
+                      timeout: float = 10.0, tls: TlsSettings | None = None, reusable: bool = False) -> socket.socket:
+    """Connect to the relay, present the session header, and return the joined socket (blocking).
+
+    ``reusable``: from a port other sockets may bind too (SO_REUSEADDR + SO_REUSEPORT), so a
+    direct attempt can dial the peer from the port the relay saw (directtcp.py)."""
     deadline = time.monotonic() + timeout
-    sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+    sock = connect_reusable((addr.host, addr.port), timeout) if reusable else \
+        socket.create_connection((addr.host, addr.port), timeout=timeout)
     try:
         tune_tcp(sock)
         if tls is not None:
@@ -48,6 +52,38 @@ def open_data_channel(addr: p.RelayAddr, session_id: str, secret: str, side: str
         raise JoinError(f"relay refused the data channel: {status.describe()}")
     sock.settimeout(None)
     return sock
+
+
+def reusable_socket(family: int) -> socket.socket:
+    """A TCP socket whose port others of ours may bind as well (one per remote address)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except (OSError, AttributeError):  # no SO_REUSEPORT here: the socket still works, direct attempts fail
+        pass
+    return sock
+
+
+def connect_reusable(address: tuple, timeout: float) -> socket.socket:
+    """create_connection's loop over the addresses, from a reusable port."""
+    error: OSError | None = None
+    try:
+        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(f"cannot resolve {address[0]}: {exc.strerror or exc}") from None
+    for family, _, _, _, sockaddr in infos:
+        sock = reusable_socket(family)
+        try:
+            sock.settimeout(timeout)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            error = exc
+            close_quietly(sock)
+    assert error is not None  # getaddrinfo gives at least one address or raises
+    raise error
 
 
 def register_udp(sock: socket.socket, relay: tuple, session_id: str, secret: str, side: str,

@@ -10,7 +10,7 @@ trusts an address as its peer once a genuine punch packet came from it, and send
 there once it has proof that the way back works too (a pong, or the peer's payload arriving
 directly). ``DirectPaths`` holds the client's mode, deadline, memory of pairs and NAT result.
 
-TCP proxies do not use the direct path yet (simultaneous open is a later slice).
+TCP sessions try theirs by simultaneous open (directtcp.py); their attempts are kept here too.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 from common import direct as d
 from common import protocol as p
@@ -50,6 +51,7 @@ class DirectPaths:
         self.nat: dict = {"mapping": "not probed yet", "filtering": "not probed yet"}
         self.relay_knows = False  # the relay said where probes go: it speaks path_candidates too
         self._punchers: dict[str, Puncher] = {}
+        self._tcp: dict[str, Any] = {}  # session id -> directtcp.TcpAttempt
         self._lock = threading.Lock()
 
     def wants_to_try(self, peer: str) -> bool:
@@ -67,12 +69,36 @@ class DirectPaths:
             if self._punchers.get(puncher.session_id) is puncher:
                 del self._punchers[puncher.session_id]
 
+    def begin_tcp(self, attempt: Any) -> None:
+        with self._lock:
+            self._tcp[attempt.session_id] = attempt
+
+    def end_tcp(self, attempt: Any) -> None:
+        session_id = attempt.session_id
+        with self._lock:
+            if self._tcp.get(session_id) is attempt:
+                del self._tcp[session_id]
+
+    def stop_tcp(self) -> None:
+        """The client stops: every TCP attempt ends now (its threads return, its dials close)."""
+        with self._lock:
+            attempts = list(self._tcp.values())
+        for attempt in attempts:
+            attempt.stop()
+
     def deliver(self, msg: p.PeerCandidates) -> None:
         """The relay's answer to an offer (on the control reader thread: must not block)."""
         with self._lock:
-            puncher = self._punchers.get(msg.sessionId)
+            puncher = self._punchers.get(msg.sessionId) or self._tcp.get(msg.sessionId)
         if puncher is not None:
             puncher.peer_offered(msg)
+
+    def deliver_sync(self, msg: p.PathSync) -> None:
+        """A step of a TCP attempt's timing from the peer (on the control reader thread)."""
+        with self._lock:
+            attempt = self._tcp.get(msg.sessionId)
+        if attempt is not None:
+            attempt.synced(msg.step)
 
     def describe(self) -> dict:
         return {"path": self.path, "deadline": self.deadline, "nat": dict(self.nat), "pairs": self.memory.describe()}

@@ -24,6 +24,7 @@ from common.net import arm_reset, close_quietly, reset_connection, tune_tcp
 from common.pipe import Pipe
 from common.threads import ThreadGroup
 
+from . import directchoice
 from .listen import DEFAULT_LOCAL_HOST, exposure_warning, listen_address, parse_local_host
 from .udp import UdpGateway
 
@@ -220,8 +221,9 @@ class Proxy:
             return
         with self.client.sessions.track(reply.sessionId, "A", **self.session_facts("tcp")) as record:
             try:
-                relay = self.client.join_session(record, reply)
-                sealed = self.client.seal_as_a(relay, self, reply)
+                relay = self.client.join_session(record, reply,
+                                                 reusable=directchoice.wants_direct(self.client, reply.peerPublicKey))
+                sealed = directchoice.seal_a(self.client, self, relay, reply, record)
                 record.sealed = sealed is not relay
                 relay = sealed
             except ChuantouError as exc:

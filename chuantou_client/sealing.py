@@ -141,12 +141,14 @@ def seal_as_a(sock, identity: ident.Identity, expected_fp: str | None, deadline:
 
 def seal_as_b(sock, identity: ident.Identity, expected_fp: str | None, deadline: float, *,
               contexts: "ServerContexts | None" = None, verify=None, on_proven=None, on_failure=None,
-              label: str = "sealed session") -> SealedStream:
+              label: str = "sealed session", certificate: bytes | None = None) -> SealedStream:
     """Seal the joined data channel ``sock`` as B; A's proven key is checked as in seal_as_a.
     ``on_failure(error)`` may tell the relay why (a reject_session); then B waits for the relay
-    to close the channel, so that reason, not a bare reset, is what reaches A."""
+    to close the channel, so that reason, not a bare reset, is what reaches A. ``certificate``:
+    the preamble's, when the caller already read it (directtcp.py waits for it)."""
     try:
-        certificate = read_preamble(sock, deadline)
+        if certificate is None:
+            certificate = read_preamble(sock, deadline)
         announced = ident.certificate_fingerprint(certificate)
         _check_key(announced, expected_fp, verify)  # refuse early, before any handshake work
         context = contexts.get(certificate) if contexts else server_context(identity, certificate)
@@ -261,16 +263,21 @@ class Sealing:
     def fingerprint(self) -> str:
         return self.identity.fingerprint
 
-    def seal_a(self, sock, peer: str, pinned: str | None, session_id: str, hint: str | None = None) -> SealedStream:
-        """A's side of session ``session_id`` to ``peer`` (the ID this proxy targets)."""
-        deadline = time.monotonic() + self.timeout
-        return seal_as_a(sock, self.identity, None, deadline, context=self._client_context,
+    def seal_a(self, sock, peer: str, pinned: str | None, session_id: str, hint: str | None = None,
+               deadline: float | None = None, expected: str | None = None) -> SealedStream:
+        """A's side of session ``session_id`` to ``peer`` (the ID this proxy targets);
+        ``expected``: a fingerprint B must prove besides passing its pin (see hinted_key)."""
+        deadline = deadline if deadline is not None else time.monotonic() + self.timeout
+        return seal_as_a(sock, self.identity, expected, deadline, context=self._client_context,
                          verify=lambda proven: self.known.verify(peer, proven, pinned),
                          on_proven=lambda proven: self._accept(peer, proven, hint),
                          label=f"sealed session {session_id[:8]}... to {peer}")
 
-    def seal_b(self, sock, peer: str, session_id: str, hint: str | None = None, on_failure=None) -> SealedStream:
-        """B's side of session ``session_id`` from ``peer`` (the ID the relay named)."""
+    def seal_b(self, sock, peer: str, session_id: str, hint: str | None = None, on_failure=None,
+               deadline: float | None = None, certificate: bytes | None = None,
+               expected: str | None = None) -> SealedStream:
+        """B's side of session ``session_id`` from ``peer`` (the ID the relay named); ``expected``
+        as in seal_a."""
         def verify(proven: str) -> None:
             self.known.verify(peer, proven)
             refusal = self.allow_from.refusal(peer, proven)
@@ -278,10 +285,10 @@ class Sealing:
                 raise SealError(refusal, "the target client does not accept sessions from this client",
                                 refused_here=True)
 
-        deadline = time.monotonic() + self.timeout
-        return seal_as_b(sock, self.identity, None, deadline, contexts=self._server_contexts, verify=verify,
+        deadline = deadline if deadline is not None else time.monotonic() + self.timeout
+        return seal_as_b(sock, self.identity, expected, deadline, contexts=self._server_contexts, verify=verify,
                          on_failure=on_failure, on_proven=lambda proven: self._accept(peer, proven, hint),
-                         label=f"sealed session {session_id[:8]}... from {peer}")
+                         label=f"sealed session {session_id[:8]}... from {peer}", certificate=certificate)
 
     def seal_udp(self, send, mailbox, session_id: str, role: str, peer: str, pinned: str | None = None,
                  hint: str | None = None, meanwhile=None):
@@ -346,6 +353,15 @@ class Sealing:
     def _accept(self, peer: str, proven: str, hint: str | None) -> None:
         _note_hint(peer, hint, proven)
         self.known.record(peer, proven)
+
+
+def hinted_key(hint: str | None) -> str | None:
+    """The fingerprint of the key the relay named for a peer. A direct connection must prove it
+    (as well as pass the pin): over the relay only the peer the relay authenticated can be at
+    the other end, so a first session may pin what it proves; at a direct address anyone may
+    answer, and without this a stranger there would get its own key pinned as the peer's."""
+    spki = ident.decode_public_key(hint)
+    return ident.fingerprint_of_spki(spki) if spki is not None else None
 
 
 def _note_hint(peer: str, hint: str | None, proven: str) -> None:

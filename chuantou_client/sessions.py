@@ -41,6 +41,7 @@ class SessionRecord:
     handle: Any = None  # Pipe / UDP flow, attached once the data path is up
     reason: str | None = None  # why the relay closed it, once it did
     sealed: bool = True  # end to end (sealing.py, udpseal.py); False: a peer that cannot seal, allowed
+    path: str = "relay"  # a TCP session's: "direct" once it runs on its own connection (directtcp.py)
 
     @property
     def byte_counts(self) -> tuple[int, int] | None:
@@ -56,8 +57,8 @@ class SessionRecord:
         info: dict = {"id": self.id, "shortId": self.id[:8], "side": self.side, "peer": self.peer,
                       "port": self.port, "protocol": self.protocol, "startedAt": self.started_at,
                       "sealed": self.sealed}
-        # UDP flows may go direct (direct.py); TCP sessions always cross the relay (for now)
-        info["path"] = getattr(self.handle, "path", "relay") if self.protocol == "udp" else "relay"
+        # a UDP flow's path is its own to say (direct.py); a TCP session's is chosen before it runs
+        info["path"] = getattr(self.handle, "path", "relay") if self.protocol == "udp" else self.path
         direct = getattr(self.handle, "direct_counts", None)
         if direct is not None:  # what went direct (the relay sees none of it; it is told, see direct.py)
             info["directBytesSent"], info["directBytesReceived"] = direct
@@ -66,6 +67,8 @@ class SessionRecord:
         counts = self.byte_counts
         if counts is not None:
             info["bytesReceived"], info["bytesSent"] = counts
+            if self.protocol == "tcp" and self.path == "direct":  # every byte of it went direct
+                info["directBytesReceived"], info["directBytesSent"] = counts
         return info
 
 
@@ -164,8 +167,10 @@ class SessionBook:
         return len(self.records())
 
     def abort_all(self, tcp_only: bool = False) -> int:
-        """Abort every running session (only TCP ones with ``tcp_only``); returns how many."""
-        handles = [r.handle for r in self.records() if not tcp_only or r.protocol != "udp"]
+        """Abort every running session (with ``tcp_only``, only TCP ones the relay carries: a
+        direct one does not need it); returns how many."""
+        handles = [r.handle for r in self.records()
+                   if not tcp_only or (r.protocol != "udp" and r.path != "direct")]
         for handle in handles:
             handle.abort()
         return len(handles)

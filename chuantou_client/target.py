@@ -18,6 +18,7 @@ from common.limits import LimitLog
 from common.net import reset_connection, tune_tcp
 from common.pipe import Pipe
 
+from . import directchoice
 from .selfguard import resolve_for_connect
 from .udptarget import UdpTarget
 
@@ -121,11 +122,11 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
                 log.warning("session from %s refused: %s", msg.fromClientId, refusal)
                 _reject(client, msg, "the target client requires sealed sessions")
                 return
-            relay = client.join_session(record, msg)
+            relay = client.join_session(record, msg, reusable=directchoice.wants_direct(client, msg.peerPublicKey))
             record.sealed = decode_public_key(msg.peerPublicKey) is not None
-            if record.sealed:  # else an older requester, allowed: in the clear
-                relay = client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
-                                              on_failure=lambda error: _reject(client, msg, error.peer_reason))
+            if record.sealed:  # else an older requester, allowed: in the clear (and never direct)
+                relay = directchoice.seal_b(client, relay, msg, record,
+                                         on_failure=lambda error: _reject(client, msg, error.peer_reason))
         except ChuantouError as exc:
             log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
             return
@@ -137,7 +138,8 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
         tune_tcp(local)
         local.settimeout(None)
         slot.release()  # joined: from here on the session counts against the relay's caps, not this one
-        _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
+        if record.path != "direct":  # a direct session's relay half is gone already
+            _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
         pipe = Pipe(relay, local)
         client.sessions.attach(record, pipe)
         pipe.run(client.threads, f"b-{msg.sessionId[:8]}")

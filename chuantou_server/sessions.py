@@ -55,6 +55,9 @@ class Session:
     # path it says it took (None: no report yet); untrusted, bounded, shown as reported by clients
     claims: list = field(default_factory=lambda: [[0, 0], [0, 0]], repr=False)
     claimed_path: list = field(default_factory=lambda: [None, None], repr=False)
+    # the direct path (TCP): the address each side's data channel came from, noted before JOINED
+    # goes out, so that the offer the side sends next over its control channel finds it
+    tcp_seen: list = field(default_factory=lambda: [None, None], repr=False)
 
     @property
     def joined(self) -> bool:
@@ -189,6 +192,7 @@ class SessionTable:
             status = _join_refusal(session, join, "tcp")
             if status is not None:
                 return status, None, False
+            session.tcp_seen[0 if join.side == "A" else 1] = _peer_address(sock)
             admit()
             with self._lock:
                 if session.closed:  # closed since the check: the caller resets the channel
@@ -229,6 +233,13 @@ def _join_refusal(session: Session, join: JoinRequest, protocol: str) -> JoinSta
     if protocol == "tcp" and (session.sock_a if join.side == "A" else session.sock_b) is not None:
         return JoinStatus.ALREADY_JOINED
     return None
+
+
+def _peer_address(sock: socket.socket) -> tuple | None:
+    try:
+        return tuple(sock.getpeername()[:2])
+    except OSError:  # gone already: the admit that follows fails too
+        return None
 
 
 def _tcp_idle(session: Session, now: float) -> float:

@@ -280,16 +280,17 @@ class ControlConnection:
             peer.send(p.SessionClosed(sessionId=session.id, reason=told))
 
     def on_path_candidates(self, msg: p.PathCandidates) -> None:
-        """A side of a UDP session offers a direct path: add the address its UDP came from, and
-        once both sides have offered, hand each the other's (nothing when either wants the relay)."""
+        """A side of a session offers a direct path: add the address its UDP (or its TCP data
+        channel) came from, and once both sides have offered, hand each the other's (nothing
+        when either wants the relay)."""
         assert self.client_id is not None  # handle_frame lets nothing but a register through before it
         session = self.server.sessions.get(msg.sessionId)
-        if session is None or session.protocol != "udp" or not session.involves(self.client_id):
+        if session is None or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
         side = 0 if self.client_id == session.client_a else 1
         if session.candidates[side] is not None:
             return  # one offer per side and session
-        seen = session.udp_a if side == 0 else session.udp_b
+        seen = _seen_address(session, side)
         candidates = list(msg.candidates)
         if seen is not None:
             candidates.insert(0, direct.format_candidate(*seen[:2]))  # the NAT's side of it first
@@ -313,6 +314,17 @@ class ControlConnection:
         if session is None or session.closed or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
         direct_claims.record(session, 0 if self.client_id == session.client_a else 1, msg)
+
+    def on_path_sync(self, msg: p.PathSync) -> None:
+        """A TCP session's direct attempt keeps time through us (DCUtR's round trip and SYNC):
+        passed on, unchanged, to the session's other side only."""
+        assert self.client_id is not None  # handle_frame lets nothing but a register through before it
+        session = self.server.sessions.get(msg.sessionId)
+        if session is None or session.protocol != "tcp" or not session.involves(self.client_id):
+            return  # already gone, or not this client's: nothing to do, nothing to reveal
+        peer = self.server.registry.get(session.client_b if self.client_id == session.client_a else session.client_a)
+        if peer is not None:
+            peer.send(msg)
 
     def on_session_keys(self, msg: p.SessionKeys) -> None:
         """Half of a sealed UDP session's key exchange: passed on, unchanged, to the session's other
@@ -341,6 +353,14 @@ class ControlConnection:
         self.server.drop_client(self, "unregistered")
 
 
+def _seen_address(session: Session, side: int) -> tuple | None:
+    """Where this side's traffic reached us from: its registered UDP address, or the peer
+    address of its TCP data channel (what its NAT maps the port it will dial from to)."""
+    if session.protocol == "udp":
+        return session.udp_a if side == 0 else session.udp_b
+    return session.tcp_seen[side]
+
+
 def _claim_refusal(server: Server, client_id: str, refused: str) -> tuple[str, str]:
     """The message and code for a registration the registry refused."""
     if refused == registry.IN_USE:
@@ -367,4 +387,5 @@ _HANDLERS: dict[type[p.Message], Callable[[ControlConnection, Any], None]] = {
     p.PathCandidates: ControlConnection.on_path_candidates,
     p.PathReport: ControlConnection.on_path_report,
     p.SessionKeys: ControlConnection.on_session_keys,
+    p.PathSync: ControlConnection.on_path_sync,
 }

@@ -306,7 +306,7 @@ class SessionClosed(Message, wire="session_closed"):
 
 @dataclass(frozen=True)
 class PathCandidates(Message, wire="path_candidates", sent_by="client"):
-    """A side of a UDP session offers where it may be reached directly (common.direct); the
+    """A side of a UDP or TCP session offers where it may be reached directly (common.direct); the
     relay adds the address it saw, and once both sides have spoken sends each ``PeerCandidates``."""
 
     sessionId: str
@@ -352,6 +352,24 @@ class PathReport(Message, wire="path_report", sent_by="client"):
         _require(self.path in ("direct", "relay"), "path must be direct or relay")
         for name in ("directBytesSent", "directBytesReceived"):
             _require(0 <= getattr(self, name) <= MAX_REPORTED_BYTES, f"{name} must be 0 to 2**53-1")
+
+
+@dataclass(frozen=True)
+class PathSync(Message, wire="path_sync"):
+    """A TCP session's direct attempt, timed as libp2p's DCUtR does (chuantou_client.directtcp):
+    A sends ``ping``, B answers ``pong`` (A now knows the round trip through the relay), A sends
+    ``sync`` and dials after half that round trip, B dials as ``sync`` arrives. The relay passes
+    it, unchanged, to the session's other side only."""
+
+    sessionId: str
+    step: str  # "ping", "pong" or "sync"
+
+    def check(self) -> None:
+        _require(len(self.sessionId) <= 64, "sessionId is too long")
+        _require(self.step in PATH_SYNC_STEPS, f"step must be one of {', '.join(PATH_SYNC_STEPS)}")
+
+
+PATH_SYNC_STEPS = ("ping", "pong", "sync")
 
 
 MAX_CANDIDATES = 8

@@ -99,11 +99,15 @@ def server(make_server) -> Server:
 
 @pytest.fixture
 def make_client():
-    """Factory: make_client(server_or_url, client_id=None, **Client kwargs) -> a started Client."""
+    """Factory: make_client(server_or_url, client_id=None, **Client kwargs) -> a started Client.
+
+    Its sessions cross the relay (``path="relay"``) unless the test asks otherwise: on one host
+    every TCP session and UDP flow would go direct (issue 15), and most tests mean the relay."""
     clients = []
 
     def make(server_or_url, client_id: str | None = None, **kwargs) -> Client:
         url = server_or_url if isinstance(server_or_url, str) else relay_url(server_or_url)
+        kwargs.setdefault("path", "relay")
         client = Client(url, client_id, **kwargs)
         clients.append(client)
         return client.start()

@@ -34,7 +34,7 @@ threading.Event().wait()
 CLIENT_SCRIPT = """
 import sys, threading
 from chuantou_client import Client
-client = Client(sys.argv[1], sys.argv[2], token=sys.argv[3]).start(timeout=20)
+client = Client(sys.argv[1], sys.argv[2], token=sys.argv[3], path="relay").start(timeout=20)  # the relay sees the end
 print("ready", flush=True)
 threading.Event().wait()
 """

@@ -175,7 +175,7 @@ def test_client_start_status_logs_stop(cli):
     config = cli.config_dir / "client.json"
     for expected in ("client ID:  A", f"relay:      {relay_url(relay)}", "state:      connected",
                      "restarts 0", f"page:       http://127.0.0.1:{admin}/", f"config:     {config}",
-                     "NAT:        ", "UDP path:   auto (direct attempts wait at most 1 s)"):
+                     "NAT:        ", "Path:       auto (TCP and UDP; direct attempts wait at most 1 s)"):
         assert expected in status.stdout
     saved = json.loads(config.read_text())
     assert (saved["clientId"], saved["server"], saved["token"]) == ("A", relay_url(relay), TOKEN)

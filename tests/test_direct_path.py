@@ -164,7 +164,7 @@ def _flow_paths(client) -> list[str]:
 
 def test_on_one_host_a_flow_goes_direct_and_the_relay_relays_none_of_its_payload(server, make_client, services):
     echo = services(UdpEchoService())
-    a, b = make_client(server, "A"), make_client(server, "B")
+    a, b = make_client(server, "A", path="auto"), make_client(server, "B", path="auto")
     proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
     with _user() as user:
         for i in range(20):
@@ -237,7 +237,7 @@ def test_a_direct_flow_carries_sealed_datagrams_and_each_side_opens_what_the_pee
 
     monkeypatch.setattr(udp_module, "udp_socket_for", tapped)
     echo = services(UdpEchoService())
-    a, b = make_client(server, "A"), make_client(server, "B")
+    a, b = make_client(server, "A", path="auto"), make_client(server, "B", path="auto")
     proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
     marker = b"DIRECT-PLAINTEXT-MARKER"
     with _user() as user:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from admin_support import client_app, clients, relay  # noqa: F401 (fixtures)
+from admin_support import client_app, relay  # noqa: F401 (fixtures)
 from helpers import UdpEchoService, udp_roundtrip, wait_until
 from test_admin_browser import CHROMEDRIVER, LAPTOP, Console, cell, find, log_in, parse_bytes, screenshot, wait
 from test_admin_browser import driver  # noqa: F401 (fixture)
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(not Path(CHROMEDRIVER).exists(),
 
 
 @pytest.mark.timeout(120)
-def test_both_pages_show_a_direct_flow(relay, client_app, clients, services, driver):  # noqa: F811
-    clients("B")
+def test_both_pages_show_a_direct_flow(relay, client_app, make_client, services, driver):  # noqa: F811
+    make_client(relay, "B", path="auto")  # (make_client's clients use the relay unless told)
     echo = services(UdpEchoService())
     proxy = client_app.client.create_proxy(0, "B", echo.port, protocol="udp")
     console = Console(driver)

@@ -287,7 +287,7 @@ GATEWAY = r"""
 import resource, sys, threading
 resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
 from chuantou_client import Client
-client = Client(sys.argv[1], "A", token=sys.argv[2]).start()
+client = Client(sys.argv[1], "A", token=sys.argv[2], path="relay").start()  # the relay holds the sessions
 proxy = client.create_proxy(0, "B", int(sys.argv[3]), protocol="tcp")
 print(proxy.local_port, flush=True)
 threading.Event().wait()

@@ -40,6 +40,7 @@ WIRE = {
     "path_candidates": ["sessionId", "candidates", "path"],
     "peer_candidates": ["sessionId", "candidates", "punchKey"],
     "path_report": ["sessionId", "path", "directBytesSent", "directBytesReceived"],
+    "path_sync": ["sessionId", "step"],
 }
 NESTED = {
     p.ClientInfo: ["id", "publicKey"],
@@ -82,6 +83,7 @@ def sample_messages() -> list:
         p.PathCandidates(sessionId=SESSION_ID, candidates=["10.0.0.2:40000", "[2001:db8::1]:40000"]),
         p.PeerCandidates(sessionId=SESSION_ID, candidates=["198.51.100.7:5000"], punchKey="ab" * 16),
         p.PathReport(sessionId=SESSION_ID, path="direct", directBytesSent=p.MAX_REPORTED_BYTES, directBytesReceived=0),
+        p.PathSync(sessionId=SESSION_ID, step="sync"),
     ]
 
 
