@@ -45,6 +45,7 @@ PREAMBLE = struct.Struct("!4sH")
 MAX_CERTIFICATE = 4096  # an Ed25519 self-signed certificate is ~400 bytes
 REFUSAL_WAIT = 2.0  # B waits this long for the relay to close a session it refused
 READ_DISCARD = 64 * 1024
+CARRIER_TAIL = 64 * 1024  # bytes read past a sealed stream's end before giving up on the channel's end
 CONTEXT_CACHE = 64  # B's per-peer handshake contexts kept (one per peer certificate)
 
 
@@ -66,8 +67,37 @@ class SealedStream(TlsStream):
     label = "sealed session"
     _own_shutdown = False
     _reported = False
+    _carrier_read = False  # the data channel has been read to its own end, after our close_notify
 
     def recv_into(self, buffer, nbytes: int = 0) -> int:
+        n = self._recv_into(buffer, nbytes)
+        if n == 0 and (nbytes or len(buffer)) and not self._carrier_read:
+            self._read_carrier_to_end()
+        return n
+
+    def _read_carrier_to_end(self) -> None:
+        """After the peer's close_notify, read the data channel to its own end before reporting ours.
+
+        The peer ends the channel right after its close_notify, so that end follows at once, but
+        over a TLS data channel it is data too: the channel's own close_notify. Left unread, it
+        makes close() send a reset (Linux resets a socket closed with unread data), and that reset
+        throws away whatever this side still has queued to send: the other direction of a
+        half-closed session, cut. Bytes after our authenticated end are no part of the stream."""
+        self._carrier_read = True
+        extra = 0
+        try:
+            while extra <= CARRIER_TAIL:
+                data = self._sock.recv(READ_DISCARD)
+                if not data:
+                    break
+                extra += len(data)
+        except OSError:  # a channel cut after the sealed stream's clean end loses nothing of it
+            pass
+        if extra:
+            log.warning("%s: %d bytes after the end of the sealed stream (not from the peer), dropped",
+                        self.label, extra)
+
+    def _recv_into(self, buffer, nbytes: int) -> int:
         try:
             return super().recv_into(buffer, nbytes)
         except TlsTruncated:

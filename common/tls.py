@@ -27,6 +27,7 @@ log = logging.getLogger("chuantou")
 
 TLS_RECORD_START = 0x16  # first byte of a TLS ClientHello
 READ_CHUNK = 256 * 1024
+RECV_BUFFER = 128 * 1024  # a stream's reused socket read buffer, made at its first read
 WRITER_WAIT = 0.1  # a half-close waits this long for a writer in another thread, then cuts under it
 
 
@@ -97,6 +98,8 @@ class TlsStream:
         self._write_lock = threading.Lock()  # orders reads of the outgoing BIO with socket writes
         self._stash = b""  # plaintext taken out of OpenSSL at our half-close, served before anything else
         self._eof = False  # the peer's close_notify has been read
+        self._error: BaseException | None = None  # a failure met after good bytes, raised at the next read
+        self._recv_buffer: bytearray | None = None
 
     @classmethod
     def handshake(cls: type[_Stream], sock: socket.socket, context: ssl.SSLContext, server_side: bool,
@@ -131,31 +134,58 @@ class TlsStream:
             with self._ssl_lock:
                 if self._stash:
                     return self._take_stash(buffer, size)
+                if self._error is not None:
+                    self._raise_error()
                 if self._eof:
                     return 0
-                n: int | None
-                try:
-                    # given a buffer, read() returns the count written into it (typeshed says bytes)
-                    n = cast(int, self._obj.read(size, buffer))
-                except ssl.SSLWantReadError:
-                    n = None
-                except ssl.SSLZeroReturnError:  # the peer's close_notify: a clean end
-                    self._eof = True
-                    n = 0
-                except ssl.SSLEOFError:
-                    raise TlsTruncated("TLS stream cut: the connection ended without close_notify") from None
-                if n == 0:
-                    self._eof = True
+                n = self._read_records(buffer, size)
                 pending = self._outgoing.pending
             if pending:  # e.g. a key update answer produced while reading
                 self._flush()
             if n is not None:
                 return n
-            data = self._sock.recv(READ_CHUNK)
-            if not data:
-                raise TlsTruncated("TLS stream cut: the connection ended without close_notify")
-            with self._ssl_lock:
-                self._incoming.write(data)
+            self._receive()
+
+    def _read_records(self, buffer, size: int) -> int | None:
+        """Decrypt into ``buffer`` what OpenSSL can give without the socket: one record per
+        SSL_read, so keep reading while records are buffered (fewer calls per MiB), and stop at
+        the first want-read. None: nothing yet, read the socket. Called under the SSL lock."""
+        view = memoryview(buffer)
+        total = 0
+        try:
+            while total < size:
+                # given a buffer, read() returns the count written into it (typeshed says bytes)
+                n = cast(int, self._obj.read(size - total, view[total:]))
+                if n == 0:
+                    self._eof = True
+                    break
+                total += n
+        except ssl.SSLWantReadError:
+            if not total:
+                return None
+        except ssl.SSLZeroReturnError:  # the peer's close_notify: a clean end
+            self._eof = True
+        except ssl.SSLError as exc:  # a cut or a record that fails: after the good bytes before it
+            self._error = (TlsTruncated("TLS stream cut: the connection ended without close_notify")
+                           if isinstance(exc, ssl.SSLEOFError) else exc)
+            if not total:
+                self._raise_error()
+        return total
+
+    def _raise_error(self) -> None:
+        """A failed stream stays failed: every later read raises too, none reads as an end."""
+        assert self._error is not None
+        raise self._error
+
+    def _receive(self) -> None:
+        """Move what the socket has into the incoming BIO (one buffer, reused)."""
+        if self._recv_buffer is None:
+            self._recv_buffer = bytearray(RECV_BUFFER)
+        n = self._sock.recv_into(self._recv_buffer)
+        if not n:
+            raise TlsTruncated("TLS stream cut: the connection ended without close_notify")
+        with self._ssl_lock:
+            self._incoming.write(memoryview(self._recv_buffer)[:n])
 
     def _take_stash(self, buffer, size: int) -> int:
         n = min(size, len(self._stash))
