@@ -21,9 +21,10 @@ from common.threads import ThreadGroup
 from common.tls import client_context, normalize_fingerprint
 
 from .control import ControlChannel, split_server_urls
-from .datachannel import JoinError, TlsSettings, open_data_channel
+from .datachannel import ChannelLost, JoinError, TlsSettings, join_on, open_data_channel
 from .direct import DirectPaths, probe_nat
 from .export import ExportPolicy
+from .pool import DEFAULT_POOL_COUNT, ChannelPool
 from .proxy import Proxy
 from .sealing import SealError, Sealing
 from .udpseal import KeyMailbox, SealStats
@@ -102,6 +103,7 @@ class Client:
         path: str = "auto",
         direct_deadline: float = 1.0,
         allow_unsealed: bool = False,
+        pool_count: int = DEFAULT_POOL_COUNT,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -122,7 +124,10 @@ class Client:
         ``path``: whether new UDP flows try a direct path to the peer first ("auto": try, and fall
         back to the relay after ``direct_deadline`` seconds; "relay": never; "direct": try every
         flow, and end it rather than relay it; see direct.py). Either path carries the same sealed
-        datagrams."""
+        datagrams.
+
+        ``pool_count``: data channels kept open to the relay ahead of sessions (pool.py; 0: none),
+        so that a session joins without a new connection."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -139,11 +144,15 @@ class Client:
         self.self_guard = SelfGuard()
         self.pending_connects = PendingConnects(max_pending_connects)
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
+        if isinstance(pool_count, bool) or not isinstance(pool_count, int) or not 0 <= pool_count <= 64:
+            raise ChuantouError(f"pool count {pool_count!r} must be a whole number from 0 to 64 (0: no pooled "
+                                f"data channels)")
         self.sealing = Sealing(identity or generate_identity(), known_clients, allow_from, timeout=request_timeout)
         self.allow_unsealed = allow_unsealed  # sessions with peers that cannot seal (older clients) run in the clear
         self.udp_keys = KeyMailbox()  # the peers' halves of sealed UDP sessions' key exchanges
         self.udp_seal_stats = SealStats()  # datagrams ended UDP sessions dropped (running ones count their own)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
+        self.pool = ChannelPool(pool_count, self.threads, self.tls, request_timeout)
         self.direct = DirectPaths(path, direct_deadline)
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
@@ -182,6 +191,7 @@ class Client:
         self.started_at = time.time()
         log.info("client %s %s", self.client_id, self.export.describe())
         self.control.start()
+        self.pool.start()
         if not wait:
             return self
         deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
@@ -206,6 +216,7 @@ class Client:
         for proxy in list(self._proxies):
             proxy.close()
         self.control.stop()
+        self.pool.stop()
         self.sessions.abort_all()
         self.threads.join_all(timeout=10.0)
 
@@ -285,14 +296,29 @@ class Client:
         """Open the data channel of ``record``'s session, as told by a create_session (side A)
         or a connect_request (side B)."""
         try:
-            sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, record.side,
-                                     timeout=self.request_timeout, tls=self.tls)
+            sock = self._join_pooled(record, msg)
+            if sock is None:
+                sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, record.side,
+                                         timeout=self.request_timeout, tls=self.tls)
         except JoinError as exc:
             reason = self.sessions.close_reason(msg.sessionId)
             raise JoinError(reason or str(exc)) from None
         arm_reset(sock)  # should this process die, the relay sees a reset, not an end of stream
         keep_alive(sock, self.data_channel_timeout)
         return sock
+
+    def _join_pooled(self, record: SessionRecord, msg):
+        """Join over a pooled channel, if one is ready; None if not, or if it broke before the
+        relay answered (closed for idleness just then, say: the caller opens a new one)."""
+        sock = self.pool.take(msg.relayAddr)
+        if sock is None:
+            return None
+        try:
+            return join_on(sock, msg.relayAddr, msg.sessionId, msg.secret, record.side,
+                           time.monotonic() + self.request_timeout)
+        except ChannelLost as exc:
+            log.debug("pooled data channel lost (opening a new one): %s", exc)
+            return None
 
     def seal_as_a(self, sock, proxy, reply):
         """Seal a joined session of ``proxy`` (sealing.py). When B hung up on the handshake, B's
@@ -347,6 +373,7 @@ class Client:
         """The control channel ended: the relay closes every session of ours when it drops us, and
         behind a dead link its resets never arrive. Reset our TCP sessions now so no user waits
         on a connection that can never finish (UDP flows open new sessions on their own)."""
+        self.pool.reset(None)  # the relay closes a registration's pooled channels with it
         count = self.sessions.abort_all(tcp_only=True)
         if count:
             log.warning("connection to the relay ended (%s): resetting %d session(s) it no longer relays", why, count)
@@ -372,6 +399,7 @@ class Client:
 
     def _registered(self, reply: p.RegisterResponse) -> None:
         """After each registration, find out what our NAT does (a thread: the caller reads the relay)."""
+        self.pool.reset(reply.pool)  # an older relay offers no pool
         self.direct.relay_knows = reply.udpPort is not None  # an older relay knows no direct path
         if not self.direct.relay_knows:
             self.direct.nat = {"mapping": "unknown (the relay offers no direct path: an older version)"}
