@@ -22,7 +22,7 @@ WIRE = {
     "challenge": ["nonce", "authRequired", "protocolVersion"],
     "register": ["clientId", "protocolVersion", "auth", "takeover", "publicKey"],
     "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion", "code",
-                          "udpPort", "probePort"],
+                          "udpPort", "probePort", "pool"],
     "get_client_list": ["requestId"],
     "client_list": ["clients", "requestId"],
     "connect_request": ["toClientId", "remotePort", "remoteHost", "requestId", "protocol", "localPort"],
