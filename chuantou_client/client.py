@@ -16,22 +16,21 @@ from urllib.parse import urlsplit
 from common import protocol as p
 from common.errors import ChuantouError
 from common.identity import generate as generate_identity
-from common.net import arm_reset, keep_alive
 from common.threads import ThreadGroup
 from common.tls import client_context, normalize_fingerprint
 
 from .control import ControlChannel, split_server_urls
-from .datachannel import ChannelLost, JoinError, TlsSettings, join_on, open_data_channel
+from .datachannel import TlsSettings
+from .joining import SessionJoining
 from .direct import DirectPaths, probe_nat
 from .export import ExportPolicy
 from .pool import DEFAULT_POOL_COUNT, ChannelPool
 from .proxy import Proxy
-from .sealing import SealError, Sealing
+from .sealing import Sealing
 from .udpseal import KeyMailbox, SealStats
-from common.identity import decode_public_key
 from .selfguard import SelfGuard
-from .sessions import SessionBook, SessionRecord
-from .target import PendingConnects, serve_connect_request
+from .sessions import SessionBook
+from .target import PendingConnects, prepare_offer, serve_connect_request
 
 log = logging.getLogger("chuantou.client")
 
@@ -75,7 +74,7 @@ def make_tls_settings(url: str, ca_file, fingerprint, insecure):
     return TlsSettings(client_context(ca_file, fingerprint, insecure), fingerprint)
 
 
-class Client:
+class Client(SessionJoining):
     def __init__(
         self,
         server_url: str = DEFAULT_SERVER_URL,
@@ -292,72 +291,6 @@ class Client:
 
     # --- used by proxies and the target side ------------------------------------------------
 
-    def join_session(self, record: SessionRecord, msg):
-        """Open the data channel of ``record``'s session, as told by a create_session (side A)
-        or a connect_request (side B)."""
-        try:
-            sock = self._join_pooled(record, msg)
-            if sock is None:
-                sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, record.side,
-                                         timeout=self.request_timeout, tls=self.tls)
-        except JoinError as exc:
-            reason = self.sessions.close_reason(msg.sessionId)
-            raise JoinError(reason or str(exc)) from None
-        arm_reset(sock)  # should this process die, the relay sees a reset, not an end of stream
-        keep_alive(sock, self.data_channel_timeout)
-        return sock
-
-    def _join_pooled(self, record: SessionRecord, msg):
-        """Join over a pooled channel, if one is ready; None if not, or if it broke before the
-        relay answered (closed for idleness just then, say: the caller opens a new one)."""
-        sock = self.pool.take(msg.relayAddr)
-        if sock is None:
-            return None
-        try:
-            return join_on(sock, msg.relayAddr, msg.sessionId, msg.secret, record.side,
-                           time.monotonic() + self.request_timeout)
-        except ChannelLost as exc:
-            log.debug("pooled data channel lost (opening a new one): %s", exc)
-            return None
-
-    def seal_as_a(self, sock, proxy, reply):
-        """Seal a joined session of ``proxy`` (sealing.py). When B hung up on the handshake, B's
-        reason (it refused our key, say) follows through the relay: wait a moment for it."""
-        refusal = self.sealing.unsealed_refusal(proxy.target_client_id, reply.peerPublicKey,
-                                                proxy.allow_unsealed or self.allow_unsealed)
-        if refusal is not None:
-            raise SealError(refusal, refused_here=True)
-        if ident_absent(reply.peerPublicKey):
-            return sock  # an older target, allowed: in the clear
-        try:
-            return self.sealing.seal_a(sock, proxy.target_client_id, proxy.target_fingerprint, reply.sessionId,
-                                       reply.peerPublicKey)
-        except SealError as exc:
-            if exc.refused_here:
-                raise
-            reason = self.sessions.wait_close_reason(reply.sessionId, timeout=2.0)
-            raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
-
-    def seal_udp(self, role: str, session_id: str, peer: str, hint: str | None, *, pinned: str | None = None,
-                 allow_unsealed: bool = False, meanwhile=None):
-        """The keys of a UDP session (udpseal.py), or None for an unsealed one that is allowed
-        (the peer cannot seal and --allow-unsealed says so). ``meanwhile()`` always runs once."""
-        refusal = self.sealing.unsealed_refusal(peer, hint, allow_unsealed or self.allow_unsealed)
-        if refusal is not None:
-            raise SealError(refusal, "the target client requires sealed sessions", refused_here=True)
-        if ident_absent(hint):
-            if meanwhile is not None:
-                meanwhile()
-            return None
-        try:
-            return self.sealing.seal_udp(self.control.send, self.udp_keys, session_id, role, peer, pinned, hint,
-                                         meanwhile=meanwhile)
-        except SealError as exc:
-            if exc.refused_here:
-                raise
-            reason = self.sessions.wait_close_reason(session_id, timeout=0.5)
-            raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
-
     def seal_counts(self) -> dict:
         """Datagrams sealed UDP sessions dropped (rejected: forged or altered; replayed; tooBig)
         and passed, over ended and running sessions."""
@@ -419,9 +352,13 @@ class Client:
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""
         if isinstance(msg, p.ConnectOffer):
+            prepared = prepare_offer(self, msg)  # checks and the join header, here: no thread hand-off first
+            if prepared is None:
+                return
             try:
-                self.threads.spawn(f"target-{msg.sessionId[:8]}", serve_connect_request, self, msg)
+                self.threads.spawn(f"target-{msg.sessionId[:8]}", serve_connect_request, self, msg, prepared)
             except RuntimeError:
+                prepared.abandon()
                 log.warning("cannot start a thread for a session from %s", msg.fromClientId)
         elif isinstance(msg, p.SessionKeys):
             self.udp_keys.post(msg)
@@ -446,9 +383,3 @@ class Client:
         self.udp_keys.cancel(msg.sessionId)  # wakes a UDP flow waiting for the peer's keys
         if handle is not None:
             handle.abort()
-
-
-
-def ident_absent(hint: str | None) -> bool:
-    """The relay says the peer registered no key: it cannot seal."""
-    return decode_public_key(hint) is None

@@ -73,6 +73,14 @@ class ChannelPool:
 
     # --- use --------------------------------------------------------------------------------
 
+    def take_any(self) -> tuple[socket.socket | None, p.RelayAddr | None]:
+        """A pooled channel and where it leads, or (None, None)."""
+        with self._cond:
+            offer = self._offer
+            addr = offer.relayAddr if offer is not None else None
+        sock = self.take(addr) if addr is not None else None
+        return sock, addr if sock is not None else None
+
     def take(self, addr: p.RelayAddr) -> socket.socket | None:
         """A pooled channel to ``addr`` (still open, not near its idle timeout), or None."""
         with self._cond:

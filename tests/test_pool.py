@@ -10,7 +10,7 @@ import socket
 
 from common.frames import HEADER_SIZE, JoinRequest, JoinStatus, PoolHello, pack_data_header, pack_pool_header
 
-from helpers import HOST, closed_by_peer, echo_roundtrip, recv_exactly, wait_until
+from helpers import HOST, closed_by_peer, connect, echo_roundtrip, recv_exactly, wait_until
 
 
 def _raw_pool_channel(server, pool_id: str, secret: str) -> tuple[socket.socket, JoinStatus]:
@@ -152,3 +152,28 @@ def test_a_pool_header_of_the_wrong_size_is_just_closed(server):
     with socket.create_connection((HOST, server.port), timeout=5) as sock:
         sock.sendall(b"\xfd\x06X" + bytes(HEADER_SIZE - 3))  # names no 'P' side
         assert closed_by_peer(sock, 5)
+
+
+def test_b_joins_nothing_for_a_session_its_rules_refuse(server, make_client, tcp_echo):
+    a = make_client(server, "A", pool_count=1)
+    b = make_client(server, "B", pool_count=1, allow="1")  # tcp_echo's port is not allowed
+    wait_until(lambda: a.pool.ready == 1 and b.pool.ready == 1)
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
+    with connect(proxy.local_port) as user:
+        assert closed_by_peer(user, 10)
+    wait_until(lambda: proxy.last_error is not None)
+    assert "not allowed" in proxy.last_error
+    assert b.pool.taken == 0, "B took a pooled channel for a session it refuses"
+    assert b.pool.ready == 1
+
+
+def test_an_unresolvable_host_is_rejected_after_the_early_join(server, make_client):
+    a = make_client(server, "A", pool_count=1)
+    b = make_client(server, "B", pool_count=1, allow_hosts=("no-such-host.invalid",))
+    wait_until(lambda: a.pool.ready == 1 and b.pool.ready == 1)
+    proxy = a.create_proxy(0, "B", 4242, "tcp", target_host="no-such-host.invalid")
+    with connect(proxy.local_port) as user:
+        assert closed_by_peer(user, 15)
+    wait_until(lambda: proxy.last_error is not None, timeout=10)
+    assert "cannot reach" in proxy.last_error, proxy.last_error
+    wait_until(lambda: len(server.sessions) == 0 and not b.pending_connects.in_progress)
