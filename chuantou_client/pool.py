@@ -29,6 +29,7 @@ DEFAULT_POOL_COUNT = 2
 RECYCLE_AT = 0.75  # of the relay's idle timeout: a channel this old is replaced, not used
 RETRY_DELAY = 1.0  # after a channel could not be opened (the next tries back off to RETRY_MAX)
 RETRY_MAX = 30.0
+REFILL_DELAY = 0.05  # while a channel is left, refill this long after a take: not during the session's set-up
 
 
 class ChannelPool:
@@ -41,6 +42,7 @@ class ChannelPool:
         self._ready: collections.deque[tuple[float, socket.socket]] = collections.deque()  # (opened, sock)
         self._cond = threading.Condition()
         self._stopping = False
+        self._taken_at = 0.0  # monotonic time of the last take
         self._thread: threading.Thread | None = None
         self.taken = 0  # figures for tests and the page: sessions that used a pooled channel
 
@@ -92,6 +94,7 @@ class ChannelPool:
                 self._cond.notify_all()  # the filler opens a replacement
                 if time.monotonic() - opened < RECYCLE_AT * offer.idleTimeout and _still_open(sock):
                     self.taken += 1
+                    self._taken_at = time.monotonic()
                     return sock
                 close_quietly(sock)
         return None
@@ -127,7 +130,13 @@ class ChannelPool:
             if offer is not None:
                 self._drop_stale(offer)
                 if len(self._ready) < min(self.count, offer.size):
-                    return offer
+                    # the connection (and the relay's thread for it) would compete with the set-up
+                    # of the session that just took one; an empty pool refills at once
+                    wait = self._taken_at + REFILL_DELAY - time.monotonic() if self._ready else 0.0
+                    if wait <= 0:
+                        return offer
+                    self._cond.wait(wait)
+                    continue
                 oldest = self._ready[0][0] if self._ready else time.monotonic()
                 self._cond.wait(max(0.05, oldest + RECYCLE_AT * offer.idleTimeout - time.monotonic()))
             else:
