@@ -20,6 +20,7 @@ from common.errors import ChuantouError
 
 from . import apiauth
 from .admin import AdminServer
+from .pool import DEFAULT_POOL_COUNT
 from .client import DEFAULT_SERVER_URL, Client, check_server_url, generate_client_id
 from .export import parse_ports
 from .known_clients import KnownClients, identity_path, known_clients_path, parse_allow_from
@@ -78,6 +79,8 @@ CONFIG_KEYS = {
     "tlsFingerprint": config.Key(str, "the SHA-256 fingerprint of the relay's certificate", None),
     "tlsInsecure": config.Key(bool, "true or false", False),
     "maxPendingConnects": config.Key(int, "a whole number >= 1", 256, lambda v: v >= 1),  # sessions set up at once
+    # data channels kept open to the relay ahead of sessions (pool.py)
+    "poolCount": config.Key(int, "a whole number from 0 to 64 (0: none)", DEFAULT_POOL_COUNT, lambda v: 0 <= v <= 64),
     "allowHosts": config.Key(list, "a list of host names or addresses", list,
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
     # who may reach this client, checked against the key a peer proves (--allow-from)
@@ -205,6 +208,7 @@ class ClientApp:
                              ca_file=self.settings["ca"], tls_fingerprint=self.settings["tlsFingerprint"],
                              tls_insecure=self.settings["tlsInsecure"],
                              max_pending_connects=self.settings["maxPendingConnects"],
+                             pool_count=self.settings["poolCount"],
                              identity=identity.load_or_create(identity_path(config_path)),
                              known_clients=KnownClients(known_clients_path(config_path)),
                              allow_from=self.settings["allowFrom"], path=self.settings["path"],

@@ -17,22 +17,22 @@ from urllib.parse import urlsplit
 from common import protocol as p
 from common.errors import ChuantouError
 from common.identity import generate as generate_identity
-from common.net import arm_reset, keep_alive
 from common.threads import ThreadGroup
 from common.tls import client_context, normalize_fingerprint
 
 from .control import ControlChannel, split_server_urls
-from .datachannel import JoinError, TlsSettings, open_data_channel
+from .datachannel import TlsSettings
+from .joining import SessionJoining
 from .direct import DirectPaths, probe_nat
 from .export import ExportPolicy
+from .pool import DEFAULT_POOL_COUNT, ChannelPool
 from .proxy import Proxy
 from .relays import IN_ORDER, ORDERS
-from .sealing import SealError, Sealing
+from .sealing import Sealing
 from .udpseal import KeyMailbox, SealStats
-from common.identity import decode_public_key
 from .selfguard import SelfGuard
-from .sessions import SessionBook, SessionRecord
-from .target import PendingConnects, serve_connect_request
+from .sessions import SessionBook
+from .target import PendingConnects, prepare_offer, serve_connect_request
 
 log = logging.getLogger("chuantou.client")
 
@@ -76,7 +76,7 @@ def make_tls_settings(url: str, ca_file, fingerprint, insecure):
     return TlsSettings(client_context(ca_file, fingerprint, insecure), fingerprint)
 
 
-class Client:
+class Client(SessionJoining):
     def __init__(
         self,
         server_url: str = DEFAULT_SERVER_URL,
@@ -106,6 +106,7 @@ class Client:
         allow_unsealed: bool = False,
         server_order: str = IN_ORDER,
         server_order_seed: int | None = None,
+        pool_count: int = DEFAULT_POOL_COUNT,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
         reach here, e.g. ``"22,3000-3999"`` or ``"none"`` (default: all, on ``target_host``
@@ -130,7 +131,10 @@ class Client:
 
         ``server_order``: with several URLs in ``server_url`` (a cluster's nodes), "in-order" tries
         them as given, "random" in an order shuffled once per start (``server_order_seed`` makes
-        that order reproducible); see relays.py."""
+        that order reproducible); see relays.py.
+
+        ``pool_count``: data channels kept open to the relay ahead of sessions (pool.py; 0: none),
+        so that a session joins without a new connection."""
         self.server_url = check_server_url(server_url)
         if server_order not in ORDERS:
             raise ChuantouError(f"server order {server_order!r} is invalid: use one of {', '.join(ORDERS)}")
@@ -150,11 +154,15 @@ class Client:
         self.self_guard = SelfGuard()
         self.pending_connects = PendingConnects(max_pending_connects)
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
+        if isinstance(pool_count, bool) or not isinstance(pool_count, int) or not 0 <= pool_count <= 64:
+            raise ChuantouError(f"pool count {pool_count!r} must be a whole number from 0 to 64 (0: no pooled "
+                                f"data channels)")
         self.sealing = Sealing(identity or generate_identity(), known_clients, allow_from, timeout=request_timeout)
         self.allow_unsealed = allow_unsealed  # sessions with peers that cannot seal (older clients) run in the clear
         self.udp_keys = KeyMailbox()  # the peers' halves of sealed UDP sessions' key exchanges
         self.udp_seal_stats = SealStats()  # datagrams ended UDP sessions dropped (running ones count their own)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
+        self.pool = ChannelPool(pool_count, self.threads, self.tls, request_timeout)
         self.direct = DirectPaths(path, direct_deadline)
         self.sessions = SessionBook()  # every session as A and as B, and what is left of ended ones
         self.control = ControlChannel(
@@ -194,6 +202,7 @@ class Client:
         self.started_at = time.time()
         log.info("client %s %s", self.client_id, self.export.describe())
         self.control.start()
+        self.pool.start()
         if not wait:
             return self
         deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
@@ -219,6 +228,7 @@ class Client:
             proxy.close()
         self.control.stop()
         self.direct.stop_tcp()
+        self.pool.stop()
         self.sessions.abort_all()
         self.threads.join_all(timeout=10.0)
 
@@ -296,57 +306,6 @@ class Client:
 
     # --- used by proxies and the target side ------------------------------------------------
 
-    def join_session(self, record: SessionRecord, msg, reusable: bool = False):
-        """Open the data channel of ``record``'s session, as told by a create_session (side A)
-        or a connect_request (side B); ``reusable``: from a port a direct attempt dials from."""
-        try:
-            sock = open_data_channel(msg.relayAddr, msg.sessionId, msg.secret, record.side,
-                                     timeout=self.request_timeout, tls=self.tls, reusable=reusable)
-        except JoinError as exc:
-            reason = self.sessions.close_reason(msg.sessionId)
-            raise JoinError(reason or str(exc)) from None
-        arm_reset(sock)  # should this process die, the relay sees a reset, not an end of stream
-        keep_alive(sock, self.data_channel_timeout)
-        return sock
-
-    def seal_as_a(self, sock, proxy, reply):
-        """Seal a joined session of ``proxy`` (sealing.py). When B hung up on the handshake, B's
-        reason (it refused our key, say) follows through the relay: wait a moment for it."""
-        refusal = self.sealing.unsealed_refusal(proxy.target_client_id, reply.peerPublicKey,
-                                                proxy.allow_unsealed or self.allow_unsealed)
-        if refusal is not None:
-            raise SealError(refusal, refused_here=True)
-        if ident_absent(reply.peerPublicKey):
-            return sock  # an older target, allowed: in the clear
-        try:
-            return self.sealing.seal_a(sock, proxy.target_client_id, proxy.target_fingerprint, reply.sessionId,
-                                       reply.peerPublicKey)
-        except SealError as exc:
-            if exc.refused_here:
-                raise
-            reason = self.sessions.wait_close_reason(reply.sessionId, timeout=2.0)
-            raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
-
-    def seal_udp(self, role: str, session_id: str, peer: str, hint: str | None, *, pinned: str | None = None,
-                 allow_unsealed: bool = False, meanwhile=None):
-        """The keys of a UDP session (udpseal.py), or None for an unsealed one that is allowed
-        (the peer cannot seal and --allow-unsealed says so). ``meanwhile()`` always runs once."""
-        refusal = self.sealing.unsealed_refusal(peer, hint, allow_unsealed or self.allow_unsealed)
-        if refusal is not None:
-            raise SealError(refusal, "the target client requires sealed sessions", refused_here=True)
-        if ident_absent(hint):
-            if meanwhile is not None:
-                meanwhile()
-            return None
-        try:
-            return self.sealing.seal_udp(self.control.send, self.udp_keys, session_id, role, peer, pinned, hint,
-                                         meanwhile=meanwhile)
-        except SealError as exc:
-            if exc.refused_here:
-                raise
-            reason = self.sessions.wait_close_reason(session_id, timeout=0.5)
-            raise SealError(f"{exc}: {reason}" if reason else str(exc)) from None
-
     def seal_counts(self) -> dict:
         """Datagrams sealed UDP sessions dropped (rejected: forged or altered; replayed; tooBig)
         and passed, over ended and running sessions."""
@@ -362,6 +321,7 @@ class Client:
         """The control channel ended: the relay closes every session of ours when it drops us, and
         behind a dead link its resets never arrive. Reset our TCP sessions now so no user waits
         on a connection that can never finish (UDP flows open new sessions on their own)."""
+        self.pool.reset(None)  # the relay closes a registration's pooled channels with it
         count = self.sessions.abort_all(tcp_only=True)
         if count:
             log.warning("connection to the relay ended (%s): resetting %d session(s) it no longer relays", why, count)
@@ -387,6 +347,7 @@ class Client:
 
     def _registered(self, reply: p.RegisterResponse) -> None:
         """After each registration, find out what our NAT does (a thread: the caller reads the relay)."""
+        self.pool.reset(reply.pool)  # an older relay offers no pool
         self.direct.relay_knows = reply.udpPort is not None  # an older relay knows no direct path
         if not self.direct.relay_knows:
             self.direct.nat = {"mapping": "unknown (the relay offers no direct path: an older version)",
@@ -407,9 +368,13 @@ class Client:
     def _on_message(self, msg) -> None:
         """Messages the relay starts; runs on the control reader thread, so it must not block."""
         if isinstance(msg, p.ConnectOffer):
+            prepared = prepare_offer(self, msg)  # checks and the join header, here: no thread hand-off first
+            if prepared is None:
+                return
             try:
-                self.threads.spawn(f"target-{msg.sessionId[:8]}", serve_connect_request, self, msg)
+                self.threads.spawn(f"target-{msg.sessionId[:8]}", serve_connect_request, self, msg, prepared)
             except RuntimeError:
+                prepared.abandon()
                 log.warning("cannot start a thread for a session from %s", msg.fromClientId)
         elif isinstance(msg, p.SessionKeys):
             self.udp_keys.post(msg)
@@ -436,9 +401,3 @@ class Client:
         self.udp_keys.cancel(msg.sessionId)  # wakes a UDP flow waiting for the peer's keys
         if handle is not None:
             handle.abort()
-
-
-
-def ident_absent(hint: str | None) -> bool:
-    """The relay says the peer registered no key: it cannot seal."""
-    return decode_public_key(hint) is None

@@ -64,10 +64,35 @@ def split_server_urls(value) -> list[str]:
     return urls
 
 
-class _Waiter:
-    def __init__(self):
+class PendingRequest:
+    """A request sent and not answered yet: ``wait()`` for the reply. ``on_reply(reply)``, if
+    given, runs on the reader thread the moment the reply arrives, before the waiter wakes (it
+    must not block: it sends a data channel's join header, say, without a thread hand-off)."""
+
+    def __init__(self, channel: "ControlChannel", request_id: str, msg, on_reply=None):
+        self.channel = channel
+        self.request_id = request_id
+        self.msg = msg
+        self.on_reply = on_reply
         self.event = threading.Event()
         self.reply = None
+
+    def wait(self, timeout: float):
+        """The reply; RequestError for an ``error`` reply (or none within ``timeout``)."""
+        try:
+            if not self.event.wait(timeout):
+                raise RequestError(f"the relay did not answer {self.msg.TYPE} within {timeout:g} s", "timeout")
+        finally:
+            self.channel._forget(self.request_id)
+        reply = self.reply
+        if reply is None:
+            raise NotConnectedError("the connection to the relay was lost before it answered")
+        if isinstance(reply, p.Error):
+            raise RequestError(reply.message, reply.code)
+        return reply
+
+    def cancel(self) -> None:
+        self.channel._forget(self.request_id)
 
 
 class ControlChannel:
@@ -105,7 +130,7 @@ class ControlChannel:
         self._ws: websocket.WebSocket | None = None
         self._last_received = time.monotonic()
         self._ids = itertools.count(1)
-        self._pending: dict[str, _Waiter] = {}
+        self._pending: dict[str, PendingRequest] = {}
         self._pending_lock = threading.Lock()
 
     @property
@@ -316,6 +341,11 @@ class ControlChannel:
                 waiter = self._pending.pop(request_id, None)
             if waiter is not None:
                 waiter.reply = msg
+                if waiter.on_reply is not None:
+                    try:
+                        waiter.on_reply(msg)
+                    except Exception:
+                        log.exception("handling the answer to %s failed", waiter.msg.TYPE)
                 waiter.event.set()
                 return
         if isinstance(msg, p.Heartbeat):
@@ -342,24 +372,25 @@ class ControlChannel:
 
         An ``error`` reply raises RequestError with the relay's message.
         """
+        return self.start_request(msg).wait(timeout)
+
+    def start_request(self, msg, on_reply=None) -> PendingRequest:
+        """Send a message carrying a fresh requestId and return at once; ``wait()`` on the result."""
         request_id = f"r{next(self._ids)}"
         msg = dataclasses.replace(msg, requestId=request_id)
-        waiter = _Waiter()
+        pending = PendingRequest(self, request_id, msg, on_reply)
         with self._pending_lock:
-            self._pending[request_id] = waiter
+            self._pending[request_id] = pending
         try:
             self.send(msg)
-            if not waiter.event.wait(timeout):
-                raise RequestError(f"the relay did not answer {msg.TYPE} within {timeout:g} s", "timeout")
-        finally:
-            with self._pending_lock:
-                self._pending.pop(request_id, None)
-        reply = waiter.reply
-        if reply is None:
-            raise NotConnectedError("the connection to the relay was lost before it answered")
-        if isinstance(reply, p.Error):
-            raise RequestError(reply.message, reply.code)
-        return reply
+        except BaseException:
+            self._forget(request_id)
+            raise
+        return pending
+
+    def _forget(self, request_id: str) -> None:
+        with self._pending_lock:
+            self._pending.pop(request_id, None)
 
     def _fail_pending(self, why: str) -> None:
         with self._pending_lock:

@@ -21,6 +21,10 @@ class JoinError(ChuantouError):
     pass
 
 
+class ChannelLost(JoinError):
+    """The channel broke before the relay answered (for a pooled one: try a new channel)."""
+
+
 @dataclass(frozen=True)
 class TlsSettings:
     context: ssl.SSLContext
@@ -28,25 +32,51 @@ class TlsSettings:
 
 
 def open_data_channel(addr: p.RelayAddr, session_id: str, secret: str, side: str,
-                      timeout: float = 10.0, tls: TlsSettings | None = None, reusable: bool = False) -> socket.socket:
-    """Connect to the relay, present the session header, and return the joined socket (blocking).
-
-    ``reusable``: from a port other sockets may bind too (SO_REUSEADDR + SO_REUSEPORT), so a
-    direct attempt can dial the peer from the port the relay saw (directtcp.py)."""
+                      timeout: float = 10.0, tls: TlsSettings | None = None) -> socket.socket:
+    """Connect to the relay, present the session header, and return the joined socket (blocking)."""
     deadline = time.monotonic() + timeout
-    sock = connect_reusable((addr.host, addr.port), timeout) if reusable else \
-        socket.create_connection((addr.host, addr.port), timeout=timeout)
+    sock = connect_channel(addr, deadline, tls)
+    return join_on(sock, addr, session_id, secret, side, deadline)
+
+
+def connect_channel(addr: p.RelayAddr, deadline: float, tls: TlsSettings | None = None) -> socket.socket:
+    """A new connection to the relay's data port (TLS, its pin checked, with ``tls``); JoinError if not.
+
+    Every data channel, pooled or not, comes from a port other sockets of ours may bind too
+    (SO_REUSEADDR + SO_REUSEPORT), so a direct attempt can dial the peer from the very port the
+    relay saw the channel come from (directtcp.py)."""
+    try:
+        sock = connect_reusable((addr.host, addr.port), max(0.01, deadline - time.monotonic()))
+    except OSError as exc:
+        raise JoinError(f"data channel to relay {addr.host}:{addr.port} failed: {exc}") from None
     try:
         tune_tcp(sock)
         if tls is not None:
             stream = TlsStream.handshake(sock, tls.context, False, deadline, server_hostname=addr.host)
             sock = cast(socket.socket, stream)  # TlsStream has the socket methods the pipe uses
             check_pin(stream.peer_certificate(), tls.fingerprint)
-        sock.sendall(pack_data_header(JoinRequest(side, session_id, secret)))
-        status = JoinStatus(recv_exact(sock, 1, deadline)[0])
     except (OSError, ValueError, TlsError) as exc:
         close_quietly(sock)
         raise JoinError(f"data channel to relay {addr.host}:{addr.port} failed: {exc}") from None
+    return sock
+
+
+def send_join(sock: socket.socket, session_id: str, secret: str, side: str) -> None:
+    """Write the join header (a fresh or pooled channel's send buffer is empty: this does not block)."""
+    sock.sendall(pack_data_header(JoinRequest(side, session_id, secret)))
+
+
+def join_on(sock: socket.socket, addr: p.RelayAddr, session_id: str, secret: str, side: str,
+            deadline: float, header_sent: bool = False) -> socket.socket:
+    """Join a session over the connected channel ``sock`` and return it; JoinError (and ``sock``
+    closed) if the relay refuses. ``header_sent``: send_join already ran (on another thread)."""
+    try:
+        if not header_sent:
+            send_join(sock, session_id, secret, side)
+        status = JoinStatus(recv_exact(sock, 1, deadline)[0])
+    except (OSError, ValueError, TlsError) as exc:
+        close_quietly(sock)
+        raise ChannelLost(f"data channel to relay {addr.host}:{addr.port} failed: {exc}") from None
     if status != JoinStatus.JOINED:
         close_quietly(sock)
         raise JoinError(f"relay refused the data channel: {status.describe()}")

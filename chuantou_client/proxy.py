@@ -25,6 +25,8 @@ from common.pipe import Pipe
 from common.threads import ThreadGroup
 
 from . import directchoice
+from .control import PendingRequest
+from .earlyjoin import EarlyJoin
 from .listen import DEFAULT_LOCAL_HOST, exposure_warning, listen_address, parse_local_host
 from .udp import UdpGateway
 
@@ -204,25 +206,36 @@ class Proxy:
             tune_tcp(user)
             arm_reset(user)  # should this process die, the user sees a reset, not an end of stream
             self.connections_total += 1
-            try:
-                self.threads.spawn(f"conn-{addr[1]}", self._serve_connection, user, addr)
-            except RuntimeError:
-                log.warning("proxy :%d: cannot start a thread; connection from %s closed", self.local_port, addr)
-                close_quietly(user)
+            self._start_connection(user, addr)
 
-    def _serve_connection(self, user: socket.socket, addr: tuple) -> None:
+    def _start_connection(self, user: socket.socket, addr: tuple) -> None:
+        """Ask for the session here, so the relay's answer travels while the connection's thread
+        starts; the control reader sends the join header on a pooled channel as the answer comes."""
+        early = EarlyJoin.take(self.client, "A")
         try:
-            reply = self.client.control.request(
-                self.connect_request("tcp"),
-                timeout=self.client.request_timeout,
-            )
+            pending = self.client.control.start_request(self.connect_request("tcp"), on_reply=early.send_header)
         except ChuantouError as exc:
+            early.close()
+            self._connection_failed(user, addr, exc)
+            return
+        try:
+            self.threads.spawn(f"conn-{addr[1]}", self._serve_connection, user, addr, pending, early)
+        except RuntimeError:
+            pending.cancel()  # the relay's session, if it makes one, expires unjoined
+            early.close()
+            log.warning("proxy :%d: cannot start a thread; connection from %s closed", self.local_port, addr)
+            close_quietly(user)
+
+    def _serve_connection(self, user: socket.socket, addr: tuple, pending: PendingRequest, early: EarlyJoin) -> None:
+        try:
+            reply = pending.wait(self.client.request_timeout)
+        except ChuantouError as exc:
+            early.close()
             self._connection_failed(user, addr, exc)
             return
         with self.client.sessions.track(reply.sessionId, "A", **self.session_facts("tcp")) as record:
             try:
-                relay = self.client.join_session(record, reply,
-                                                 reusable=directchoice.wants_direct(self.client, reply.peerPublicKey))
+                relay = self.client.join_session(record, reply, early)
                 sealed = directchoice.seal_a(self.client, self, relay, reply, record)
                 record.sealed = sealed is not relay
                 relay = sealed

@@ -19,6 +19,7 @@ from common.net import reset_connection, tune_tcp
 from common.pipe import Pipe
 
 from . import directchoice
+from .earlyjoin import EarlyJoin
 from .selfguard import resolve_for_connect
 from .udptarget import UdpTarget
 
@@ -84,27 +85,76 @@ def target_label(msg: p.ConnectOffer) -> str:
     return f"{msg.remoteHost}:{msg.remotePort}" if msg.remoteHost else f"port {msg.remotePort}"
 
 
-def serve_connect_request(client, msg: p.ConnectOffer) -> None:
+class Prepared:
+    """An offer that passed the checks that need no I/O: its setup slot and, for TCP, the
+    pooled channel whose join header already went out (or none)."""
+
+    def __init__(self, slot: SetupSlot, early: EarlyJoin | None):
+        self.slot = slot
+        self.early = early
+
+    def abandon(self) -> None:
+        if self.early is not None:
+            self.early.close()
+        self.slot.release()
+
+
+def prepare_offer(client, msg: p.ConnectOffer) -> Prepared | None:
+    """On the control reader thread, so nothing here blocks: the refusals that need no I/O,
+    then, for TCP, the join header on a pooled channel, so the relay joins this side while the
+    session's thread starts. None: refused (and the relay told)."""
     slot = client.pending_connects.enter(msg.fromClientId)
     if slot is None:
         _reject(client, msg, "the target client is busy setting up other sessions; try again shortly")
-        return
-    with slot:
-        _serve(client, msg, slot)
+        return None
+    refusal = _policy_refusal(client, msg)
+    if refusal is not None:
+        slot.release()
+        _reject(client, msg, refusal)
+        return None
+    early = None
+    if msg.protocol == "tcp":
+        early = EarlyJoin.take(client, "B")
+        early.send_header(msg)
+    return Prepared(slot, early)
 
 
-def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
+def _policy_refusal(client, msg: p.ConnectOffer) -> str | None:
+    """What A is told if this client's own rules refuse the session (the reason stays in our log)."""
     service = (msg.remoteHost or client.target_host, msg.remotePort)
     refusal = client.export.refusal(*service)
     if refusal is not None:
         log.warning("session from %s to %s:%d refused: %s", msg.fromClientId, service[0], service[1], refusal)
-        _reject(client, msg, f"{target_label(msg)} is not allowed by the target client")
-        return
+        return f"{target_label(msg)} is not allowed by the target client"
     refusal = client.sealing.early_refusal(msg.fromClientId, msg.peerPublicKey)
     if refusal is not None:
         log.warning("session from %s refused: %s", msg.fromClientId, refusal)
-        _reject(client, msg, "the target client does not accept sessions from this client")
-        return
+        return "the target client does not accept sessions from this client"
+    if msg.protocol == "tcp":
+        refusal = client.sealing.unsealed_refusal(msg.fromClientId, msg.peerPublicKey, client.allow_unsealed)
+        if refusal is not None:
+            log.warning("session from %s refused: %s", msg.fromClientId, refusal)
+            return "the target client requires sealed sessions"
+    return None
+
+
+def serve_connect_request(client, msg: p.ConnectOffer, prepared: Prepared | None = None) -> None:
+    """Serve an offer on its own thread (``prepared``: prepare_offer already ran for it)."""
+    if prepared is None:
+        prepared = prepare_offer(client, msg)
+        if prepared is None:
+            return
+    try:
+        with prepared.slot:
+            _serve(client, msg, prepared)
+    finally:
+        if prepared.early is not None:
+            prepared.early.close()  # not taken: the session failed before its join
+
+
+def _serve(client, msg: p.ConnectOffer, prepared: Prepared) -> None:
+    service = (msg.remoteHost or client.target_host, msg.remotePort)
+    slot = prepared.slot
     if msg.protocol == "udp":
         slot.release()  # nothing slow to set up: no connection to the service
         flow = UdpTarget(client, msg, service)
@@ -114,15 +164,13 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
         return
     candidates = _checked_addresses(client, msg, service)
     if candidates is None:
+        if prepared.early is not None and prepared.early.header_sent:
+            _await_relay_close(prepared.early.sock)  # joined already: let the rejection reach A first
+            prepared.early.sock = None
         return
     with client.sessions.track(msg.sessionId, "B", **_session_facts(msg)) as record:
         try:
-            refusal = client.sealing.unsealed_refusal(msg.fromClientId, msg.peerPublicKey, client.allow_unsealed)
-            if refusal is not None:
-                log.warning("session from %s refused: %s", msg.fromClientId, refusal)
-                _reject(client, msg, "the target client requires sealed sessions")
-                return
-            relay = client.join_session(record, msg, reusable=directchoice.wants_direct(client, msg.peerPublicKey))
+            relay = client.join_session(record, msg, prepared.early)
             record.sealed = decode_public_key(msg.peerPublicKey) is not None
             if record.sealed:  # else an older requester, allowed: in the clear (and never direct)
                 relay = directchoice.seal_b(client, relay, msg, record,
@@ -138,11 +186,14 @@ def _serve(client, msg: p.ConnectOffer, slot: "SetupSlot") -> None:
         tune_tcp(local)
         local.settimeout(None)
         slot.release()  # joined: from here on the session counts against the relay's caps, not this one
-        if record.path != "direct":  # a direct session's relay half is gone already
-            _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId))
         pipe = Pipe(relay, local)
         client.sessions.attach(record, pipe)
-        pipe.run(client.threads, f"b-{msg.sessionId[:8]}")
+        # accept_session goes out from the pump's second thread: the relay needs nothing from it to
+        # relay, so A's first bytes do not wait behind a control message. A direct session's relay
+        # half is gone already: nothing to accept.
+        accept = None if record.path == "direct" else (
+            lambda: _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId)))
+        pipe.run(client.threads, f"b-{msg.sessionId[:8]}", before=accept)
 
 
 def _session_facts(msg: p.ConnectOffer) -> dict:

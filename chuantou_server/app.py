@@ -19,7 +19,7 @@ from common.errors import ChuantouError
 from common.net import host_for_url
 
 from . import admin_sessions
-from . import caps
+from . import caps, pool
 from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
 from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
@@ -80,6 +80,12 @@ CONFIG_KEYS = {
                                        lambda v: v >= 1),
     "maxPendingSessionsPerClient": config.Key(int, "a whole number >= 1",
                                               caps.DEFAULT_MAX_PENDING_SESSIONS_PER_CLIENT, lambda v: v >= 1),
+    # pooled data channels (pool.py): per client (0: off), over all, and how long an unbound one stays
+    "maxPooledChannelsPerClient": config.Key(int, "a whole number from 0 to 64 (0: no pooling)",
+                                             pool.DEFAULT_POOL_PER_CLIENT, lambda v: 0 <= v <= 64),
+    "maxPooledChannels": config.Key(int, "a whole number >= 0", pool.DEFAULT_MAX_POOLED, lambda v: 0 <= v <= 1 << 20),
+    "poolIdleTimeout": config.Key((int, float), "a number of seconds > 0", pool.DEFAULT_POOL_IDLE_TIMEOUT,
+                                  lambda v: v > 0),
     "descriptorReserve": config.Key(int, "a whole number >= 0", caps.DEFAULT_DESCRIPTOR_RESERVE, lambda v: v >= 0),
     "tcpIdleTimeout": config.Key((int, float), "a number of seconds >= 0 (0: off)", 0, lambda v: v >= 0),
     # control channels that have not registered yet (hostile load, issue 9)
@@ -195,6 +201,9 @@ def caps_settings(settings: dict) -> dict:
         "max_pending_sessions_per_client": settings["maxPendingSessionsPerClient"],
         "descriptor_reserve": settings["descriptorReserve"],
         "tcp_idle_timeout": settings["tcpIdleTimeout"],
+        "max_pooled_channels_per_client": settings["maxPooledChannelsPerClient"],
+        "max_pooled_channels": settings["maxPooledChannels"],
+        "pool_idle_timeout": float(settings["poolIdleTimeout"]),
     }
 
 

@@ -3,7 +3,8 @@
 The accept loop only accepts: each connection takes a slot in the ``HandshakeGate`` and gets
 its own thread, which reads the first bytes under the handshake deadline (a TLS handshake
 first, if the relay has a certificate) and hands the connection on: the data-channel magic
-``0xFD 0x01`` to ``relay.serve_data_channel``, an HTTP head to ``Server.serve_http`` (the
+``0xFD 0x01`` to ``relay.serve_data_channel``, a pooled channel's ``0xFD 0x06`` to
+``pool.serve_pool_channel``, an HTTP head to ``Server.serve_http`` (the
 admin page, or a WebSocket control channel); anything else is closed.
 
 Only the handshake's failures (timeouts, resets, garbage) are the peer's doing and end at
@@ -19,11 +20,12 @@ import time
 from typing import TYPE_CHECKING, Callable, cast
 
 from common import pages, tls
-from common.frames import DATA_MAGIC, HEADER_SIZE
+from common.frames import DATA_MAGIC, HEADER_SIZE, POOL_MAGIC
 from common.net import close_quietly, recv_exact, tune_tcp
 
 from . import httpd
 from .busy import SpareDescriptor
+from .pool import serve_pool_channel
 from .relay import serve_data_channel
 
 if TYPE_CHECKING:
@@ -128,6 +130,9 @@ class Listener:
         if first == DATA_MAGIC:
             header = first + recv_exact(sock, HEADER_SIZE - 2, deadline)
             return lambda: serve_data_channel(self.server, sock, header)
+        if first == POOL_MAGIC:
+            header = first + recv_exact(sock, HEADER_SIZE - 2, deadline)
+            return lambda: serve_pool_channel(self.server, sock, header)
         if first[0] in HTTP_FIRST_BYTES:
             request = self._read_http(sock, first, deadline)
             if request is None:

@@ -24,12 +24,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("chuantou.server")
 
 
-def serve_data_channel(server: Server, sock: socket.socket, header: bytes) -> None:
+def serve_data_channel(server: Server, sock: socket.socket, header: bytes, owner: str | None = None) -> None:
+    """``owner``: a pooled channel's client (pool.py), which may join only its own side of a session."""
     try:
         join = unpack_data_header(header)
     except FrameError as exc:
         log.debug("data channel refused: %s", exc)
         close_quietly(sock)
+        return
+    if owner is not None and not _side_of(server, join, owner):
+        log.info("pooled data channel of %s refused: session %s... is not its own", owner, join.session_id[:8])
+        _refuse(sock, JoinStatus.UNKNOWN_SESSION)
         return
     admitted = False
 
@@ -56,6 +61,20 @@ def serve_data_channel(server: Server, sock: socket.socket, header: bytes) -> No
         return
     if both:
         run_relay(server, session)
+
+
+def _side_of(server: Server, join, client_id: str) -> bool:
+    """Is ``client_id`` the side of the session ``join`` names?"""
+    session = server.sessions.get(join.session_id)
+    return session is not None and (session.client_a if join.side == "A" else session.client_b) == client_id
+
+
+def _refuse(sock: socket.socket, status: JoinStatus) -> None:
+    try:
+        sock.sendall(bytes([status]))
+    except OSError:
+        pass
+    close_quietly(sock)
 
 
 def run_relay(server: Server, session: Session) -> None:

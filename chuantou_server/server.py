@@ -29,6 +29,7 @@ from .bandwidth import BandwidthLimits
 from .admission import Admission, UnregisteredGate
 from .authenticator import Authenticator
 from .handshakes import HandshakeGate
+from .pool import ChannelPools
 from .listener import Listener
 from .registry import ClientRegistry
 from .sessions import Session, SessionTable
@@ -67,6 +68,8 @@ class Server:
         self.handshakes = HandshakeGate(cfg.max_pending_handshakes, cfg.max_pending_handshakes_per_source,
                                         self.registry.has_source)
         self.sessions = SessionTable()
+        self.pools = ChannelPools(cfg.max_pooled_channels_per_client, cfg.max_pooled_channels,
+                                  cfg.pool_idle_timeout, self.caps.out_of_descriptors)
         self.bandwidth = BandwidthLimits(cfg.bandwidth_per_client, cfg.bandwidth_total)
         self.traffic = RelayTraffic(self.sessions, self.registry)  # figures for the admin page
         self.metrics = metrics.RelayMetrics(self)  # this relay's own Prometheus registry (GET /metrics)
@@ -153,6 +156,7 @@ class Server:
         self._listener.close()  # also wakes threads still reading a first request
         for conn in self._live_connections():
             conn.close()
+        self.pools.close_all()  # wakes the threads of pooled channels waiting for a session
         for session in self.sessions.all():
             self.close_session(session, "relay stopping", notify=False)
         self.threads.join_all(timeout=10.0)
@@ -292,6 +296,7 @@ class Server:
     def connection_ended(self, conn: ControlConnection) -> None:
         with self._conn_lock:
             self._connections.discard(conn)
+        self.pools.close(conn.pool)
         if conn.client_id and self.registry.unregister(conn.client_id, conn):
             log.info("client %s disconnected", conn.client_id)
             if self.cluster is not None:

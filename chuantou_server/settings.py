@@ -16,7 +16,7 @@ from common import auth
 from common import protocol as p
 from common.errors import ChuantouError
 
-from . import admin_sessions, caps
+from . import admin_sessions, caps, pool
 from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE
 from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
@@ -93,6 +93,11 @@ class ServerConfig:
     # byte the relay relays (bandwidth.py)
     bandwidth_per_client: int = 0
     bandwidth_total: int = 0
+    # pooled data channels (pool.py): per registered client (0: no pooling), over all, and how long
+    # an unbound one stays open
+    max_pooled_channels_per_client: int = pool.DEFAULT_POOL_PER_CLIENT
+    max_pooled_channels: int = pool.DEFAULT_MAX_POOLED
+    pool_idle_timeout: float = pool.DEFAULT_POOL_IDLE_TIMEOUT
 
     def __post_init__(self) -> None:
         # Copies a caller cannot change under us (frozen only stops reassignment).
@@ -123,6 +128,13 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ChuantouError(f"{name} must be a whole number of bytes per second >= 0 (0: off)")
+        for name in ("max_pooled_channels_per_client", "max_pooled_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= (64 if "client" in name else 1 << 20):
+                raise ChuantouError(f"{name} must be a whole number >= 0 (0: no pooled data channels)"
+                                    + (" and at most 64" if "client" in name else ""))
+        if not self.pool_idle_timeout > 0:
+            raise ChuantouError("pool_idle_timeout must be a number of seconds > 0")
         if self.tls_only and not self.tls_cert:
             raise ChuantouError("tls_only needs a certificate: pass --tls-cert and --tls-key")
 

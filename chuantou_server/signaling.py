@@ -25,6 +25,7 @@ from . import direct_claims, metrics, registry
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .pool import ClientPool
     from .server import Server
     from .sessions import Session
 
@@ -48,6 +49,7 @@ class ControlConnection:
         self.client_id: str | None = None
         self.credential: str | None = None  # which token this connection proved (None: open relay)
         self.public_key: str | None = None  # as it registered it; passed on to peers as a hint only
+        self.pool: ClientPool | None = None  # its pooled data channels (pool.py), once registered
         self.challenge = server.authenticator.challenge()
         self.nonce = self.challenge.nonce
         self.connected_at = time.time()
@@ -173,9 +175,11 @@ class ControlConnection:
         # udpPort tells the client this relay hands over direct-path candidates; a cluster node
         # does not yet (a session may live on another node), so its clients do not try
         direct = self.server.cluster is None
+        self.pool, offer = self.server.pools.open_for(msg.clientId, self.server.relay_addr(self, "tcp"))
+        # (closed with it in connection_ended, which runs on this same thread once serve() ends)
         self.send(p.RegisterResponse(success=True, assignedId=msg.clientId, existingKicked=old is not None,
                                      udpPort=self.server.relay_addr(self, "udp").port if direct else None,
-                                     probePort=self.server.probe_port if direct else None))
+                                     probePort=self.server.probe_port if direct else None, pool=offer))
         log.info("client %s registered from %s:%s%s", msg.clientId, self.remote[0], self.remote[1],
                  " (replaced its previous connection)" if old else "")
 

@@ -8,6 +8,14 @@ TCP data channel (client -> relay, first bytes on a fresh connection to the rela
 
 and the relay answers with one status byte (``JoinStatus``) before any payload flows.
 
+A pooled data channel (opened ahead of any session, see chuantou_server/pool.py) starts instead::
+
+    0xFD 0x06 | 'P' | pool id (16 bytes) | pool secret (16 bytes)
+
+with the id and secret the relay gave this client's registration; the relay answers with one
+status byte and then waits, up to its idle timeout, for the ordinary join header above, which
+binds the channel to a session when the client has one.
+
 UDP registration (client -> relay port, from the socket that will carry the session)::
 
     0xFD 0x02 | side | session id (16) | challenge (16) | proof (16)
@@ -39,6 +47,8 @@ UDP_REGISTER_MAGIC = b"\xfd\x02"
 UDP_ACK_MAGIC = b"\xfd\x03"
 UDP_CHALLENGE_MAGIC = b"\xfd\x04"
 UDP_WHO_ARE_YOU = b"\xfd\x05"  # "I do not know your address": register again (2 bytes: no amplification)
+POOL_MAGIC = b"\xfd\x06"  # a pooled data channel, bound to a session later
+POOL_SIDE = b"P"
 ID_BYTES = 16
 SECRET_BYTES = 16
 HEADER_SIZE = 2 + 1 + ID_BYTES + SECRET_BYTES
@@ -110,6 +120,28 @@ def pack_data_header(join: JoinRequest) -> bytes:
 
 def unpack_data_header(data: bytes) -> JoinRequest:
     return _unpack(DATA_MAGIC, data)
+
+
+@dataclass(frozen=True)
+class PoolHello:
+    pool_id: str  # hex, as in the register_response
+    secret: str  # hex
+
+
+def pack_pool_header(hello: PoolHello) -> bytes:
+    try:
+        pool_id, secret = bytes.fromhex(hello.pool_id), bytes.fromhex(hello.secret)
+    except ValueError:
+        raise FrameError("pool id and secret must be hex strings") from None
+    if len(pool_id) != ID_BYTES or len(secret) != SECRET_BYTES:
+        raise FrameError(f"pool id and secret must be {ID_BYTES} bytes each")
+    return POOL_MAGIC + POOL_SIDE + pool_id + secret
+
+
+def unpack_pool_header(data: bytes) -> PoolHello:
+    if len(data) != HEADER_SIZE or data[:2] != POOL_MAGIC or data[2:3] != POOL_SIDE:
+        raise FrameError("not a pool header")
+    return PoolHello(data[3:3 + ID_BYTES].hex(), data[3 + ID_BYTES:].hex())
 
 
 @dataclass(frozen=True)

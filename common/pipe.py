@@ -63,10 +63,11 @@ class Pipe:
         arm_reset(a)
         arm_reset(b)
 
-    def run(self, group, name: str) -> None:
-        """Pump b -> a on a new thread of ``group`` and a -> b on the calling thread; return when both end."""
+    def run(self, group, name: str, before=None) -> None:
+        """Pump b -> a on a new thread of ``group`` and a -> b on the calling thread; return when both end.
+        ``before()``, if given, runs on the new thread before it pumps (work kept off the first bytes' way)."""
         try:
-            other = group.spawn(name, self._pump, self.b, self.a, 1)
+            other = group.spawn(name, self._pump, self.b, self.a, 1, before)
         except RuntimeError:  # cannot start a thread (process limit): give up this connection only
             self._aborted.set()
             self._finish()
@@ -137,8 +138,10 @@ class Pipe:
         self._finished[index] = True
         shutdown_quietly(dst, socket.SHUT_WR)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, index: int) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, index: int, before=None) -> None:
         try:
+            if before is not None:
+                before()
             self._copy(src, dst, index)
         except OSError as exc:
             self._writing_since[index] = 0.0

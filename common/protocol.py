@@ -121,6 +121,24 @@ class Service:
         _require(self.protocol in PROTOCOLS, f"service.protocol must be one of {PROTOCOLS}")
 
 
+@dataclass(frozen=True)
+class PoolOffer:
+    """Pooled data channels (common.frames, POOL_MAGIC): a client may keep up to ``size`` open
+    to ``relayAddr``, each presenting ``id`` and ``secret``; the relay closes one left unbound
+    for ``idleTimeout`` seconds. Valid for this registration only."""
+    id: str
+    secret: str
+    size: int
+    idleTimeout: float
+    relayAddr: RelayAddr
+
+    def check(self) -> None:
+        _require(0 <= self.size <= 64, f"pool.size {self.size} is outside 0-64")
+        _require(self.idleTimeout > 0, "pool.idleTimeout must be > 0")
+        _require(re.fullmatch(r"[0-9a-f]{32}", self.id) is not None and
+                 re.fullmatch(r"[0-9a-f]{32}", self.secret) is not None, "pool id and secret must be 32 hex digits")
+
+
 # --- messages --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -164,6 +182,7 @@ class RegisterResponse(Message, wire="register_response", sent_by="relay"):
     code: str | None = None  # why a registration failed: ID_IN_USE, ID_TAKEN, or None for any other reason
     udpPort: int | None = None  # where NAT probes go (common.direct): the relay's UDP port
     probePort: int | None = None  # a second UDP port that answers probes (--probe-port), if any
+    pool: PoolOffer | None = None  # pooled data channels (an older relay offers none)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ WIRE = {
     "register": ["clientId", "protocolVersion", "auth", "takeover", "publicKey", "followsRedirect"],
     "register_redirect": ["url", "node", "reason"],
     "register_response": ["success", "assignedId", "existingKicked", "error", "protocolVersion", "code",
-                          "udpPort", "probePort"],
+                          "udpPort", "probePort", "pool"],
     "get_client_list": ["requestId"],
     "client_list": ["clients", "requestId"],
     "connect_request": ["toClientId", "remotePort", "remoteHost", "requestId", "protocol", "localPort"],

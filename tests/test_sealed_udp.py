@@ -217,6 +217,15 @@ def old_client(server, client_id: str) -> Client:
     on_message, request = client.control.on_message, client.control.request
     client.control.on_message = lambda msg: on_message(_without_keys(msg))
     client.control.request = lambda msg, timeout: _without_keys(request(msg, timeout))
+    start_request = client.control.start_request  # what a proxy's TCP connection asks with
+
+    def start_without_keys(msg, on_reply=None):
+        pending = start_request(msg, on_reply)
+        wait = pending.wait
+        pending.wait = lambda timeout: _without_keys(wait(timeout))
+        return pending
+
+    client.control.start_request = start_without_keys
     return client
 
 
