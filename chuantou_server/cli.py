@@ -18,6 +18,7 @@ from common.startcheck import config_restored_on_failure
 
 from .app import ServerApp, config_problems, default_config_path, load_file_settings, local_url
 from .app import local_address  # noqa: F401 (part of this module's API: tests and status use it)
+from .cluster_view import status_lines
 from .settings import DATA_NODE_POLICIES
 from .startopts import RUN_OPTION_DEFAULTS, given_options
 
@@ -218,6 +219,8 @@ def cmd_status(args) -> int:
     else:
         print("  supervisor: none (running in the foreground)")
     print(f"  log:        {svc.log_file}")
+    if isinstance(status.get("cluster"), dict):  # a node of a cluster: its view of the others
+        print("\n".join(status_lines(status["cluster"])))
     return 0
 
 

@@ -46,7 +46,7 @@ from . import metrics
 from .cluster_data import DataSide
 from .cluster_redirect import Redirector
 from .cluster_store import ClusterStore, StoreUnreachable
-from .cluster_view import NodeTable
+from .cluster_view import NodeTable, clients_view
 
 if TYPE_CHECKING:
     from .server import Server
@@ -175,6 +175,19 @@ class Cluster(DataSide):
             view["store"] = UNREACHABLE
         view["table"] = self.table.rows()  # with the expired ones
         return view
+
+    def api_view(self) -> dict:
+        """GET /api/cluster: the node table with each node's load and state, and each client's node."""
+        view = self.status()
+        return {**{k: view[k] for k in ("node", "advertise", "dataNode", "store")}, "nodes": view["table"],
+                **clients_view(self.store, self.node_id)}
+
+    def placement(self, session) -> dict:
+        """Where a session pumped here is pumped (this node) and where its two parties are."""
+        with self._lock:
+            remote = self._inbound.get(session.id, {})
+            return {"dataNode": self.node_id, "aNode": remote.get(session.client_a, self.node_id),
+                    "bNode": remote.get(session.client_b, self.node_id)}
 
     # --- identity, cluster-wide ----------------------------------------------------------------
 

@@ -126,6 +126,28 @@ class ClusterStore:
         start = len(self.client_key(""))
         return sorted(key[start:] for key in self.redis.scan_iter(match=self.client_key("*"), count=1000))
 
+    @_guard
+    def client_nodes(self, limit: int) -> tuple[dict[str, str], bool]:
+        """{client ID: its node} for up to ``limit`` IDs online in the cluster, and whether there
+        were more (a SCAN and an MGET: for the admin view, not for each request)."""
+        start, keys = len(self.client_key("")), list[str]()
+        for key in self.redis.scan_iter(match=self.client_key("*"), count=1000):
+            if len(keys) == limit:
+                return self._nodes_of(keys, start), True
+            keys.append(key)
+        return self._nodes_of(keys, start), False
+
+    def _nodes_of(self, keys: list[str], start: int) -> dict[str, str]:
+        found = {}
+        for key, raw in zip(keys, self.redis.mget(keys) if keys else []):
+            try:
+                node = json.loads(raw).get("node") if raw else None
+            except (ValueError, AttributeError):
+                node = None
+            if isinstance(node, str):
+                found[key[start:]] = node
+        return found
+
     # --- node table --------------------------------------------------------------------------
 
     @_guard

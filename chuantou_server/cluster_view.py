@@ -95,6 +95,21 @@ class NodeTable:
             return best
 
 
+MAX_LISTED_CLIENTS = 5000  # the admin view lists at most this many of the cluster's clients
+
+
+def clients_view(store, own_node: str) -> dict:
+    """The API's cluster clients: which node each is on (from the registry in Redis)."""
+    from .cluster_store import StoreUnreachable
+    try:
+        found, more = store.client_nodes(MAX_LISTED_CLIENTS)
+    except StoreUnreachable:
+        return {"clients": [], "truncated": False}
+    rows = [{"id": escape_controls(cid[:128]), "node": escape_controls(node[:128]), "here": node == own_node}
+            for cid, node in sorted(found.items())]
+    return {"clients": rows, "truncated": more}
+
+
 def status_lines(view: dict) -> list[str]:
     """The cluster part of ``python -m chuantou_server status``, from the API's status["cluster"]."""
     lines = [f"  cluster:    node {view.get('node')} ({view.get('advertise')}), data node policy "
