@@ -59,6 +59,14 @@ return {held['node'], redis.call('PUBLISH', ARGV[2] .. held['node'], ARGV[3])}
 """
 
 
+def _json_or_none(raw: bytes | str | None) -> dict | None:
+    try:
+        record = json.loads(raw) if raw else None
+    except ValueError:  # not written by a node
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class StoreUnreachable(Exception):
     """Redis did not answer (down, refused, timed out)."""
 
@@ -170,7 +178,7 @@ class ClusterStore:
     @_guard
     def nodes(self) -> list[dict]:
         keys = sorted(self.redis.scan_iter(match=self.node_key("*"), count=1000))
-        return [json.loads(raw) for raw in self.redis.mget(keys) if raw] if keys else []
+        return [record for record in map(_json_or_none, self.redis.mget(keys) if keys else []) if record]
 
     @_guard
     def forget_node(self) -> None:

@@ -33,10 +33,13 @@ def clean_record(raw: object) -> dict | None:
     if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
         return None
     advertise = raw.get("advertise")
+    # a record missing its load (another version, a hand-written key) is listed, never chosen
+    complete = isinstance(advertise, str) and all(
+        isinstance(raw.get(f), (int, float)) and not isinstance(raw.get(f), bool) for f in LOAD_FIELDS)
     # shown on a terminal (status) and a page: no control characters, bounded length
     return {"id": escape_controls(raw["id"][:128]),
             "advertise": escape_controls(advertise[:300]) if isinstance(advertise, str) else "",
-            **{field: _number(raw.get(field)) for field in (*LOAD_FIELDS, "updatedAt")}}
+            **{field: _number(raw.get(field)) for field in (*LOAD_FIELDS, "updatedAt")}, "complete": complete}
 
 
 class NodeTable:
@@ -88,7 +91,7 @@ class NodeTable:
             best, fewest = self.node_id, own_sessions
             for node_id, record in sorted(self._live.items()):
                 load = record["sessions"] + self._placed.get(node_id, 0)
-                if node_id != self.node_id and load < fewest:
+                if node_id != self.node_id and record["complete"] and load < fewest:
                     best, fewest = node_id, load
             if best != self.node_id:
                 self._placed[best] = self._placed.get(best, 0) + 1

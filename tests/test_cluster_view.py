@@ -1,0 +1,134 @@
+"""A relay cluster's data-node policy and its view: three nodes in this process on a real
+redis-server (test_cluster.py starts it).
+
+least-loaded pumps a session between A on n1 and B on n3 on n2 when n2 has the fewest sessions;
+the admin API and status show each node's load and state, each client's node and where each
+session is pumped; a record in Redis that no node wrote is shown escaped and never chosen.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import connect, exchange, http_json, random_bytes, recv_exactly, sha256, wait_until
+from test_cluster import TTL, RedisProcess, on_node, scrape
+
+MiB = 1024 * 1024
+ADMIN = "admin-token-for-the-cluster-view"
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisProcess(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def least_loaded(redis_server, make_server):
+    """Three nodes n1, n2, n3 with the least-loaded policy and an admin token."""
+    return {name: make_server(cluster_url=redis_server.url, node_id=name, cluster_ttl=TTL,
+                              data_node="least-loaded", admin_token=ADMIN)
+            for name in ("n1", "n2", "n3")}
+
+
+def api(server, path: str):
+    status, _, body = http_json(server.port, "GET", path, {"Authorization": f"Bearer {ADMIN}"})
+    assert status == 200, body
+    return body
+
+
+def loads_seen_by(server) -> dict:
+    return {row["id"]: row["sessions"] for row in server.cluster.table.rows() if row["state"] == "live"}
+
+
+def hold_local_session(client, target: str, port: int):
+    """A proxy from ``client`` to ``target`` (both on one node) with one joined connection open."""
+    proxy = client.create_proxy(0, target, port, protocol="tcp")
+    sock = connect(proxy.local_port)
+    sock.sendall(b"busy")
+    assert recv_exactly(sock, 4) == b"busy"
+    return proxy, sock
+
+
+@pytest.mark.timeout(120)
+def test_least_loaded_pumps_a_session_from_n1_to_n3_on_n2_intact(least_loaded, make_client, redis_server,
+                                                                  tcp_echo):
+    n1, n2, n3 = least_loaded["n1"], least_loaded["n2"], least_loaded["n3"]
+    a, a2 = make_client(n1, "A"), make_client(n1, "A2")
+    b, b2 = make_client(n3, "B"), make_client(n3, "B2")
+    store = redis_server.client()
+    wait_until(lambda: [on_node(store, c) for c in ("A", "A2", "B", "B2")] == ["n1", "n1", "n3", "n3"])
+    store.close()
+    held = [hold_local_session(a, "A2", tcp_echo.port), hold_local_session(b, "B2", tcp_echo.port)]
+    wait_until(lambda: loads_seen_by(n3) == {"n1": 1, "n2": 0, "n3": 1}, timeout=TTL * 3,
+               message="B's node sees n2 as the least loaded")
+
+    proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    payload = random_bytes(4 * MiB)
+    with connect(proxy.local_port, timeout=60) as user:
+        user.sendall(b"hello")
+        assert recv_exactly(user, 5) == b"hello"
+        assert [len(s.sessions) for s in (n1, n2, n3)] == [1, 1, 1], "the new session is n2's only one"
+        (pumped,) = n2.sessions.all()
+        assert (pumped.client_a, pumped.client_b, pumped.joined) == ("A", "B", True)
+        (row,) = api(n2, "/api/sessions")["sessions"]
+        assert (row["a"], row["b"], row["dataNode"], row["aNode"], row["bNode"]) == ("A", "B", "n2", "n1", "n3")
+        assert exchange(user, payload) == (sha256(payload), len(payload)), "the bytes differ"
+    figures = scrape(n2)
+    assert figures["chuantou_relay_sessions_opened_total", (("protocol", "tcp"),)] == 1
+    relayed = sum(v for (name, _), v in figures.items() if name == "chuantou_relay_bytes_relayed_total")
+    assert relayed >= 2 * len(payload), "n2 pumped the bytes both ways"
+    for node in (n1, n3):  # each holds its own local session, and made no other
+        assert scrape(node)["chuantou_relay_sessions_opened_total", (("protocol", "tcp"),)] == 1
+    wait_until(lambda: len(n2.sessions) == 0)
+    for local_proxy, sock in held:
+        sock.close()
+        local_proxy.close()
+    proxy.close()
+
+
+def test_least_loaded_on_a_tie_pumps_on_b_s_node(least_loaded, make_client, redis_server, tcp_echo):
+    a = make_client(least_loaded["n1"], "A")
+    make_client(least_loaded["n3"], "B")
+    store = redis_server.client()
+    wait_until(lambda: on_node(store, "A") == "n1" and on_node(store, "B") == "n3")
+    store.close()
+    wait_until(lambda: loads_seen_by(least_loaded["n3"]) == {"n1": 0, "n2": 0, "n3": 0}, timeout=TTL * 3)
+    proxy = a.create_proxy(0, "B", tcp_echo.port, protocol="tcp")
+    with connect(proxy.local_port) as user:
+        user.sendall(b"tie")
+        assert recv_exactly(user, 3) == b"tie"
+        assert [len(least_loaded[n].sessions) for n in ("n1", "n2", "n3")] == [0, 0, 1]
+    proxy.close()
+
+
+def test_a_refusal_by_b_reaches_a_across_three_nodes_before_the_join_deadline(least_loaded, make_client,
+                                                                              redis_server, tcp_echo):
+    """B (on n3, refusing every port) rejects a session pumped on n2: n2 closes it at once, not at
+    its join deadline, and A's user sees the connection end."""
+    n1, n2, n3 = least_loaded["n1"], least_loaded["n2"], least_loaded["n3"]
+    a, a2 = make_client(n1, "A"), make_client(n1, "A2")
+    make_client(n3, "B", allow="none")
+    b2, c2 = make_client(n3, "B2"), make_client(n3, "C2")
+    store = redis_server.client()
+    wait_until(lambda: [on_node(store, c) for c in ("A", "A2", "B", "B2", "C2")] == ["n1", "n1", "n3", "n3", "n3"])
+    store.close()
+    held = [hold_local_session(a, "A2", tcp_echo.port), hold_local_session(b2, "C2", tcp_echo.port)]
+    wait_until(lambda: loads_seen_by(n3) == {"n1": 1, "n2": 0, "n3": 1}, timeout=TTL * 3)
+    proxy = a.create_proxy(0, "B", 9, protocol="tcp")
+    with connect(proxy.local_port) as user:
+        user.settimeout(n2.config.session_join_timeout / 2)  # the refusal, not the join deadline, ends it
+        try:
+            assert user.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    wait_until(lambda: len(n2.sessions) == 0, timeout=2, message="n2 closed the refused session")
+    assert scrape(n2)["chuantou_relay_sessions_opened_total", (("protocol", "tcp"),)] == 1, "made on n2"
+    assert not n3.cluster._offers, "B's node forgot the offer"
+    for local_proxy, sock in held:
+        sock.close()
+        local_proxy.close()
+    proxy.close()
