@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from chuantou_server.cluster_view import NodeTable, status_lines
 from helpers import connect, exchange, http_json, random_bytes, recv_exactly, sha256, wait_until
 from test_cluster import TTL, RedisProcess, on_node, scrape
 
@@ -57,8 +58,9 @@ def hold_local_session(client, target: str, port: int):
 def test_least_loaded_pumps_a_session_from_n1_to_n3_on_n2_intact(least_loaded, make_client, redis_server,
                                                                   tcp_echo):
     n1, n2, n3 = least_loaded["n1"], least_loaded["n2"], least_loaded["n3"]
-    a, a2 = make_client(n1, "A"), make_client(n1, "A2")
-    b, b2 = make_client(n3, "B"), make_client(n3, "B2")
+    a, b = make_client(n1, "A"), make_client(n3, "B")
+    make_client(n1, "A2")
+    make_client(n3, "B2")
     store = redis_server.client()
     wait_until(lambda: [on_node(store, c) for c in ("A", "A2", "B", "B2")] == ["n1", "n1", "n3", "n3"])
     store.close()
@@ -110,9 +112,10 @@ def test_a_refusal_by_b_reaches_a_across_three_nodes_before_the_join_deadline(le
     """B (on n3, refusing every port) rejects a session pumped on n2: n2 closes it at once, not at
     its join deadline, and A's user sees the connection end."""
     n1, n2, n3 = least_loaded["n1"], least_loaded["n2"], least_loaded["n3"]
-    a, a2 = make_client(n1, "A"), make_client(n1, "A2")
+    a, b2 = make_client(n1, "A"), make_client(n3, "B2")
+    make_client(n1, "A2")
     make_client(n3, "B", allow="none")
-    b2, c2 = make_client(n3, "B2"), make_client(n3, "C2")
+    make_client(n3, "C2")
     store = redis_server.client()
     wait_until(lambda: [on_node(store, c) for c in ("A", "A2", "B", "B2", "C2")] == ["n1", "n1", "n3", "n3", "n3"])
     store.close()
@@ -132,3 +135,101 @@ def test_a_refusal_by_b_reaches_a_across_three_nodes_before_the_join_deadline(le
         sock.close()
         local_proxy.close()
     proxy.close()
+
+
+# --- the view: API, status ------------------------------------------------------------------------
+
+@pytest.fixture
+def viewed(redis_server, make_server, make_client):
+    """n1 and n2 (B's node policy) with an admin token, A on n1 and B on n2, and n3 with no client."""
+    nodes = {name: make_server(cluster_url=redis_server.url, node_id=name, cluster_ttl=TTL, admin_token=ADMIN)
+             for name in ("n1", "n2", "n3")}
+    make_client(nodes["n1"], "A")
+    make_client(nodes["n2"], "B")
+    store = redis_server.client()
+    wait_until(lambda: on_node(store, "A") == "n1" and on_node(store, "B") == "n2")
+    store.close()
+    return nodes
+
+
+def test_the_api_shows_each_node_s_load_and_state_and_each_client_s_node(viewed):
+    n1 = viewed["n1"]
+
+    def loads() -> dict:
+        return {row["id"]: (row["state"], row["clients"], row["sessions"])
+                for row in api(n1, "/api/cluster")["nodes"]}
+    wait_until(lambda: loads() == {"n1": ("live", 1, 0), "n2": ("live", 1, 0), "n3": ("live", 0, 0)},
+               timeout=TTL * 3, message="each node's record shows its clients")
+    view = api(n1, "/api/cluster")
+    assert (view["node"], view["dataNode"], view["store"]) == ("n1", "b", "reachable")
+    assert {row["id"]: row["advertise"] for row in view["nodes"]} == {
+        name: f"ws://127.0.0.1:{server.port}" for name, server in viewed.items()}
+    assert all(isinstance(row["bytesPerSecond"], (int, float)) for row in view["nodes"])
+    assert view["clients"] == [{"id": "A", "node": "n1", "here": True}, {"id": "B", "node": "n2", "here": False}]
+    assert [(c["id"], c["node"]) for c in api(n1, "/api/clients")["clients"]] == [("A", "n1")]
+    assert api(n1, "/api/status")["cluster"]["node"] == "n1"
+
+    viewed["n3"].stop()  # its key goes at once: n1 lists it as expired from its next read
+    wait_until(lambda: loads().get("n3", ("?",))[0] == "expired", message="n3 shown as expired")
+    assert loads()["n2"][0] == "live"
+
+
+def test_a_relay_on_its_own_has_no_cluster_view(make_server):
+    server = make_server(admin_token=ADMIN)
+    status, _, body = http_json(server.port, "GET", "/api/cluster", {"Authorization": f"Bearer {ADMIN}"})
+    assert status == 404 and "--cluster" in body["error"]
+    assert "dataNode" not in api(server, "/api/sessions") and "cluster" not in api(server, "/api/status")
+
+
+def test_status_prints_the_node_s_cluster_view(viewed):
+    from chuantou_server.cli import fetch_status
+    n2 = viewed["n2"]
+    wait_until(lambda: loads_seen_by(n2).keys() == {"n1", "n2", "n3"}, timeout=TTL * 3)
+    wait_until(lambda: any(r["clients"] == 1 for r in n2.cluster.table.rows() if r["id"] == "n1"), timeout=TTL * 3)
+    status = fetch_status({"host": "127.0.0.1", "port": n2.port}, ADMIN)  # what status asks the running relay
+    lines = status_lines(status["cluster"])
+    assert lines[0].startswith("  cluster:    node n2 (ws://127.0.0.1:") and "policy b, store reachable" in lines[0]
+    rows = {line.split()[1 if line.split()[0] == "*" else 0]: line for line in lines[1:]}
+    assert sorted(rows) == ["n1", "n2", "n3"]
+    assert rows["n2"].lstrip().startswith("* n2"), "this node is marked"
+    assert "live" in rows["n1"] and "clients      1" in rows["n1"] and "sessions      0" in rows["n1"]
+
+
+def test_a_node_record_no_node_wrote_is_shown_escaped_and_never_chosen(viewed, redis_server):
+    store = redis_server.client()
+    try:
+        store.set("chuantou:node:evil", json.dumps({"id": "<img src=x onerror=alert(1)>\x1b[2J", "sessions": "0",
+                                                    "advertise": "ws://evil\x07:1"}), px=60000)
+        store.set("chuantou:node:junk", "not json at all", px=60000)
+        store.set("chuantou:client:Z", "{broken", px=60000)
+        n1 = viewed["n1"]
+        view = api(n1, "/api/cluster")
+        (evil,) = [row for row in view["nodes"] if row["id"].startswith("<img")]
+        assert "\x1b" not in evil["id"] and "\\x1b[2J" in evil["id"] and "\x07" not in evil["advertise"]
+        assert evil["sessions"] == 0 and not evil["complete"]
+        assert "Z" not in {c["id"] for c in view["clients"]}
+        assert not any("\x1b" in line for line in status_lines(n1.status()["cluster"]))
+        table = NodeTable("x")  # among records as Redis holds them: a busy complete one and the evil one
+        table.update([json.loads(store.get("chuantou:node:evil")),
+                      {"id": "x", "advertise": "ws://x:1", "clients": 1, "sessions": 3, "bytesPerSecond": 0}])
+        assert table.choose("least-loaded", own_sessions=3) == "x", "an incomplete record is never chosen"
+        assert "chuantou_relay_cluster_nodes" in {name for name, _ in scrape(n1)}
+    finally:
+        store.close()
+
+
+def test_data_node_option_and_config_key(tmp_path):
+    from chuantou_server.app import config_problems, make_server
+    from chuantou_server.cli import build_parser, make_app
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"cluster": "redis://127.0.0.1:6399/0", "dataNode": "least-loaded"}))
+    assert config_problems(path) == []
+    assert make_server(make_app(build_parser().parse_args(["--config", str(path)])).settings).config.data_node \
+        == "least-loaded"
+    args = build_parser().parse_args(["--config", str(path), "--data-node", "b"])
+    assert make_server(make_app(args).settings).config.data_node == "b", "the command line wins"
+    path.write_text(json.dumps({"dataNode": "random"}))
+    (problem,) = config_problems(path)
+    assert "dataNode" in problem and "least-loaded" in problem
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--data-node", "random"])
