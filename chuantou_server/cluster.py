@@ -102,6 +102,8 @@ class Cluster(DataSide):
         self._offers: dict[str, tuple[str, str, float]] = {}
         self.table = NodeTable(node_id)  # the node table as last read, for the policy and the views
         self.policy = server.config.data_node
+        self._opened_elsewhere: dict[tuple[str, str], int] = {}  # (client, protocol) -> sessions on other nodes
+        server.caps.opened_elsewhere = self.opened_elsewhere
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -146,9 +148,24 @@ class Cluster(DataSide):
             return
         self._mark(True)
         self._forget_dead_data_nodes(self.table.live_ids())
+        self._share_opened()
         for client_id, holder in held_elsewhere:  # both registered while the store was down
             log.warning("client %s is also registered on node %s (registered during a store outage); "
                         "it stays on both until one goes offline", client_id, holder.get("node"))
+
+    def _share_opened(self) -> None:
+        """The per-client session caps hold cluster-wide: publish what our clients opened here,
+        read what they opened on the others (as of their last refresh, TTL/3 at most)."""
+        others = sorted(self.table.live_ids() - {self.node_id})
+        try:
+            self._opened_elsewhere = self.store.share_opened(self.server.sessions.opened_counts(), others)
+        except StoreUnreachable as exc:
+            self._mark(False, str(exc))
+            self._opened_elsewhere = {}  # each node's own caps still hold
+
+    def opened_elsewhere(self, client_id: str, protocol: str) -> int:
+        """Sessions ``client_id`` opened that other nodes pump (for SessionCaps)."""
+        return self._opened_elsewhere.get((client_id, protocol), 0)
 
     def _forget_dead_data_nodes(self, live: set[str]) -> None:
         """Sessions of ours pumped on a node that died end with it: drop what we kept for them."""

@@ -6,6 +6,7 @@ node's keys vanish by themselves):
 
 - ``node:<node id>``   JSON {id, advertise, clients, sessions, updatedAt}
 - ``client:<client id>`` JSON {node, credential (token fingerprint or null), lastSeen}
+- ``opened:<node id>`` hash {"<protocol>:<client id>": sessions that client opened, pumped on that node}
 - channel ``bus:<node id>``: JSON messages for that node (see cluster.py for their types)
 
 This module knows Redis and nothing of the relay; every call raises ``StoreUnreachable`` when
@@ -171,6 +172,27 @@ class ClusterStore:
         return [(cid, json.loads(held)) for (cid, _), held in zip(clients, replies[1:]) if held]
 
     @_guard
+    def share_opened(self, own: dict[tuple[str, str], int], others: list[str]) -> dict[tuple[str, str], int]:
+        """Write the sessions each client opened on this node and sum those on ``others``, in one
+        round trip: {(client, protocol): sessions on the other nodes} (cluster-wide caps)."""
+        key = f"{PREFIX}opened:{self.node_id}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(key)
+        if own:
+            pipe.hset(key, mapping={f"{protocol}:{client}": count for (client, protocol), count in own.items()})
+            pipe.pexpire(key, self.ttl_ms)
+        for node_id in others:
+            pipe.hgetall(f"{PREFIX}opened:{node_id}")
+        replies = pipe.execute()[-len(others):] if others else []
+        total: dict[tuple[str, str], int] = {}
+        for fields in replies:
+            for field, count in (fields or {}).items():
+                protocol, _, client = str(field).partition(":")
+                if client and str(count).isdigit():
+                    total[client, protocol] = total.get((client, protocol), 0) + int(count)
+        return total
+
+    @_guard
     def node(self, node_id: str) -> dict | None:
         raw = self.redis.get(self.node_key(node_id))
         return json.loads(raw) if raw else None
@@ -183,7 +205,7 @@ class ClusterStore:
     @_guard
     def forget_node(self) -> None:
         """A node stopping cleanly removes its record at once (a killed one's expires)."""
-        self.redis.delete(self.node_key(self.node_id))
+        self.redis.delete(self.node_key(self.node_id), f"{PREFIX}opened:{self.node_id}")
 
     # --- bus -----------------------------------------------------------------------------------
 

@@ -166,6 +166,11 @@ class SessionTable:
         with self._lock:
             return self._targeted[client_id]
 
+    def opened_counts(self) -> dict[tuple[str, str], int]:
+        """{(client A, protocol): open sessions it asked for}, for every client with one."""
+        with self._lock:
+            return {key: count for key, count in self._opened_by.items() if count > 0}
+
     def opened_by(self, client_id: str, protocol: str) -> int:
         """How many open sessions of ``protocol`` ``client_id`` asked for (as gateway A)."""
         with self._lock:

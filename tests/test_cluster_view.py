@@ -233,3 +233,34 @@ def test_data_node_option_and_config_key(tmp_path):
     assert "dataNode" in problem and "least-loaded" in problem
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--data-node", "random"])
+
+
+# --- caps cluster-wide ------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_the_per_client_session_cap_holds_across_two_nodes(redis_server, make_server, make_client, tcp_echo):
+    """A (on n1) may open 2 sessions: one pumped on n1 and one on n2 use them up, so a third on
+    n1 is refused, though n1 alone holds only one of A's sessions."""
+    from common import protocol as p
+    from common.errors import RequestError
+    n1, n2 = (make_server(cluster_url=redis_server.url, node_id=name, cluster_ttl=TTL, max_sessions_per_client=2)
+              for name in ("n1", "n2"))
+    a = make_client(n1, "A")
+    make_client(n1, "B1")
+    make_client(n2, "B2")
+    store = redis_server.client()
+    wait_until(lambda: [on_node(store, c) for c in ("A", "B1", "B2")] == ["n1", "n1", "n2"])
+
+    def request(to: str):
+        return a.control.request(p.ConnectRequest(toClientId=to, remotePort=tcp_echo.port, protocol="tcp"),
+                                 timeout=10)
+    request("B1")
+    request("B2")
+    assert (len(n1.sessions), len(n2.sessions)) == (1, 1)
+    wait_until(lambda: n1.cluster.opened_elsewhere("A", "tcp") == 1, timeout=TTL * 3,
+               message="n1 counts A's session on n2")
+    assert store.hgetall("chuantou:opened:n2") == {"tcp:A": "1"}
+    store.close()
+    with pytest.raises(RequestError, match="already has 2 open TCP sessions \\(across the relay's cluster\\)"):
+        request("B1")
+    assert len(n1.sessions) == 1
