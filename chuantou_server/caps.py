@@ -119,7 +119,7 @@ class SessionCaps:
             return Refusal("pending", f"this client already has {self.pending_per_client} sessions waiting to be "
                                       f"joined, the relay's limit per client; wait for them to connect or time out "
                                       f"(maxPendingSessionsPerClient)")
-        if sessions.targeting(client_b) >= self.per_target:
+        if sessions.targeting(client_b) + self.opened_elsewhere(client_b, "to") >= self.per_target:
             return Refusal("per_target", f"client '{client_b}' already has {self.per_target} open sessions, the "
                                          f"relay's limit per target; try again later (maxSessionsPerTarget)")
         if len(sessions) >= self.max_sessions:

@@ -6,7 +6,8 @@ node's keys vanish by themselves):
 
 - ``node:<node id>``   JSON {id, advertise, clients, sessions, updatedAt}
 - ``client:<client id>`` JSON {node, credential (token fingerprint or null), lastSeen}
-- ``opened:<node id>`` hash {"<protocol>:<client id>": sessions that client opened, pumped on that node}
+- ``opened:<node id>`` hash {"<protocol>:<client id>": sessions that client opened, pumped on that node;
+  "to:<client id>": sessions leading to that client}
 - channel ``bus:<node id>``: JSON messages for that node (see cluster.py for their types)
 
 This module knows Redis and nothing of the relay; every call raises ``StoreUnreachable`` when

@@ -259,8 +259,32 @@ def test_the_per_client_session_cap_holds_across_two_nodes(redis_server, make_se
     assert (len(n1.sessions), len(n2.sessions)) == (1, 1)
     wait_until(lambda: n1.cluster.opened_elsewhere("A", "tcp") == 1, timeout=TTL * 3,
                message="n1 counts A's session on n2")
-    assert store.hgetall("chuantou:opened:n2") == {"tcp:A": "1"}
+    assert store.hgetall("chuantou:opened:n2") == {"tcp:A": "1", "to:B2": "1"}
     store.close()
     with pytest.raises(RequestError, match="already has 2 open TCP sessions \\(across the relay's cluster\\)"):
         request("B1")
     assert len(n1.sessions) == 1
+
+
+@pytest.mark.timeout(60)
+def test_the_per_target_session_cap_holds_across_two_nodes(redis_server, make_server, make_client, tcp_echo):
+    """B (on n2) may be the target of 1 session: one pumped on n2 uses it up, so a request from A
+    on n1 pumped on n1 (least-loaded: n1 has fewer sessions) is refused."""
+    from common import protocol as p
+    from common.errors import RequestError
+    n1, n2 = (make_server(cluster_url=redis_server.url, node_id=name, cluster_ttl=TTL, max_sessions_per_target=1,
+                          data_node="least-loaded") for name in ("n1", "n2"))
+    a = make_client(n1, "A")
+    c = make_client(n2, "C")
+    make_client(n2, "B")
+    store = redis_server.client()
+    wait_until(lambda: [on_node(store, x) for x in ("A", "B", "C")] == ["n1", "n2", "n2"])
+    store.close()
+    c.control.request(p.ConnectRequest(toClientId="B", remotePort=tcp_echo.port, protocol="tcp"), timeout=10)
+    wait_until(lambda: n1.cluster.opened_elsewhere("B", "to") == 1 and loads_seen_by(n2).get("n2", 1) == 1,
+               timeout=TTL * 3, message="n1 counts the session to B on n2")
+    with pytest.raises(RequestError, match="'B' already has 1 open sessions"):
+        a.control.request(p.ConnectRequest(toClientId="B", remotePort=tcp_echo.port, protocol="tcp"), timeout=10)
+    assert (len(n1.sessions), len(n2.sessions)) == (0, 1)
+    assert scrape(n1)["chuantou_relay_sessions_refused_total", (("protocol", "tcp"), ("reason", "per_target"))] == 1, \
+        "refused by n1, the data node, counting n2's session"
