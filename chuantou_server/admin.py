@@ -12,6 +12,7 @@ Routes::
     GET  /api/clients                    online clients with their sessions and bytes
     GET  /api/sessions                   sessions with bytes and rates each way, and their path
     GET  /api/traffic                    throughput, one sample a second for five minutes
+    GET  /api/cluster                    a cluster node: the nodes with load and state, each client's node
     POST /api/clients/<id>/disconnect    take a client offline (it will reconnect on its own)
     POST /api/sessions/<id>/close        close a session (full id or a unique prefix)
 
@@ -292,6 +293,7 @@ def status(server: Server) -> Response:
 def clients(server: Server) -> Response:
     sessions = server.sessions.all()
     out = []
+    node = server.cluster.node_id if server.cluster is not None else None
     for conn in server.registry.connections():
         cid = conn.client_id
         mine = [s for s in sessions if s.involves(cid)]
@@ -317,6 +319,8 @@ def clients(server: Server) -> Response:
             "directBytesSent": direct_sent,  # as this client reports it (unchecked)
             "directBytesReceived": direct_received,
         })
+        if node is not None:  # a cluster node: where this client is
+            out[-1]["node"] = node
     out.sort(key=lambda c: c["id"])
     return pages.json_response(200, {"clients": out})
 
@@ -327,6 +331,7 @@ UNSEALED_LABEL = "not sealed"
 
 def sessions(server: Server) -> Response:
     out = []
+    cluster = server.cluster
     for s in sorted(server.sessions.all(), key=lambda s: s.created_at):
         rate_ab, rate_ba = server.traffic.session_rate(s.id)
         direct_ab, direct_ba = direct_claims.direct_bytes(s)
@@ -351,6 +356,8 @@ def sessions(server: Server) -> Response:
             "directAToB": direct_ab,
             "directBToA": direct_ba,
         })
+        if cluster is not None:  # where it is pumped, and where A and B are
+            out[-1].update(cluster.placement(s))
     return pages.json_response(200, {"sessions": out})
 
 
@@ -360,6 +367,12 @@ def traffic(server: Server) -> Response:
         "totalBytes": server.traffic.total_bytes()[0],
         "samples": server.traffic.history.history(),  # [unix time, bytes/s]
     })
+
+
+def cluster(server: Server) -> Response:
+    if server.cluster is None:
+        return pages.error(404, "this relay is not a node of a cluster (start it with --cluster redis://HOST:6379/0)")
+    return pages.json_response(200, server.cluster.api_view())
 
 
 def disconnect_client(server: Server, client_id: str) -> Response:
@@ -386,6 +399,7 @@ ROUTES = [  # views take the relay, then the path's groups
     pages.Route("GET", r"/api/clients", clients),
     pages.Route("GET", r"/api/sessions", sessions),
     pages.Route("GET", r"/api/traffic", traffic),
+    pages.Route("GET", r"/api/cluster", cluster),
     pages.Route("POST", r"/api/clients/([^/]+)/disconnect", disconnect_client),
     pages.Route("POST", r"/api/sessions/([0-9a-fA-F]+)/close", close_session),
 ]

@@ -24,6 +24,7 @@ from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
 from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .server import Server
+from .settings import DATA_NODE_POLICIES
 from .startopts import running_options
 
 log = logging.getLogger("chuantou.server")
@@ -106,6 +107,7 @@ CONFIG_KEYS = {
     "clusterTtl": config.Key((int, float), "a number of seconds > 0", 8.0, config.is_positive),
     # redirect a registering client when this node has this many more clients than the least loaded one
     "redirectMargin": config.Key(int, "a whole number of clients >= 0 (0: never redirect)", 0, lambda v: v >= 0),
+    "dataNode": config.Key(str, "\"b\" (B's node) or \"least-loaded\"", "b", lambda v: v in DATA_NODE_POLICIES),
     # bandwidth limits the relay enforces (issue 16 item 3): each client's sending and receiving over all
     # its sessions, and every byte relayed; "10MiB/s" is accepted as well as a plain number
     "bandwidthPerClient": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
@@ -129,7 +131,7 @@ def resolve_settings(path: Path, overrides: dict, config_given: bool = False) ->
             raise config.ConfigError(auth.token_problem(given, flag))
     settings = config.load(path, CONFIG_KEYS)
     for key in ("host", "port", "heartbeatTimeout", "logLevel", "token", "tlsCert", "tlsKey", "metricsToken",
-                "cluster", "nodeId", "advertise", "redirectMargin", "probePort"):
+                "cluster", "nodeId", "advertise", "redirectMargin", "dataNode", "probePort"):
         if overrides.get(key) is not None:
             settings[key] = overrides[key]
     if settings["probePort"] is not None and not config.is_port(settings["probePort"]):
@@ -233,6 +235,7 @@ def make_server(settings: dict) -> Server:
         metrics_loopback_open=settings["metricsLoopbackOpen"],
         cluster_url=settings["cluster"], node_id=settings["nodeId"], advertise=settings["advertise"],
         cluster_ttl=settings["clusterTtl"], cluster_redirect_margin=settings["redirectMargin"],
+        data_node=settings["dataNode"],
         bandwidth_per_client=parse_bandwidth(settings["bandwidthPerClient"]),
         bandwidth_total=parse_bandwidth(settings["bandwidthTotal"]),
     )

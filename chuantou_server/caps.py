@@ -14,7 +14,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from common.limits import LimitLog
 
@@ -88,6 +88,8 @@ class SessionCaps:
 
     def __post_init__(self):
         self.descriptors = DescriptorBudget(self.descriptor_reserve)
+        # sessions a client opened that other relays of its cluster pump (cluster.py sets it)
+        self.opened_elsewhere: Callable[[str, str], int] = lambda client_id, protocol: 0
 
     def out_of_descriptors(self) -> bool:
         """True when no TCP session would be admitted for lack of descriptors (the health check)."""
@@ -107,15 +109,17 @@ class SessionCaps:
     def _problem(self, sessions, client_a: str, client_b: str, protocol: str) -> Refusal | None:
         limit = self.per_client if protocol == "tcp" else self.udp_per_client
         key = "maxSessionsPerClient" if protocol == "tcp" else "maxUdpFlowsPerClient"
-        if sessions.opened_by(client_a, protocol) >= limit:
-            return Refusal("per_client", f"this client already has {limit} open {protocol.upper()} sessions, "
+        elsewhere = self.opened_elsewhere(client_a, protocol)
+        if sessions.opened_by(client_a, protocol) + elsewhere >= limit:
+            where = " (across the relay's cluster)" if elsewhere else ""
+            return Refusal("per_client", f"this client already has {limit} open {protocol.upper()} sessions{where}, "
                                          f"the relay's limit per client; close some connections or raise the "
                                          f"limit ({key})")
         if sessions.unjoined_by(client_a) >= self.pending_per_client:
             return Refusal("pending", f"this client already has {self.pending_per_client} sessions waiting to be "
                                       f"joined, the relay's limit per client; wait for them to connect or time out "
                                       f"(maxPendingSessionsPerClient)")
-        if sessions.targeting(client_b) >= self.per_target:
+        if sessions.targeting(client_b) + self.opened_elsewhere(client_b, "to") >= self.per_target:
             return Refusal("per_target", f"client '{client_b}' already has {self.per_target} open sessions, the "
                                          f"relay's limit per target; try again later (maxSessionsPerTarget)")
         if len(sessions) >= self.max_sessions:

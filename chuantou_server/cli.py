@@ -18,6 +18,8 @@ from common.startcheck import config_restored_on_failure
 
 from .app import ServerApp, config_problems, default_config_path, load_file_settings, local_url
 from .app import local_address  # noqa: F401 (part of this module's API: tests and status use it)
+from .cluster_view import status_lines
+from .settings import DATA_NODE_POLICIES
 from .startopts import RUN_OPTION_DEFAULTS, given_options
 
 MODULE = "chuantou_server"
@@ -37,7 +39,7 @@ PROGRAM = Program(
     describe_running=lambda pid, worker: f"chuantou server is already running (pid {pid}, port {worker.get('port')})",
     given_options=given_options, option_defaults=RUN_OPTION_DEFAULTS,
     worker_options=("host", "port", "heartbeat_timeout", "config", "log_level", "tls_cert", "tls_key",
-                    "cluster", "node_id", "advertise", "redirect_margin"),
+                    "cluster", "node_id", "advertise", "redirect_margin", "data_node"),
     path_options=frozenset({"config", "tls_cert", "tls_key"}), worker_flags=("no_auth", "tls_only"),
 )
 files = PROGRAM.files
@@ -78,6 +80,9 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
     parser.add_argument("--redirect-margin", type=int, default=default, metavar="N", help="with --cluster: "
                         "answer a registering client with a redirect to the least loaded live node when this "
                         "node has at least N more clients than it (default 0: never redirect)")
+    parser.add_argument("--data-node", choices=DATA_NODE_POLICIES, default=default,
+                        help="where a session between clients on two nodes is pumped: b (B's node, the default) "
+                             "or least-loaded (the live node with the fewest sessions)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +136,8 @@ def make_app(args, path: Path | None = None) -> ServerApp:
                  "tlsKey": get("tls_key"), "noAuth": get("no_auth"), "tlsOnly": get("tls_only"),
                  "metricsToken": get("metrics_token"),
                  "cluster": get("cluster"), "nodeId": get("node_id"), "advertise": get("advertise"),
-                 "redirectMargin": get("redirect_margin"), "probePort": get("probe_port")}
+                 "redirectMargin": get("redirect_margin"), "dataNode": get("data_node"),
+                 "probePort": get("probe_port")}
     return ServerApp(path or config_path(args), overrides, config_given=path is None and get("config") is not None)
 
 
@@ -213,6 +219,8 @@ def cmd_status(args) -> int:
     else:
         print("  supervisor: none (running in the foreground)")
     print(f"  log:        {svc.log_file}")
+    if isinstance(status.get("cluster"), dict):  # a node of a cluster: its view of the others
+        print("\n".join(status_lines(status["cluster"])))
     return 0
 
 

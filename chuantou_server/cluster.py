@@ -7,18 +7,21 @@ A session between A (on the origin node) and B (on another) is set up like this:
 1. A's ``connect_request`` finds B missing locally.
 2. The origin node remembers a ticket and, in one Redis round trip (a script), finds B's node N
    in the registry and publishes ``connect`` to N's channel.
-3. N (the **data node**: B's node) checks its caps, creates the session in its own table,
-   publishes ``created`` back (relayAddr: N's advertised address, and A's secret) and sends B
-   the offer (relayAddr: N); or publishes ``refused``.
+3. N asks its data-node policy (``--data-node``) where the session is pumped: N itself (``b``,
+   the default) or the least-loaded live node D (cluster_data.py has that path). The **data
+   node** checks its caps, creates the session in its own table, publishes ``created`` back
+   (relayAddr: its advertised address, and A's secret) and sends B the offer (relayAddr: the
+   data node; through N when D is not N); or publishes ``refused``.
 4. The origin node sends A ``create_session`` (or the error). Both clients open their data
-   channels to N, where the pump is a local pair of sockets, as on one relay.
-5. When N closes the session it publishes ``closed`` to the origin node for A; when A ends one
-   (``session_closed``, UDP) the origin node publishes ``end`` to N.
+   channels to the data node, where the pump is a local pair of sockets, as on one relay.
+5. When the data node closes the session it publishes ``closed`` to each party's node; when a
+   party ends one (``session_closed``, UDP; B's ``reject_session``) its node publishes ``end``.
 
 Messages between nodes (JSON objects on ``bus:<node>``), by ``type``:
 ``connect`` {ticket, origin, fromClientId, toClientId, remotePort, remoteHost, protocol, localPort},
 ``created`` {ticket, node, sessionId, secret, host, port, remotePort, protocol}, ``refused`` {ticket, code, message},
-``closed`` {sessionId, clientId, reason}, ``end`` {sessionId, clientId, reason}.
+``closed`` {sessionId, clientId, reason}, ``end`` {sessionId, clientId, reason},
+``keys`` {to, from, frame}; ``host`` and ``offer``: see cluster_data.py.
 
 When Redis is unreachable the node keeps serving everything that needs only itself (local
 clients, local sessions) and refuses cross-node requests with "cluster store unreachable";
@@ -40,8 +43,10 @@ from urllib.parse import urlsplit
 from common import protocol as p
 
 from . import metrics
+from .cluster_data import DataSide
 from .cluster_redirect import Redirector
 from .cluster_store import ClusterStore, StoreUnreachable
+from .cluster_view import NodeTable, clients_view
 
 if TYPE_CHECKING:
     from .server import Server
@@ -77,7 +82,7 @@ def parse_advertise(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80)
 
 
-class Cluster:
+class Cluster(DataSide):
     def __init__(self, server: Server, url: str, node_id: str, advertise: str | None, ttl: float = DEFAULT_TTL):
         self.server = server
         self.node_id = node_id
@@ -91,7 +96,14 @@ class Cluster:
         self._ticket_ids = itertools.count(1)
         # origin side, UDP sessions only (A ends those with session_closed): session -> (data node, A)
         self._outbound: dict[str, tuple[str, str | None]] = {}
-        self._inbound: dict[str, tuple[str, str]] = {}  # data side: session -> (origin node, remote client A)
+        # data side: session -> {party on another node: its node} (A on the origin; B when B's node chose us)
+        self._inbound: dict[str, dict[str, str]] = {}
+        # B's side, pumped elsewhere: session -> (data node, B, deadline), until B's data channel is due
+        self._offers: dict[str, tuple[str, str, float]] = {}
+        self.table = NodeTable(node_id)  # the node table as last read, for the policy and the views
+        self.policy = server.config.data_node
+        self._opened_elsewhere: dict[tuple[str, str], int] = {}  # (client, protocol) -> sessions on other nodes
+        server.caps.opened_elsewhere = self.opened_elsewhere
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -125,31 +137,43 @@ class Cluster:
     def refresh_once(self) -> None:
         server = self.server
         node = {"id": self.node_id, "advertise": self.advertise, "clients": len(server.registry),
-                "sessions": len(server.sessions), "updatedAt": time.time()}
+                "sessions": len(server.sessions), "bytesPerSecond": server.traffic.history.current()[0],
+                "updatedAt": time.time()}
         clients = [(conn.client_id, conn.credential) for conn in server.registry.connections() if conn.client_id]
         try:
             held_elsewhere = self.store.refresh(node, clients)
+            self.table.update(self.store.nodes())
         except StoreUnreachable as exc:
             self._mark(False, str(exc))
             return
         self._mark(True)
-        self._forget_dead_data_nodes()
+        self._forget_dead_data_nodes(self.table.live_ids())
+        self._share_opened()
         for client_id, holder in held_elsewhere:  # both registered while the store was down
             log.warning("client %s is also registered on node %s (registered during a store outage); "
                         "it stays on both until one goes offline", client_id, holder.get("node"))
 
-    def _forget_dead_data_nodes(self) -> None:
-        """UDP sessions of ours pumped on a node that died end with it: drop what we kept for them."""
-        with self._lock:
-            if not self._outbound:
-                return
+    def _share_opened(self) -> None:
+        """The per-client session caps hold cluster-wide: publish what our clients opened here,
+        read what they opened on the others (as of their last refresh, TTL/3 at most)."""
+        others = sorted(self.table.live_ids() - {self.node_id})
         try:
-            live = {node.get("id") for node in self.store.nodes()}
-        except StoreUnreachable:
-            return
+            self._opened_elsewhere = self.store.share_opened(self.server.sessions.opened_counts(), others)
+        except StoreUnreachable as exc:
+            self._mark(False, str(exc))
+            self._opened_elsewhere = {}  # each node's own caps still hold
+
+    def opened_elsewhere(self, client_id: str, protocol: str) -> int:
+        """Sessions ``client_id`` opened that other nodes pump (for SessionCaps)."""
+        return self._opened_elsewhere.get((client_id, protocol), 0)
+
+    def _forget_dead_data_nodes(self, live: set[str]) -> None:
+        """Sessions of ours pumped on a node that died end with it: drop what we kept for them."""
         with self._lock:
             for session_id in [sid for sid, (node, _) in self._outbound.items() if node not in live]:
                 del self._outbound[session_id]
+            for session_id in [sid for sid, (node, _, _) in self._offers.items() if node not in live]:
+                del self._offers[session_id]
 
     def _mark(self, reachable: bool, why: str = "") -> None:
         if reachable and not self.reachable:
@@ -160,12 +184,27 @@ class Cluster:
 
     def status(self) -> dict:
         """This node's view of the cluster, for status and the admin API."""
-        view: dict = {"node": self.node_id, "advertise": self.advertise, "store": "reachable", "nodes": []}
+        view: dict = {"node": self.node_id, "advertise": self.advertise, "dataNode": self.policy,
+                      "store": "reachable", "nodes": []}
         try:
-            view["nodes"] = self.store.nodes()
+            view["nodes"] = self.table.update(self.store.nodes())  # live ones, for the metrics
         except StoreUnreachable:
             view["store"] = UNREACHABLE
+        view["table"] = self.table.rows()  # with the expired ones
         return view
+
+    def api_view(self) -> dict:
+        """GET /api/cluster: the node table with each node's load and state, and each client's node."""
+        view = self.status()
+        return {**{k: view[k] for k in ("node", "advertise", "dataNode", "store")}, "nodes": view["table"],
+                **clients_view(self.store, self.node_id)}
+
+    def placement(self, session) -> dict:
+        """Where a session pumped here is pumped (this node) and where its two parties are."""
+        with self._lock:
+            remote = self._inbound.get(session.id, {})
+            return {"dataNode": self.node_id, "aNode": remote.get(session.client_a, self.node_id),
+                    "bNode": remote.get(session.client_b, self.node_id)}
 
     # --- identity, cluster-wide ----------------------------------------------------------------
 
@@ -244,7 +283,8 @@ class Cluster:
             return  # timed out already: the data node's session expires unjoined
         conn, session_id = waiting.conn, message["sessionId"]
         data_node = message["node"]  # (the answer can arrive before publish_to_holder returned)
-        if message["protocol"] == "udp":  # a TCP session ends by its sockets, on the data node
+        local = data_node == self.node_id  # A's node chosen as the data node: the session is in our table
+        if message["protocol"] == "udp" and not local:  # a TCP session ends by its sockets, on the data node
             with self._lock:
                 self._outbound[session_id] = (data_node, conn.client_id)
         told = conn.send(p.CreateSession(
@@ -252,7 +292,10 @@ class Cluster:
             service=p.Service(port=message["remotePort"], protocol=message["protocol"]),
             relayAddr=p.RelayAddr(host=message["host"], port=message["port"], protocol=message["protocol"]),
             requestId=waiting.request_id, peerPublicKey=message.get("publicKey")))
-        if not told:
+        session = self.server.sessions.get(session_id) if local else None
+        if not told and session is not None:
+            self.server.close_session(session, "requesting client went offline")
+        elif not told and not local:
             self._end_remote(session_id, conn.client_id, "requesting client went offline", data_node)
 
     def _on_refused(self, message: dict) -> None:
@@ -267,6 +310,7 @@ class Cluster:
         session_id = message["sessionId"]
         with self._lock:
             self._outbound.pop(session_id, None)
+            self._offers.pop(session_id, None)
         conn = self.server.registry.get(message["clientId"])
         if conn is not None:
             conn.send(p.SessionClosed(sessionId=session_id, reason=message["reason"]))
@@ -278,21 +322,9 @@ class Cluster:
         if entry is not None and entry[1] == conn.client_id:
             self._end_remote(msg.sessionId, conn.client_id, msg.reason)
 
-    def _end_remote(self, session_id: str, client_id: str | None, reason: str,
-                    data_node: str | None = None) -> None:
-        with self._lock:
-            entry = self._outbound.pop(session_id, None)
-        data_node = entry[0] if entry is not None else data_node
-        if data_node is None:
-            return
-        try:
-            self.store.publish(data_node, {"type": "end", "sessionId": session_id, "clientId": client_id,
-                                           "reason": reason})
-        except StoreUnreachable:
-            pass  # the data node closes it by its own deadlines
-
     def _expire_tickets(self) -> None:
         now = time.monotonic()
+        self._expire_offers(now)
         with self._lock:
             late = [t for t, w in self._tickets.items() if w.deadline <= now]
             expired = [self._tickets.pop(t) for t in late]
@@ -303,132 +335,20 @@ class Cluster:
                                               f"{REQUEST_TIMEOUT:g} s", code="timeout",
                                       requestId=waiting.request_id))
 
-    # --- data side: B is ours, A is elsewhere ---------------------------------------------------
+    def _address(self) -> tuple[str, int]:
+        return parse_advertise(self.advertise)
 
-    def _on_connect(self, message: dict) -> None:
-        server, origin, ticket = self.server, message["origin"], message["ticket"]
-        from_client, to_client, protocol = message["fromClientId"], message["toClientId"], message["protocol"]
-
-        def answer(reply: dict) -> None:
-            try:
-                self.store.publish(origin, {"ticket": ticket, **reply})
-            except StoreUnreachable:
-                pass  # the origin's ticket times out
-
-        target = server.registry.get(to_client)
-        if target is None:
-            server.metrics.session_refused(protocol, metrics.TARGET_OFFLINE)
-            return answer({"type": "refused", "code": "client_offline",
-                           "message": f"client '{to_client}' is not online"})
-        refused = server.caps.refusal(server.sessions, from_client, to_client, protocol)
-        if refused is not None:
-            server.metrics.session_refused(protocol, refused.limit)
-            return answer({"type": "refused", "code": "limit", "message": refused.message})
-        session = server.sessions.create(from_client, to_client, message["remotePort"], protocol)
-        session.sealed = message.get("publicKey") is not None and target.public_key is not None
-        with self._lock:
-            self._inbound[session.id] = (origin, from_client)
-        # A's answer first, so A and B start at once; should B be gone, "closed" follows it on
-        # the same channel, in order.
-        host, port = parse_advertise(self.advertise)
-        answer({"type": "created", "node": self.node_id, "sessionId": session.id, "secret": session.secret_a, "host": host,
-                "port": port, "remotePort": message["remotePort"], "protocol": protocol,
-                "publicKey": target.public_key})
-        told = target.send(p.ConnectOffer(
-            toClientId=to_client, remotePort=message["remotePort"], remoteHost=message.get("remoteHost"),
-            protocol=protocol, localPort=message.get("localPort"), fromClientId=from_client,
-            sessionId=session.id, secret=session.secret_b, relayAddr=server.relay_addr(target, protocol),
-            peerPublicKey=message.get("publicKey")))
-        if not told:
-            server.close_session(session, f"client '{to_client}' went offline")
-        else:
-            server.metrics.session_opened(protocol)
-
-    # --- sealed UDP: each side's signed key half reaches the other across nodes -----------------
-
-    def forward_keys(self, conn: ControlConnection, msg: p.SessionKeys) -> bool:
-        """A's half, for a session pumped on another node: to that node (True), if it is A's."""
-        with self._lock:
-            entry = self._outbound.get(msg.sessionId)
-        if entry is None or entry[1] != conn.client_id:
-            return False
-        self._publish_keys(entry[0], msg, to=None)
-        return True
-
-    def keys_to_origin(self, session_id: str, msg: p.SessionKeys) -> bool:
-        """B's half, for a session whose A is on another node: to A's node (True), if so."""
-        with self._lock:
-            entry = self._inbound.get(session_id)
-        if entry is None:
-            return False
-        self._publish_keys(entry[0], msg, to=entry[1])
-        return True
-
-    def _publish_keys(self, node: str, msg: p.SessionKeys, to: str | None) -> None:
-        try:
-            self.store.publish(node, {"type": "keys", "to": to, "frame": p.encode(msg)})
-        except StoreUnreachable as exc:
-            self._mark(False, str(exc))  # the flow times out waiting for the keys, with that reason
-
-    def _on_keys(self, message: dict) -> None:
-        msg = p.decode(message["frame"], sender="client")
-        if not isinstance(msg, p.SessionKeys):
-            return
-        to = message.get("to")
-        if to is None:  # A's half, here on the data node: for the session's B
-            session = self.server.sessions.get(msg.sessionId)
-            to = session.client_b if session is not None else None
-        elif self._outbound.get(msg.sessionId, (None, None))[1] != to:
-            return  # not a session of ours for that client
-        conn = self.server.registry.get(to) if to else None
-        if conn is not None:
-            conn.send(msg)
-
-    def _on_end(self, message: dict) -> None:
-        """The origin's client ended a session pumped here."""
-        session = self.server.sessions.get(message["sessionId"])
-        with self._lock:
-            entry = self._inbound.get(message["sessionId"])
-        if session is None or entry is None or entry[1] != message["clientId"]:
-            return
-        self.server.close_session(session, message["reason"], notify=False)
-        peer = self.server.registry.get(session.client_b)
-        if peer is not None:
-            said = "ended" if p.is_normal_end(message["reason"]) else "closed"
-            peer.send(p.SessionClosed(sessionId=session.id,
-                                      reason=f"{said} by '{message['clientId']}': {message['reason']}"))
-
-    def session_closed(self, session_id: str, reason: str, notify: bool) -> None:
-        """Hook of Server.close_session: forget a session pumped here for a remote A, telling A's
-        node when the relay itself ends it (``notify``), as a local A would be told."""
-        with self._lock:
-            entry = self._inbound.pop(session_id, None)
-        if entry is not None and notify:
-            self._tell_origin(entry, session_id, reason)
-
-    def tell_origin(self, session_id: str, reason: str) -> bool:
-        """B ended a session whose A is on another node: tell A there (before the close, which
-        forgets the origin). False if A is not remote."""
-        with self._lock:
-            entry = self._inbound.pop(session_id, None)
-        if entry is None:
-            return False
-        self._tell_origin(entry, session_id, reason)
-        return True
-
-    def _tell_origin(self, entry: tuple[str, str], session_id: str, reason: str) -> None:
-        try:
-            self.store.publish(entry[0], {"type": "closed", "sessionId": session_id, "clientId": entry[1],
-                                          "reason": reason})
-        except StoreUnreachable:
-            pass  # A's side learns it from its data channel
+    def _origin_handle(self, reply: dict) -> None:
+        """This node is both A's and the data node: its answer needs no bus."""
+        (self._on_created if reply["type"] == "created" else self._on_refused)(reply)
 
     # --- the bus ----------------------------------------------------------------------------------
 
     def _bus_loop(self) -> None:
         stopping, pubsub, backoff = self.server.stopping, None, 0.1
         handlers = {"connect": self._on_connect, "created": self._on_created, "refused": self._on_refused,
-                    "closed": self._on_closed, "end": self._on_end, "keys": self._on_keys}
+                    "closed": self._on_closed, "end": self._on_end, "keys": self._on_keys,
+                    "host": self._on_host, "offer": self._on_offer}
         try:
             while not stopping.is_set():
                 try:
@@ -447,10 +367,10 @@ class Cluster:
                 handler = handlers.get(message.get("type")) if message else None
                 if handler is None:
                     continue
-                if handler == self._on_connect:
+                if handler in (self._on_connect, self._on_host, self._on_offer):
                     # Its offer to B may wait on a client that does not read: never on this thread,
                     # which every other cross-node message goes through.
-                    self.server.threads.spawn(f"cluster-connect-{str(message.get('ticket'))[:24]}",
+                    self.server.threads.spawn(f"cluster-{message['type']}-{str(message.get('ticket') or message.get('sessionId'))[:24]}",
                                               self._handle, handler, message)
                 else:
                     self._handle(handler, message)

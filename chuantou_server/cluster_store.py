@@ -6,6 +6,8 @@ node's keys vanish by themselves):
 
 - ``node:<node id>``   JSON {id, advertise, clients, sessions, updatedAt}
 - ``client:<client id>`` JSON {node, credential (token fingerprint or null), lastSeen}
+- ``opened:<node id>`` hash {"<protocol>:<client id>": sessions that client opened, pumped on that node;
+  "to:<client id>": sessions leading to that client}
 - channel ``bus:<node id>``: JSON messages for that node (see cluster.py for their types)
 
 This module knows Redis and nothing of the relay; every call raises ``StoreUnreachable`` when
@@ -57,6 +59,14 @@ local ok, held = pcall(cjson.decode, cur)
 if not ok or type(held['node']) ~= 'string' or held['node'] == ARGV[1] then return {'', 0} end
 return {held['node'], redis.call('PUBLISH', ARGV[2] .. held['node'], ARGV[3])}
 """
+
+
+def _json_or_none(raw: bytes | str | None) -> dict | None:
+    try:
+        record = json.loads(raw) if raw else None
+    except ValueError:  # not written by a node
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class StoreUnreachable(Exception):
@@ -126,6 +136,28 @@ class ClusterStore:
         start = len(self.client_key(""))
         return sorted(key[start:] for key in self.redis.scan_iter(match=self.client_key("*"), count=1000))
 
+    @_guard
+    def client_nodes(self, limit: int) -> tuple[dict[str, str], bool]:
+        """{client ID: its node} for up to ``limit`` IDs online in the cluster, and whether there
+        were more (a SCAN and an MGET: for the admin view, not for each request)."""
+        start, keys = len(self.client_key("")), list[str]()
+        for key in self.redis.scan_iter(match=self.client_key("*"), count=1000):
+            if len(keys) == limit:
+                return self._nodes_of(keys, start), True
+            keys.append(key)
+        return self._nodes_of(keys, start), False
+
+    def _nodes_of(self, keys: list[str], start: int) -> dict[str, str]:
+        found = {}
+        for key, raw in zip(keys, self.redis.mget(keys) if keys else []):
+            try:
+                node = json.loads(raw).get("node") if raw else None
+            except (ValueError, AttributeError):
+                node = None
+            if isinstance(node, str):
+                found[key[start:]] = node
+        return found
+
     # --- node table --------------------------------------------------------------------------
 
     @_guard
@@ -141,6 +173,27 @@ class ClusterStore:
         return [(cid, json.loads(held)) for (cid, _), held in zip(clients, replies[1:]) if held]
 
     @_guard
+    def share_opened(self, own: dict[tuple[str, str], int], others: list[str]) -> dict[tuple[str, str], int]:
+        """Write the sessions each client opened on this node and sum those on ``others``, in one
+        round trip: {(client, protocol): sessions on the other nodes} (cluster-wide caps)."""
+        key = f"{PREFIX}opened:{self.node_id}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(key)
+        if own:
+            pipe.hset(key, mapping={f"{protocol}:{client}": count for (client, protocol), count in own.items()})
+            pipe.pexpire(key, self.ttl_ms)
+        for node_id in others:
+            pipe.hgetall(f"{PREFIX}opened:{node_id}")
+        replies = pipe.execute()[-len(others):] if others else []
+        total: dict[tuple[str, str], int] = {}
+        for fields in replies:
+            for field, count in (fields or {}).items():
+                protocol, _, client = str(field).partition(":")
+                if client and str(count).isdigit():
+                    total[client, protocol] = total.get((client, protocol), 0) + int(count)
+        return total
+
+    @_guard
     def node(self, node_id: str) -> dict | None:
         raw = self.redis.get(self.node_key(node_id))
         return json.loads(raw) if raw else None
@@ -148,12 +201,12 @@ class ClusterStore:
     @_guard
     def nodes(self) -> list[dict]:
         keys = sorted(self.redis.scan_iter(match=self.node_key("*"), count=1000))
-        return [json.loads(raw) for raw in self.redis.mget(keys) if raw] if keys else []
+        return [record for record in map(_json_or_none, self.redis.mget(keys) if keys else []) if record]
 
     @_guard
     def forget_node(self) -> None:
         """A node stopping cleanly removes its record at once (a killed one's expires)."""
-        self.redis.delete(self.node_key(self.node_id))
+        self.redis.delete(self.node_key(self.node_id), f"{PREFIX}opened:{self.node_id}")
 
     # --- bus -----------------------------------------------------------------------------------
 

@@ -166,6 +166,14 @@ class SessionTable:
         with self._lock:
             return self._targeted[client_id]
 
+    def opened_counts(self) -> dict[tuple[str, str], int]:
+        """{(client A, protocol): open sessions it asked for} and {(client B, "to"): open sessions
+        leading to it}, for every client with one (what a cluster node shares for the caps)."""
+        with self._lock:
+            counts = {key: count for key, count in self._opened_by.items() if count > 0}
+            counts.update({(client, "to"): count for client, count in self._targeted.items() if count > 0})
+            return counts
+
     def opened_by(self, client_id: str, protocol: str) -> int:
         """How many open sessions of ``protocol`` ``client_id`` asked for (as gateway A)."""
         with self._lock:

@@ -22,6 +22,9 @@ from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .udp import EARLY_QUEUE_BYTES, EARLY_QUEUE_TOTAL_BYTES, REGISTRATIONS_PER_SECOND
 
+# where a cross-node session is pumped (cluster.py): B's node, or the live node with the fewest sessions
+DATA_NODE_POLICIES = ("b", "least-loaded")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -89,6 +92,7 @@ class ServerConfig:
     # > 0: answer register with a redirect when this node has that many more clients than the least
     # loaded live node (cluster_redirect.py); 0: never redirect
     cluster_redirect_margin: int = 0
+    data_node: str = "b"  # where a cross-node session is pumped: "b" (B's node) or "least-loaded"
     # bytes/s (0: off): each client's sending and its receiving over all its sessions, and every
     # byte the relay relays (bandwidth.py)
     bandwidth_per_client: int = 0
@@ -119,6 +123,8 @@ class ServerConfig:
                                     "one (any random string of 16 or more characters)")
         if self.cluster_url is not None and not self.cluster_url.startswith(("redis://", "rediss://", "unix://")):
             raise ChuantouError(f"the cluster URL must look like redis://HOST:6379/0, not {self.cluster_url!r}")
+        if self.data_node not in DATA_NODE_POLICIES:
+            raise ChuantouError(f"data_node must be one of {', '.join(DATA_NODE_POLICIES)}, not {self.data_node!r}")
         if self.cluster_ttl <= 0:
             raise ChuantouError("cluster_ttl must be a number of seconds > 0")
         margin = self.cluster_redirect_margin

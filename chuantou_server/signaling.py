@@ -254,11 +254,22 @@ class ControlConnection:
             return None
         return session
 
+    def _offered_elsewhere(self, session_id: str) -> bool:
+        """A session this client was offered that is pumped on another node of the cluster."""
+        cluster = self.server.cluster
+        return (cluster is not None and self.server.sessions.get(session_id) is None
+                and cluster.offered_here(self, session_id))
+
     def on_accept_session(self, msg: p.AcceptSession) -> None:
         # Nothing to record: B's data channel is what joins it. An unknown session is still an error.
-        self._own_session_as_target(msg.sessionId)
+        if not self._offered_elsewhere(msg.sessionId):
+            self._own_session_as_target(msg.sessionId)
 
     def on_reject_session(self, msg: p.RejectSession) -> None:
+        if self._offered_elsewhere(msg.sessionId):
+            assert self.server.cluster is not None
+            self.server.cluster.forward_reject(self, msg)  # to the data node, which tells A
+            return
         session = self._own_session_as_target(msg.sessionId)
         if session is not None:
             reason = f"client '{self.client_id}' refused: {(msg.reason or 'no reason given')[:300]}"
@@ -277,7 +288,7 @@ class ControlConnection:
         said = "ended" if p.is_normal_end(msg.reason) else "closed"  # keep a normal end normal for the peer
         told = f"{said} by '{self.client_id}': {msg.reason}"
         if self.server.cluster is not None:
-            self.server.cluster.tell_origin(session.id, told)  # a peer on another node (before the close)
+            self.server.cluster.tell_remote_parties(session.id, told)  # a peer on another node (before the close)
         self.server.close_session(session, msg.reason, notify=False)
         peer = self.server.registry.get(other)
         if peer is not None:
@@ -346,8 +357,8 @@ class ControlConnection:
         peer = self.server.registry.get(other)
         if peer is not None:
             peer.send(msg)
-        elif cluster is not None and self.client_id == session.client_b:
-            cluster.keys_to_origin(session.id, msg)  # A is on another node
+        elif cluster is not None:
+            cluster.keys_to_peer(session.id, msg, other)  # the other side is on another node
 
     def on_heartbeat(self, msg: p.Heartbeat) -> None:
         # Echo it, so the client can tell a silent relay from a quiet one.

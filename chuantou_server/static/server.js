@@ -1,4 +1,5 @@
-/* The relay's admin page: polls /api/status, /api/clients, /api/sessions and /api/traffic. */
+/* The relay's admin page: polls /api/status, /api/clients, /api/sessions and /api/traffic (and
+ * /api/cluster on a node of a cluster). Every value is set as text: node records come from peers. */
 "use strict";
 
 (() => {
@@ -96,7 +97,9 @@
         {
           label: "Clients",
           value: (s) => [el("span", { class: "id" }, s.a), el("span", { class: "arrow" }, "→"),
-            el("span", { class: "id" }, s.b)],
+            el("span", { class: "id" }, s.b),
+            s.dataNode ? el("span", { class: "sub" }, `pumped on ${s.dataNode} (A on ${s.aNode}, B on ${s.bNode})`)
+              : null],
         },
         { label: "Port on B", cls: "num", value: (s) => s.port },
         { label: "Protocol", value: (s) => el("span", { class: s.protocol === "udp" ? "tag b" : "tag" }, s.protocol) },
@@ -131,6 +134,37 @@
     });
   }
 
+  function renderCluster(view) {
+    const card = document.getElementById("cluster");
+    card.hidden = !view;
+    if (!view) return;
+    const live = view.nodes.filter((n) => n.state === "live").length;
+    setText("cluster-hint", `node ${view.node}, data node policy ${view.dataNode}, store ${view.store}, `
+      + `${live} node${live === 1 ? "" : "s"} live`);
+    syncRows(document.querySelector("#cluster-nodes tbody"), view.nodes, {
+      key: (n) => n.id,
+      empty: "No node is in the table (is the cluster store reachable?)",
+      columns: [
+        { label: "Node", value: (n) => [el("span", { class: "id" }, n.id),
+          n.id === view.node ? el("span", { class: "sub" }, "this node") : null] },
+        { label: "State", value: (n) => el("span", { class: n.state === "live" ? "tag" : "tag warn" }, n.state) },
+        { label: "Address", cls: "mono", value: (n) => n.advertise },
+        { label: "Clients", cls: "num", value: (n) => n.clients },
+        { label: "Sessions", cls: "num", value: (n) => n.sessions },
+        { label: "Throughput", cls: "num", value: (n) => rate(n.bytesPerSecond) },
+        { label: "Updated", value: (n) => ago(n.updatedAt) },
+      ],
+    });
+    syncRows(document.querySelector("#cluster-clients tbody"), view.clients, {
+      key: (c) => c.id,
+      empty: "No client is registered in the cluster.",
+      columns: [
+        { label: "Client", value: (c) => el("span", { class: "id" }, c.id) },
+        { label: "On node", value: (c) => [c.node, c.here ? el("span", { class: "sub" }, "this node") : null] },
+      ],
+    });
+  }
+
   // --- refresh -----------------------------------------------------------------------------
 
   async function refresh() {
@@ -151,6 +185,8 @@
     renderStatus(status.data);
     renderClients(clients.data.clients);
     renderSessions(sessions.data.sessions);
+    const cluster = status.data.cluster ? await api("GET", "/api/cluster") : null;
+    renderCluster(cluster && cluster.ok ? cluster.data : null);
     chart.update(traffic.data.samples);
     return true;
   }
