@@ -27,7 +27,9 @@ log = logging.getLogger("chuantou")
 
 TLS_RECORD_START = 0x16  # first byte of a TLS ClientHello
 READ_CHUNK = 256 * 1024
-RECV_BUFFER = 128 * 1024  # a stream's reused socket read buffer, made at its first read
+RECV_BUFFER = 128 * 1024  # a bulk stream's reused socket read buffer
+QUIET_READ = 2 * 1024  # what a quiet stream waits in: a thread blocked in recv(n) holds its n bytes
+BULK_READ = 16 * 1024  # a socket read at least this big keeps a stream bulk
 WRITER_WAIT = 0.1  # a half-close waits this long for a writer in another thread, then cuts under it
 
 
@@ -178,14 +180,25 @@ class TlsStream:
         raise self._error
 
     def _receive(self) -> None:
-        """Move what the socket has into the incoming BIO (one buffer, reused)."""
-        if self._recv_buffer is None:
-            self._recv_buffer = bytearray(RECV_BUFFER)
-        n = self._sock.recv_into(self._recv_buffer)
+        """Move what the socket has into the incoming BIO. A bulk stream reads into one reused
+        buffer; a quiet one waits in a small read and holds no buffer, so thousands of idle
+        sessions do not each keep 128 KiB. A full small read makes the stream bulk again."""
+        buffer = self._recv_buffer
+        chunk: bytes | memoryview
+        if buffer is None:
+            chunk = self._sock.recv(QUIET_READ)
+            n = len(chunk)
+            if n == QUIET_READ:
+                self._recv_buffer = bytearray(RECV_BUFFER)
+        else:
+            n = self._sock.recv_into(buffer)
+            chunk = memoryview(buffer)[:n]
+            if n < BULK_READ:
+                self._recv_buffer = None
         if not n:
             raise TlsTruncated("TLS stream cut: the connection ended without close_notify")
         with self._ssl_lock:
-            self._incoming.write(memoryview(self._recv_buffer)[:n])
+            self._incoming.write(chunk)
 
     def _take_stash(self, buffer, size: int) -> int:
         n = min(size, len(self._stash))
