@@ -101,6 +101,8 @@ class Client:
         allow_from=(),
         path: str = "auto",
         direct_deadline: float = 1.0,
+        direct_keepalive: float = 2.0,
+        direct_retry: float = 5.0,
         allow_unsealed: bool = False,
     ):
         """``token``: the relay's token (or this ID's own). ``allow``: ports other clients may
@@ -122,7 +124,9 @@ class Client:
         ``path``: whether new UDP flows try a direct path to the peer first ("auto": try, and fall
         back to the relay after ``direct_deadline`` seconds; "relay": never; "direct": try every
         flow, and end it rather than relay it; see direct.py). Either path carries the same sealed
-        datagrams."""
+        datagrams. A direct flow pings its peer every ``direct_keepalive`` seconds and ends when
+        the path went silent for three of them; a pair whose attempt failed (or whose path died)
+        is tried again after ``direct_retry`` seconds, doubling per failure up to 300 s."""
         self.server_url = check_server_url(server_url)
         self.client_id = client_id or generate_client_id()
         if not p.CLIENT_ID_PATTERN.match(self.client_id):
@@ -144,7 +148,7 @@ class Client:
         self.udp_keys = KeyMailbox()  # the peers' halves of sealed UDP sessions' key exchanges
         self.udp_seal_stats = SealStats()  # datagrams ended UDP sessions dropped (running ones count their own)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
-        self.direct = DirectPaths(path, direct_deadline)
+        self.direct = DirectPaths(path, direct_deadline, direct_keepalive, direct_retry)
         self.sessions = SessionBook()  # every session as A and as B, and what is left of ended ones
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
