@@ -188,7 +188,7 @@ def _run_gateway(args) -> None:
     held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one user address kept across commands
     held.bind(("127.0.0.1", 0))
     try:
-        client = _client(args, "A")
+        client = _client(args, args.id)
         proxy = client.create_proxy(0, "B", args.service_port, protocol="udp")
         print(json.dumps({"proxyPort": proxy.local_port}), flush=True)
         exchange = lambda sock, count: {**_exchange(proxy.local_port, int(count), sock),  # noqa: E731
@@ -266,6 +266,7 @@ def main() -> None:
     parser.add_argument("--token", required=True)
     parser.add_argument("--path", default="auto")
     parser.add_argument("--service-port", type=int)
+    parser.add_argument("--id", default="A", help="the gateway's client ID")
     parser.add_argument("--direct-keepalive", type=float, default=2.0)
     parser.add_argument("--direct-retry", type=float, default=5.0)
     args = parser.parse_args()
