@@ -224,7 +224,7 @@ def run(seconds: float, flows: int) -> dict:
         gateways = {path: topo.start("a", "gateway", "--url", url("a"), "--token", TOKEN, "--id", f"A-{path}",
                                      "--path", path, "--service-port", service)
                     for path in ("auto", "relay")}
-        plain = NsProcess(topo.ns["b"], "plain", ["--role", "plain", "--port", str(RAW_PORT)],
+        plain = NsProcess(topo.ns["b"], "--role=plain", ["--port", str(RAW_PORT)],
                           topo.log_dir / "plain.log", str(Path(__file__).resolve()))
         plain.wait_ready()
         forward(topo, RAW_PORT)
