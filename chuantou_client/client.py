@@ -103,6 +103,8 @@ class Client(SessionJoining):
         allow_from=(),
         path: str = "auto",
         direct_deadline: float = 1.0,
+        direct_keepalive: float = 2.0,
+        direct_retry: float = 5.0,
         allow_unsealed: bool = False,
         server_order: str = IN_ORDER,
         server_order_seed: int | None = None,
@@ -127,7 +129,10 @@ class Client(SessionJoining):
         ``path``: whether new TCP sessions and UDP flows try a direct path to the peer first
         ("auto": try, and fall back to the relay after ``direct_deadline`` seconds; "relay": never;
         "direct": try every one, and end it rather than relay it; see direct.py, directtcp.py).
-        Either path carries the same sealed bytes and datagrams.
+        Either path carries the same sealed bytes and datagrams. A direct UDP flow pings its peer
+        every ``direct_keepalive`` seconds and ends when the path went silent for three of them; a
+        pair whose attempt failed (or whose path died) is tried again after ``direct_retry``
+        seconds, doubling per failure up to 300 s.
 
         ``server_order``: with several URLs in ``server_url`` (a cluster's nodes), "in-order" tries
         them as given, "random" in an order shuffled once per start (``server_order_seed`` makes
@@ -163,7 +168,7 @@ class Client(SessionJoining):
         self.udp_seal_stats = SealStats()  # datagrams ended UDP sessions dropped (running ones count their own)
         self.threads = ThreadGroup(f"chuantou-client-{self.client_id}")
         self.pool = ChannelPool(pool_count, self.threads, self.tls, request_timeout)
-        self.direct = DirectPaths(path, direct_deadline)
+        self.direct = DirectPaths(path, direct_deadline, direct_keepalive, direct_retry)
         self.sessions = SessionBook()  # every session as A and as B, and what is left of ended ones
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,

@@ -8,7 +8,10 @@ address over the control channel, the relay adds what it saw and hands each side
 candidates with a punch key, and both sides send signed pings to every candidate. A side
 trusts an address as its peer once a genuine punch packet came from it, and sends its payload
 there once it has proof that the way back works too (a pong, or the peer's payload arriving
-directly). ``DirectPaths`` holds the client's mode, deadline, memory of pairs and NAT result.
+directly). Once direct, ``watch`` keeps the path proved: pings every keepalive, and a path that
+went silent is declared dead (the flow then ends; live flows do not move to the relay, the next
+one takes it). ``DirectPaths`` holds the client's mode, deadline, keepalive, memory of pairs and
+NAT result.
 
 TCP sessions try theirs by simultaneous open (directtcp.py); their attempts are kept here too.
 """
@@ -40,14 +43,17 @@ PROBE_WAIT = 0.3  # seconds per try
 class DirectPaths:
     """The client's side of the direct path: mode, deadline, memory, live attempts, NAT result."""
 
-    def __init__(self, path: str = "auto", deadline: float = d.DEFAULT_DEADLINE):
+    def __init__(self, path: str = "auto", deadline: float = d.DEFAULT_DEADLINE,
+                 keepalive: float = d.DIRECT_KEEPALIVE, first_retry: float = d.FIRST_RETRY):
         if path not in d.PATHS:
             raise ChuantouError(f"--path must be one of {', '.join(d.PATHS)}, not {path!r}")
-        if not deadline > 0:
-            raise ChuantouError(f"the direct path deadline must be > 0 seconds, not {deadline!r}")
+        for what, value in (("deadline", deadline), ("keepalive", keepalive), ("retry interval", first_retry)):
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ChuantouError(f"the direct path {what} must be a number of seconds > 0, not {value!r}")
         self.path = path
         self.deadline = deadline
-        self.memory = d.PathMemory()
+        self.keepalive = keepalive
+        self.memory = d.PathMemory(first_retry=first_retry, max_retry=max(first_retry, d.MAX_RETRY))
         self.nat: dict = {"mapping": "not probed yet", "filtering": "not probed yet"}
         self.relay_knows = False  # the relay said where probes go: it speaks path_candidates too
         self._punchers: dict[str, Puncher] = {}
@@ -107,7 +113,8 @@ class DirectPaths:
 class Puncher:
     """One UDP flow's attempt at a direct path, driven by the thread that owns ``sock``."""
 
-    def __init__(self, sock: socket.socket, session_id: str, side: str, deadline: float):
+    def __init__(self, sock: socket.socket, session_id: str, side: str, deadline: float,
+                 keepalive: float = d.DIRECT_KEEPALIVE):
         self.sock = sock
         self.session_id = session_id
         self.side = side
@@ -125,6 +132,12 @@ class Puncher:
         self.direct_bytes = [0, 0]  # sent, received on the direct path (counted by the flow; see report())
         self._reported: tuple | None = None
         self._next_report = 0.0
+        self.keepalive = keepalive
+        # B gives A one keepalive more, so that A (which keeps the memory of paths) usually
+        # notices a dead path first and sends its next flow straight to the relay
+        self.dead_after = keepalive * (d.DEAD_AFTER + (1 if side == "B" else 0))
+        self.last_heard = 0.0  # monotonic: the last genuine packet from the peer on the direct path
+        self._next_keepalive = 0.0
 
     # --- the offer --------------------------------------------------------------------------
 
@@ -203,6 +216,8 @@ class Puncher:
             log.debug("UDP session %s... (%s): a genuine %s from %s:%s", self.session_id[:8], self.side,
                       "ping" if kind == d.PING else "pong", *src)
         self.confirmed.add(src)
+        if src == self.direct:
+            self.last_heard = time.monotonic()
         if kind == d.PING:
             try:
                 self.sock.sendto(d.pack_punch(key, d.PONG, self.side, self.session_id), src)
@@ -210,23 +225,46 @@ class Puncher:
                 pass
         elif self.direct is None:
             self.direct = src  # our ping reached them and their pong reached us: both ways work
+            self.last_heard = time.monotonic()
         return True
 
     def is_peer(self, src: tuple) -> bool:
         return src in self.confirmed
 
     def peer_payload(self, src: tuple) -> None:
-        """Payload came straight from the peer: it has our pong, so the way to it works."""
+        """Authentic payload came straight from the peer: it has our pong, so the way to it works
+        (and, on a direct path, the path is alive)."""
         if self.direct is None and not self.gave_up:
             self.direct = src
+        if src == self.direct:
+            self.last_heard = time.monotonic()
 
-    def keep_alive(self) -> None:
-        """A ping down the direct path, so that both NATs keep the mapping (the caller paces it)."""
-        if self.direct is not None and self.key is not None:
+    def watch(self, now: float) -> float | None:
+        """On a direct path, called often by the owner: a ping every keepalive (every half of
+        one once the peer has gone quiet), which also keeps both NATs' mappings. Returns the
+        seconds of silence once they reach ``dead_after`` (the path is dead), else None."""
+        if self.direct is None or self.key is None:
+            return None
+        silent = now - self.last_heard
+        if silent >= self.dead_after:
+            return silent
+        if now >= self._next_keepalive:
+            self._next_keepalive = now + (self.keepalive if silent < self.keepalive else self.keepalive / 2)
             try:
                 self.sock.sendto(d.pack_punch(self.key, d.PING, self.side, self.session_id), self.direct)
             except OSError:
                 pass
+        return None
+
+    def poll_interval(self, resting: float) -> float:
+        """The owner's socket timeout once the attempt is over: short enough to watch on time."""
+        return min(resting, self.keepalive / 2) if self.direct is not None else resting
+
+    def dead_reason(self, peer: str, silent: float) -> str:
+        where = d.format_candidate(*self.direct) if self.direct is not None else "the peer"
+        return (f"the direct path to {peer} went silent: nothing from {where} for "
+                f"{silent:.1f} s (keepalive every {self.keepalive:g} s); live flows do not move to the relay, "
+                f"the next one takes it")
 
     @property
     def path(self) -> str:

@@ -39,6 +39,12 @@ class NoDirectPath(ChuantouError):
     """``--path direct`` and the attempt failed: the flow ends rather than use the relay."""
 
 
+class DirectPathDead(ChuantouError):
+    """A live flow's direct path went silent (direct.Puncher.watch): the flow ends with this
+    reason, since live flows do not move between paths; the user's next datagram opens a new
+    flow, and the memory of paths sends that one to the relay."""
+
+
 class SessionGone(ChuantouError):
     """The relay answered a fresh registration: it no longer knows this session (it restarted,
     or expired it). The flow ends; the user's next datagram opens a new session."""
@@ -177,6 +183,10 @@ class UdpFlow:
                 self._serve(reply, record)
         except SessionGone as exc:
             log.info("proxy %s: UDP flow from %s:%s ended: %s", proxy.description, self.user[0], self.user[1], exc)
+        except DirectPathDead as exc:
+            end = str(exc)
+            log.warning("proxy %s: UDP flow from %s:%s ended: %s", proxy.description, self.user[0], self.user[1], exc)
+            proxy.record_failure(end)
         except (ChuantouError, OSError) as exc:
             if self._closed.is_set():  # closed here (proxy closed, client stopping): a normal end
                 end = p.NORMAL_END + ": the proxy closed the UDP flow"
@@ -249,7 +259,7 @@ class UdpFlow:
             except ChuantouError:
                 pass  # B stops waiting after its deadline anyway
             return
-        puncher = self.puncher = Puncher(self.sock, session_id, "A", direct.deadline)
+        puncher = self.puncher = Puncher(self.sock, session_id, "A", direct.deadline, direct.keepalive)
         direct.begin(puncher)
         puncher.offer(proxy.client.control, self.relay, direct.path)
         deadline = time.monotonic() + direct.deadline
@@ -288,31 +298,35 @@ class UdpFlow:
             else:
                 check_still_known(answer)
         elif puncher is not None and not puncher.handle(data, src) and puncher.is_peer(src):
-            puncher.direct_bytes[1] += len(data)
-            self._deliver(data)
+            if self._deliver(data):
+                puncher.direct_bytes[1] += len(data)
+                puncher.peer_payload(src)  # authentic, straight from B: the path is alive
 
-    def _deliver(self, data: bytes) -> None:
-        """Payload from B (through the relay or direct): opened, then passed to the user."""
+    def _deliver(self, data: bytes) -> bool:
+        """Payload from B (through the relay or direct): opened, then passed to the user. False
+        for a datagram dropped (forged, altered or replayed: counted by the seal)."""
         if self.seal is not None and (data := self.seal.open(data)) is None:
-            return  # forged, altered or replayed: dropped and counted
+            return False
         self.last_active = time.monotonic()
         self.gateway.reply(data, self.user)
+        return True
 
     def _pump_replies(self, registrar, idle_timeout: float) -> None:
         assert self.sock is not None  # _serve made it
-        keepalive = self.gateway.proxy.client.udp_keepalive
-        self.sock.settimeout(min(1.0, idle_timeout / 2, keepalive))
+        proxy = self.gateway.proxy
+        keepalive = proxy.client.udp_keepalive
+        resting = min(1.0, idle_timeout / 2, keepalive)
         puncher = self.puncher
         control = self.gateway.proxy.client.control
-        last_direct_ping = time.monotonic()
+        self.sock.settimeout(puncher.poll_interval(resting) if puncher is not None else resting)
         while not self._closed.is_set():
             registrar.keep_alive(keepalive)
             if puncher is not None:
                 now = time.monotonic()
                 puncher.report(control, now)
-                if now - last_direct_ping >= keepalive:
-                    last_direct_ping = now
-                    puncher.keep_alive()
+                if (silent := puncher.watch(now)) is not None:
+                    proxy.client.direct.memory.failed(proxy.target_client_id)  # the next flow takes the relay
+                    raise DirectPathDead(puncher.dead_reason(proxy.target_client_id, silent))
             try:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:

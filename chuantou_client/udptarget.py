@@ -19,7 +19,7 @@ from .udpjoin import PAYLOAD
 
 log = logging.getLogger("chuantou.client")
 
-from .udp import MAX_DATAGRAM, TARGET_END, SessionGone, check_still_known
+from .udp import MAX_DATAGRAM, TARGET_END, DirectPathDead, SessionGone, check_still_known
 
 class UdpTarget:
     """One UDP session on B: relay <-> local service through a single socket.
@@ -91,6 +91,9 @@ class UdpTarget:
             self._pump(registered[0], relay, service, self.client.udp_idle_timeout)
         except SessionGone as exc:
             log.info("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
+        except DirectPathDead as exc:
+            end = str(exc)
+            log.warning("UDP session %s... for port %d ended: %s", msg.sessionId[:8], msg.remotePort, exc)
         except (ChuantouError, OSError) as exc:
             if self._closed.is_set():  # aborted here (session closed, client stopping): a normal end
                 end = p.NORMAL_END + ": the target closed the UDP flow"
@@ -112,7 +115,7 @@ class UdpTarget:
         direct = self.client.direct
         if not direct.relay_knows:
             return
-        self.puncher = Puncher(self.sock, self.msg.sessionId, "B", direct.deadline)
+        self.puncher = Puncher(self.sock, self.msg.sessionId, "B", direct.deadline, direct.keepalive)
         direct.begin(self.puncher)
         self.puncher.offer(self.client.control, relay, direct.path)
 
@@ -129,7 +132,7 @@ class UdpTarget:
         resting = min(1.0, idle_timeout / 2, keepalive)
         timeout = resting
         sock.settimeout(timeout)
-        last_active = last_direct_ping = time.monotonic()
+        last_active = time.monotonic()
         puncher = self.puncher
         while not self._closed.is_set():
             registrar.keep_alive(keepalive)
@@ -137,13 +140,12 @@ class UdpTarget:
                 now = time.monotonic()
                 puncher.tick(now)
                 puncher.report(self.client.control, now)
-                wanted = POLL if puncher.busy else resting  # ping on time while the attempt runs
+                wanted = POLL if puncher.busy else puncher.poll_interval(resting)  # ping on time
                 if wanted != timeout:
                     timeout = wanted
                     sock.settimeout(timeout)
-                if now - last_direct_ping >= keepalive:
-                    last_direct_ping = now
-                    puncher.keep_alive()
+                if (silent := puncher.watch(now)) is not None:
+                    raise DirectPathDead(puncher.dead_reason(self.msg.fromClientId, silent))
             try:
                 data, src = sock.recvfrom(MAX_DATAGRAM)
             except socket.timeout:

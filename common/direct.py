@@ -37,6 +37,11 @@ PUNCH_SIZE = 2 + 1 + 1 + 16 + PUNCH_TAG_BYTES
 PING, PONG = b"P", b"O"
 PATHS = ("auto", "relay", "direct")
 DEFAULT_DEADLINE = 1.0  # seconds a new flow waits for a direct path before it takes the relay
+# A live direct path is watched: each side pings the other this often and answers pings, and a
+# side that heard nothing genuine from its peer for DEAD_AFTER keepalives ends the flow (UDP has
+# no reset: without this, a path cut mid-run would swallow the user's datagrams until idle).
+DIRECT_KEEPALIVE = 2.0
+DEAD_AFTER = 3
 MAX_CANDIDATES = 8
 
 # NAT mapping behaviour, as `status` words it

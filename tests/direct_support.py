@@ -18,6 +18,7 @@ this file is those processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -55,6 +56,8 @@ class NatTopology:
         # answers UDP from the address of the interface it sends on, and a NAT only lets back
         # in what comes from the address it sent to.
         self.relay_ip = {"a": ip(1), "b": ip(5)}
+        self.nat_ip = {"a": ip(2), "b": ip(6)}  # each NAT's public address (what the other side punches to)
+        self._cuts: list[tuple[str, ...]] = []
         self.routes = {n["ra"]: ip(1), n["rb"]: ip(5), n["a"]: ip(9), n["b"]: ip(13)}
         self.nat = {n["ra"]: self.links[0][1].dev, n["rb"]: self.links[1][1].dev}  # router -> public device
         self._made: list[str] = []
@@ -91,6 +94,28 @@ class NatTopology:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=IP_TIMEOUT)
         self._made.clear()
 
+    def cut_between_nats(self) -> None:
+        """Drop, on the public network, what one NAT sends to the other (the relay still reaches
+        both): a direct path between them dies mid-run, silently, as behind a failed middlebox."""
+        a, b = self.nat_ip["a"], self.nat_ip["b"]
+        for src, dst in ((a, b), (b, a)):
+            rule = ("FORWARD", "-s", src, "-d", dst, "-j", "DROP")
+            sh("ip", "netns", "exec", self.ns["p"], "iptables", "-I", *rule)
+            self._cuts.append(rule)
+
+    def join_nats(self) -> None:
+        while self._cuts:
+            sh("ip", "netns", "exec", self.ns["p"], "iptables", "-D", *self._cuts.pop())
+
+    def run_in(self, where: str, *argv: str, timeout: float = 20.0) -> str:
+        """A one-shot Python script of tests/ in a namespace; its stdout (it must succeed)."""
+        result = subprocess.run(["ip", "netns", "exec", self.ns[where], sys.executable, *argv],
+                                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                                cwd=Path(__file__).resolve().parent.parent)
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr[-2000:]}")
+        return result.stdout
+
     def start(self, where: str, role: str, *args) -> NsProcess:
         proc = NsProcess(self.ns[where], role, [str(a) for a in args],
                          self.log_dir / f"{role}-{len(self._procs)}.log", __file__)
@@ -120,17 +145,36 @@ def _run_relay(args) -> None:
 
 
 def _client_status(client) -> dict:
-    return {"connected": client.connected, "direct": client.status()["direct"], "connections": client.connections()}
+    return {"connected": client.connected, "direct": client.status()["direct"], "connections": client.connections(),
+            "seal": client.seal_counts(), "peers": _direct_peers(client)}
+
+
+def _direct_peers(client) -> list[str]:
+    """Where each live UDP flow's direct path leads (the peer's NAT mapping, as punched)."""
+    from common.direct import format_candidate
+
+    peers = []
+    for record in client.sessions.records():
+        puncher = getattr(record.handle, "puncher", None)
+        if puncher is not None and puncher.direct is not None:
+            peers.append(format_candidate(*puncher.direct))
+    return peers
+
+
+def _client(args, client_id: str):
+    from chuantou_client import Client
+
+    return Client(args.url, client_id, token=args.token, path=args.path, direct_keepalive=args.direct_keepalive,
+                  direct_retry=args.direct_retry).start(timeout=READY_TIMEOUT)
 
 
 def _run_target(args) -> None:
-    from chuantou_client import Client
     from helpers import UdpEchoService
 
     echo = UdpEchoService().start()
     client = None
     try:
-        client = Client(args.url, "B", token=args.token, path=args.path).start(timeout=READY_TIMEOUT)
+        client = _client(args, "B")
         print(json.dumps({"servicePort": echo.port}), flush=True)
         _serve_commands({"status": lambda: _client_status(client)})
     finally:
@@ -140,28 +184,52 @@ def _run_target(args) -> None:
 
 
 def _run_gateway(args) -> None:
-    from chuantou_client import Client
-
     client = None
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one user address kept across commands
+    held.bind(("127.0.0.1", 0))
     try:
-        client = Client(args.url, "A", token=args.token, path=args.path).start(timeout=READY_TIMEOUT)
+        client = _client(args, args.id)
         proxy = client.create_proxy(0, "B", args.service_port, protocol="udp")
         print(json.dumps({"proxyPort": proxy.local_port}), flush=True)
+        exchange = lambda sock, count: {**_exchange(proxy.local_port, int(count), sock),  # noqa: E731
+                                        **_client_status(client)}
         _serve_commands({"status": lambda: _client_status(client),
-                         "run": lambda count: {**_exchange(proxy.local_port, int(count)), **_client_status(client)}})
+                         "run": lambda count: exchange(None, count),
+                         "held": lambda count: exchange(held, count),
+                         "drain": lambda seconds: {"received": _drain(held, float(seconds))}})
     finally:
+        held.close()
         if client is not None:
             client.stop()
 
 
-def _exchange(port: int, count: int, size: int = 512, window: int = 50) -> dict:
-    """A new user flow: send ``count`` distinct datagrams through the proxy (``window`` at a
-    time, resending what did not come back) and count the echoes that came back intact."""
+def _drain(sock: socket.socket, seconds: float) -> int:
+    """How many datagrams reach the user's socket within ``seconds`` (it asked for none)."""
+    count = 0
+    deadline = time.monotonic() + seconds
+    while True:
+        sock.settimeout(max(0.0, deadline - time.monotonic()))
+        try:
+            sock.recv(65535)
+        except (socket.timeout, BlockingIOError):
+            break
+        count += 1
+    return count
+
+
+def _exchange(port: int, count: int, held: socket.socket | None = None, size: int = 512, window: int = 50) -> dict:
+    """Send ``count`` distinct datagrams through the proxy (``window`` at a time, resending what
+    did not come back) and count the echoes that came back intact; from a new user address (a
+    new flow), or from ``held`` (the flow of that address, if it still lives)."""
     payloads = [i.to_bytes(4, "big") + os.urandom(size - 4) for i in range(count)]
     intact: set[int] = set()
     corrupt = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+    with contextlib.nullcontext(held) if held is not None else socket.socket(socket.AF_INET,
+                                                                              socket.SOCK_DGRAM) as sock:
+        if held is None:
+            sock.bind(("127.0.0.1", 0))
+        else:
+            _drain(sock, 0.0)  # late echoes of an earlier exchange's resends
         began = time.monotonic()
         first_echo = None
         for start in range(0, count, window):
@@ -198,6 +266,9 @@ def main() -> None:
     parser.add_argument("--token", required=True)
     parser.add_argument("--path", default="auto")
     parser.add_argument("--service-port", type=int)
+    parser.add_argument("--id", default="A", help="the gateway's client ID")
+    parser.add_argument("--direct-keepalive", type=float, default=2.0)
+    parser.add_argument("--direct-retry", type=float, default=5.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
                         format="%(asctime)s.%(msecs)03d %(threadName)s %(levelname)s %(name)s: %(message)s",
