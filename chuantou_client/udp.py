@@ -298,8 +298,8 @@ class UdpFlow:
             else:
                 check_still_known(answer)
         elif puncher is not None and not puncher.handle(data, src) and puncher.is_peer(src):
+            puncher.direct_bytes[1] += len(data)  # counted before the user can see the reply
             if self._deliver(data):
-                puncher.direct_bytes[1] += len(data)
                 puncher.peer_payload(src)  # authentic, straight from B: the path is alive
 
     def _deliver(self, data: bytes) -> bool:
