@@ -64,6 +64,10 @@ def _valid_allow(value: str) -> bool:
     return True
 
 
+def _valid_pool_count(value: int) -> bool:
+    return 0 <= value <= 64  # the relay offers fewer if it allows fewer (pool.py)
+
+
 CONFIG_KEYS = {
     "server": config.Key(str, "a relay URL such as \"ws://relay.example.com:8200\"", DEFAULT_SERVER_URL, _valid_url),
     "clientId": config.Key(str, "1-64 letters, digits, '.', '_' or '-'", None,
@@ -80,7 +84,7 @@ CONFIG_KEYS = {
     "tlsInsecure": config.Key(bool, "true or false", False),
     "maxPendingConnects": config.Key(int, "a whole number >= 1", 256, lambda v: v >= 1),  # sessions set up at once
     # data channels kept open to the relay ahead of sessions (pool.py)
-    "poolCount": config.Key(int, "a whole number from 0 to 64 (0: none)", DEFAULT_POOL_COUNT, lambda v: 0 <= v <= 64),
+    "poolCount": config.Key(int, "a whole number from 0 to 64 (0: none)", DEFAULT_POOL_COUNT, _valid_pool_count),
     "allowHosts": config.Key(list, "a list of host names or addresses", list,
                              lambda v: all(isinstance(h, str) and p.HOST_PATTERN.match(h) for h in v)),
     # who may reach this client, checked against the key a peer proves (--allow-from)
@@ -183,6 +187,13 @@ class ClientApp:
             overrides["allowFrom"] = parse_allow_from(overrides["allowFrom"])  # a clear error for a bad one
         if overrides.get("directDeadline") is not None and not overrides["directDeadline"] > 0:
             raise config.ConfigError(f"--direct-deadline {overrides['directDeadline']:g} must be > 0 seconds")
+        if overrides.get("poolCount") is not None:
+            if not _valid_pool_count(overrides["poolCount"]):
+                raise config.ConfigError(f"--pool-count {overrides['poolCount']} must be a whole number from 0 to 64 "
+                                         f"(0: no pooled data channels)")
+            if overrides["poolCount"] != self.settings["poolCount"]:  # 0 is a value here, not "not given"
+                self.settings["poolCount"] = overrides["poolCount"]
+                changed = True
         for key in ("server", "clientId", "token", "allow", "allowHosts", "ca", "tlsFingerprint", "tlsInsecure",
                     "allowFrom", "path", "directDeadline", "allowUnsealed", "serverOrder"):
             if overrides.get(key) and overrides[key] != self.settings[key]:

@@ -101,6 +101,9 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                              "session that cannot go direct (saved; default auto)")
     parser.add_argument("--direct-deadline", type=float, default=default, metavar="SECONDS",
                         help="how long a new UDP flow waits for a direct path (saved; default 1)")
+    parser.add_argument("--pool-count", type=int, dest="pool_count", default=default, metavar="N",
+                        help="data channels kept open to the relay ahead of sessions, so a new session need not "
+                             "open a connection first; 0-64, 0: none (saved; default 2)")
     parser.add_argument("--allow-unsealed", action="store_true", dest="allow_unsealed", default=default,
                         help="let sessions with peers that cannot seal (older chuantou clients, which register "
                              "no key) run unsealed, readable and alterable by the relay, instead of refusing them "
@@ -192,6 +195,7 @@ def make_app(args, path: Path | None = None) -> ClientApp:
                  "allowFrom": getattr(args, "allow_from", None), "path": getattr(args, "path", None),
                  "directDeadline": getattr(args, "direct_deadline", None),
                  "allowUnsealed": getattr(args, "allow_unsealed", None),
+                 "poolCount": getattr(args, "pool_count", None),
                  "serverOrder": getattr(args, "server_order", None)}
     service_files = files(args)
     return ClientApp(path, overrides, api_secret_path=apiauth.secret_path(service_files.state_dir, service_files.name))

@@ -21,8 +21,6 @@ two do not take turns.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import random
 import ssl
@@ -33,8 +31,9 @@ import websocket
 
 from common import handshake, tls
 from common import protocol as p
-from common.errors import ChuantouError, NotConnectedError, RequestError
+from common.errors import ChuantouError, NotConnectedError
 
+from .pending import PendingRequest, RequestTable
 from .relays import IN_ORDER, RelayList, redirect_problem
 
 log = logging.getLogger("chuantou.client")
@@ -62,37 +61,6 @@ def split_server_urls(value) -> list[str]:
     if not urls:
         raise ChuantouError("no relay URL given: use --server ws://HOST:8200 (several: separate with commas)")
     return urls
-
-
-class PendingRequest:
-    """A request sent and not answered yet: ``wait()`` for the reply. ``on_reply(reply)``, if
-    given, runs on the reader thread the moment the reply arrives, before the waiter wakes (it
-    must not block: it sends a data channel's join header, say, without a thread hand-off)."""
-
-    def __init__(self, channel: "ControlChannel", request_id: str, msg, on_reply=None):
-        self.channel = channel
-        self.request_id = request_id
-        self.msg = msg
-        self.on_reply = on_reply
-        self.event = threading.Event()
-        self.reply = None
-
-    def wait(self, timeout: float):
-        """The reply; RequestError for an ``error`` reply (or none within ``timeout``)."""
-        try:
-            if not self.event.wait(timeout):
-                raise RequestError(f"the relay did not answer {self.msg.TYPE} within {timeout:g} s", "timeout")
-        finally:
-            self.channel._forget(self.request_id)
-        reply = self.reply
-        if reply is None:
-            raise NotConnectedError("the connection to the relay was lost before it answered")
-        if isinstance(reply, p.Error):
-            raise RequestError(reply.message, reply.code)
-        return reply
-
-    def cancel(self) -> None:
-        self.channel._forget(self.request_id)
 
 
 class ControlChannel:
@@ -129,9 +97,7 @@ class ControlChannel:
         self._takeover = True  # False after being replaced: do not kick the live holder of the ID
         self._ws: websocket.WebSocket | None = None
         self._last_received = time.monotonic()
-        self._ids = itertools.count(1)
-        self._pending: dict[str, PendingRequest] = {}
-        self._pending_lock = threading.Lock()
+        self._requests = RequestTable()  # requests sent and not answered yet
 
     @property
     def stopping_event(self) -> threading.Event:
@@ -332,22 +298,11 @@ class ControlChannel:
             self.registered.clear()
             self._ws = None
             ws.shutdown()
-            self._fail_pending("the connection to the relay was lost")
+            self._requests.fail_all()
 
     def _dispatch(self, msg) -> None:
-        request_id = getattr(msg, "requestId", None)
-        if request_id is not None:
-            with self._pending_lock:
-                waiter = self._pending.pop(request_id, None)
-            if waiter is not None:
-                waiter.reply = msg
-                if waiter.on_reply is not None:
-                    try:
-                        waiter.on_reply(msg)
-                    except Exception:
-                        log.exception("handling the answer to %s failed", waiter.msg.TYPE)
-                waiter.event.set()
-                return
+        if self._requests.answer(msg):
+            return
         if isinstance(msg, p.Heartbeat):
             return
         try:
@@ -376,28 +331,13 @@ class ControlChannel:
 
     def start_request(self, msg, on_reply=None) -> PendingRequest:
         """Send a message carrying a fresh requestId and return at once; ``wait()`` on the result."""
-        request_id = f"r{next(self._ids)}"
-        msg = dataclasses.replace(msg, requestId=request_id)
-        pending = PendingRequest(self, request_id, msg, on_reply)
-        with self._pending_lock:
-            self._pending[request_id] = pending
+        pending = self._requests.add(msg, on_reply)
         try:
-            self.send(msg)
+            self.send(pending.msg)
         except BaseException:
-            self._forget(request_id)
+            pending.cancel()
             raise
         return pending
-
-    def _forget(self, request_id: str) -> None:
-        with self._pending_lock:
-            self._pending.pop(request_id, None)
-
-    def _fail_pending(self, why: str) -> None:
-        with self._pending_lock:
-            waiters = list(self._pending.values())
-            self._pending.clear()
-        for waiter in waiters:
-            waiter.event.set()  # reply stays None: the request fails with NotConnectedError
 
     # --- heartbeat --------------------------------------------------------------------------
 

@@ -25,9 +25,9 @@ from common.pipe import Pipe
 from common.threads import ThreadGroup
 
 from . import directchoice
-from .control import PendingRequest
 from .earlyjoin import EarlyJoin
 from .listen import DEFAULT_LOCAL_HOST, exposure_warning, listen_address, parse_local_host
+from .pending import PendingRequest
 from .udp import UdpGateway
 
 log = logging.getLogger("chuantou.client")

@@ -40,6 +40,7 @@ def given_options(args) -> dict:
         "--path": get("path"),
         "--direct-deadline": float(get("direct_deadline")) if get("direct_deadline") is not None else None,
         "--allow-unsealed": True if get("allow_unsealed") else None,
+        "--pool-count": get("pool_count"),
     }
     return {flag: value for flag, value in given.items() if value is not None}
 
@@ -63,6 +64,7 @@ def running_options(app, log_level: str, token: str | None) -> dict:
         "--path": settings["path"],
         "--direct-deadline": float(settings["directDeadline"]),
         "--allow-unsealed": bool(settings["allowUnsealed"]),
+        "--pool-count": settings["poolCount"],
     }
 
 

@@ -21,6 +21,7 @@ BAD_CONFIGS = [
     (CLIENT, '{"proxies": [{"localPort": 9090, "targetClient": "B", "targetPort": 70000}]}',
      "proxies[0]: key 'targetPort' must be a port number 1-65535"),
     (CLIENT, '{"proxies": [{"localPort": 9090}]}', "proxies[0]: missing key 'targetClient'"),
+    (CLIENT, '{"poolCount": 65}', "key 'poolCount' must be a whole number from 0 to 64"),
     (CLIENT, '{"server": ', "not valid JSON"),
     (CLIENT, '["ws://127.0.0.1:8200"]', "expected a JSON object"),
     (SERVER, '{"prot": 8300}', "unknown key 'prot'"),
@@ -73,6 +74,8 @@ def test_server_config_file_that_does_not_exist_is_refused(cli):
     (["--server", "relay.example.com:8200"], "server URL 'relay.example.com:8200' must look like ws://HOST:8200"),
     (["--client-id", "my laptop"], "client ID 'my laptop' is invalid"),
     (["--admin-port", "99999"], "--admin-port 99999"),
+    (["--pool-count", "65"], "--pool-count 65 must be a whole number from 0 to 64"),
+    (["--pool-count", "-1"], "--pool-count -1 must be a whole number from 0 to 64"),
 ])
 @pytest.mark.parametrize("command", [[], ["start"]], ids=["foreground", "start"])
 def test_bad_client_option_is_refused_and_not_saved(cli, args, expected, command):
@@ -86,6 +89,19 @@ def test_bad_client_option_is_refused_and_not_saved(cli, args, expected, command
     saved = config.read_text()
     assert args[1] not in saved  # a refused value is not saved, where it would break every later start
     assert json.loads(saved)["clientId"] == "A"
+
+
+def test_client_check_config_checks_the_pool_count(cli):
+    config = cli.root / "client.json"
+    for good in (0, 64):
+        config.write_text(json.dumps({"poolCount": good}))
+        done = cli.client("check-config", "--config", config, timeout=QUICK)
+        assert (done.returncode, done.stdout.strip()) == (0, f"config OK: {config}"), done.stderr
+    for bad in (65, -1, True, "2", 2.5):
+        config.write_text(json.dumps({"poolCount": bad}))
+        done = cli.client("check-config", "--config", config, timeout=QUICK)
+        assert done.returncode == 1, (bad, done.stdout)
+        assert f"problem: {config}: key 'poolCount' must be a whole number from 0 to 64" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("args, expected", [

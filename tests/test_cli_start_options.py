@@ -83,6 +83,22 @@ def test_client_start_with_new_options_names_them_saves_none_and_applies_them_af
 
 
 @pytest.mark.timeout(120)
+def test_client_start_with_pool_count_saves_it_applies_zero_and_names_another_as_not_applied(cli):
+    relay = cli.start_relay()
+    admin = free_port()
+    cli.start_client(relay, "A", admin, extra=("--pool-count", "0"))  # 0 is a value, not "not given"
+    assert saved(cli, "client.json")["poolCount"] == 0
+    assert cli.worker("client")["options"]["--pool-count"] == 0  # what the running client uses
+
+    same = cli.client("start", "--pool-count", "0")
+    assert same.returncode == 0, same.stderr
+    assert "already with these options" in same.stdout
+    changed = cli.client("start", "--pool-count", "4")
+    assert not_applied_lines(changed) == ["--pool-count 4 (running: 0)"]
+    assert saved(cli, "client.json")["poolCount"] == 0
+
+
+@pytest.mark.timeout(120)
 def test_relay_start_with_new_options_names_them_and_a_foreground_copy_saves_no_token(cli):
     port = cli.start_relay()
     same = cli.server("start", "--host", HOST, "--port", port, "--token", TOKEN)
