@@ -49,8 +49,10 @@ def test_silent_sockets_from_four_addresses_do_not_keep_data_channels_or_registr
     relay = make_server(token=TOKEN, handshake_timeout=60, max_pending_handshakes=per_source * len(sources),
                         max_pending_handshakes_per_source=per_source)
     echo = services(TcpService(echo_handler, "echo"))
-    a = make_client(relay, "A", token=TOKEN)
-    make_client(relay, "B", token=TOKEN)
+    # no pooled channels: every session here opens fresh data channels into the full slots (and
+    # a pool refill taking a stranger's slot would make the count below move)
+    a = make_client(relay, "A", token=TOKEN, pool_count=0)
+    make_client(relay, "B", token=TOKEN, pool_count=0)
     proxy = a.create_proxy(0, "B", echo.port, protocol="tcp")
     with silent_sockets(relay, sources, per_source):
         wait_until(lambda: relay.handshakes.pending == per_source * len(sources),
