@@ -772,18 +772,27 @@ def main(argv=None) -> int:
     results = run(args)
     rows = summary(results, args)
     results["summary"] = [dict(zip(("figure", "value", "target", "result"), row)) for row in rows]
-    print()
-    print(f"summary ({results['seconds']:.0f} s, load average at end "
+    print_summary(rows, results)
+    write_json(args.json, results)
+    return 0
+
+
+def print_summary(rows, results: dict) -> None:
+    """The PASS/MISS table of (figure, value, target, result) rows, after the run's time and load."""
+    print(f"\nsummary ({results['seconds']:.0f} s, load average at end "
           f"{' '.join(f'{x:.2f}' for x in results['loadavg_end'])})")
-    w = max(len(r[0]) for r in rows)
+    w = max((len(r[0]) for r in rows), default=10)
     print(f"  {'figure':{w}s}  {'value':>12s}  {'target':>12s}  result")
     for name, value, target, verdict in rows:
         print(f"  {name:{w}s}  {value:>12s}  {target:>12s}  {verdict}")
-    if args.json:
-        with open(args.json, "w") as f:
+
+
+def write_json(path: str | None, results: dict) -> None:
+    """--json FILE: the figures, for comparing runs."""
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2, default=str)
-        print(f"figures written to {args.json}")
-    return 0
+        print(f"figures written to {path}")
 
 
 if __name__ == "__main__":

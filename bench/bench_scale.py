@@ -16,7 +16,6 @@ is lower, and says so. Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import socket
@@ -27,7 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_relay import Procs, _connect, _exchange_all, build, rss_kib, threads_of  # noqa: E402
+from bench_relay import (  # noqa: E402
+    Procs, _connect, _exchange_all, build, print_summary, rss_kib, threads_of, write_json,
+)
 
 TARGETS = {"rss_per_session_kib": 96.0, "relay_rss_per_session_kib": 32.0, "open_seconds": 20.0,
            "after_close_ratio": 1.10, "churn_drift_ratio": 1.10}
@@ -229,15 +230,8 @@ def main(argv=None) -> int:
     results["seconds"] = round(time.monotonic() - t_start, 1)
     results["loadavg_end"] = os.getloadavg()
     rows = results["summary"] = summary(results)
-    print(f"\nsummary ({results['seconds']:.0f} s, load average at end %.2f %.2f %.2f)" % results["loadavg_end"])
-    w = max((len(r[0]) for r in rows), default=10)
-    print(f"  {'figure':{w}s}  {'value':>12s}  {'target':>12s}  result")
-    for name, value, target, verdict in rows:
-        print(f"  {name:{w}s}  {value:>12s}  {target:>12s}  {verdict}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        print(f"figures written to {args.json}")
+    print_summary(rows, results)
+    write_json(args.json, results)
     return 0
 
 

@@ -12,7 +12,6 @@ so a loss costs the window a slot for that long. Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -23,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_relay import HOST, Procs, build, free_port  # noqa: E402
+from bench_relay import HOST, Procs, build, free_port, write_json  # noqa: E402
 
 WINDOWS = (1, 16, 64)
 SIZES = (64, 1400)
@@ -144,10 +143,7 @@ def main(argv=None) -> int:
     results["loadavg_end"] = os.getloadavg()
     print(f"target: tunnel >= {TARGET_VS_SOCAT}x socat's three hops, under 1 %% loss; load average at end "
           "%.2f %.2f %.2f" % results["loadavg_end"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"figures written to {args.json}")
+    write_json(args.json, results)
     return 0
 
 

@@ -141,6 +141,11 @@ class Puncher:
 
     # --- the offer --------------------------------------------------------------------------
 
+
+    @property
+    def direct_counts(self) -> tuple[int, int] | None:
+        """(sent, received) on the direct path, or None while the flow is relayed."""
+        return None if self.direct is None else (self.direct_bytes[0], self.direct_bytes[1])
     def offer(self, control, relay: tuple, path: str) -> None:
         """Tell the relay where this flow's socket may be reached on its own network."""
         local = local_candidate(self.sock, relay)

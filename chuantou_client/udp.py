@@ -240,10 +240,7 @@ class UdpFlow:
     @property
     def direct_counts(self) -> tuple[int, int] | None:
         """(sent, received) on the direct path, or None on the relay."""
-        puncher = self.puncher
-        if puncher is None or puncher.direct is None:
-            return None
-        return puncher.direct_bytes[0], puncher.direct_bytes[1]
+        return self.puncher.direct_counts if self.puncher is not None else None
 
     def _try_direct(self, registrar, session_id: str) -> None:
         """Punch toward B for at most the deadline while the user's first datagrams wait; no

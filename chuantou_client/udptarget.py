@@ -45,10 +45,7 @@ class UdpTarget:
     @property
     def direct_counts(self) -> tuple[int, int] | None:
         """(sent, received) on the direct path, or None on the relay."""
-        puncher = self.puncher
-        if puncher is None or puncher.direct is None:
-            return None
-        return puncher.direct_bytes[0], puncher.direct_bytes[1]
+        return self.puncher.direct_counts if self.puncher is not None else None
 
     def abort(self) -> None:
         self._closed.set()

@@ -28,16 +28,12 @@ from .net import arm_reset, close_quietly, disarm_reset, reset_connection, shutd
 log = logging.getLogger("chuantou")
 
 SMALL_READ = 16 * 1024
-IDLE_READ = 2 * 1024  # the read a quiet direction waits in: a thread blocked in recv(n) holds its n bytes
+# A short read means the sender went quiet: the next read waits with IDLE_READ, so thousands of
+# idle sessions do not each hold 16 KiB per direction while blocked (a thread blocked in recv(n)
+# holds its n bytes: about 96 KiB per session over relay, A and B); a full one reads SMALL_READ.
+IDLE_READ = 2 * 1024
 BULK_BUFFER = 1024 * 1024
 STUCK_WRITE = 1.0  # a write blocked this long (its reader stopped reading) is woken by SHUT_WR on abort
-
-
-def next_read_size(last: int, size: int) -> int:
-    """A read that came back short means the sender went quiet: wait in a small read, so thousands
-    of idle sessions do not each hold 16 KiB per direction while blocked (about 96 KiB per session
-    over relay, A and B). A full one means more is coming: read up to SMALL_READ."""
-    return IDLE_READ if last < size else SMALL_READ
 
 
 class Pipe:
@@ -174,7 +170,7 @@ class Pipe:
             counts[index] += len(data)
             if len(data) == SMALL_READ:
                 break
-            size = next_read_size(len(data), size)
+            size = IDLE_READ if len(data) < size else SMALL_READ
         buf = bytearray(self._bulk_buffer)
         view = memoryview(buf)
         recv_into = src.recv_into

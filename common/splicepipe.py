@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 
-from .pipe import IDLE_READ, SMALL_READ, Pipe, next_read_size
+from .pipe import IDLE_READ, SMALL_READ, Pipe
 
 PIPE_SIZE = 1024 * 1024
 MAX_PIPES = 256  # one per splicing direction: 512 descriptors of the relay's 20,000, at most 256 MiB in flight
@@ -119,7 +119,7 @@ class SplicePipe(Pipe):
             self.sent[index] += len(data)
             if len(data) == SMALL_READ:
                 return True
-            size = next_read_size(len(data), size)
+            size = IDLE_READ if len(data) < size else SMALL_READ
 
     def _splice(self, src: socket.socket, dst: socket.socket, index: int,
                 read_fd: int, write_fd: int, size: int) -> bool:

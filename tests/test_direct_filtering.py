@@ -94,7 +94,8 @@ def test_filter_probes_are_rate_limited_per_source(make_server):
             sender.sendto(d.pack_filter_probe(os.urandom(d.NONCE_BYTES)), ("127.0.0.1", server.port))
         answers = _answers(sender, 0.3)
         elapsed = time.monotonic() - began
-    assert 1 <= len(answers) <= rate + rate * elapsed + 1, (len(answers), elapsed)
+    assert answers, "the relay answered none of the probes"
+    assert len(answers) <= rate + rate * elapsed + 1, (len(answers), elapsed)
     assert server.udp.drops["rate_limited"] >= sent - len(answers) - rate * elapsed - 1
 
 
