@@ -43,8 +43,9 @@ def _relay_session(server) -> dict | None:
 def test_a_direct_flow_shows_as_direct_everywhere_and_its_bytes_reach_the_relay_as_reported(
         relay, make_client, services):  # noqa: F811 (fixture)
     echo = services(UdpEchoService())
-    a = make_client(relay, "A", udp_idle_timeout=1.5, path="auto")
-    b = make_client(relay, "B", udp_idle_timeout=30.0, path="auto")
+    # no keepalive pings during the test: each is a direct datagram, counted after `sent` is read
+    a = make_client(relay, "A", udp_idle_timeout=1.5, path="auto", direct_keepalive=60.0)
+    b = make_client(relay, "B", udp_idle_timeout=30.0, path="auto", direct_keepalive=60.0)
     proxy = a.create_proxy(0, "B", echo.port, protocol="udp")
     with _user() as user:
         for i in range(ROUNDS):
