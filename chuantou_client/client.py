@@ -24,6 +24,7 @@ from .control import ControlChannel, split_server_urls
 from .datachannel import TlsSettings
 from .joining import SessionJoining
 from .direct import DirectPaths, probe_nat
+from .directreport import TcpReports
 from .export import ExportPolicy
 from .pool import DEFAULT_POOL_COUNT, ChannelPool
 from .proxy import Proxy
@@ -170,12 +171,13 @@ class Client(SessionJoining):
         self.pool = ChannelPool(pool_count, self.threads, self.tls, request_timeout)
         self.direct = DirectPaths(path, direct_deadline, direct_keepalive, direct_retry)
         self.sessions = SessionBook()  # every session as A and as B, and what is left of ended ones
+        self.tcp_reports = TcpReports(self)  # what direct TCP sessions tell the relay
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
             on_lost=self._settle_sessions, public_key=self.sealing.identity.public_key_b64,
-            on_registered=self._registered, on_tick=self.sessions.trimmer.tick,
+            on_registered=self._registered, on_tick=self._tick,
             server_order=server_order, order_rng=random.Random(server_order_seed),
         )
         self.started_at: float | None = None
@@ -321,6 +323,11 @@ class Client(SessionJoining):
             if seal is not None:
                 total.add(seal.stats)
         return total.as_dict()
+
+    def _tick(self) -> None:
+        """Every heartbeat interval (on the heartbeat thread)."""
+        self.sessions.trimmer.tick()
+        self.tcp_reports.tick()
 
     def _settle_sessions(self, why: str) -> None:
         """The control channel ended: the relay closes every session of ours when it drops us, and

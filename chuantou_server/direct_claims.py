@@ -13,6 +13,13 @@ sessions, and never without bounds:
   (plus CLAIM_SLACK), and at protocol.MAX_REPORTED_BYTES, so one report cannot make a total
   jump to petabytes.
 
+A TCP session takes one path for its whole life, and the relay sees which: a direct one's relay
+channels end cleanly before carrying a byte (both sides close them once the direct connection is
+sealed, chuantou_client/directchoice.py). The relay then *holds* the session (``held_direct``)
+instead of ending it, so that its clients' reports find it, until a side says it ended
+(``session_closed``) or goes offline. A claim about a TCP session the relay carried bytes of is
+ignored, and dropped when it ends relayed: its relay counts are the truth.
+
 A direction's direct bytes are the larger of its sender's "sent" and its receiver's "received":
 the side that ends a session first reports both directions in full, and the other side's last
 report, which may arrive after the session is gone, is not needed.
@@ -31,6 +38,8 @@ PATHS = ("direct", "relay")
 
 def record(session, side: int, report: p.PathReport, now: float | None = None) -> None:
     """Keep ``report`` as side ``side``'s (0: A, 1: B) claim about ``session``, bounded."""
+    if session.protocol == "tcp" and relayed_any(session):
+        return  # the relay carried it: not a direct session, whatever a side says
     age = max(0.0, (time.monotonic() if now is None else now) - session.created_mono)
     cap = min(p.MAX_REPORTED_BYTES, CLAIM_SLACK + int(MAX_CLAIM_RATE * age))
     claim = session.claims[side]
@@ -65,3 +74,21 @@ def path(session) -> str:
 def reported_by(session) -> list[str]:
     """Which sides reported a path, as "A"/"B"."""
     return [side for side, claimed in zip("AB", session.claimed_path) if claimed is not None]
+
+
+def relayed_any(session) -> bool:
+    return bool(session.bytes_a_to_b or session.bytes_b_to_a)
+
+
+def held_direct(session, pipe) -> bool:
+    """Did this TCP session's relay pipe just end as a direct session's does: cleanly, having
+    carried nothing, after both sides offered a direct path? (Else it ended relayed.)"""
+    offers = session.candidates
+    return (session.protocol == "tcp" and pipe.ended_cleanly and not relayed_any(session)
+            and None not in offers and all(path != "relay" for _, path in offers))
+
+
+def void(session) -> None:
+    """The session ended relayed: whatever a side claimed went direct did not."""
+    session.claims = [[0, 0], [0, 0]]
+    session.claimed_path = [None, None]

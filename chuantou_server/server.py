@@ -302,10 +302,12 @@ class Server:
             if self.cluster is not None:
                 self.cluster.release(conn.client_id)
             # Sessions still waiting for this client cannot complete; running ones keep going
-            # on their own sockets until they end.
+            # on their own sockets until they end (a direct one is forgotten here: it runs on, unseen).
             for session in self.sessions.for_client(conn.client_id):
                 if not session.joined:
                     self.close_session(session, f"client '{conn.client_id}' went offline")
+                elif session.direct_held:  # its reports and its end no longer reach us; it runs on
+                    self.close_session(session, f"client '{conn.client_id}' went offline", notify=False)
 
     def drop_client(self, conn: ControlConnection, reason: str) -> None:
         """Take a client offline (heartbeat timeout, unregister) and close all its sessions."""

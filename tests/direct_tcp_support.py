@@ -1,5 +1,5 @@
 """The processes of the TCP direct-path tests, inside direct_support.NatTopology's namespaces:
-a relay that reports the TCP bytes it pumped, a target B with a TCP echo service, and a
+a relay that reports the TCP bytes it pumped (and those its clients said went direct), a target B with a TCP echo service, and a
 gateway A whose ``tcp MIB`` command sends that many MiB through a TCP proxy to the echo and
 reads as many back, at once (no half-close), and reports both sha256 digests.
 
@@ -48,8 +48,10 @@ def _run_relay(args) -> None:
 
     def traffic() -> dict:
         counts = server.traffic.bytes_by_direction()
+        direct = server.traffic.direct_by_direction()  # what the clients reported (direct_claims.py)
         return {"tcpBytesRelayed": sum(n for (protocol, _), n in counts.items() if protocol == "tcp"),
-                "sessions": len(server.sessions)}
+                "sessions": len(server.sessions),
+                "tcpDirectReported": [direct.get(("tcp", 0), 0), direct.get(("tcp", 1), 0)]}
 
     try:
         print(json.dumps({"port": server.port}), flush=True)
