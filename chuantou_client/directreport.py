@@ -81,11 +81,11 @@ class TcpReports:
         reason = p.NORMAL_END
         error = getattr(pipe, "error", None)
         if not pipe.ended_cleanly and path_died(error):
-            reason = (f"the direct path to {record.peer} went silent ({error}); new connections take the relay "
-                      f"until it is tried again")
-            log.warning("TCP session %s...: %s", record.id[:8], reason)
-            if record.side == "A":
+            reason = f"the direct path to {record.peer} went silent ({error})"
+            if record.side == "A":  # A decides paths: its next connections to the peer take the relay
                 self.client.direct.memory.failed(record.peer)
+            log.warning("TCP session %s...: %s%s", record.id[:8], reason,
+                        "; new connections take the relay until it is tried again" if record.side == "A" else "")
         self.client.end_session(record.id, reason)
 
     def _send(self, session_id: str, counts: tuple[int, int]) -> None:
