@@ -86,7 +86,8 @@ def _run_gateway(args) -> None:
     client = None
     held: list[Chatter] = []
     try:
-        client = Client(args.url, "A", token=args.token, path=args.path, **_tuning(args)).start(timeout=READY_TIMEOUT)
+        client = Client(args.url, args.id, token=args.token, path=args.path, **_tuning(args)).start(
+            timeout=READY_TIMEOUT)
         proxy = client.create_proxy(0, "B", args.service_port, protocol="tcp")
         print(json.dumps({"proxyPort": proxy.local_port}), flush=True)
 
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--token", required=True)
     parser.add_argument("--path", default="auto")
     parser.add_argument("--service-port", type=int)
+    parser.add_argument("--id", default="A", help="the gateway's client ID")
     parser.add_argument("--direct-keepalive", type=float)
     parser.add_argument("--direct-retry", type=float)
     args = parser.parse_args()
