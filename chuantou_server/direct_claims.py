@@ -17,7 +17,8 @@ A TCP session takes one path for its whole life, and the relay sees which: a dir
 channels end cleanly before carrying a byte (both sides close them once the direct connection is
 sealed, chuantou_client/directchoice.py). The relay then *holds* the session (``held_direct``)
 instead of ending it, so that its clients' reports find it, until a side says it ended
-(``session_closed``) or goes offline. A claim about a TCP session the relay carried bytes of is
+(``session_closed``) or goes offline; one that no side reports direct within UNREPORTED_HOLD
+seconds (an older client's) is let go. A claim about a TCP session the relay carried bytes of is
 ignored, and dropped when it ends relayed: its relay counts are the truth.
 
 A direction's direct bytes are the larger of its sender's "sent" and its receiver's "received":
@@ -34,6 +35,7 @@ from common import protocol as p
 MAX_CLAIM_RATE = 2 * 1024 ** 3  # bytes/s per direction and session: beyond any real direct flow
 CLAIM_SLACK = 64 * 1024 ** 2  # bytes a claim may hold in a session's first moments
 PATHS = ("direct", "relay")
+UNREPORTED_HOLD = 10.0  # seconds a held direct session waits for a side's report (an older client sends none)
 
 
 def record(session, side: int, report: p.PathReport, now: float | None = None) -> None:
@@ -86,6 +88,12 @@ def held_direct(session, pipe) -> bool:
     offers = session.candidates
     return (session.protocol == "tcp" and pipe.ended_cleanly and not relayed_any(session)
             and None not in offers and all(path != "relay" for _, path in offers))
+
+
+def is_direct(session) -> bool:
+    """A TCP session that went direct: held, or reported direct by a side before its relay pipe
+    was seen to end (a claim the relay keeps only while it carried nothing of the session)."""
+    return session.protocol == "tcp" and (session.direct_held or "direct" in session.claimed_path)
 
 
 def void(session) -> None:

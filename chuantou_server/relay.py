@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from common.frames import FrameError, JoinStatus, unpack_data_header
@@ -95,6 +96,7 @@ def _pipe_ended(server: Server, session: Session, pipe: Pipe) -> None:
     """A relayed session ends with its pipe; a direct one (direct_claims.held_direct) is held
     until its clients say it ended, so that their reports of its bytes find it."""
     if not session.closed and direct_claims.held_direct(session, pipe):
+        session.held_since = time.monotonic()
         session.direct_held = True
         log.debug("session %s goes direct: held until its clients end it", session.id[:8])
         return

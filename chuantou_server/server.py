@@ -24,7 +24,7 @@ from common.errors import ChuantouError
 from common.net import close_quietly, enlarge_udp_buffers
 from common.threads import ThreadGroup
 
-from . import admin, admin_sessions, caps, httpd, metrics
+from . import admin, admin_sessions, caps, direct_claims, httpd, metrics
 from .bandwidth import BandwidthLimits
 from .admission import Admission, UnregisteredGate
 from .authenticator import Authenticator
@@ -360,6 +360,8 @@ class Server:
                                                       cfg.tcp_idle_timeout):
             log.info("session %s closed: %s", session.id[:8], reason)
             self.close_session(session, reason)
+        for session in self.sessions.unreported_direct(direct_claims.UNREPORTED_HOLD):
+            self.close_session(session, "ended (went direct, unreported)", notify=False)  # it runs on, unseen
 
     # --- figures ----------------------------------------------------------------------------
 

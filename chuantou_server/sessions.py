@@ -61,6 +61,7 @@ class Session:
     # a TCP session gone direct: its relay pipe ended, the relay keeps it for its clients' reports
     # until one says it ended (direct_claims.held_direct)
     direct_held: bool = False
+    held_since: float = 0.0  # monotonic: when its relay pipe ended so
 
     @property
     def joined(self) -> bool:
@@ -231,6 +232,15 @@ class SessionTable:
                 elif tcp_idle_timeout > 0 and not s.direct_held and _tcp_idle(s, now) > tcp_idle_timeout:
                     out.append((s, f"idle for {tcp_idle_timeout:g} s (tcpIdleTimeout)"))
         return out
+
+
+    def unreported_direct(self, grace: float) -> list[Session]:
+        """Sessions held as direct for ``grace`` seconds that no side reported direct: an older
+        client's, which ends its direct sessions without telling the relay (nor reports them)."""
+        now = time.monotonic()
+        with self._lock:
+            return [s for s in self._sessions.values()
+                    if s.direct_held and now - s.held_since > grace and "direct" not in s.claimed_path]
 
 
 def _join_refusal(session: Session, join: JoinRequest, protocol: str) -> JoinStatus | None:

@@ -284,7 +284,7 @@ class ControlConnection:
             return self.server.cluster.forward_session_closed(self, msg)  # pumped on another node
         if session is None or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
-        if session.direct_held:  # each side ends its direct connection itself: the peer is not told
+        if direct_claims.is_direct(session):  # each side ends its direct connection itself: the peer is not told
             self.server.close_session(session, msg.reason, notify=False)
             return
         other = session.client_b if self.client_id == session.client_a else session.client_a

@@ -70,3 +70,21 @@ def test_a_relayed_session_cannot_be_claimed_direct_and_a_stranger_cannot_claim_
         assert not session.direct_held
     wait_until(lambda: not server.sessions.all(), message="the relayed session did not end")
     assert _tcp_direct(server) == [0, 0]
+
+
+def test_a_direct_session_no_side_reports_is_let_go_by_the_relay_and_runs_on(server, make_client, tcp_echo,
+                                                                              monkeypatch):
+    a, b, proxy = _proxy(make_client, server, tcp_echo, "auto", "auto")
+    for client in (a, b):  # as an older client: it goes direct but tells the relay nothing of it
+        for name in ("went_direct", "tick", "ended"):
+            monkeypatch.setattr(client.tcp_reports, name, lambda *args: None)
+    monkeypatch.setattr(direct_claims, "UNREPORTED_HOLD", 0.5)
+    with connect(proxy.local_port) as user:
+        user.sendall(b"first")
+        assert recv_exactly(user, 5) == b"first"
+        (session,) = server.sessions.all()
+        wait_until(lambda: session.direct_held, message="the relay does not hold the direct session")
+        wait_until(lambda: not server.sessions.all(), message="the relay holds an unreported session forever")
+        user.sendall(b"still direct")  # the relay let it go without a word to either side
+        assert recv_exactly(user, 12) == b"still direct"
+    assert _tcp_direct(server) == [0, 0] and _tcp_bytes(server) == 0
