@@ -19,7 +19,9 @@ sealed, chuantou_client/directchoice.py). The relay then *holds* the session (``
 instead of ending it, so that its clients' reports find it, until a side says it ended
 (``session_closed``) or goes offline; one that no side reports direct within UNREPORTED_HOLD
 seconds (an older client's) is let go. A claim about a TCP session the relay carried bytes of is
-ignored, and dropped when it ends relayed: its relay counts are the truth.
+ignored: its relay counts are the truth; and a TCP session's claims count only once it is held
+(or ended by a side that reported it direct while the relay carried nothing of it), so that no
+figure shown while it might still turn out relayed has to go back down.
 
 A direction's direct bytes are the larger of its sender's "sent" and its receiver's "received":
 the side that ends a session first reports both directions in full, and the other side's last
@@ -54,22 +56,33 @@ def record(session, side: int, report: p.PathReport, now: float | None = None) -
 
 def direct_bytes(session) -> tuple[int, int]:
     """(A->B, B->A) bytes that went direct, as the two sides' claims say."""
-    (a_sent, a_received), (b_sent, b_received) = session.claims
+    (a_sent, a_received), (b_sent, b_received) = _counted(session)
     return max(a_sent, b_received), max(b_sent, a_received)
 
 
 def claimed_by(session, client_id: str) -> tuple[int, int]:
     """(sent, received) directly that ``client_id`` claims in ``session`` (its own side's claim)."""
+    claims = _counted(session)
     if client_id == session.client_a:
-        return session.claims[0][0], session.claims[0][1]
+        return claims[0][0], claims[0][1]
     if client_id == session.client_b:
-        return session.claims[1][0], session.claims[1][1]
+        return claims[1][0], claims[1][1]
     return 0, 0
+
+
+def _counted(session) -> list:
+    """The claims that count: a TCP session's only once the relay holds it as direct (before, it
+    may still turn out relayed, and a figure shown then would have to go back down)."""
+    if session.protocol == "tcp" and not session.direct_held:
+        return [[0, 0], [0, 0]]
+    return session.claims
 
 
 def path(session) -> str:
     """"direct" when a side reported it goes direct, else "relay" (the default: it is what the
     relay sees; a client that says nothing is relayed or still choosing)."""
+    if session.protocol == "tcp":
+        return "direct" if is_direct(session) else "relay"
     return "direct" if "direct" in session.claimed_path else "relay"
 
 
@@ -91,12 +104,7 @@ def held_direct(session, pipe) -> bool:
 
 
 def is_direct(session) -> bool:
-    """A TCP session that went direct: held, or reported direct by a side before its relay pipe
-    was seen to end (a claim the relay keeps only while it carried nothing of the session)."""
-    return session.protocol == "tcp" and (session.direct_held or "direct" in session.claimed_path)
-
-
-def void(session) -> None:
-    """The session ended relayed: whatever a side claimed went direct did not."""
-    session.claims = [[0, 0], [0, 0]]
-    session.claimed_path = [None, None]
+    """A TCP session that went direct: held, or reported direct by a side while the relay has
+    carried nothing of it (its relay pipe not seen to end yet)."""
+    return session.protocol == "tcp" and (session.direct_held or
+                                          ("direct" in session.claimed_path and not relayed_any(session)))

@@ -100,8 +100,6 @@ def _pipe_ended(server: Server, session: Session, pipe: Pipe) -> None:
         session.direct_held = True
         log.debug("session %s goes direct: held until its clients end it", session.id[:8])
         return
-    if session.protocol == "tcp":
-        direct_claims.void(session)
     server.close_session(session, "ended", notify=False)
 
 
