@@ -91,13 +91,13 @@ def _run_gateway(args) -> None:
         proxy = client.create_proxy(0, "B", args.service_port, protocol="tcp")
         print(json.dumps({"proxyPort": proxy.local_port}), flush=True)
 
-        def hold() -> dict:
-            held.append(Chatter(proxy.local_port))
+        def hold(mode: str = "chatty") -> dict:
+            held.append(Chatter(proxy.local_port, idle=mode == "idle"))
             return {**held[-1].state(), **_client_status(client)}
 
         _serve_commands({"status": lambda: _client_status(client),
                          "tcp": lambda mib: {**_transfer(proxy.local_port, int(mib)), **_client_status(client)},
-                         "hold": hold, "held": lambda: held[-1].state()})
+                         "hold": hold, "held": lambda: [chatter.state() for chatter in held]})
     finally:
         for chatter in held:
             chatter.close()
@@ -112,10 +112,12 @@ def _tuning(args) -> dict:
 
 class Chatter:
     """A user's connection that stays open and talks through the proxy: 1 KiB to the echo and
-    back, again and again, until the connection ends; how it ended ("eof": a clean end, which a
-    cut path must never look like; "reset" or "error: ..."), and when."""
+    back, again and again (``idle``: once, then it only waits to read), until the connection
+    ends; how it ended ("eof": a clean end, which a cut path must never look like; "reset" or
+    "error: ..."), and when."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, idle: bool = False):
+        self.idle = idle
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30.0)
         self.rounds = 0
         self.ended: str | None = None
@@ -142,6 +144,9 @@ class Chatter:
                     return
                 self.rounds += 1
                 self._first.set()
+                if self.idle:
+                    self._end("eof" if not self.sock.recv(1) else "unasked data")
+                    return
                 time.sleep(0.05)  # (pacing a user's chatter, not synchronisation)
         except ConnectionResetError:
             self._end("reset")

@@ -47,21 +47,23 @@ def cone_tcp(tmp_path):
 @pytest.mark.timeout(180)
 def test_a_direct_tcp_path_cut_mid_run_fails_the_live_connection_then_new_ones_relay_and_go_direct_again(cone_tcp):
     topo, relay, target, gateway = cone_tcp
-    held = gateway.command("hold", timeout=30.0)
-    assert held["ended"] is None and held["rounds"] >= 1, held
-    assert _tcp_paths(held) == ["direct"], held["connections"]
+    for mode in ("chatty", "idle"):  # one talks on (TCP_USER_TIMEOUT), one is silent (keepalive probes)
+        held = gateway.command(f"hold {mode}", timeout=30.0)
+        assert held["ended"] is None and held["rounds"] >= 1, held
+    assert _tcp_paths(held) == ["direct", "direct"], held["connections"]
     assert relay.command("traffic")["tcpBytesRelayed"] == 0
 
     topo.cut_between_nats()
-    cut_at = gateway.command("held")["now"]
-    wait_until(lambda: gateway.command("held")["ended"] is not None, timeout=liveness(KEEPALIVE) + 2 + SLACK,
-               interval=0.2, message="the live direct connection did not notice its path died")
-    held = gateway.command("held")
-    assert held["ended"] == "reset", held  # an error for the user, never a clean end
-    assert held["endedAt"] - cut_at <= liveness(KEEPALIVE) + 2 + SLACK, held
+    cut_at = gateway.command("held")[0]["now"]
+    bound = liveness(KEEPALIVE) + 2 + SLACK  # the silence, a probe interval, and a loaded machine
+    wait_until(lambda: all(c["ended"] for c in gateway.command("held")), timeout=bound, interval=0.2,
+               message="a live direct connection did not notice its path died")
+    for chatter in gateway.command("held"):
+        assert chatter["ended"] == "reset", chatter  # an error for the user, never a clean end
+        assert chatter["endedAt"] - cut_at <= bound, chatter
     assert "went silent" in gateway.log_tail(300), gateway.log_tail()  # the reason is logged
     pair = gateway.status()["direct"]["pairs"]["B"]
-    assert pair["last"] == "relay" and pair["failures"] == 1, pair  # the memory knows the path died
+    assert pair["last"] == "relay" and pair["failures"] >= 1, pair  # the memory knows the path died
     wait_until(lambda: not _tcp_paths(target.status()), timeout=liveness(KEEPALIVE) + 2 + SLACK, interval=0.2,
                message="B's side of the dead session did not end")
     wait_until(lambda: relay.command("traffic")["sessions"] == 0, message="the relay still holds the dead session")
@@ -73,7 +75,7 @@ def test_a_direct_tcp_path_cut_mid_run_fails_the_live_connection_then_new_ones_r
     assert relay.command("traffic")["tcpBytesRelayed"] >= 2 << 20
 
     topo.join_nats()  # the path returns: after the pair's (bounded) backoff, new connections go direct
-    wait_until(lambda: gateway.status()["direct"]["pairs"]["B"]["retryIn"] == 0, timeout=4 * RETRY + SLACK,
+    wait_until(lambda: gateway.status()["direct"]["pairs"]["B"]["retryIn"] == 0, timeout=8 * RETRY + SLACK,
                interval=0.1, message="the failed pair's backoff never ends")
     relayed = relay.command("traffic")["tcpBytesRelayed"]
     began = time.monotonic()
