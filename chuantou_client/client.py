@@ -131,7 +131,8 @@ class Client(SessionJoining):
         ("auto": try, and fall back to the relay after ``direct_deadline`` seconds; "relay": never;
         "direct": try every one, and end it rather than relay it; see direct.py, directtcp.py).
         Either path carries the same sealed bytes and datagrams. A direct UDP flow pings its peer
-        every ``direct_keepalive`` seconds and ends when the path went silent for three of them; a
+        every ``direct_keepalive`` seconds and ends when the path went silent for three of them (a
+        direct TCP session's connection: keepalive and TCP_USER_TIMEOUT of as long); a
         pair whose attempt failed (or whose path died) is tried again after ``direct_retry``
         seconds, doubling per failure up to 300 s.
 
