@@ -24,6 +24,7 @@ from .control import ControlChannel, split_server_urls
 from .datachannel import TlsSettings
 from .joining import SessionJoining
 from .direct import DirectPaths, probe_nat
+from .directreport import TcpReports
 from .export import ExportPolicy
 from .pool import DEFAULT_POOL_COUNT, ChannelPool
 from .proxy import Proxy
@@ -130,7 +131,8 @@ class Client(SessionJoining):
         ("auto": try, and fall back to the relay after ``direct_deadline`` seconds; "relay": never;
         "direct": try every one, and end it rather than relay it; see direct.py, directtcp.py).
         Either path carries the same sealed bytes and datagrams. A direct UDP flow pings its peer
-        every ``direct_keepalive`` seconds and ends when the path went silent for three of them; a
+        every ``direct_keepalive`` seconds and ends when the path went silent for three of them (a
+        direct TCP session's connection: keepalive and TCP_USER_TIMEOUT of as long); a
         pair whose attempt failed (or whose path died) is tried again after ``direct_retry``
         seconds, doubling per failure up to 300 s.
 
@@ -170,12 +172,13 @@ class Client(SessionJoining):
         self.pool = ChannelPool(pool_count, self.threads, self.tls, request_timeout)
         self.direct = DirectPaths(path, direct_deadline, direct_keepalive, direct_retry)
         self.sessions = SessionBook()  # every session as A and as B, and what is left of ended ones
+        self.tcp_reports = TcpReports(self)  # what direct TCP sessions tell the relay
         self.control = ControlChannel(
             self.server_url, self.client_id, self.threads, self._on_message,
             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             connect_timeout=connect_timeout, reconnect_max_delay=reconnect_max_delay, token=token, tls=self.tls,
             on_lost=self._settle_sessions, public_key=self.sealing.identity.public_key_b64,
-            on_registered=self._registered, on_tick=self.sessions.trimmer.tick,
+            on_registered=self._registered, on_tick=self._tick,
             server_order=server_order, order_rng=random.Random(server_order_seed),
         )
         self.started_at: float | None = None
@@ -321,6 +324,11 @@ class Client(SessionJoining):
             if seal is not None:
                 total.add(seal.stats)
         return total.as_dict()
+
+    def _tick(self) -> None:
+        """Every heartbeat interval (on the heartbeat thread)."""
+        self.sessions.trimmer.tick()
+        self.tcp_reports.tick()
 
     def _settle_sessions(self, why: str) -> None:
         """The control channel ended: the relay closes every session of ours when it drops us, and

@@ -48,6 +48,7 @@ def seal_a(client, proxy, relay, reply, record):
         direct.memory.succeeded(peer)
         close_relay_channel(relay)
         record.path = "direct"
+        client.tcp_reports.went_direct(record)
         log.info("proxy %s: TCP session %s... goes direct to %s:%s", proxy.description, reply.sessionId[:8],
                  *sock_peer(stream))
         return stream
@@ -89,6 +90,7 @@ def seal_b(client, relay, msg: p.ConnectOffer, record, on_failure):
                                 f"connection from A was sealed") from None
             close_relay_channel(relay)
             record.path = "direct"
+            client.tcp_reports.went_direct(record)
             log.info("TCP session %s... from %s goes direct (%s:%s)", msg.sessionId[:8], msg.fromClientId,
                      *sock_peer(stream))
             return stream

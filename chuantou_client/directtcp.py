@@ -37,6 +37,7 @@ from common.errors import ChuantouError
 from common.net import arm_reset, close_quietly, keep_alive, reset_connection, shutdown_quietly, tune_tcp
 
 from .datachannel import reusable_socket
+from .directreport import liveness
 from .sealing import SealError, hinted_key
 
 log = logging.getLogger("chuantou.client")
@@ -197,7 +198,7 @@ class TcpAttempt:
                 return None
             if sock is None or self._own(sock) is None:  # stop() woke us
                 return None
-            prepare(sock, self.client.data_channel_timeout)
+            prepare(sock, liveness(self.client.direct.keepalive))
             try:
                 return self.client.sealing.seal_b(sock, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
                                                   deadline=time.monotonic() + HANDSHAKE_TIME + GRACE,
@@ -249,7 +250,7 @@ class TcpAttempt:
             worker.join(max(0.0, end - time.monotonic()) + 1.0)
         if not won:
             return None
-        prepare(won[0], self.client.data_channel_timeout)
+        prepare(won[0], liveness(self.client.direct.keepalive))
         log.debug("TCP session %s... (%s): connected directly %s:%s -> %s:%s", self.session_id[:8], self.side,
                   *won[0].getsockname()[:2], *sock_peer(won[0]))
         return won[0]
@@ -340,11 +341,14 @@ class TcpAttempt:
             self.stop()
 
 
-def prepare(sock: socket.socket, liveness: float) -> None:
-    """A direct connection, tuned and watched like a data channel."""
+def prepare(sock: socket.socket, silence: float) -> None:
+    """A direct connection, tuned like a data channel and watched as closely as a direct UDP
+    flow: the kernel's keepalive probes (while idle) and TCP_USER_TIMEOUT (while data goes
+    unacknowledged) end it with ETIMEDOUT after about ``silence`` seconds of a dead path
+    (directreport.py), so a cut path fails the session instead of hanging it."""
     tune_tcp(sock)
     arm_reset(sock)  # should this process die, the peer sees a reset, not an end of stream
-    keep_alive(sock, liveness)
+    keep_alive(sock, silence)
     sock.settimeout(None)
 
 

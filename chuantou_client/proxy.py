@@ -248,7 +248,10 @@ class Proxy:
                     pipe.abort()
                 self._pipes.add(pipe)
             self.client.sessions.attach(record, pipe)
-            pipe.run(self.threads, f"a-{reply.sessionId[:8]}")
+            try:
+                pipe.run(self.threads, f"a-{reply.sessionId[:8]}")
+            finally:
+                self.client.tcp_reports.ended(record, pipe)  # a direct session's last report and end
 
     def _connection_failed(self, user: socket.socket, addr: tuple, exc: ChuantouError) -> None:
         log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)

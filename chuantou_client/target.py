@@ -193,7 +193,10 @@ def _serve(client, msg: p.ConnectOffer, prepared: Prepared) -> None:
         # half is gone already: nothing to accept.
         accept = None if record.path == "direct" else (
             lambda: _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId)))
-        pipe.run(client.threads, f"b-{msg.sessionId[:8]}", before=accept)
+        try:
+            pipe.run(client.threads, f"b-{msg.sessionId[:8]}", before=accept)
+        finally:
+            client.tcp_reports.ended(record, pipe)  # a direct session's last report and end
 
 
 def _session_facts(msg: p.ConnectOffer) -> dict:

@@ -343,7 +343,7 @@ def sessions(server: Server) -> Response:
             "port": s.port,
             "protocol": s.protocol,
             "startedAt": s.created_at,
-            "state": "relaying" if s.joined else "joining",
+            "state": "direct" if s.direct_held else "relaying" if s.joined else "joining",
             "sealed": s.sealed,  # both sides registered keys: sealed end to end, unreadable here
             "sealing": SEALED_LABEL if s.sealed else UNSEALED_LABEL,
             "bytesAToB": s.bytes_a_to_b,

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from common.frames import FrameError, JoinStatus, unpack_data_header
 from common.net import arm_reset, close_quietly, keep_alive
 from common.pipe import Pipe
 from common.splicepipe import SplicePipe, can_splice
+
+from . import direct_claims
 
 if TYPE_CHECKING:
     from .server import Server
@@ -80,13 +83,24 @@ def _refuse(sock: socket.socket, status: JoinStatus) -> None:
 def run_relay(server: Server, session: Session) -> None:
     assert session.sock_a is not None and session.sock_b is not None  # run once both halves joined
     pipe = make_pipe(session.sock_a, session.sock_b,
-                     on_done=lambda _pipe: server.close_session(session, "ended", notify=False),
+                     on_done=lambda ended: _pipe_ended(server, session, ended),
                      limits=server.bandwidth.pipe_limits(session))  # the relay's own limits, whatever a client says
     session.pipe = pipe
     if session.closed:  # closed while we were setting up
         pipe.abort()
     log.debug("session %s relaying %s -> %s:%d", session.id[:8], session.client_a, session.client_b, session.port)
     pipe.run(server.threads, f"relay-{session.id[:8]}")
+
+
+def _pipe_ended(server: Server, session: Session, pipe: Pipe) -> None:
+    """A relayed session ends with its pipe; a direct one (direct_claims.held_direct) is held
+    until its clients say it ended, so that their reports of its bytes find it."""
+    if not session.closed and direct_claims.held_direct(session, pipe):
+        session.held_since = time.monotonic()
+        session.direct_held = True
+        log.debug("session %s goes direct: held until its clients end it", session.id[:8])
+        return
+    server.close_session(session, "ended", notify=False)
 
 
 def make_pipe(a: socket.socket, b: socket.socket, on_done, limits=((), ())) -> Pipe:

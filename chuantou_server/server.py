@@ -24,7 +24,7 @@ from common.errors import ChuantouError
 from common.net import close_quietly, enlarge_udp_buffers
 from common.threads import ThreadGroup
 
-from . import admin, admin_sessions, caps, httpd, metrics
+from . import admin, admin_sessions, caps, direct_claims, httpd, metrics
 from .bandwidth import BandwidthLimits
 from .admission import Admission, UnregisteredGate
 from .authenticator import Authenticator
@@ -302,10 +302,12 @@ class Server:
             if self.cluster is not None:
                 self.cluster.release(conn.client_id)
             # Sessions still waiting for this client cannot complete; running ones keep going
-            # on their own sockets until they end.
+            # on their own sockets until they end (a direct one is forgotten here: it runs on, unseen).
             for session in self.sessions.for_client(conn.client_id):
                 if not session.joined:
                     self.close_session(session, f"client '{conn.client_id}' went offline")
+                elif session.direct_held:  # its reports and its end no longer reach us; it runs on
+                    self.close_session(session, f"client '{conn.client_id}' went offline", notify=False)
 
     def drop_client(self, conn: ControlConnection, reason: str) -> None:
         """Take a client offline (heartbeat timeout, unregister) and close all its sessions."""
@@ -358,6 +360,8 @@ class Server:
                                                       cfg.tcp_idle_timeout):
             log.info("session %s closed: %s", session.id[:8], reason)
             self.close_session(session, reason)
+        for session in self.sessions.unreported_direct(direct_claims.UNREPORTED_HOLD):
+            self.close_session(session, "ended (went direct, unreported)", notify=False)  # it runs on, unseen
 
     # --- figures ----------------------------------------------------------------------------
 

@@ -58,6 +58,10 @@ class Session:
     # the direct path (TCP): the address each side's data channel came from, noted before JOINED
     # goes out, so that the offer the side sends next over its control channel finds it
     tcp_seen: list = field(default_factory=lambda: [None, None], repr=False)
+    # a TCP session gone direct: its relay pipe ended, the relay keeps it for its clients' reports
+    # until one says it ended (direct_claims.held_direct)
+    direct_held: bool = False
+    held_since: float = 0.0  # monotonic: when its relay pipe ended so
 
     @property
     def joined(self) -> bool:
@@ -225,9 +229,18 @@ class SessionTable:
                 elif s.protocol == "udp":
                     if now - s.last_active > udp_idle_timeout:
                         out.append((s, f"ended: idle for {udp_idle_timeout:g} s"))
-                elif tcp_idle_timeout > 0 and _tcp_idle(s, now) > tcp_idle_timeout:
+                elif tcp_idle_timeout > 0 and not s.direct_held and _tcp_idle(s, now) > tcp_idle_timeout:
                     out.append((s, f"idle for {tcp_idle_timeout:g} s (tcpIdleTimeout)"))
         return out
+
+
+    def unreported_direct(self, grace: float) -> list[Session]:
+        """Sessions held as direct for ``grace`` seconds that no side reported direct: an older
+        client's, which ends its direct sessions without telling the relay (nor reports them)."""
+        now = time.monotonic()
+        with self._lock:
+            return [s for s in self._sessions.values()
+                    if s.direct_held and now - s.held_since > grace and "direct" not in s.claimed_path]
 
 
 def _join_refusal(session: Session, join: JoinRequest, protocol: str) -> JoinStatus | None:

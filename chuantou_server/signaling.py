@@ -284,6 +284,10 @@ class ControlConnection:
             return self.server.cluster.forward_session_closed(self, msg)  # pumped on another node
         if session is None or not session.involves(self.client_id):
             return  # already gone, or not this client's: nothing to do, nothing to reveal
+        if direct_claims.is_direct(session):  # each side ends its direct connection itself: the peer is not told
+            session.direct_held = True  # (its relay pipe may not have been seen to end yet): its claims count
+            self.server.close_session(session, msg.reason, notify=False)
+            return
         other = session.client_b if self.client_id == session.client_a else session.client_a
         said = "ended" if p.is_normal_end(msg.reason) else "closed"  # keep a normal end normal for the peer
         told = f"{said} by '{self.client_id}': {msg.reason}"

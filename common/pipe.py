@@ -51,6 +51,7 @@ class Pipe:
         self._on_done = on_done
         self._bulk_buffer = bulk_buffer
         self._aborted = threading.Event()
+        self.error: OSError | None = None  # the first error that ended a direction (None: none did)
         self._finished = [False, False]  # direction ended by a real FIN
         self._writing_since = [0.0, 0.0]  # when a direction entered sendall (0: not writing)
         self._done = [False, False]  # direction's thread finished; guarded by _state
@@ -141,6 +142,8 @@ class Pipe:
             self._copy(src, dst, index)
         except OSError as exc:
             self._writing_since[index] = 0.0
+            if self.error is None:
+                self.error = exc
             log.debug("pipe %s: %s; resetting both ends", ("a->b", "b->a")[index], exc)
             self.abort()
         finally:
