@@ -21,7 +21,7 @@ Messages between nodes (JSON objects on ``bus:<node>``), by ``type``:
 ``connect`` {ticket, origin, fromClientId, toClientId, remotePort, remoteHost, protocol, localPort},
 ``created`` {ticket, node, sessionId, secret, host, port, remotePort, protocol}, ``refused`` {ticket, code, message},
 ``closed`` {sessionId, clientId, reason}, ``end`` {sessionId, clientId, reason},
-``keys`` {to, from, frame}; ``host`` and ``offer``: see cluster_data.py.
+``keys`` {to, from, frame}; ``host`` and ``offer``: see cluster_data.py; ``drop``: cluster_identity.py.
 
 When Redis is unreachable the node keeps serving everything that needs only itself (local
 clients, local sessions) and refuses cross-node requests with "cluster store unreachable";
@@ -44,6 +44,7 @@ from common import protocol as p
 
 from . import metrics
 from .cluster_data import DataSide
+from .cluster_identity import IdentitySide
 from .cluster_redirect import Redirector
 from .cluster_store import ClusterStore, StoreUnreachable
 from .cluster_view import NodeTable, clients_view
@@ -82,7 +83,7 @@ def parse_advertise(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80)
 
 
-class Cluster(DataSide):
+class Cluster(DataSide, IdentitySide):
     def __init__(self, server: Server, url: str, node_id: str, advertise: str | None, ttl: float = DEFAULT_TTL):
         self.server = server
         self.node_id = node_id
@@ -206,38 +207,6 @@ class Cluster(DataSide):
             return {"dataNode": self.node_id, "aNode": remote.get(session.client_a, self.node_id),
                     "bNode": remote.get(session.client_b, self.node_id)}
 
-    # --- identity, cluster-wide ----------------------------------------------------------------
-
-    def claim(self, client_id: str, credential: str | None) -> tuple[str, str] | None:
-        """Hold the ID in the cluster; None when granted, else (message, code) for the refusal."""
-        try:
-            holder = self.store.claim(client_id, credential)
-        except StoreUnreachable as exc:
-            # Local registration must keep working without the store; the refresher claims it later.
-            self._mark(False, str(exc))
-            return None
-        self._mark(True)
-        if holder is None:
-            return None
-        node = holder.get("node")
-        if holder.get("credential") != credential:
-            return (f"client ID '{client_id}' is online on relay node {node} with a different credential; "
-                    f"choose another --client-id", p.ID_TAKEN)
-        return (f"client ID '{client_id}' is in use by a live connection on relay node {node}; "
-                f"if both run on purpose, give one another --client-id", p.ID_IN_USE)
-
-    def release(self, client_id: str) -> None:
-        try:
-            self.store.release(client_id)
-        except StoreUnreachable:
-            pass  # the key expires within the TTL
-
-    def client_ids(self) -> list[str]:
-        try:
-            return self.store.client_ids()
-        except StoreUnreachable:
-            return []
-
     # --- origin side: A is ours, B is elsewhere ------------------------------------------------
 
     def connect_remote(self, conn: ControlConnection, msg: p.ConnectRequest) -> None:
@@ -348,7 +317,7 @@ class Cluster(DataSide):
         stopping, pubsub, backoff = self.server.stopping, None, 0.1
         handlers = {"connect": self._on_connect, "created": self._on_created, "refused": self._on_refused,
                     "closed": self._on_closed, "end": self._on_end, "keys": self._on_keys,
-                    "host": self._on_host, "offer": self._on_offer}
+                    "host": self._on_host, "offer": self._on_offer, "drop": self._on_drop}
         try:
             while not stopping.is_set():
                 try:
@@ -367,10 +336,11 @@ class Cluster(DataSide):
                 handler = handlers.get(message.get("type")) if message else None
                 if handler is None:
                     continue
-                if handler in (self._on_connect, self._on_host, self._on_offer):
+                if handler in (self._on_connect, self._on_host, self._on_offer, self._on_drop):
                     # Its offer to B may wait on a client that does not read: never on this thread,
                     # which every other cross-node message goes through.
-                    self.server.threads.spawn(f"cluster-{message['type']}-{str(message.get('ticket') or message.get('sessionId'))[:24]}",
+                    about = message.get("ticket") or message.get("sessionId") or message.get("clientId")
+                    self.server.threads.spawn(f"cluster-{message['type']}-{str(about)[:24]}",
                                               self._handle, handler, message)
                 else:
                     self._handle(handler, message)

@@ -25,16 +25,29 @@ except ImportError:  # the extra is not installed: a relay without --cluster nev
     redis = None  # type: ignore[assignment]
 
 PREFIX = "chuantou:"
+# why a claim was not simply granted (see _CLAIM)
+TAKEN, IN_USE, TOOK = "taken", "in_use", "took"
 CONNECT_TIMEOUT = 1.0  # a store that does not answer is treated as down, quickly
 COMMAND_TIMEOUT = 2.0
 
 # Claim an ID for this node unless another node holds it (atomic: two nodes racing for one ID
-# cannot both win). Returns nil when granted, else the holder's record.
+# cannot both win). ARGV: record, node, TTL in ms, credential ('' for none), takeover ('1'/'0'),
+# channel prefix, the message that tells the holder to drop it. Returns nil when granted; else
+# {why, the holder's record}: 'taken' (another credential), 'in_use' (same credential, no
+# takeover) or 'took' (same credential, takeover: granted, and the holder was told on its channel).
 _CLAIM = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, held = pcall(cjson.decode, cur)
-  if ok and held['node'] ~= ARGV[2] then return cur end
+  if ok and type(held) == 'table' and held['node'] ~= ARGV[2] then
+    local cred = held['credential']
+    if type(cred) ~= 'string' then cred = '' end
+    if cred ~= ARGV[4] then return {'taken', cur} end
+    if ARGV[5] ~= '1' or type(held['node']) ~= 'string' then return {'in_use', cur} end
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+    redis.call('PUBLISH', ARGV[6] .. held['node'], ARGV[7])
+    return {'took', cur}
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return false
@@ -115,11 +128,17 @@ class ClusterStore:
     # --- client registry ---------------------------------------------------------------------
 
     @_guard
-    def claim(self, client_id: str, credential: str | None) -> dict | None:
-        """Hold ``client_id`` for this node. None: granted; else the record of the node holding it."""
+    def claim(self, client_id: str, credential: str | None, takeover: bool = False) -> tuple[str, dict] | None:
+        """Hold ``client_id`` for this node. None: granted; else (why, the holder's record): TAKEN,
+        IN_USE, or TOOK (granted by taking it over: the holder was told to drop it, see _CLAIM)."""
         held = self._claim(keys=[self.client_key(client_id)],
-                           args=[self._client_record(credential), self.node_id, self.ttl_ms])
-        return json.loads(held) if held else None
+                           args=self._claim_args(client_id, credential, takeover))
+        return (held[0], json.loads(held[1])) if held else None
+
+    def _claim_args(self, client_id: str, credential: str | None, takeover: bool) -> list:
+        drop = {"type": "drop", "clientId": client_id, "node": self.node_id, "credential": credential}
+        return [self._client_record(credential), self.node_id, self.ttl_ms, credential or "",
+                "1" if takeover else "0", self.channel(""), json.dumps(drop)]
 
     @_guard
     def release(self, client_id: str) -> None:
@@ -166,11 +185,11 @@ class ClusterStore:
         Returns the (client ID, holder) pairs another node holds (after a store outage)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.node_key(self.node_id), json.dumps(node), px=self.ttl_ms)
-        for client_id, credential in clients:
-            self._claim(keys=[self.client_key(client_id)],
-                        args=[self._client_record(credential), self.node_id, self.ttl_ms], client=pipe)
+        for client_id, credential in clients:  # never a takeover: a refresh only keeps what is ours
+            self._claim(keys=[self.client_key(client_id)], args=self._claim_args(client_id, credential, False),
+                        client=pipe)
         replies = pipe.execute()
-        return [(cid, json.loads(held)) for (cid, _), held in zip(clients, replies[1:]) if held]
+        return [(cid, json.loads(held[1])) for (cid, _), held in zip(clients, replies[1:]) if held]
 
     @_guard
     def share_opened(self, own: dict[tuple[str, str], int], others: list[str]) -> dict[tuple[str, str], int]:
