@@ -43,8 +43,10 @@ from urllib.parse import urlsplit
 from common import protocol as p
 
 from . import metrics
+from .caps import pending_problem
 from .cluster_data import DataSide
 from .cluster_identity import IdentitySide
+from .cluster_pending import PendingSide
 from .cluster_redirect import Redirector
 from .cluster_store import ClusterStore, StoreUnreachable
 from .cluster_view import NodeTable, clients_view
@@ -83,7 +85,7 @@ def parse_advertise(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80)
 
 
-class Cluster(DataSide, IdentitySide):
+class Cluster(PendingSide, DataSide, IdentitySide):  # (PendingSide first: DataSide declares pending_key)
     def __init__(self, server: Server, url: str, node_id: str, advertise: str | None, ttl: float = DEFAULT_TTL):
         self.server = server
         self.node_id = node_id
@@ -105,6 +107,8 @@ class Cluster(DataSide, IdentitySide):
         self.policy = server.config.data_node
         self._opened_elsewhere: dict[tuple[str, str], int] = {}  # (client, protocol) -> sessions on other nodes
         server.caps.opened_elsewhere = self.opened_elsewhere
+        self._init_pending()
+        server.caps.pending_elsewhere = self.pending_elsewhere
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -124,6 +128,7 @@ class Cluster(DataSide, IdentitySide):
         try:
             for client_id in self.server.registry.ids():
                 self.store.release(client_id)
+            self._forget_all_pending()
             self.store.forget_node()
         except StoreUnreachable:
             pass  # they expire within the TTL
@@ -150,6 +155,7 @@ class Cluster(DataSide, IdentitySide):
         self._mark(True)
         self._forget_dead_data_nodes(self.table.live_ids())
         self._share_opened()
+        self._refresh_pending_seen()
         for client_id, holder in held_elsewhere:  # both registered while the store was down
             log.warning("client %s is also registered on node %s (registered during a store outage); "
                         "it stays on both until one goes offline", client_id, holder.get("node"))
@@ -198,7 +204,7 @@ class Cluster(DataSide, IdentitySide):
         """GET /api/cluster: the node table with each node's load and state, and each client's node."""
         view = self.status()
         return {**{k: view[k] for k in ("node", "advertise", "dataNode", "store")}, "nodes": view["table"],
-                **clients_view(self.store, self.node_id)}
+                **clients_view(self.store, self.node_id), **self.pending_view()}
 
     def placement(self, session) -> dict:
         """Where a session pumped here is pumped (this node) and where its two parties are."""
@@ -218,12 +224,14 @@ class Cluster(DataSide, IdentitySide):
         waiting = _Ticket(conn, msg.requestId, msg.toClientId, "?", time.monotonic() + REQUEST_TIMEOUT)
         with self._lock:  # before the publish: the answer may come back before it returns
             self._tickets[ticket] = waiting
+        cap, pending_here = self.pending_request(conn.client_id or "")
         try:
-            # where B is and the request to its node in one round trip (set-up latency)
-            data_node, heard = self.store.publish_to_holder(msg.toClientId, {
+            # where B is, A's pending count and the request to B's node in one round trip (set-up latency)
+            data_node, heard, pending, over = self.store.publish_to_holder(msg.toClientId, {
                 "type": "connect", "ticket": ticket, "origin": self.node_id, "fromClientId": conn.client_id,
                 "toClientId": msg.toClientId, "remotePort": msg.remotePort, "remoteHost": msg.remoteHost,
-                "protocol": msg.protocol, "localPort": msg.localPort, "publicKey": conn.public_key})
+                "protocol": msg.protocol, "localPort": msg.localPort, "publicKey": conn.public_key},
+                conn.client_id or "", cap, pending_here, f"t:{ticket}", int(REQUEST_TIMEOUT * 1000))
         except StoreUnreachable as exc:
             self._take_ticket(ticket)
             self._mark(False, str(exc))
@@ -231,6 +239,11 @@ class Cluster(DataSide, IdentitySide):
             return refuse(CODE_UNREACHABLE, f"client '{msg.toClientId}' is not on this relay node and the "
                                             f"{UNREACHABLE}; try again when it is back")
         waiting.data_node = data_node or "?"
+        self.pending_read(conn.client_id or "", pending)
+        if over:
+            self._take_ticket(ticket)
+            self.server.metrics.cluster_request_refused(metrics.LIMIT)
+            return refuse("limit", pending_problem(cap, True))
         if data_node is None:
             self._take_ticket(ticket)
             self.server.metrics.cluster_request_refused(metrics.TARGET_OFFLINE)
@@ -238,6 +251,7 @@ class Cluster(DataSide, IdentitySide):
         self.server.metrics.cluster_request_sent()
         if not heard:
             self._take_ticket(ticket)
+            self.drop_request_place(conn.client_id, ticket)
             self.server.metrics.cluster_request_refused(metrics.NODE_SILENT)
             refuse("client_offline", f"client '{msg.toClientId}' is registered on relay node {data_node}, "
                                      f"which does not answer")
@@ -270,6 +284,7 @@ class Cluster(DataSide, IdentitySide):
     def _on_refused(self, message: dict) -> None:
         waiting = self._take_ticket(message["ticket"])
         if waiting is not None:
+            self.drop_request_place(waiting.conn.client_id, message["ticket"])
             self.server.metrics.cluster_request_refused(_REFUSAL_REASONS.get(message["code"], metrics.OTHER))
             waiting.conn.send(p.Error(message=message["message"], code=message["code"],
                                       requestId=waiting.request_id))
@@ -297,7 +312,8 @@ class Cluster(DataSide, IdentitySide):
         with self._lock:
             late = [t for t, w in self._tickets.items() if w.deadline <= now]
             expired = [self._tickets.pop(t) for t in late]
-        for waiting in expired:
+        for ticket, waiting in zip(late, expired):
+            self.drop_request_place(waiting.conn.client_id, ticket)
             self.server.metrics.cluster_request_refused(metrics.TIMEOUT)
             waiting.conn.send(p.Error(message=f"relay node {waiting.data_node}, where client "
                                               f"'{waiting.to_client}' is, did not answer within "
@@ -333,6 +349,7 @@ class Cluster(DataSide, IdentitySide):
                     backoff = min(MAX_BACKOFF, backoff * 2)
                     continue
                 self._expire_tickets()
+                self._sweep_pending()
                 handler = handlers.get(message.get("type")) if message else None
                 if handler is None:
                     continue

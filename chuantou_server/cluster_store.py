@@ -8,6 +8,10 @@ node's keys vanish by themselves):
 - ``client:<client id>`` JSON {node, credential (token fingerprint or null), lastSeen}
 - ``opened:<node id>`` hash {"<protocol>:<client id>": sessions that client opened, pumped on that node;
   "to:<client id>": sessions leading to that client}
+- ``pending:<session id>`` JSON {id, a, b, dataNode, secretHashes, deadline}: a cross-node session
+  waiting for its data channels (sha256 of both secrets, never the secrets), TTL = the join timeout
+- ``pendingof:<client id>`` zset {session id, or ``t:<request>`` while the data node is asked:
+  deadline in ms}: the sessions that client has pending in the cluster (its pending cap)
 - channel ``bus:<node id>``: JSON messages for that node (see cluster.py for their types)
 
 This module knows Redis and nothing of the relay; every call raises ``StoreUnreachable`` when
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 try:
     import redis
@@ -63,15 +68,47 @@ return 0
 """
 
 
-# Find the node holding an ID and publish a message to it, in one round trip (the set-up of a
-# cross-node session waits for it). Returns {holder node or '', subscribers that got it}.
+# Find the node holding B's ID and publish ``connect`` to it, in one round trip (the set-up of a
+# cross-node session waits for it), unless A already has too many sessions pending in the
+# cluster: those in A's pending index (KEYS[2], zset member -> deadline in ms) plus ARGV[5], A's
+# pending ones on this node that the index does not hold. A granted request holds a place in the
+# index (ARGV[7], until ARGV[8]) until the data node puts the session itself there.
+# Returns {holder node or '', subscribers that got it, A's pending sessions in the index, 1: over the cap}.
 _SEND_TO_HOLDER = """
 local cur = redis.call('GET', KEYS[1])
-if not cur then return {'', 0} end
+if not cur then return {'', 0, 0, 0} end
 local ok, held = pcall(cjson.decode, cur)
-if not ok or type(held['node']) ~= 'string' or held['node'] == ARGV[1] then return {'', 0} end
-return {held['node'], redis.call('PUBLISH', ARGV[2] .. held['node'], ARGV[3])}
+if not ok or type(held) ~= 'table' or type(held['node']) ~= 'string' or held['node'] == ARGV[1] then
+  return {'', 0, 0, 0}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
+local pending = redis.call('ZCARD', KEYS[2])
+if pending + tonumber(ARGV[5]) >= tonumber(ARGV[4]) then return {held['node'], 0, pending, 1} end
+redis.call('ZADD', KEYS[2], ARGV[8], ARGV[7])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[9]) then redis.call('PEXPIRE', KEYS[2], ARGV[9]) end
+return {held['node'], redis.call('PUBLISH', ARGV[2] .. held['node'], ARGV[3]), pending + 1, 0}
 """
+# The data node's first message about a new cross-node session, with the session's pending key
+# (KEYS[1]) written and A's index (KEYS[2]) moved from the request's place to the session, in
+# the same round trip. Returns the subscribers that got the message.
+_PUBLISH_PENDING = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return redis.call('PUBLISH', ARGV[6], ARGV[7])
+"""
+
+
+@dataclass(frozen=True)
+class PendingKey:
+    """A cross-node session waiting for its data channels, as the store holds it (no secret in it)."""
+    session_id: str
+    client_a: str
+    record: str  # JSON {id, a, b, dataNode, secretHashes: sha256 of A's and B's secrets, deadline}
+    ttl_ms: int  # the join timeout
+    deadline_ms: int  # epoch ms
+    place: str  # the request's place in A's index, which the session takes
 
 
 def _json_or_none(raw: bytes | str | None) -> dict | None:
@@ -109,6 +146,7 @@ class ClusterStore:
         self._claim = self.redis.register_script(_CLAIM)
         self._release = self.redis.register_script(_RELEASE)
         self._send_to_holder = self.redis.register_script(_SEND_TO_HOLDER)
+        self._publish_pending = self.redis.register_script(_PUBLISH_PENDING)
 
     @staticmethod
     def node_key(node_id: str) -> str:
@@ -117,6 +155,14 @@ class ClusterStore:
     @staticmethod
     def client_key(client_id: str) -> str:
         return f"{PREFIX}client:{client_id}"
+
+    @staticmethod
+    def pending_key(session_id: str) -> str:
+        return f"{PREFIX}pending:{session_id}"
+
+    @staticmethod
+    def pending_index(client_id: str) -> str:
+        return f"{PREFIX}pendingof:{client_id}"
 
     @staticmethod
     def channel(node_id: str) -> str:
@@ -230,17 +276,65 @@ class ClusterStore:
     # --- bus -----------------------------------------------------------------------------------
 
     @_guard
-    def publish(self, node_id: str, message: dict) -> int:
-        """Send a message to a node's channel; returns how many subscribers got it (0: nobody listens)."""
-        return self.redis.publish(self.channel(node_id), json.dumps(message))
+    def publish(self, node_id: str, message: dict, pending: PendingKey | None = None) -> int:
+        """Send a message to a node's channel; returns how many subscribers got it (0: nobody
+        listens). With ``pending``, that session's key is written in the same round trip."""
+        if pending is None:
+            return self.redis.publish(self.channel(node_id), json.dumps(message))
+        return int(self._publish_pending(
+            keys=[self.pending_key(pending.session_id), self.pending_index(pending.client_a)],
+            args=[pending.record, pending.ttl_ms, pending.deadline_ms, pending.session_id, pending.place,
+                  self.channel(node_id), json.dumps(message)]))
 
     @_guard
-    def publish_to_holder(self, client_id: str, message: dict) -> tuple[str | None, int]:
-        """Send a message to the node holding ``client_id`` (another node than this one).
-        Returns (that node or None when no other node holds it, subscribers that got it)."""
-        node, heard = self._send_to_holder(keys=[self.client_key(client_id)],
-                                           args=[self.node_id, self.channel(""), json.dumps(message)])
-        return node or None, int(heard)
+    def publish_to_holder(self, client_id: str, message: dict, client_a: str, cap: int, pending_here: int,
+                          place: str, hold_ms: int) -> tuple[str | None, int, int, bool]:
+        """Send a message to the node holding ``client_id`` (another node than this one) unless
+        ``client_a`` has ``cap`` sessions pending in the cluster (``pending_here`` of them only on
+        this node). Returns (that node or None when no other node holds it, subscribers that got
+        it, A's pending sessions in the index, over the cap)."""
+        now = int(time.time() * 1000)
+        node, heard, pending, over = self._send_to_holder(
+            keys=[self.client_key(client_id), self.pending_index(client_a)],
+            args=[self.node_id, self.channel(""), json.dumps(message), cap, pending_here, now, place,
+                  now + hold_ms, hold_ms])
+        return node or None, int(heard), int(pending), bool(over)
+
+    @_guard
+    def forget_pending(self, entries: list[tuple[str, str]]) -> None:
+        """Take (client A, session id or request place) out of the pending keys and A's index."""
+        pipe = self.redis.pipeline(transaction=False)
+        for client_a, member in entries:
+            pipe.delete(self.pending_key(member))
+            pipe.zrem(self.pending_index(client_a), member)
+        pipe.execute()
+
+    @_guard
+    def pending_counts(self, clients: list[str]) -> dict[str, int]:
+        """{client A: its sessions pending in the cluster's index}, expired ones dropped first."""
+        now = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for client_a in clients:
+            pipe.zremrangebyscore(self.pending_index(client_a), "-inf", now)
+            pipe.zcard(self.pending_index(client_a))
+        replies = pipe.execute()
+        return {client_a: int(count) for client_a, count in zip(clients, replies[1::2])}
+
+    @_guard
+    def pending_sessions(self, limit: int) -> tuple[dict[str, int], bool]:
+        """{data node: its pending cross-node sessions} over up to ``limit`` pending keys, and
+        whether there were more (a SCAN and an MGET: for the admin view)."""
+        keys = list[str]()
+        for key in self.redis.scan_iter(match=self.pending_key("*"), count=1000):
+            if len(keys) == limit:
+                break
+            keys.append(key)
+        by_node: dict[str, int] = {}
+        for record in map(_json_or_none, self.redis.mget(keys) if keys else []):
+            node = record.get("dataNode") if record else None
+            if isinstance(node, str):
+                by_node[node] = by_node.get(node, 0) + 1
+        return by_node, len(keys) == limit
 
     @_guard
     def subscribe(self):
