@@ -125,9 +125,13 @@ class Cluster(PendingSide, DataSide, IdentitySide):  # (PendingSide first: DataS
 
     def stop(self) -> None:
         """Called after server.stopping is set: the loops end by themselves; take our keys out now."""
+        registry = self.server.registry
         try:
-            for client_id in self.server.registry.ids():
-                self.store.release(client_id)
+            for conn in registry.connections():  # their IDs stay reserved for their tokens, as they go offline
+                if conn.client_id:
+                    self.store.release(conn.client_id, conn.credential,
+                                       registry.reservation_time if conn.credential else 0.0,
+                                       registry.max_reserved_per_credential)
             self._forget_all_pending()
             self.store.forget_node()
         except StoreUnreachable:

@@ -4,7 +4,9 @@ relay (registry.py).
 
 A register on node N2 for an ID that node N1 holds in Redis:
 
-- another credential: refused ``id_taken``; the same credential without takeover: ``id_in_use``;
+- another credential: refused ``id_taken``, also while the ID is only reserved for that credential
+  (its client went offline less than ``idReservationTime`` ago: a reservation record in Redis);
+- the same credential without takeover: ``id_in_use``;
 - the same credential with takeover (the default of a client's register): N2's claim script
   (cluster_store._CLAIM) moves the ID's key to N2 and, in the same atomic step, publishes
   ``drop`` {clientId, node, credential} to N1, which tells its connection for the ID why
@@ -22,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from common import protocol as p
 
-from .cluster_store import IN_USE, TAKEN, TOOK, ClusterStore, StoreUnreachable
+from . import registry as reg
+from .cluster_store import IN_USE, RESERVED, TAKEN, TOOK, ClusterStore, StoreUnreachable
 
 if TYPE_CHECKING:
     from .server import Server
@@ -61,6 +64,8 @@ class IdentitySide:
         if why == TOOK:
             log.info("client %s taken over from relay node %s (same credential)", client_id, node)
             return None, str(node)
+        if why == RESERVED:  # offline on another node, within its reservation for another token
+            return registry.describe(client_id, reg.RESERVED), None
         if why == TAKEN:
             return (f"client ID '{client_id}' is online on relay node {node} with a different credential; "
                     f"choose another --client-id", p.ID_TAKEN), None
@@ -69,11 +74,21 @@ class IdentitySide:
                 f"registration asked not to replace it; if both run on purpose, give one another --client-id",
                 p.ID_IN_USE), None
 
-    def release(self, client_id: str) -> None:
+    def release(self, client_id: str, credential: str | None = None) -> None:
+        """Our client went offline: with a credential its ID stays reserved for it cluster-wide
+        (``idReservationTime``, at most ``maxReservedIdsPerToken`` per token, as on one relay);
+        without one (a claim given back) its record goes."""
+        registry = self.server.registry
         try:
-            self.store.release(client_id)
+            dropped = self.store.release(client_id, credential, registry.reservation_time if credential else 0.0,
+                                         registry.max_reserved_per_credential)
         except StoreUnreachable:
-            pass  # the key expires within the TTL
+            return  # the key expires within the TTL, with no reservation
+        if dropped:
+            registry.limit_log.bit("reserved_ids", credential or "",
+                                   "credential %s holds more than %d offline client IDs in the cluster; the "
+                                   "reservation of the oldest, %s, was dropped (raise maxReservedIdsPerToken to "
+                                   "keep more)", credential, registry.max_reserved_per_credential, ", ".join(dropped))
 
     def client_ids(self) -> list[str]:
         try:

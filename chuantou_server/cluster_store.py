@@ -5,7 +5,9 @@ Keys (``chuantou:`` prefix, each with a TTL its owner refreshes while it lives, 
 node's keys vanish by themselves):
 
 - ``node:<node id>``   JSON {id, advertise, clients, sessions, updatedAt}
-- ``client:<client id>`` JSON {node, credential (token fingerprint or null), lastSeen}
+- ``client:<client id>`` JSON {node, credential (token fingerprint or null), lastSeen}; once its client
+  went offline, {node: null, credential, offlineSince}: the ID reserved for that credential
+  (``idReservationTime``), indexed in ``reservedby:<credential>`` (zset id -> offline since)
 - ``opened:<node id>`` hash {"<protocol>:<client id>": sessions that client opened, pumped on that node;
   "to:<client id>": sessions leading to that client}
 - ``pending:<session id>`` JSON {id, a, b, dataNode, secretHashes, deadline}: a cross-node session
@@ -24,6 +26,8 @@ import json
 import time
 from dataclasses import dataclass
 
+from .cluster_scripts import CLAIM, FORGET_RESERVATION, PUBLISH_PENDING, RELEASE, SEND_TO_HOLDER
+
 try:
     import redis
 except ImportError:  # the extra is not installed: a relay without --cluster never imports us
@@ -31,74 +35,9 @@ except ImportError:  # the extra is not installed: a relay without --cluster nev
 
 PREFIX = "chuantou:"
 # why a claim was not simply granted (see _CLAIM)
-TAKEN, IN_USE, TOOK = "taken", "in_use", "took"
+TAKEN, RESERVED, IN_USE, TOOK = "taken", "reserved", "in_use", "took"
 CONNECT_TIMEOUT = 1.0  # a store that does not answer is treated as down, quickly
 COMMAND_TIMEOUT = 2.0
-
-# Claim an ID for this node unless another node holds it (atomic: two nodes racing for one ID
-# cannot both win). ARGV: record, node, TTL in ms, credential ('' for none), takeover ('1'/'0'),
-# channel prefix, the message that tells the holder to drop it. Returns nil when granted; else
-# {why, the holder's record}: 'taken' (another credential), 'in_use' (same credential, no
-# takeover) or 'took' (same credential, takeover: granted, and the holder was told on its channel).
-_CLAIM = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, held = pcall(cjson.decode, cur)
-  if ok and type(held) == 'table' and held['node'] ~= ARGV[2] then
-    local cred = held['credential']
-    if type(cred) ~= 'string' then cred = '' end
-    if cred ~= ARGV[4] then return {'taken', cur} end
-    if ARGV[5] ~= '1' or type(held['node']) ~= 'string' then return {'in_use', cur} end
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-    redis.call('PUBLISH', ARGV[6] .. held['node'], ARGV[7])
-    return {'took', cur}
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-return false
-"""
-# Delete an ID's record only if this node still holds it.
-_RELEASE = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, held = pcall(cjson.decode, cur)
-  if ok and held['node'] == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
-end
-return 0
-"""
-
-
-# Find the node holding B's ID and publish ``connect`` to it, in one round trip (the set-up of a
-# cross-node session waits for it), unless A already has too many sessions pending in the
-# cluster: those in A's pending index (KEYS[2], zset member -> deadline in ms) plus ARGV[5], A's
-# pending ones on this node that the index does not hold. A granted request holds a place in the
-# index (ARGV[7], until ARGV[8]) until the data node puts the session itself there.
-# Returns {holder node or '', subscribers that got it, A's pending sessions in the index, 1: over the cap}.
-_SEND_TO_HOLDER = """
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {'', 0, 0, 0} end
-local ok, held = pcall(cjson.decode, cur)
-if not ok or type(held) ~= 'table' or type(held['node']) ~= 'string' or held['node'] == ARGV[1] then
-  return {'', 0, 0, 0}
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
-local pending = redis.call('ZCARD', KEYS[2])
-if pending + tonumber(ARGV[5]) >= tonumber(ARGV[4]) then return {held['node'], 0, pending, 1} end
-redis.call('ZADD', KEYS[2], ARGV[8], ARGV[7])
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[9]) then redis.call('PEXPIRE', KEYS[2], ARGV[9]) end
-return {held['node'], redis.call('PUBLISH', ARGV[2] .. held['node'], ARGV[3]), pending + 1, 0}
-"""
-# The data node's first message about a new cross-node session, with the session's pending key
-# (KEYS[1]) written and A's index (KEYS[2]) moved from the request's place to the session, in
-# the same round trip. Returns the subscribers that got the message.
-_PUBLISH_PENDING = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('ZREM', KEYS[2], ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
-return redis.call('PUBLISH', ARGV[6], ARGV[7])
-"""
-
 
 @dataclass(frozen=True)
 class PendingKey:
@@ -143,10 +82,11 @@ class ClusterStore:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.redis = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
                                           socket_timeout=COMMAND_TIMEOUT, decode_responses=True)
-        self._claim = self.redis.register_script(_CLAIM)
-        self._release = self.redis.register_script(_RELEASE)
-        self._send_to_holder = self.redis.register_script(_SEND_TO_HOLDER)
-        self._publish_pending = self.redis.register_script(_PUBLISH_PENDING)
+        self._claim = self.redis.register_script(CLAIM)
+        self._release = self.redis.register_script(RELEASE)
+        self._forget_reservation = self.redis.register_script(FORGET_RESERVATION)
+        self._send_to_holder = self.redis.register_script(SEND_TO_HOLDER)
+        self._publish_pending = self.redis.register_script(PUBLISH_PENDING)
 
     @staticmethod
     def node_key(node_id: str) -> str:
@@ -155,6 +95,10 @@ class ClusterStore:
     @staticmethod
     def client_key(client_id: str) -> str:
         return f"{PREFIX}client:{client_id}"
+
+    @staticmethod
+    def reservations(credential: str | None) -> str:
+        return f"{PREFIX}reservedby:{credential or ''}"
 
     @staticmethod
     def pending_key(session_id: str) -> str:
@@ -177,18 +121,31 @@ class ClusterStore:
     def claim(self, client_id: str, credential: str | None, takeover: bool = False) -> tuple[str, dict] | None:
         """Hold ``client_id`` for this node. None: granted; else (why, the holder's record): TAKEN,
         IN_USE, or TOOK (granted by taking it over: the holder was told to drop it, see _CLAIM)."""
-        held = self._claim(keys=[self.client_key(client_id)],
+        held = self._claim(keys=[self.client_key(client_id), self.reservations(credential)],
                            args=self._claim_args(client_id, credential, takeover))
         return (held[0], json.loads(held[1])) if held else None
 
     def _claim_args(self, client_id: str, credential: str | None, takeover: bool) -> list:
         drop = {"type": "drop", "clientId": client_id, "node": self.node_id, "credential": credential}
         return [self._client_record(credential), self.node_id, self.ttl_ms, credential or "",
-                "1" if takeover else "0", self.channel(""), json.dumps(drop)]
+                "1" if takeover else "0", self.channel(""), json.dumps(drop), client_id]
 
     @_guard
-    def release(self, client_id: str) -> None:
-        self._release(keys=[self.client_key(client_id)], args=[self.node_id])
+    def release(self, client_id: str, credential: str | None = None, reserve: float = 0.0,
+                max_reserved: int = 0) -> list[str]:
+        """Our client went offline: its record goes, or becomes a reservation of its ID for
+        ``credential`` for ``reserve`` seconds (see RELEASE). Returns the IDs of that credential
+        whose reservations were dropped to keep it within ``max_reserved``."""
+        record = json.dumps({"node": None, "credential": credential, "offlineSince": time.time()})
+        dropped = self._release(keys=[self.client_key(client_id), self.reservations(credential)],
+                                args=[self.node_id, record, int(reserve * 1000), int(time.time() * 1000),
+                                      max_reserved, client_id])
+        if dropped:
+            pipe = self.redis.pipeline(transaction=False)
+            for old in dropped:
+                self._forget_reservation(keys=[self.client_key(old)], args=[credential or ""], client=pipe)
+            pipe.execute()
+        return list(dropped or [])
 
     @_guard
     def lookup(self, client_id: str) -> dict | None:
@@ -196,10 +153,10 @@ class ClusterStore:
         return json.loads(raw) if raw else None
 
     @_guard
-    def client_ids(self) -> list[str]:
-        """Every ID online somewhere in the cluster (a SCAN: for lists, not for each request)."""
-        start = len(self.client_key(""))
-        return sorted(key[start:] for key in self.redis.scan_iter(match=self.client_key("*"), count=1000))
+    def client_ids(self, limit: int = 100_000) -> list[str]:
+        """Every ID online somewhere in the cluster, not those only reserved (a SCAN and an MGET:
+        for lists, not for each request)."""
+        return sorted(self.client_nodes(limit)[0])
 
     @_guard
     def client_nodes(self, limit: int) -> tuple[dict[str, str], bool]:
@@ -232,8 +189,8 @@ class ClusterStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.node_key(self.node_id), json.dumps(node), px=self.ttl_ms)
         for client_id, credential in clients:  # never a takeover: a refresh only keeps what is ours
-            self._claim(keys=[self.client_key(client_id)], args=self._claim_args(client_id, credential, False),
-                        client=pipe)
+            self._claim(keys=[self.client_key(client_id), self.reservations(credential)],
+                        args=self._claim_args(client_id, credential, False), client=pipe)
         replies = pipe.execute()
         return [(cid, json.loads(held[1])) for (cid, _), held in zip(clients, replies[1:]) if held]
 

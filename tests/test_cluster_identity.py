@@ -146,3 +146,46 @@ def drop_then_wait(store, peers, two_nodes, marker: str, credentials: list) -> N
 def still_open(peer: ControlPeer) -> bool:
     peer.send(p.Heartbeat(timestamp=42.0))
     return peer.recv_until(p.Heartbeat).timestamp == 42.0
+
+
+# --- reservations after going offline, cluster-wide ------------------------------------------------
+
+def goes_offline(peer: ControlPeer, server, client_id: str) -> None:
+    peer.send(p.Unregister())
+    assert peer.closed_by_relay(3.0)
+    wait_until(lambda: server.registry.get(client_id) is None)
+
+
+def test_an_id_that_went_offline_on_one_node_stays_reserved_for_its_token_on_the_others(
+        redis_server, make_server, peers, store):
+    n1, n2 = [make_server(cluster_url=redis_server.url, node_id=name, cluster_ttl=TTL,
+                          extra_tokens=[FIRST, SECOND], id_reservation_time=600) for name in ("n1", "n2")]
+    owner = peers(n1)
+    assert register(owner, "X", FIRST).success
+    goes_offline(owner, n1, "X")
+    record = json.loads(store.get("chuantou:client:X"))
+    assert record["node"] is None and record["credential"] == auth.fingerprint(FIRST)
+    assert TTL * 1000 < store.pttl("chuantou:client:X") <= 600_000, "kept for the reservation time, not the TTL"
+    assert n2.cluster.client_ids() == [] and on_node(store, "X") is None, "reserved is not online"
+
+    reply = register(peers(n2), "X", SECOND)
+    assert not reply.success and reply.code == p.ID_TAKEN and "reserved for the token" in reply.error
+    assert n2.registry.get("X") is None
+    back = peers(n2)
+    assert register(back, "X", FIRST, takeover=False).success, "its own token takes it back, on any node"
+    assert on_node(store, "X") == "n2"
+    assert store.zcard(f"chuantou:reservedby:{auth.fingerprint(FIRST)}") == 0
+
+
+def test_a_token_s_reservations_are_capped_cluster_wide_oldest_first(redis_server, make_server, peers, store):
+    n1, n2 = [make_server(cluster_url=redis_server.url, node_id=name, cluster_ttl=TTL,
+                          extra_tokens=[FIRST, SECOND], max_reserved_ids_per_token=2) for name in ("n1", "n2")]
+    for client_id, node in (("I1", n1), ("I2", n1), ("I3", n2)):  # n1 alone holds two: within its own cap
+        peer = peers(node)
+        assert register(peer, client_id, FIRST).success
+        goes_offline(peer, node, client_id)
+    assert store.get("chuantou:client:I1") is None, "the oldest reservation went for the cap"
+    assert sorted(store.zrange(f"chuantou:reservedby:{auth.fingerprint(FIRST)}", 0, -1)) == ["I2", "I3"]
+    assert register(peers(n2), "I1", SECOND).success
+    reply = register(peers(n2), "I2", SECOND)
+    assert not reply.success and reply.code == p.ID_TAKEN
