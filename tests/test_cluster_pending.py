@@ -57,8 +57,9 @@ def pending_keys(store) -> list[str]:
     return sorted(store.scan_iter(match="chuantou:pending:*"))
 
 
-def test_a_pending_cross_node_session_is_a_key_without_secrets_until_it_joins(redis_server, make_server,
-                                                                                make_client, peers, store, tcp_echo):
+def test_a_pending_cross_node_session_is_a_key_without_secrets_until_it_joins(redis_server, tcp_echo, make_server,
+                                                                                make_client, peers, store):
+    # (tcp_echo before the clients: B's half-joined sessions hold echo connections until B stops)
     nodes = cluster_of(redis_server, make_server)
     a = registered(peers, nodes["n1"], "A")
     make_client(nodes["n3"], "B", allow_unsealed=True)
@@ -91,8 +92,8 @@ def test_a_pending_cross_node_session_is_a_key_without_secrets_until_it_joins(re
     assert nodes["n2"].cluster.api_view()["pendingSessions"] == 0
 
 
-def test_the_pending_cap_per_client_holds_across_nodes(redis_server, make_server, make_client, peers, store,
-                                                      tcp_echo):
+def test_the_pending_cap_per_client_holds_across_nodes(redis_server, tcp_echo, make_server, make_client, peers,
+                                                      store):
     cap = 3
     nodes = cluster_of(redis_server, make_server, max_pending_sessions_per_client=cap)
     a = registered(peers, nodes["n1"], "A")
