@@ -148,6 +148,20 @@ def still_open(peer: ControlPeer) -> bool:
     return peer.recv_until(p.Heartbeat).timestamp == 42.0
 
 
+def test_two_tokens_racing_for_one_id_on_two_nodes_one_wins(two_nodes, peers, store):
+    from concurrent.futures import ThreadPoolExecutor
+    n1, n2 = two_nodes
+    for round_ in range(5):
+        client_id = f"R{round_}"
+        contenders = [(peers(n1), FIRST), (peers(n2), SECOND)]
+        with ThreadPoolExecutor(2, thread_name_prefix="svc-race") as pool:
+            replies = list(pool.map(lambda c: register(c[0], client_id, c[1]), contenders))
+        assert sorted(r.success for r in replies) == [False, True], replies
+        winner = n1 if replies[0].success else n2
+        assert on_node(store, client_id) == ("n1" if winner is n1 else "n2")
+        assert [n.registry.get(client_id) is not None for n in (n1, n2)] == [winner is n1, winner is n2]
+
+
 # --- reservations after going offline, cluster-wide ------------------------------------------------
 
 def goes_offline(peer: ControlPeer, server, client_id: str) -> None:
