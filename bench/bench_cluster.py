@@ -2,12 +2,19 @@
 connection to first echoed byte") and one-stream throughput.
 
     python bench/bench_cluster.py [--connects N] [--mib M]
+    python bench/bench_cluster.py --hold N        sessions held by three nodes
+
 
 Starts a redis-server (no persistence, temporary directory), two relay nodes n1 and n2, an
 echo service, client A on n1, B1 on n1 and B2 on n2, each in its own process (one GIL each, as
 deployed); then measures A -> B1
 (one node) and A -> B2 (data node n2, control through Redis) alternately, so both see the same
 machine state. Needs redis-server and the redis package (pip install chuantou[cluster]).
+
+With ``--hold N``: three nodes n1-n3, B1-B3 one on each, A on n1 with a proxy to each; N
+sessions opened in batches spread evenly over the three (each pumped on its B's node), then
+echoed again while all are open. Prints the sessions held per node, each node's RSS per session
+it pumps, and what the descriptor limit allows one node and three.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_relay import _connect, _exchange_all, rss_kib, threads_of  # noqa: E402
 from chuantou_client import Client  # noqa: E402
 from chuantou_server import Server  # noqa: E402
+from chuantou_server.caps import DEFAULT_DESCRIPTOR_RESERVE, DESCRIPTORS_PER_SESSION  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -42,8 +52,11 @@ def echo_server(stop: threading.Event) -> int:
 
     def serve(conn):
         with conn:
-            while data := conn.recv(1 << 20):
-                conn.sendall(data)
+            try:
+                while data := conn.recv(1 << 20):
+                    conn.sendall(data)
+            except OSError:  # reset by the tunnel at the end of a run
+                pass
 
     def accept():
         while not stop.is_set():
@@ -89,8 +102,12 @@ def throughput(port: int, size: int) -> float:
 
 
 def run_node(url: str, node_id: str, ports, stop) -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # as a deployed node would
     server = Server(host=HOST, port=0, cluster_url=url, node_id=node_id).start()
     ports.put((node_id, server.port))
+    ports.put((f"{node_id}-pid", os.getpid()))
     stop.wait()
     server.stop()
 
@@ -109,11 +126,51 @@ def run_echo(ports, stop) -> None:
     stop.wait()
 
 
+def hold(count: int, proxies: dict[str, int], pids: dict[str, int], batch: int = 60) -> None:
+    """Open ``count`` echoing sessions spread over ``proxies`` (node -> port), echo again on all."""
+    import resource
+    idle = {n: rss_kib(pid) for n, pid in pids.items()}
+    socks: dict[int, socket.socket] = {}
+    node_of = {}
+    names = sorted(proxies)
+    t0 = time.monotonic()
+    try:
+        for start in range(0, count, batch):
+            new = {}
+            for i in range(start, min(count, start + batch)):
+                node_of[i] = names[i % len(names)]
+                try:
+                    new[i] = _connect(proxies[node_of[i]], timeout=20.0)
+                    new[i].setblocking(False)
+                except OSError:
+                    pass
+            _exchange_all(new, lambda i: b"hello %06d\n" % i, timeout=30.0)
+            socks.update(new)
+        opened = time.monotonic() - t0
+        during = {n: (rss_kib(pid), threads_of(pid)) for n, pid in pids.items()}
+        served = _exchange_all(socks, lambda i: b"again %06d\n" % i, timeout=60.0)
+    finally:
+        for sock in socks.values():
+            sock.close()
+    print(f"{len(served)} of {count} sessions held and answering with all open (opened in {opened:.1f} s)")
+    for n in names:
+        held = sum(1 for i in served if node_of[i] == n)
+        kib = (during[n][0] - idle[n]) / max(1, held)
+        print(f"  {n}: {held} held, RSS {during[n][0] / 1024:.1f} MiB ({kib:.1f} KiB per session), "
+              f"{during[n][1]} threads")
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    one = (limit - DEFAULT_DESCRIPTOR_RESERVE) // DESCRIPTORS_PER_SESSION
+    print(f"descriptor limit {limit} per node process: one node holds at most {one} TCP sessions "
+          f"((limit - descriptorReserve {DEFAULT_DESCRIPTOR_RESERVE}) / {DESCRIPTORS_PER_SESSION}), "
+          f"three nodes {3 * one}")
+
+
 def main(argv=None) -> int:
     import multiprocessing
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connects", type=int, default=300)
     parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--hold", type=int, metavar="N", help="hold N sessions over three nodes instead")
     args = parser.parse_args(argv)
     redis_bin = shutil.which("redis-server")
     if not redis_bin:
@@ -138,6 +195,8 @@ def main(argv=None) -> int:
     try:
         time.sleep(0.3)  # redis-server's start (a benchmark, not a test)
         url = f"redis://{HOST}:{rport}/0"
+        if args.hold:
+            return run_hold(args.hold, url, spawn)
         n1 = spawn(run_node, url, "n1", wait_for=("n1",))["n1"]
         n2 = spawn(run_node, url, "n2", wait_for=("n2",))["n2"]
         echo = spawn(run_echo, wait_for=("echo",))["echo"]
@@ -170,6 +229,21 @@ def main(argv=None) -> int:
         redis_proc.kill()
         redis_proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def run_hold(count: int, url: str, spawn) -> int:
+    nodes = {}
+    for name in ("n1", "n2", "n3"):
+        nodes.update(spawn(run_node, url, name, wait_for=(name, f"{name}-pid")))
+    echo = spawn(run_echo, wait_for=("echo",))["echo"]
+    for i, name in enumerate(("n1", "n2", "n3"), 1):
+        spawn(run_client, nodes[name], f"B{i}", [], wait_for=(f"B{i}",))
+    time.sleep(0.5)  # the B's registry keys are written (a benchmark, not a test)
+    proxies = spawn(run_client, nodes["n1"], "A", [(f"n{i}", f"B{i}", echo) for i in (1, 2, 3)],
+                    wait_for=("n1", "n2", "n3", "A"))
+    print("three nodes, each node, client and the echo service in its own process; redis-server on loopback")
+    hold(count, {n: proxies[n] for n in ("n1", "n2", "n3")}, {n: nodes[f"{n}-pid"] for n in ("n1", "n2", "n3")})
     return 0
 
 

@@ -90,6 +90,7 @@ class SessionCaps:
         self.descriptors = DescriptorBudget(self.descriptor_reserve)
         # sessions a client opened that other relays of its cluster pump (cluster.py sets it)
         self.opened_elsewhere: Callable[[str, str], int] = lambda client_id, protocol: 0
+        self.pending_elsewhere: Callable[[str], int] = lambda client_id: 0  # its pending sessions there
 
     def out_of_descriptors(self) -> bool:
         """True when no TCP session would be admitted for lack of descriptors (the health check)."""
@@ -115,10 +116,9 @@ class SessionCaps:
             return Refusal("per_client", f"this client already has {limit} open {protocol.upper()} sessions{where}, "
                                          f"the relay's limit per client; close some connections or raise the "
                                          f"limit ({key})")
-        if sessions.unjoined_by(client_a) >= self.pending_per_client:
-            return Refusal("pending", f"this client already has {self.pending_per_client} sessions waiting to be "
-                                      f"joined, the relay's limit per client; wait for them to connect or time out "
-                                      f"(maxPendingSessionsPerClient)")
+        pending_elsewhere = self.pending_elsewhere(client_a)
+        if sessions.unjoined_by(client_a) + pending_elsewhere >= self.pending_per_client:
+            return Refusal("pending", pending_problem(self.pending_per_client, pending_elsewhere > 0))
         if sessions.targeting(client_b) + self.opened_elsewhere(client_b, "to") >= self.per_target:
             return Refusal("per_target", f"client '{client_b}' already has {self.per_target} open sessions, the "
                                          f"relay's limit per target; try again later (maxSessionsPerTarget)")
@@ -130,3 +130,9 @@ class SessionCaps:
                                           f"{self.descriptor_reserve} for control connections); try again later, "
                                           "or raise its open-file limit (ulimit -n) or lower descriptorReserve")
         return None
+
+
+def pending_problem(cap: int, cluster: bool) -> str:
+    where = " (across the relay's cluster)" if cluster else ""
+    return (f"this client already has {cap} sessions waiting to be joined{where}, the relay's limit per client; "
+            f"wait for them to connect or time out (maxPendingSessionsPerClient)")

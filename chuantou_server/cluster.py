@@ -21,7 +21,7 @@ Messages between nodes (JSON objects on ``bus:<node>``), by ``type``:
 ``connect`` {ticket, origin, fromClientId, toClientId, remotePort, remoteHost, protocol, localPort},
 ``created`` {ticket, node, sessionId, secret, host, port, remotePort, protocol}, ``refused`` {ticket, code, message},
 ``closed`` {sessionId, clientId, reason}, ``end`` {sessionId, clientId, reason},
-``keys`` {to, from, frame}; ``host`` and ``offer``: see cluster_data.py.
+``keys`` {to, from, frame}; ``host`` and ``offer``: see cluster_data.py; ``drop``: cluster_identity.py.
 
 When Redis is unreachable the node keeps serving everything that needs only itself (local
 clients, local sessions) and refuses cross-node requests with "cluster store unreachable";
@@ -43,7 +43,10 @@ from urllib.parse import urlsplit
 from common import protocol as p
 
 from . import metrics
+from .caps import pending_problem
 from .cluster_data import DataSide
+from .cluster_identity import IdentitySide
+from .cluster_pending import PendingSide
 from .cluster_redirect import Redirector
 from .cluster_store import ClusterStore, StoreUnreachable
 from .cluster_view import NodeTable, clients_view
@@ -82,7 +85,7 @@ def parse_advertise(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80)
 
 
-class Cluster(DataSide):
+class Cluster(PendingSide, DataSide, IdentitySide):  # (PendingSide first: DataSide declares pending_key)
     def __init__(self, server: Server, url: str, node_id: str, advertise: str | None, ttl: float = DEFAULT_TTL):
         self.server = server
         self.node_id = node_id
@@ -104,6 +107,8 @@ class Cluster(DataSide):
         self.policy = server.config.data_node
         self._opened_elsewhere: dict[tuple[str, str], int] = {}  # (client, protocol) -> sessions on other nodes
         server.caps.opened_elsewhere = self.opened_elsewhere
+        self._init_pending()
+        server.caps.pending_elsewhere = self.pending_elsewhere
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -120,9 +125,14 @@ class Cluster(DataSide):
 
     def stop(self) -> None:
         """Called after server.stopping is set: the loops end by themselves; take our keys out now."""
+        registry = self.server.registry
         try:
-            for client_id in self.server.registry.ids():
-                self.store.release(client_id)
+            for conn in registry.connections():  # their IDs stay reserved for their tokens, as they go offline
+                if conn.client_id:
+                    self.store.release(conn.client_id, conn.credential,
+                                       registry.reservation_time if conn.credential else 0.0,
+                                       registry.max_reserved_per_credential)
+            self._forget_all_pending()
             self.store.forget_node()
         except StoreUnreachable:
             pass  # they expire within the TTL
@@ -149,6 +159,7 @@ class Cluster(DataSide):
         self._mark(True)
         self._forget_dead_data_nodes(self.table.live_ids())
         self._share_opened()
+        self._refresh_pending_seen()
         for client_id, holder in held_elsewhere:  # both registered while the store was down
             log.warning("client %s is also registered on node %s (registered during a store outage); "
                         "it stays on both until one goes offline", client_id, holder.get("node"))
@@ -197,7 +208,7 @@ class Cluster(DataSide):
         """GET /api/cluster: the node table with each node's load and state, and each client's node."""
         view = self.status()
         return {**{k: view[k] for k in ("node", "advertise", "dataNode", "store")}, "nodes": view["table"],
-                **clients_view(self.store, self.node_id)}
+                **clients_view(self.store, self.node_id), **self.pending_view()}
 
     def placement(self, session) -> dict:
         """Where a session pumped here is pumped (this node) and where its two parties are."""
@@ -205,38 +216,6 @@ class Cluster(DataSide):
             remote = self._inbound.get(session.id, {})
             return {"dataNode": self.node_id, "aNode": remote.get(session.client_a, self.node_id),
                     "bNode": remote.get(session.client_b, self.node_id)}
-
-    # --- identity, cluster-wide ----------------------------------------------------------------
-
-    def claim(self, client_id: str, credential: str | None) -> tuple[str, str] | None:
-        """Hold the ID in the cluster; None when granted, else (message, code) for the refusal."""
-        try:
-            holder = self.store.claim(client_id, credential)
-        except StoreUnreachable as exc:
-            # Local registration must keep working without the store; the refresher claims it later.
-            self._mark(False, str(exc))
-            return None
-        self._mark(True)
-        if holder is None:
-            return None
-        node = holder.get("node")
-        if holder.get("credential") != credential:
-            return (f"client ID '{client_id}' is online on relay node {node} with a different credential; "
-                    f"choose another --client-id", p.ID_TAKEN)
-        return (f"client ID '{client_id}' is in use by a live connection on relay node {node}; "
-                f"if both run on purpose, give one another --client-id", p.ID_IN_USE)
-
-    def release(self, client_id: str) -> None:
-        try:
-            self.store.release(client_id)
-        except StoreUnreachable:
-            pass  # the key expires within the TTL
-
-    def client_ids(self) -> list[str]:
-        try:
-            return self.store.client_ids()
-        except StoreUnreachable:
-            return []
 
     # --- origin side: A is ours, B is elsewhere ------------------------------------------------
 
@@ -249,12 +228,14 @@ class Cluster(DataSide):
         waiting = _Ticket(conn, msg.requestId, msg.toClientId, "?", time.monotonic() + REQUEST_TIMEOUT)
         with self._lock:  # before the publish: the answer may come back before it returns
             self._tickets[ticket] = waiting
+        cap, pending_here = self.pending_request(conn.client_id or "")
         try:
-            # where B is and the request to its node in one round trip (set-up latency)
-            data_node, heard = self.store.publish_to_holder(msg.toClientId, {
+            # where B is, A's pending count and the request to B's node in one round trip (set-up latency)
+            data_node, heard, pending, over = self.store.publish_to_holder(msg.toClientId, {
                 "type": "connect", "ticket": ticket, "origin": self.node_id, "fromClientId": conn.client_id,
                 "toClientId": msg.toClientId, "remotePort": msg.remotePort, "remoteHost": msg.remoteHost,
-                "protocol": msg.protocol, "localPort": msg.localPort, "publicKey": conn.public_key})
+                "protocol": msg.protocol, "localPort": msg.localPort, "publicKey": conn.public_key},
+                conn.client_id or "", cap, pending_here, f"t:{ticket}", int(REQUEST_TIMEOUT * 1000))
         except StoreUnreachable as exc:
             self._take_ticket(ticket)
             self._mark(False, str(exc))
@@ -262,6 +243,11 @@ class Cluster(DataSide):
             return refuse(CODE_UNREACHABLE, f"client '{msg.toClientId}' is not on this relay node and the "
                                             f"{UNREACHABLE}; try again when it is back")
         waiting.data_node = data_node or "?"
+        self.pending_read(conn.client_id or "", pending)
+        if over:
+            self._take_ticket(ticket)
+            self.server.metrics.cluster_request_refused(metrics.LIMIT)
+            return refuse("limit", pending_problem(cap, True))
         if data_node is None:
             self._take_ticket(ticket)
             self.server.metrics.cluster_request_refused(metrics.TARGET_OFFLINE)
@@ -269,6 +255,7 @@ class Cluster(DataSide):
         self.server.metrics.cluster_request_sent()
         if not heard:
             self._take_ticket(ticket)
+            self.drop_request_place(conn.client_id, ticket)
             self.server.metrics.cluster_request_refused(metrics.NODE_SILENT)
             refuse("client_offline", f"client '{msg.toClientId}' is registered on relay node {data_node}, "
                                      f"which does not answer")
@@ -301,6 +288,7 @@ class Cluster(DataSide):
     def _on_refused(self, message: dict) -> None:
         waiting = self._take_ticket(message["ticket"])
         if waiting is not None:
+            self.drop_request_place(waiting.conn.client_id, message["ticket"])
             self.server.metrics.cluster_request_refused(_REFUSAL_REASONS.get(message["code"], metrics.OTHER))
             waiting.conn.send(p.Error(message=message["message"], code=message["code"],
                                       requestId=waiting.request_id))
@@ -328,7 +316,8 @@ class Cluster(DataSide):
         with self._lock:
             late = [t for t, w in self._tickets.items() if w.deadline <= now]
             expired = [self._tickets.pop(t) for t in late]
-        for waiting in expired:
+        for ticket, waiting in zip(late, expired):
+            self.drop_request_place(waiting.conn.client_id, ticket)
             self.server.metrics.cluster_request_refused(metrics.TIMEOUT)
             waiting.conn.send(p.Error(message=f"relay node {waiting.data_node}, where client "
                                               f"'{waiting.to_client}' is, did not answer within "
@@ -348,7 +337,7 @@ class Cluster(DataSide):
         stopping, pubsub, backoff = self.server.stopping, None, 0.1
         handlers = {"connect": self._on_connect, "created": self._on_created, "refused": self._on_refused,
                     "closed": self._on_closed, "end": self._on_end, "keys": self._on_keys,
-                    "host": self._on_host, "offer": self._on_offer}
+                    "host": self._on_host, "offer": self._on_offer, "drop": self._on_drop}
         try:
             while not stopping.is_set():
                 try:
@@ -364,13 +353,15 @@ class Cluster(DataSide):
                     backoff = min(MAX_BACKOFF, backoff * 2)
                     continue
                 self._expire_tickets()
+                self._sweep_pending()
                 handler = handlers.get(message.get("type")) if message else None
                 if handler is None:
                     continue
-                if handler in (self._on_connect, self._on_host, self._on_offer):
+                if handler in (self._on_connect, self._on_host, self._on_offer, self._on_drop):
                     # Its offer to B may wait on a client that does not read: never on this thread,
                     # which every other cross-node message goes through.
-                    self.server.threads.spawn(f"cluster-{message['type']}-{str(message.get('ticket') or message.get('sessionId'))[:24]}",
+                    about = message.get("ticket") or message.get("sessionId") or message.get("clientId")
+                    self.server.threads.spawn(f"cluster-{message['type']}-{str(about)[:24]}",
                                               self._handle, handler, message)
                 else:
                     self._handle(handler, message)

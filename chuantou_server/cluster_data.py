@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from common import protocol as p
 
 from . import metrics
-from .cluster_store import ClusterStore, StoreUnreachable
+from .cluster_store import ClusterStore, PendingKey, StoreUnreachable
 from .cluster_view import NodeTable
 
 if TYPE_CHECKING:
@@ -55,6 +55,9 @@ class DataSide:
         raise NotImplementedError
 
     def _address(self) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def pending_key(self, session, message: dict) -> PendingKey:
         raise NotImplementedError
 
     # --- B's node: where is it pumped --------------------------------------------------------------
@@ -100,13 +103,14 @@ class DataSide:
 
     # --- the data node -------------------------------------------------------------------------------
 
-    def _answer(self, message: dict, reply: dict) -> None:
-        """To the origin's ticket: through the bus, or at once when the origin is this node."""
+    def _answer(self, message: dict, reply: dict, pending: PendingKey | None = None) -> None:
+        """To the origin's ticket: through the bus (with the session's pending key, if any), or at
+        once when the origin is this node."""
         reply = {"ticket": message["ticket"], **reply}
         if message["origin"] == self.node_id:
             return self._origin_handle(reply)
         try:
-            self.store.publish(message["origin"], reply)
+            self.store.publish(message["origin"], reply, pending)
         except StoreUnreachable:
             pass  # the origin's ticket times out
 
@@ -129,12 +133,15 @@ class DataSide:
             remote[to_client] = target_node
         with self._lock:
             self._inbound[session.id] = remote
+        # its pending key goes with the first message about it that crosses the store (no round trip of its own)
+        pending = self.pending_key(session, message)
         # A's answer first, so A and B start at once; should B be gone, "closed" follows it on
         # the same channel, in order.
         host, port = self._address()
         self._answer(message, {"type": "created", "node": self.node_id, "sessionId": session.id,
                                "secret": session.secret_a, "host": host, "port": port,
-                               "remotePort": message["remotePort"], "protocol": protocol, "publicKey": b_key})
+                               "remotePort": message["remotePort"], "protocol": protocol, "publicKey": b_key},
+                     pending if origin != self.node_id else None)
         if target is not None:
             told = target.send(self._offer({**message, "sessionId": session.id, "secret": session.secret_b},
                                            server.relay_addr(target, protocol)))
@@ -143,7 +150,7 @@ class DataSide:
                 **{k: message.get(k) for k in ("fromClientId", "toClientId", "remotePort", "remoteHost",
                                                "protocol", "localPort", "publicKey")},
                 "type": "offer", "sessionId": session.id, "node": self.node_id, "secret": session.secret_b,
-                "host": host, "port": port})
+                "host": host, "port": port}, pending if origin == self.node_id else None)
         if not told:
             server.close_session(session, f"client '{to_client}' went offline")
         else:
@@ -157,11 +164,11 @@ class DataSide:
             sessionId=message["sessionId"], secret=message["secret"], relayAddr=relay_addr,
             peerPublicKey=message.get("publicKey"))
 
-    def _publish(self, node: str | None, message: dict) -> bool:
+    def _publish(self, node: str | None, message: dict, pending: PendingKey | None = None) -> bool:
         if node is None:
             return False
         try:
-            return self.store.publish(node, message) > 0
+            return self.store.publish(node, message, pending) > 0
         except StoreUnreachable as exc:
             self._mark(False, str(exc))
             return False

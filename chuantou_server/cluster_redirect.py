@@ -6,8 +6,8 @@ Off unless ``redirect_margin`` (``--redirect-margin``, server.json ``redirectMar
 a node redirects when it has at least that many more clients than the least loaded other
 live node. Only a client that says it follows redirects (``register.followsRedirect``) is
 redirected, and only after its proof was checked (a stranger learns no node addresses), and
-never a client whose ID is registered here (a reconnect replacing its stale connection:
-elsewhere the cluster registry would refuse it as in use).
+never a client whose ID is registered here (a reconnect replacing its stale connection is
+replaced here at once; elsewhere it would need a takeover through the bus, or be in use).
 
 The node table is read from Redis at most once per ``TABLE_MAX_AGE`` (a burst of registrations
 costs one read), and the redirects this node sent since a node last refreshed its record count

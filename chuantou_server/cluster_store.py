@@ -5,9 +5,15 @@ Keys (``chuantou:`` prefix, each with a TTL its owner refreshes while it lives, 
 node's keys vanish by themselves):
 
 - ``node:<node id>``   JSON {id, advertise, clients, sessions, updatedAt}
-- ``client:<client id>`` JSON {node, credential (token fingerprint or null), lastSeen}
+- ``client:<client id>`` JSON {node, credential (token fingerprint or null), lastSeen}; once its client
+  went offline, {node: null, credential, offlineSince}: the ID reserved for that credential
+  (``idReservationTime``), indexed in ``reservedby:<credential>`` (zset id -> offline since)
 - ``opened:<node id>`` hash {"<protocol>:<client id>": sessions that client opened, pumped on that node;
   "to:<client id>": sessions leading to that client}
+- ``pending:<session id>`` JSON {id, a, b, dataNode, secretHashes, deadline}: a cross-node session
+  waiting for its data channels (sha256 of both secrets, never the secrets), TTL = the join timeout
+- ``pendingof:<client id>`` zset {session id, or ``t:<request>`` while the data node is asked:
+  deadline in ms}: the sessions that client has pending in the cluster (its pending cap)
 - channel ``bus:<node id>``: JSON messages for that node (see cluster.py for their types)
 
 This module knows Redis and nothing of the relay; every call raises ``StoreUnreachable`` when
@@ -18,6 +24,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+
+from .cluster_scripts import CLAIM, FORGET_RESERVATION, PUBLISH_PENDING, RELEASE, SEND_TO_HOLDER
 
 try:
     import redis
@@ -25,40 +34,20 @@ except ImportError:  # the extra is not installed: a relay without --cluster nev
     redis = None  # type: ignore[assignment]
 
 PREFIX = "chuantou:"
+# why a claim was not simply granted (see _CLAIM)
+TAKEN, RESERVED, IN_USE, TOOK = "taken", "reserved", "in_use", "took"
 CONNECT_TIMEOUT = 1.0  # a store that does not answer is treated as down, quickly
 COMMAND_TIMEOUT = 2.0
 
-# Claim an ID for this node unless another node holds it (atomic: two nodes racing for one ID
-# cannot both win). Returns nil when granted, else the holder's record.
-_CLAIM = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, held = pcall(cjson.decode, cur)
-  if ok and held['node'] ~= ARGV[2] then return cur end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-return false
-"""
-# Delete an ID's record only if this node still holds it.
-_RELEASE = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, held = pcall(cjson.decode, cur)
-  if ok and held['node'] == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
-end
-return 0
-"""
-
-
-# Find the node holding an ID and publish a message to it, in one round trip (the set-up of a
-# cross-node session waits for it). Returns {holder node or '', subscribers that got it}.
-_SEND_TO_HOLDER = """
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {'', 0} end
-local ok, held = pcall(cjson.decode, cur)
-if not ok or type(held['node']) ~= 'string' or held['node'] == ARGV[1] then return {'', 0} end
-return {held['node'], redis.call('PUBLISH', ARGV[2] .. held['node'], ARGV[3])}
-"""
+@dataclass(frozen=True)
+class PendingKey:
+    """A cross-node session waiting for its data channels, as the store holds it (no secret in it)."""
+    session_id: str
+    client_a: str
+    record: str  # JSON {id, a, b, dataNode, secretHashes: sha256 of A's and B's secrets, deadline}
+    ttl_ms: int  # the join timeout
+    deadline_ms: int  # epoch ms
+    place: str  # the request's place in A's index, which the session takes
 
 
 def _json_or_none(raw: bytes | str | None) -> dict | None:
@@ -93,9 +82,11 @@ class ClusterStore:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.redis = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
                                           socket_timeout=COMMAND_TIMEOUT, decode_responses=True)
-        self._claim = self.redis.register_script(_CLAIM)
-        self._release = self.redis.register_script(_RELEASE)
-        self._send_to_holder = self.redis.register_script(_SEND_TO_HOLDER)
+        self._claim = self.redis.register_script(CLAIM)
+        self._release = self.redis.register_script(RELEASE)
+        self._forget_reservation = self.redis.register_script(FORGET_RESERVATION)
+        self._send_to_holder = self.redis.register_script(SEND_TO_HOLDER)
+        self._publish_pending = self.redis.register_script(PUBLISH_PENDING)
 
     @staticmethod
     def node_key(node_id: str) -> str:
@@ -104,6 +95,18 @@ class ClusterStore:
     @staticmethod
     def client_key(client_id: str) -> str:
         return f"{PREFIX}client:{client_id}"
+
+    @staticmethod
+    def reservations(credential: str | None) -> str:
+        return f"{PREFIX}reservedby:{credential or ''}"
+
+    @staticmethod
+    def pending_key(session_id: str) -> str:
+        return f"{PREFIX}pending:{session_id}"
+
+    @staticmethod
+    def pending_index(client_id: str) -> str:
+        return f"{PREFIX}pendingof:{client_id}"
 
     @staticmethod
     def channel(node_id: str) -> str:
@@ -115,15 +118,34 @@ class ClusterStore:
     # --- client registry ---------------------------------------------------------------------
 
     @_guard
-    def claim(self, client_id: str, credential: str | None) -> dict | None:
-        """Hold ``client_id`` for this node. None: granted; else the record of the node holding it."""
-        held = self._claim(keys=[self.client_key(client_id)],
-                           args=[self._client_record(credential), self.node_id, self.ttl_ms])
-        return json.loads(held) if held else None
+    def claim(self, client_id: str, credential: str | None, takeover: bool = False) -> tuple[str, dict] | None:
+        """Hold ``client_id`` for this node. None: granted; else (why, the holder's record): TAKEN,
+        IN_USE, or TOOK (granted by taking it over: the holder was told to drop it, see _CLAIM)."""
+        held = self._claim(keys=[self.client_key(client_id), self.reservations(credential)],
+                           args=self._claim_args(client_id, credential, takeover))
+        return (held[0], json.loads(held[1])) if held else None
+
+    def _claim_args(self, client_id: str, credential: str | None, takeover: bool) -> list:
+        drop = {"type": "drop", "clientId": client_id, "node": self.node_id, "credential": credential}
+        return [self._client_record(credential), self.node_id, self.ttl_ms, credential or "",
+                "1" if takeover else "0", self.channel(""), json.dumps(drop), client_id]
 
     @_guard
-    def release(self, client_id: str) -> None:
-        self._release(keys=[self.client_key(client_id)], args=[self.node_id])
+    def release(self, client_id: str, credential: str | None = None, reserve: float = 0.0,
+                max_reserved: int = 0) -> list[str]:
+        """Our client went offline: its record goes, or becomes a reservation of its ID for
+        ``credential`` for ``reserve`` seconds (see RELEASE). Returns the IDs of that credential
+        whose reservations were dropped to keep it within ``max_reserved``."""
+        record = json.dumps({"node": None, "credential": credential, "offlineSince": time.time()})
+        dropped = self._release(keys=[self.client_key(client_id), self.reservations(credential)],
+                                args=[self.node_id, record, int(reserve * 1000), int(time.time() * 1000),
+                                      max_reserved, client_id])
+        if dropped:
+            pipe = self.redis.pipeline(transaction=False)
+            for old in dropped:
+                self._forget_reservation(keys=[self.client_key(old)], args=[credential or ""], client=pipe)
+            pipe.execute()
+        return list(dropped or [])
 
     @_guard
     def lookup(self, client_id: str) -> dict | None:
@@ -131,10 +153,10 @@ class ClusterStore:
         return json.loads(raw) if raw else None
 
     @_guard
-    def client_ids(self) -> list[str]:
-        """Every ID online somewhere in the cluster (a SCAN: for lists, not for each request)."""
-        start = len(self.client_key(""))
-        return sorted(key[start:] for key in self.redis.scan_iter(match=self.client_key("*"), count=1000))
+    def client_ids(self, limit: int = 100_000) -> list[str]:
+        """Every ID online somewhere in the cluster, not those only reserved (a SCAN and an MGET:
+        for lists, not for each request)."""
+        return sorted(self.client_nodes(limit)[0])
 
     @_guard
     def client_nodes(self, limit: int) -> tuple[dict[str, str], bool]:
@@ -166,11 +188,11 @@ class ClusterStore:
         Returns the (client ID, holder) pairs another node holds (after a store outage)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.node_key(self.node_id), json.dumps(node), px=self.ttl_ms)
-        for client_id, credential in clients:
-            self._claim(keys=[self.client_key(client_id)],
-                        args=[self._client_record(credential), self.node_id, self.ttl_ms], client=pipe)
+        for client_id, credential in clients:  # never a takeover: a refresh only keeps what is ours
+            self._claim(keys=[self.client_key(client_id), self.reservations(credential)],
+                        args=self._claim_args(client_id, credential, False), client=pipe)
         replies = pipe.execute()
-        return [(cid, json.loads(held)) for (cid, _), held in zip(clients, replies[1:]) if held]
+        return [(cid, json.loads(held[1])) for (cid, _), held in zip(clients, replies[1:]) if held]
 
     @_guard
     def share_opened(self, own: dict[tuple[str, str], int], others: list[str]) -> dict[tuple[str, str], int]:
@@ -211,17 +233,65 @@ class ClusterStore:
     # --- bus -----------------------------------------------------------------------------------
 
     @_guard
-    def publish(self, node_id: str, message: dict) -> int:
-        """Send a message to a node's channel; returns how many subscribers got it (0: nobody listens)."""
-        return self.redis.publish(self.channel(node_id), json.dumps(message))
+    def publish(self, node_id: str, message: dict, pending: PendingKey | None = None) -> int:
+        """Send a message to a node's channel; returns how many subscribers got it (0: nobody
+        listens). With ``pending``, that session's key is written in the same round trip."""
+        if pending is None:
+            return self.redis.publish(self.channel(node_id), json.dumps(message))
+        return int(self._publish_pending(
+            keys=[self.pending_key(pending.session_id), self.pending_index(pending.client_a)],
+            args=[pending.record, pending.ttl_ms, pending.deadline_ms, pending.session_id, pending.place,
+                  self.channel(node_id), json.dumps(message)]))
 
     @_guard
-    def publish_to_holder(self, client_id: str, message: dict) -> tuple[str | None, int]:
-        """Send a message to the node holding ``client_id`` (another node than this one).
-        Returns (that node or None when no other node holds it, subscribers that got it)."""
-        node, heard = self._send_to_holder(keys=[self.client_key(client_id)],
-                                           args=[self.node_id, self.channel(""), json.dumps(message)])
-        return node or None, int(heard)
+    def publish_to_holder(self, client_id: str, message: dict, client_a: str, cap: int, pending_here: int,
+                          place: str, hold_ms: int) -> tuple[str | None, int, int, bool]:
+        """Send a message to the node holding ``client_id`` (another node than this one) unless
+        ``client_a`` has ``cap`` sessions pending in the cluster (``pending_here`` of them only on
+        this node). Returns (that node or None when no other node holds it, subscribers that got
+        it, A's pending sessions in the index, over the cap)."""
+        now = int(time.time() * 1000)
+        node, heard, pending, over = self._send_to_holder(
+            keys=[self.client_key(client_id), self.pending_index(client_a)],
+            args=[self.node_id, self.channel(""), json.dumps(message), cap, pending_here, now, place,
+                  now + hold_ms, hold_ms])
+        return node or None, int(heard), int(pending), bool(over)
+
+    @_guard
+    def forget_pending(self, entries: list[tuple[str, str]]) -> None:
+        """Take (client A, session id or request place) out of the pending keys and A's index."""
+        pipe = self.redis.pipeline(transaction=False)
+        for client_a, member in entries:
+            pipe.delete(self.pending_key(member))
+            pipe.zrem(self.pending_index(client_a), member)
+        pipe.execute()
+
+    @_guard
+    def pending_counts(self, clients: list[str]) -> dict[str, int]:
+        """{client A: its sessions pending in the cluster's index}, expired ones dropped first."""
+        now = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for client_a in clients:
+            pipe.zremrangebyscore(self.pending_index(client_a), "-inf", now)
+            pipe.zcard(self.pending_index(client_a))
+        replies = pipe.execute()
+        return {client_a: int(count) for client_a, count in zip(clients, replies[1::2])}
+
+    @_guard
+    def pending_sessions(self, limit: int) -> tuple[dict[str, int], bool]:
+        """{data node: its pending cross-node sessions} over up to ``limit`` pending keys, and
+        whether there were more (a SCAN and an MGET: for the admin view)."""
+        keys = list[str]()
+        for key in self.redis.scan_iter(match=self.pending_key("*"), count=1000):
+            if len(keys) == limit:
+                break
+            keys.append(key)
+        by_node: dict[str, int] = {}
+        for record in map(_json_or_none, self.redis.mget(keys) if keys else []):
+            node = record.get("dataNode") if record else None
+            if isinstance(node, str):
+                by_node[node] = by_node.get(node, 0) + 1
+        return by_node, len(keys) == limit
 
     @_guard
     def subscribe(self):

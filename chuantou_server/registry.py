@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from common import protocol as p
 from common.limits import LimitLog, source_key
 
 if TYPE_CHECKING:
@@ -57,18 +58,45 @@ class ClientRegistry:
         connection it replaced (same credential), which the caller closes."""
         with self._lock:
             old = self._clients.get(client_id)
-            if old is not None and old.credential != conn.credential:
-                return Claim(refused=ONLINE_ELSEWHERE)
-            if old is None and self._reserved_for_another(client_id, conn.credential):
-                return Claim(refused=RESERVED)
-            if old is not None and not takeover:
-                return Claim(refused=IN_USE)
+            refused = self._refusal(client_id, old, conn.credential, takeover)
+            if refused is not None:
+                return Claim(refused=refused)
             self._clients[client_id] = conn
             self._bind(client_id, conn.credential)
             self._count_source(conn, +1)
             if old is not None and old is not conn:
                 self._count_source(old, -1)
             return Claim(replaced=old if old is not conn else None)
+
+    def refusal(self, client_id: str, credential: str | None, takeover: bool = True) -> str | None:
+        """Why ``claim`` would refuse now, without claiming (a cluster node asks before it takes
+        the ID cluster-wide, which may drop the ID's connection on another node)."""
+        with self._lock:
+            return self._refusal(client_id, self._clients.get(client_id), credential, takeover)
+
+    def _refusal(self, client_id: str, old: ControlConnection | None, credential: str | None,
+                 takeover: bool) -> str | None:
+        if old is not None and old.credential != credential:
+            return ONLINE_ELSEWHERE
+        if old is None and self._reserved_for_another(client_id, credential):
+            return RESERVED
+        if old is not None and not takeover:
+            return IN_USE
+        return None
+
+    def describe(self, client_id: str, refused: str) -> tuple[str, str]:
+        """The message and code a registration refused for ``refused`` is told."""
+        if refused == IN_USE:
+            return (f"client ID '{client_id}' is in use by another live connection with the same token, and "
+                    f"this registration asked not to replace it; if both run on purpose, give one another "
+                    f"--client-id", p.ID_IN_USE)
+        if refused == RESERVED:
+            seconds = self.reservation_time
+            held = f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
+            return (f"client ID '{client_id}' belongs to another credential: it stays reserved for the token "
+                    f"that registered it for {held} after it goes offline; choose another --client-id", p.ID_TAKEN)
+        return (f"client ID '{client_id}' is online with a different credential; choose another --client-id",
+                p.ID_TAKEN)
 
     def unregister(self, client_id: str, conn: ControlConnection) -> bool:
         """Remove ``conn`` only if it is still the one registered (a replaced one is not); its

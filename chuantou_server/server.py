@@ -300,7 +300,7 @@ class Server:
         if conn.client_id and self.registry.unregister(conn.client_id, conn):
             log.info("client %s disconnected", conn.client_id)
             if self.cluster is not None:
-                self.cluster.release(conn.client_id)
+                self.cluster.release(conn.client_id, conn.credential)
             # Sessions still waiting for this client cannot complete; running ones keep going
             # on their own sockets until they end (a direct one is forgotten here: it runs on, unseen).
             for session in self.sessions.for_client(conn.client_id):
@@ -315,7 +315,7 @@ class Server:
             log.info("client %s dropped: %s", conn.client_id, reason)
             if self.registry.unregister(conn.client_id, conn):
                 if self.cluster is not None:
-                    self.cluster.release(conn.client_id)
+                    self.cluster.release(conn.client_id, conn.credential)
                 for session in self.sessions.for_client(conn.client_id):
                     self.close_session(session, f"client '{conn.client_id}' {reason}")
         conn.close()

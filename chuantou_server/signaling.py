@@ -21,7 +21,7 @@ from common import direct, handshake
 from common import protocol as p
 from common.net import shutdown_quietly
 
-from . import direct_claims, metrics, registry
+from . import direct_claims, metrics
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -151,16 +151,17 @@ class ControlConnection:
         redirect = cluster.redirects.answer(msg) if cluster is not None else None
         if redirect is not None:  # before the claim: nothing is held here for a redirected client
             return self._redirect_registration(msg, redirect)
-        if cluster is not None:  # one ID online once in the whole cluster
-            refused_elsewhere = cluster.claim(msg.clientId, credential)
+        takeover, kicked_on = msg.takeover is not False, None
+        if cluster is not None:  # one ID online once in the whole cluster (a takeover may drop it elsewhere)
+            refused_elsewhere, kicked_on = cluster.claim(msg.clientId, credential, takeover)
             if refused_elsewhere is not None:
                 return self._refuse_registration(msg, *refused_elsewhere)
         self.public_key = msg.publicKey  # before the claim: a peer may ask for a session at once
-        claim = self.server.registry.claim(msg.clientId, self, takeover=msg.takeover is not False)
+        claim = self.server.registry.claim(msg.clientId, self, takeover=takeover)
         if claim.refused is not None:
             if cluster is not None and self.server.registry.get(msg.clientId) is None:
                 cluster.release(msg.clientId)  # held for nobody here
-            return self._refuse_registration(msg, *_claim_refusal(self.server, msg.clientId, claim.refused))
+            return self._refuse_registration(msg, *self.server.registry.describe(msg.clientId, claim.refused))
         old = claim.replaced
         self.client_id = msg.clientId
         if self.admission is not None:
@@ -177,11 +178,13 @@ class ControlConnection:
         direct = self.server.cluster is None
         self.pool, offer = self.server.pools.open_for(msg.clientId, self.server.relay_addr(self, "tcp"))
         # (closed with it in connection_ended, which runs on this same thread once serve() ends)
-        self.send(p.RegisterResponse(success=True, assignedId=msg.clientId, existingKicked=old is not None,
+        self.send(p.RegisterResponse(success=True, assignedId=msg.clientId,
+                                     existingKicked=old is not None or kicked_on is not None,
                                      udpPort=self.server.relay_addr(self, "udp").port if direct else None,
                                      probePort=self.server.probe_port if direct else None, pool=offer))
         log.info("client %s registered from %s:%s%s", msg.clientId, self.remote[0], self.remote[1],
-                 " (replaced its previous connection)" if old else "")
+                 " (replaced its previous connection)" if old else
+                 f" (took it over from relay node {kicked_on})" if kicked_on else "")
 
     def _refuse_registration(self, msg: p.Register, problem: str, code: str | None = None) -> None:
         log.warning("registration as %s from %s refused: %s", msg.clientId, self.remote[0], problem)
@@ -378,20 +381,6 @@ def _seen_address(session: Session, side: int) -> tuple | None:
     if session.protocol == "udp":
         return session.udp_a if side == 0 else session.udp_b
     return session.tcp_seen[side]
-
-
-def _claim_refusal(server: Server, client_id: str, refused: str) -> tuple[str, str]:
-    """The message and code for a registration the registry refused."""
-    if refused == registry.IN_USE:
-        return (f"client ID '{client_id}' is in use by another live connection with the same token, and this "
-                f"registration asked not to replace it; if both run on purpose, give one another --client-id",
-                p.ID_IN_USE)
-    if refused == registry.RESERVED:
-        seconds = server.registry.reservation_time
-        held = f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
-        return (f"client ID '{client_id}' belongs to another credential: it stays reserved for the token that "
-                f"registered it for {held} after it goes offline; choose another --client-id", p.ID_TAKEN)
-    return f"client ID '{client_id}' is online with a different credential; choose another --client-id", p.ID_TAKEN
 
 
 _HANDLERS: dict[type[p.Message], Callable[[ControlConnection, Any], None]] = {

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from chuantou_client import Client
-from chuantou_server import Server
 
 from helpers import (
     TcpService,
@@ -215,22 +214,7 @@ def recv_until_eof_or_reset(sock) -> bytes:
 
 # --- identity, cluster-wide -----------------------------------------------------------------------
 
-def test_the_same_id_on_two_nodes_is_refused(nodes, make_client, redis_server):
-    from chuantou_client.control import RegistrationRefused  # noqa: F401 (the error the client raises)
-    from common.errors import ChuantouError
-
-    make_client(nodes["n1"], "X")
-    store = redis_server.client()
-    wait_until(lambda: on_node(store, "X") == "n1")
-    store.close()
-    second = Client(relay_url(nodes["n2"]), "X")
-    try:
-        with pytest.raises(ChuantouError, match="in use by a live connection on relay node n1"):
-            second.start()
-    finally:
-        second.stop()
-    assert nodes["n2"].registry.get("X") is None
-
+# (takeover by the same token and in_use without it: test_cluster_identity.py)
 
 def test_the_same_id_with_another_token_on_another_node_is_taken(redis_server, make_server, make_client):
     from common.errors import ChuantouError
