@@ -18,7 +18,7 @@ from common.limits import LimitLog
 from common.net import reset_connection, tune_tcp
 from common.pipe import Pipe
 
-from . import directchoice
+from . import directchoice, warmtarget
 from .earlyjoin import EarlyJoin
 from .selfguard import resolve_for_connect
 from .udptarget import UdpTarget
@@ -177,6 +177,9 @@ def _serve(client, msg: p.ConnectOffer, prepared: Prepared) -> None:
                                          on_failure=lambda error: _reject(client, msg, error.peer_reason))
         except ChuantouError as exc:
             log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
+            return
+        # A warm session waits here, sealed, for A's go frame (warmtarget.py)
+        if msg.warm and not warmtarget.await_go(client, msg, relay, service, slot):
             return
         # Only now, with A's key proved: a relay that lies cannot make B open connections to its services.
         local = _connect_service(client, msg, service, candidates)
