@@ -193,8 +193,8 @@ def _serve(client, msg: p.ConnectOffer, prepared: Prepared) -> None:
         client.sessions.attach(record, pipe)
         # accept_session goes out from the pump's second thread: the relay needs nothing from it to
         # relay, so A's first bytes do not wait behind a control message. A direct session's relay
-        # half is gone already: nothing to accept.
-        accept = None if record.path == "direct" else (
+        # half is gone already, and a warm one is the user's by now: nothing to accept (the relay records nothing).
+        accept = None if record.path == "direct" or msg.warm else (
             lambda: _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId)))
         pipe.run(client.threads, f"b-{msg.sessionId[:8]}", before=accept)
 

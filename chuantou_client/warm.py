@@ -50,6 +50,9 @@ LIFETIME = 60.0  # seconds a warm session waits for a user before it is replaced
 RETRY_DELAY = 1.0  # after a failed attempt; doubling up to RETRY_MAX
 RETRY_MAX = 30.0
 UNSUPPORTED_RETRY = 300.0  # the target (or relay) cannot hold warm sessions: ask again this much later
+# a replacement is made this long after a take, not at once: its request, joins and handshake (CPU in
+# A, the relay and B) would compete with the first bytes of the connection that took the session
+REFILL_DELAY = 0.025
 
 
 class WarmUnsupported(ChuantouError):
@@ -65,11 +68,29 @@ def check_warm_count(value) -> int:
 
 @dataclass
 class WarmSession:
+    """One session held ready, with the thread that will pump its user's connection: it waits for
+    ``handoff`` (a user, or the end of the session), so a user's connection starts no thread."""
+
     reply: p.CreateSession
     stream: socket.socket  # the sealed stream (or, with a target allowed unsealed, the data channel)
     sealed: bool
     born: float  # time.monotonic()
     generation: int  # of the registration it was made in
+    user: socket.socket | None = None
+    handoff: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def give(self, user: socket.socket) -> None:
+        self.user = user
+        self.handoff.set()
+
+    def end(self, clean: bool = False) -> None:
+        """Close it unused (``clean``: close_notify and FIN, B lets it go quietly; else a reset)
+        and let its thread go."""
+        if clean:
+            _end_unused(self.stream)
+        else:
+            reset_connection(self.stream)
+        self.handoff.set()
 
 
 class WarmPool:
@@ -84,6 +105,7 @@ class WarmPool:
         self._generation = 0
         self._retry_at = 0.0  # monotonic; no attempt before
         self._delay = RETRY_DELAY
+        self._taken_at = 0.0  # monotonic time of the last take
         self._inflight: tuple = (None, None)  # (pending request, socket) of the attempt running, for stop()
         self._thread: threading.Thread | None = None
         self.taken = 0  # user connections served by a warm session
@@ -107,6 +129,7 @@ class WarmPool:
         if sock is not None:
             reset_connection(sock)
         self._close_ready()
+        # (each session's holder thread ends with it; proxy.close() joins them with its group)
         if self._thread is not None:
             self._thread.join(timeout=self.client.request_timeout + 1.0)
 
@@ -136,7 +159,7 @@ class WarmPool:
                     break
             else:
                 return False
-        reset_connection(ws.stream)
+        ws.end()
         return True
 
     @property
@@ -165,8 +188,8 @@ class WarmPool:
     # --- use --------------------------------------------------------------------------------
 
     def serve(self, user: socket.socket, addr: tuple) -> bool:
-        """On the accept loop: take a warm session, send the go frame and start the connection's
-        thread. False: none was usable (the caller sets the connection up afresh)."""
+        """On the accept loop: take a warm session, send the go frame and hand the user to the
+        session's waiting thread. False: none was usable (the caller sets the connection up afresh)."""
         ws = self._take()
         if ws is None:
             return False
@@ -174,22 +197,21 @@ class WarmPool:
             ws.stream.sendall(WARM_GO)  # a few bytes into an idle connection's empty buffer: no wait
         except OSError as exc:
             log.debug("warm session %s... lost before its go frame: %s", ws.reply.sessionId[:8], exc)
-            reset_connection(ws.stream)
+            ws.end()
             self.fallbacks += 1
             return False
-        try:
-            self.proxy.threads.spawn(f"conn-{addr[1]}", self._run, user, ws)
-        except RuntimeError:
-            reset_connection(ws.stream)
-            log.warning("proxy :%d: cannot start a thread; connection from %s closed", self.proxy.local_port, addr)
-            close_quietly(user)
+        ws.give(user)
         return True
 
-    def _run(self, user: socket.socket, ws: WarmSession) -> None:
+    def _hold(self, ws: WarmSession) -> None:
+        """A warm session's thread: wait for its user (or its end), then pump."""
+        ws.handoff.wait()
+        if ws.user is None:
+            return
         proxy = self.proxy
         with self.client.sessions.track(ws.reply.sessionId, "A", **proxy.session_facts("tcp")) as record:
             record.sealed = ws.sealed
-            proxy.pump(user, ws.stream, ws.reply.sessionId, record)
+            proxy.pump(ws.user, ws.stream, ws.reply.sessionId, record)
 
     def _take(self) -> WarmSession | None:
         with self._cond:
@@ -198,9 +220,10 @@ class WarmPool:
                 self._cond.notify_all()  # the filler makes a replacement
                 if self._usable(ws):
                     self.taken += 1
+                    self._taken_at = time.monotonic()
                     return ws
                 self.fallbacks += 1
-                reset_connection(ws.stream)
+                ws.end()
         return None
 
     def _usable(self, ws: WarmSession) -> bool:
@@ -234,12 +257,19 @@ class WarmPool:
                 self._delay = min(RETRY_MAX, self._delay * 2)
                 continue
             with self._cond:
-                if not self._stopping and ws.generation == self._generation:
+                if not self._stopping and ws.generation == self._generation and self._start_holder(ws):
                     self._ready.append(ws)
                     self._delay = RETRY_DELAY
                     self.problem = None
                     continue
-            reset_connection(ws.stream)  # stopping, or the registration changed while it was made
+            ws.end()  # stopping, the registration changed while it was made, or no thread for it
+
+    def _start_holder(self, ws: WarmSession) -> bool:
+        try:
+            self.proxy.threads.spawn(f"warm-{ws.reply.sessionId[:8]}", self._hold, ws)
+            return True
+        except RuntimeError:  # out of threads: no warm session
+            return False
 
     def _failed(self, why: str, delay: float, level: int) -> None:
         with self._cond:
@@ -254,20 +284,21 @@ class WarmPool:
         while not self._stopping:
             self._drop_old()
             now = time.monotonic()
-            if (len(self._ready) < self.count and now >= self._retry_at and self.client.connected
+            not_before = max(self._retry_at, self._taken_at + REFILL_DELAY)
+            if (len(self._ready) < self.count and now >= not_before and self.client.connected
                     and self._applies()):
                 return self._generation
-            wake = [self._retry_at - now] if now < self._retry_at else []
+            wake = [not_before - now] if now < not_before else []
             if self._ready:
                 wake.append(self._ready[0].born + self.lifetime - now)
-            self._cond.wait(max(0.05, min(wake)) if wake else 1.0)  # 1 s: a registration or path change
+            self._cond.wait(max(0.002, min(wake)) if wake else 1.0)  # 1 s: a registration or path change
         return None
 
     def _drop_old(self) -> None:
         """Close the sessions past their lifetime (lock held): a new one replaces each."""
         now = time.monotonic()
         while self._ready and now - self._ready[0].born >= self.lifetime:
-            _end_unused(self._ready.popleft().stream)
+            self._ready.popleft().end(clean=True)
 
     def _make(self, generation: int) -> WarmSession:
         """Request, join and seal one warm session, and read B's WARM_READY (raises ChuantouError)."""
@@ -316,7 +347,7 @@ class WarmPool:
             self._ready.clear()
             self._cond.notify_all()
         for ws in ready:
-            reset_connection(ws.stream)
+            ws.end()
         return len(ready)
 
 
