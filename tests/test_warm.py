@@ -5,20 +5,28 @@ with warm=0 and end with stop()."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 
 import pytest
 
+import admin_support
+from admin_support import CLIENT_API_KEYS
+from chuantou_client.app import ClientApp
 from chuantou_client.known_clients import AllowFrom
-from chuantou_client.warm import check_warm_count
+from chuantou_client.warm import DEFAULT_WARM, check_warm_count
 from common import protocol as p
 from common.errors import ChuantouError
 
-from helpers import TcpService, closed_by_peer, connect, echo_roundtrip, exchange, sha256, wait_until
+from helpers import (
+    TcpService, closed_by_peer, connect, echo_roundtrip, exchange, free_port, http_json, relay_url, sha256, wait_until,
+)
 
 SIZE = 3 * 1024 * 1024
+# the admin tests' fixtures (a relay with an admin page, clients of it, a ClientApp with its local API)
+relay, clients, client_app = admin_support.relay, admin_support.clients, admin_support.client_app
 
 
 class CountingEcho(TcpService):
@@ -190,3 +198,29 @@ def test_only_a_tcp_session_may_be_warm():
     with pytest.raises(p.ProtocolError, match="features"):
         p.decode('{"type":"register","payload":{"clientId":"A","protocolVersion":2,"features":["Bad Name"]}}',
                  "client")
+
+
+def test_the_api_takes_saves_and_restores_a_warm_count(client_app, clients, relay, tmp_path):
+    clients("B")
+    api = client_app.admin.port
+    headers = {"Origin": f"http://127.0.0.1:{api}", "X-Chuantou-Key": CLIENT_API_KEYS[api]}
+    port, default_port = free_port(), free_port()
+    status, _, reply = http_json(api, "POST", "/api/proxies", headers,
+                                 {"localPort": port, "targetClient": "B", "targetPort": 22, "warm": 3})
+    assert status == 201, reply
+    assert reply["proxy"]["warm"] == 3
+    status, _, reply = http_json(api, "POST", "/api/proxies", headers,
+                                 {"localPort": default_port, "targetClient": "B", "targetPort": 22})
+    assert status == 201 and reply["proxy"]["warm"] == DEFAULT_WARM
+    saved = json.loads((tmp_path / "client.json").read_text())["proxies"]
+    assert [entry.get("warm") for entry in saved] == [3, None], "the default is not saved"
+    status, _, reply = http_json(api, "POST", "/api/proxies", headers,
+                                 {"localPort": free_port(), "targetClient": "B", "targetPort": 22, "warm": 99})
+    assert status == 400 and "warm sessions 99" in reply["error"] and "--warm" in reply["error"]
+    client_app.stop()
+    again = ClientApp(tmp_path / "client.json", {"server": relay_url(relay), "clientId": "A2", "adminPort": 0},
+                      api_secret_path=tmp_path / "again.secret").start()
+    try:
+        assert sorted(x["warm"] for x in again.proxies()) == [DEFAULT_WARM, 3]
+    finally:
+        again.stop()
