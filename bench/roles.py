@@ -201,9 +201,11 @@ def run_client(args) -> int:
     if args.unsealed:  # as an older chuantou: registers no key, so no session of it is sealed
         client.control.public_key = None
     client.start()
-    # BENCH_WARM=N: warm sessions per proxy (warm.py; unset: the library's default)
-    warm = ({"warm": int(os.environ["BENCH_WARM"])}
-            if "BENCH_WARM" in os.environ and "warm" in inspect.signature(client.create_proxy).parameters else {})
+    # warm sessions per proxy (warm.py): as the CLI's default, or BENCH_WARM=N (older copies: none)
+    warm = {}
+    if "warm" in inspect.signature(client.create_proxy).parameters:
+        from chuantou_client.warm import DEFAULT_WARM
+        warm = {"warm": int(os.environ.get("BENCH_WARM", DEFAULT_WARM))}
     try:
         for spec in args.proxy or []:
             name, target, port, proto = spec.split(":")

@@ -30,7 +30,6 @@ from .proxy import Proxy
 from .relays import IN_ORDER, ORDERS
 from .sealing import Sealing
 from .udpseal import KeyMailbox, SealStats
-from .warm import DEFAULT_WARM
 from .warmtarget import WarmHolds
 from .selfguard import SelfGuard
 from .sessions import SessionBook
@@ -257,14 +256,16 @@ class Client(SessionJoining):
     def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
                      protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None,
                      target_fingerprint: str | None = None, bandwidth: int | str = 0,
-                     allow_unsealed: bool = False, warm: int = DEFAULT_WARM) -> Proxy:
+                     allow_unsealed: bool = False, warm: int = 0) -> Proxy:
         """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
         the target client (on ``target_host`` of its network, if that client allows it).
         Raises PortInUseError if the local port is taken. ``target_fingerprint`` pins the
         target's key (SHA256:...) before the first session. ``bandwidth`` (bytes/s, or text
         such as "10MiB/s"; 0: none) limits each direction, over all the proxy's connections;
         ``allow_unsealed`` lets this proxy reach a target that cannot seal (an older chuantou)
-        in the clear. ``warm``: TCP sessions kept set up ahead of users (warm.py; 0: none)."""
+        in the clear. ``warm``: TCP sessions kept set up ahead of users (warm.py). 0 here, so a
+        program embedding the client opens exactly the sessions its users do; the CLI and the
+        saved config default to warm.DEFAULT_WARM."""
         if self._stopped:
             raise ChuantouError("this client is stopped; create a new Client")
         proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host,

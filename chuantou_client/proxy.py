@@ -29,7 +29,7 @@ from .earlyjoin import EarlyJoin
 from .listen import DEFAULT_LOCAL_HOST, exposure_warning, listen_address, parse_local_host
 from .pending import PendingRequest
 from .udp import UdpGateway
-from .warm import DEFAULT_WARM, WarmPool
+from .warm import WarmPool
 
 log = logging.getLogger("chuantou.client")
 
@@ -42,7 +42,7 @@ class Proxy:
     def __init__(self, client, local_port: int, target_client_id: str, target_port: int,
                  protocol: str = "both", local_host: str = DEFAULT_LOCAL_HOST, target_host: str | None = None,
                  target_fingerprint: str | None = None, bandwidth: int | str = 0,
-                 allow_unsealed: bool = False, warm: int = DEFAULT_WARM):
+                 allow_unsealed: bool = False, warm: int = 0):
         _check_proxy_args(local_port, target_client_id, target_port, protocol)
         if target_host is not None and not p.HOST_PATTERN.match(target_host):
             raise ChuantouError(f"target host {target_host!r} is not a host name or IP address")

@@ -9,8 +9,8 @@ into it and hands it to the connection's thread, which pumps the user's bytes be
 connects to its service when the go frame arrives. One named thread refills the pool.
 
 The rules:
-- only over the relay: with a direct path to try (``path`` auto or direct) the proxy sets up
-  each session as before; UDP is unchanged;
+- only over the relay: while a direct path is to be tried (``path`` direct, or auto unless the
+  last attempts to this target failed) the proxy sets up each session as before; UDP is unchanged;
 - only with a relay that says it passes ``warm`` on (``FEATURE_WARM`` in register_response) to a
   target that said it understands it; an older relay or target would connect B's service at
   once, and B proves it holds the session by the sealed ``WARM_READY``, which the relay cannot
@@ -44,7 +44,7 @@ from .sessions import SessionRecord
 
 log = logging.getLogger("chuantou.client")
 
-DEFAULT_WARM = 1
+DEFAULT_WARM = 1  # of the CLI and the saved config (a library caller asks: Client.create_proxy(warm=N))
 MAX_WARM = 16
 LIFETIME = 60.0  # seconds a warm session waits for a user before it is replaced (B holds one up to 90 s)
 RETRY_DELAY = 1.0  # after a failed attempt; doubling up to RETRY_MAX
@@ -182,7 +182,7 @@ class WarmPool:
         if self.count == 0:
             return "off"
         if not self._applies():
-            return "off (this client tries a direct path first: --path relay to use warm sessions)"
+            return "off (a direct path to the target is tried first: --path relay to use warm sessions)"
         return f"{self.ready}/{self.count} ready" + (f" ({self.problem})" if self.problem else "")
 
     # --- use --------------------------------------------------------------------------------
@@ -233,9 +233,10 @@ class WarmPool:
     # --- the filler -------------------------------------------------------------------------
 
     def _applies(self) -> bool:
-        """Warm sessions go over the relay only, with a relay that passes ``warm`` on."""
+        """Warm sessions go over the relay only (``path`` relay, or auto while the direct path to
+        this target is not due for a try), with a relay that passes ``warm`` on."""
         client = self.client
-        if client.direct.path != "relay" and client.direct.relay_knows:
+        if client.direct.wants_to_try(self.proxy.target_client_id):
             return False
         reply = client.control.register_reply
         return reply is None or p.FEATURE_WARM in (reply.features or ())

@@ -5,6 +5,7 @@ with warm=0 and end with stop()."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -224,3 +225,28 @@ def test_the_api_takes_saves_and_restores_a_warm_count(client_app, clients, rela
         assert sorted(x["warm"] for x in again.proxies()) == [DEFAULT_WARM, 3]
     finally:
         again.stop()
+
+
+def test_a_relay_that_drops_the_warm_flag_gets_no_session_used(server, make_client, services, monkeypatch):
+    """A relay that lies (it strips ``warm`` from B's offer, so B connects to its service at once):
+    A sees no sealed WARM_READY from B and never hands the session to a user."""
+    from chuantou_server import signaling
+
+    real_send = signaling.ControlConnection.send
+
+    def stripping_send(self, msg):
+        if isinstance(msg, p.ConnectOffer) and msg.warm:
+            msg = dataclasses.replace(msg, warm=None)
+        return real_send(self, msg)
+
+    monkeypatch.setattr(signaling.ControlConnection, "send", stripping_send)
+    greeter = services(TcpService(lambda conn, service: (conn.sendall(b"220 hello\r\n"), conn.recv(16)),
+                                  "greeter"))
+    a = make_client(server, "A")
+    make_client(server, "B")
+    proxy = a.create_proxy(0, "B", greeter.port, "tcp", warm=1)
+    wait_until(lambda: proxy.warm.problem is not None and "did not hold" in proxy.warm.problem)
+    assert proxy.warm.ready == 0
+    with connect(proxy.local_port) as user:  # a fresh set-up, as without warm sessions
+        assert user.recv(64) == b"220 hello\r\n"
+    assert proxy.warm.taken == 0
