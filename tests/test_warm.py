@@ -250,3 +250,20 @@ def test_a_relay_that_drops_the_warm_flag_gets_no_session_used(server, make_clie
     with connect(proxy.local_port) as user:  # a fresh set-up, as without warm sessions
         assert user.recv(64) == b"220 hello\r\n"
     assert proxy.warm.taken == 0
+
+
+def test_warm_sessions_are_dropped_and_refilled_when_the_relay_connection_is_lost(make_server, make_client, echo):
+    server = make_server()
+    port = server.port
+    a = make_client(server, "A", reconnect_max_delay=0.5)
+    b = make_client(server, "B", reconnect_max_delay=0.5)
+    proxy = a.create_proxy(0, "B", echo.port, "tcp", warm=1)
+    wait_until(lambda: proxy.warm.ready == 1)
+    (first,) = server.sessions.all()
+    server.stop()
+    wait_until(lambda: proxy.warm.ready == 0 and len(b.warm_holds) == 0, message="dropped with the connection")
+    again = make_server(port=port)
+    wait_until(lambda: proxy.warm.ready == 1, timeout=15.0, message="refilled after the new registration")
+    assert again.sessions.all()[0].id != first.id
+    assert echo_roundtrip(proxy.local_port) == b"hello through the tunnel"
+    assert echo.accepted == 1 and proxy.warm.taken == 1
