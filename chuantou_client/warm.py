@@ -124,8 +124,7 @@ class WarmPool:
             pending, sock = self._inflight
             self._cond.notify_all()
         if pending is not None:
-            pending.cancel()
-            pending.event.set()  # wakes the attempt's wait with no reply (NotConnectedError)
+            pending.abandon()  # the attempt's wait ends with no reply
         if sock is not None:
             reset_connection(sock)
         self._close_ready()
@@ -312,6 +311,8 @@ class WarmPool:
             early.close()
             raise
         with self._cond:
+            if self._stopping:  # stop() ran after the filler woke: it could not wake this attempt
+                pending.abandon()
             self._inflight = (pending, None)
         try:
             try:
@@ -323,6 +324,9 @@ class WarmPool:
             record = SessionRecord(reply.sessionId, "A", **proxy.session_facts("tcp"))
             relay = client.join_session(record, reply, early)
             with self._cond:
+                if self._stopping:
+                    reset_connection(relay)
+                    raise ChuantouError("the proxy is closing")
                 self._inflight = (None, relay)
             stream = client.seal_as_a(relay, proxy, reply)
             with self._cond:

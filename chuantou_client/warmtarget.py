@@ -24,6 +24,8 @@ from common.errors import ChuantouError
 from common.frames import WARM_GO, WARM_READY
 from common.net import recv_exact, reset_connection, shutdown_quietly
 
+from .sealing import SealedStream
+
 log = logging.getLogger("chuantou.client")
 
 HOLD_MAX = 90.0  # seconds B holds an unused warm session (A recycles its own at warm.LIFETIME, 60 s)
@@ -109,8 +111,10 @@ def _refusal_now(client, msg: p.ConnectOffer, stream, service: tuple[str, int]) 
         log.warning("warm session from %s to %s:%d refused at its go: %s", msg.fromClientId, service[0],
                     service[1], refusal)
         return "the target is not allowed by the target client"
-    der = stream.peer_certificate() if hasattr(stream, "peer_certificate") else None
-    if der is not None:  # None: an unsealed session, allowed when it was set up
+    # (an unsealed session, allowed when it was set up, has no peer key: over wss its channel's
+    # certificate is the relay's)
+    der = stream.peer_certificate() if isinstance(stream, SealedStream) else None
+    if der is not None:
         refusal = client.sealing.allow_from.refusal(msg.fromClientId, ident.certificate_fingerprint(der))
         if refusal is not None:
             log.warning("warm session from %s refused at its go: %s", msg.fromClientId, refusal)
