@@ -256,9 +256,11 @@ class Proxy:
                 return
             self.pump(user, relay, reply.sessionId, record)
 
-    def pump(self, user: socket.socket, relay, session_id: str, record) -> None:
-        """Pump a user's connection through its joined (and sealed) session until both end."""
+    def pump(self, user: socket.socket, relay, session_id: str, record, already_sent: int = 0) -> None:
+        """Pump a user's connection through its joined (and sealed) session until both end
+        (``already_sent``: bytes of the user's the caller forwarded itself, counted here)."""
         pipe = Pipe(user, relay, on_done=self._connection_done, limits=self.limits)
+        pipe.sent[0] += already_sent
         with self._lock:
             if self._closed.is_set():
                 pipe.abort()

@@ -53,6 +53,7 @@ UNSUPPORTED_RETRY = 300.0  # the target (or relay) cannot hold warm sessions: as
 # a replacement is made this long after a take, not at once: its request, joins and handshake (CPU in
 # A, the relay and B) would compete with the first bytes of the connection that took the session
 REFILL_DELAY = 0.025
+FIRST_BYTES = 16 * 1024  # of the user's bytes, at most, sent with the go frame
 
 
 class WarmUnsupported(ChuantouError):
@@ -77,6 +78,7 @@ class WarmSession:
     born: float  # time.monotonic()
     generation: int  # of the registration it was made in
     user: socket.socket | None = None
+    sent_with_go: int = 0  # the user's first bytes, forwarded with the go frame
     handoff: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def give(self, user: socket.socket) -> None:
@@ -192,16 +194,33 @@ class WarmPool:
         ws = self._take()
         if ws is None:
             return False
+        first = self._first_bytes(user)
         try:
-            ws.stream.sendall(WARM_GO)  # a few bytes into an idle connection's empty buffer: no wait
+            ws.stream.sendall(WARM_GO + first)  # into an idle connection's empty buffer: no wait
         except OSError as exc:
             log.debug("warm session %s... lost before its go frame: %s", ws.reply.sessionId[:8], exc)
             ws.end()
             self.fallbacks += 1
+            if first:  # they cannot be given back to the user's socket: this connection is lost
+                reset_connection(user)
+                return True
             return False
+        ws.sent_with_go = len(first)
         ws.give(user)
         return True
 
+    def _first_bytes(self, user: socket.socket) -> bytes:
+        """What the user sent already (a client that speaks first usually has), without waiting:
+        it goes in the go frame's record, ahead of the pump's thread. Not under a bandwidth limit
+        (the pump meters every byte there)."""
+        if self.proxy.limits != (None, None):
+            return b""
+        try:
+            return user.recv(FIRST_BYTES, socket.MSG_DONTWAIT)  # b"": the user's FIN, read again by the pump
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:
+            return b""  # reset already: the pump finds out
     def _hold(self, ws: WarmSession) -> None:
         """A warm session's thread: wait for its user (or its end), then pump."""
         ws.handoff.wait()
@@ -210,7 +229,7 @@ class WarmPool:
         proxy = self.proxy
         with self.client.sessions.track(ws.reply.sessionId, "A", **proxy.session_facts("tcp")) as record:
             record.sealed = ws.sealed
-            proxy.pump(ws.user, ws.stream, ws.reply.sessionId, record)
+            proxy.pump(ws.user, ws.stream, ws.reply.sessionId, record, already_sent=ws.sent_with_go)
 
     def _take(self) -> WarmSession | None:
         with self._cond:

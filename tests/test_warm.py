@@ -22,7 +22,8 @@ from common import protocol as p
 from common.errors import ChuantouError
 
 from helpers import (
-    TcpService, closed_by_peer, connect, echo_roundtrip, exchange, free_port, http_json, relay_url, sha256, wait_until,
+    TcpService, closed_by_peer, connect, echo_roundtrip, exchange, free_port, http_json, recv_until_eof, relay_url,
+    sha256, wait_until,
 )
 
 SIZE = 3 * 1024 * 1024
@@ -77,6 +78,21 @@ def test_warm_sessions_serve_users_and_the_service_sees_nothing_before(server, m
     assert proxy.warm.taken == 3 and proxy.warm.fallbacks == 0
     info = proxy.info()
     assert info["totalConnections"] == 3 and info["warm"] == 2 and info["warmTaken"] == 3
+    # every byte counted once, those that went with the go frame too
+    wait_until(lambda: (proxy.bytes_sent, proxy.bytes_received) == (3 * SIZE, 3 * SIZE))
+
+
+def test_a_user_that_speaks_first_has_its_bytes_sent_with_the_go_frame(server, make_client, echo):
+    a = make_client(server, "A")
+    make_client(server, "B")
+    proxy = a.create_proxy(0, "B", echo.port, "tcp", warm=1)
+    wait_until(lambda: proxy.warm.ready == 1)
+    with socket.create_connection(("127.0.0.1", proxy.local_port), timeout=5) as user:
+        user.sendall(b"first words")
+        user.shutdown(socket.SHUT_WR)  # and its FIN right behind: both reach the service, in order
+        assert recv_until_eof(user) == b"first words"
+    assert proxy.warm.taken == 1
+    wait_until(lambda: proxy.bytes_sent == len(b"first words"))
 
 
 def test_a_service_that_speaks_first_is_heard_only_by_the_user(server, make_client, services):
