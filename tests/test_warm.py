@@ -283,3 +283,16 @@ def test_warm_sessions_are_dropped_and_refilled_when_the_relay_connection_is_los
     assert again.sessions.all()[0].id != first.id
     assert echo_roundtrip(proxy.local_port) == b"hello through the tunnel"
     assert echo.accepted == 1 and proxy.warm.taken == 1
+
+
+def test_a_warm_session_counts_against_the_relays_caps(make_server, make_client, echo):
+    server = make_server(max_sessions_per_target=1)
+    a = make_client(server, "A")
+    make_client(server, "B")
+    warm = a.create_proxy(0, "B", echo.port, "tcp", warm=1)
+    wait_until(lambda: warm.warm.ready == 1)
+    cold = a.create_proxy(0, "B", echo.port, "tcp", warm=0)
+    with connect(cold.local_port) as user:
+        assert closed_by_peer(user, 5.0), "the target's one session is the warm one"
+    wait_until(lambda: cold.last_error is not None and "maxSessionsPerTarget" in cold.last_error)
+    assert echo_roundtrip(warm.local_port) == b"hello through the tunnel"  # the warm one serves its user
