@@ -361,9 +361,9 @@ class Client(SessionJoining):
     def _registered(self, reply: p.RegisterResponse) -> None:
         """After each registration, find out what our NAT does (a thread: the caller reads the relay)."""
         self.pool.reset(reply.pool)  # an older relay offers no pool
-        for proxy in self.proxies:
-            proxy.warm.registered()
         self.direct.relay_knows = reply.udpPort is not None  # an older relay knows no direct path
+        for proxy in self.proxies:  # (after relay_knows: whether warm sessions apply depends on it)
+            proxy.warm.registered()
         if not self.direct.relay_knows:
             self.direct.nat = {"mapping": "unknown (the relay offers no direct path: an older version)",
                                "filtering": "filtering unknown"}

@@ -53,6 +53,7 @@ UNSUPPORTED_RETRY = 300.0  # the target (or relay) cannot hold warm sessions: as
 # a replacement is made this long after a take, not at once: its request, joins and handshake (CPU in
 # A, the relay and B) would compete with the first bytes of the connection that took the session
 REFILL_DELAY = 0.025
+REGISTRATION_POLL = 0.05  # while the client is not registered, the filler looks this often
 FIRST_BYTES = 16 * 1024  # of the user's bytes, at most, sent with the go frame
 
 
@@ -310,7 +311,9 @@ class WarmPool:
             wake = [not_before - now] if now < not_before else []
             if self._ready:
                 wake.append(self._ready[0].born + self.lifetime - now)
-            self._cond.wait(max(0.002, min(wake)) if wake else 1.0)  # 1 s: a registration or path change
+            if not self.client.connected:  # registered() runs just before the client counts as connected
+                wake.append(REGISTRATION_POLL)
+            self._cond.wait(max(0.002, min(wake)) if wake else 1.0)  # 1 s: the direct path's memory changed
         return None
 
     def _drop_old(self) -> None:
