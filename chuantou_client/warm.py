@@ -97,10 +97,13 @@ class WarmSession:
 
 
 class WarmPool:
+    """Up to ``count`` warm sessions of one proxy (none for a UDP-only one); ``start()``/``stop()``."""
+
     def __init__(self, proxy, count: int, lifetime: float = LIFETIME):
         self.proxy = proxy
         self.client = proxy.client
-        self.count = check_warm_count(count) if proxy.protocol in ("tcp", "both") else 0
+        check_warm_count(count)
+        self.count = count if proxy.protocol in ("tcp", "both") else 0
         self._lifetime = lifetime
         self._ready: collections.deque[WarmSession] = collections.deque()
         self._cond = threading.Condition()
