@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--connect-gap-ms", type=float, default=0.0,
+                        help="pause between new connections (0: back to back; warm sessions refill in the pauses)")
+    parser.add_argument("--only", default="connect,rtt,throughput", help="a subset of connect,rtt,throughput")
     args = parser.parse_args(argv)
 
     trees = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
@@ -50,31 +53,35 @@ def main(argv=None) -> int:
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         pids = {label: list(env["pids"].values()) for label, env in envs.items()}
 
-        # connect -> first byte
-        samples = {label: [] for label in envs}
-        cpu = {label: 0.0 for label in envs}
-        for env in envs.values():
-            br.connect_times(env["tunnel"]["echo"], 20)
-        block = max(1, args.connects // args.rounds)
-        for _ in range(args.rounds):
-            for label, env in envs.items():
-                c0 = br.cpu_seconds(pids[label])
-                samples[label] += br.connect_times(env["tunnel"]["echo"], block)
-                cpu[label] += br.cpu_seconds(pids[label]) - c0
-        print(f"connect -> first byte, {block * args.rounds} each, in {args.rounds} alternating blocks")
-        for label in envs:
-            s = samples[label]
-            print(f"  {label:7s} median {statistics.median(s):6.3f} ms   p99 {br.pct(s, 99):7.3f} ms   "
-                  f"relay CPU {1e3 * cpu[label] / len(s):.2f} ms per connect")
+        only = set(args.only.split(","))
+        gap = args.connect_gap_ms / 1e3
+        if "connect" in only:  # connect -> first byte
+            samples = {label: [] for label in envs}
+            cpu = {label: 0.0 for label in envs}
+            for env in envs.values():
+                br.connect_times(env["tunnel"]["echo"], 20, gap)
+            block = max(1, args.connects // args.rounds)
+            for _ in range(args.rounds):
+                for label, env in envs.items():
+                    c0 = br.cpu_seconds(pids[label])
+                    samples[label] += br.connect_times(env["tunnel"]["echo"], block, gap)
+                    cpu[label] += br.cpu_seconds(pids[label]) - c0
+            print(f"connect -> first byte, {block * args.rounds} each, in {args.rounds} alternating blocks"
+                  f"{f', {args.connect_gap_ms:g} ms apart' if gap else ', back to back'}")
+            for label in envs:
+                s = samples[label]
+                print(f"  {label:7s} median {statistics.median(s):6.3f} ms   p99 {br.pct(s, 99):7.3f} ms   "
+                      f"relay CPU {1e3 * cpu[label] / len(s):.2f} ms per connect")
 
-        # round trip
-        ports = {label: env["tunnel"]["echo"] for label, env in envs.items()}
-        rtt = br.round_trips(ports, args.rtt, 500, rounds=args.rounds)
-        print(f"1-byte round trip, {args.rtt} each, alternating blocks")
-        for label, s in rtt.items():
-            print(f"  {label:7s} median {statistics.median(s):6.1f} µs   p99 {br.pct(s, 99):7.1f} µs")
+        if "rtt" in only:  # round trip
+            ports = {label: env["tunnel"]["echo"] for label, env in envs.items()}
+            rtt = br.round_trips(ports, args.rtt, 500, rounds=args.rounds)
+            print(f"1-byte round trip, {args.rtt} each, alternating blocks")
+            for label, s in rtt.items():
+                print(f"  {label:7s} median {statistics.median(s):6.1f} µs   p99 {br.pct(s, 99):7.1f} µs")
 
-        # throughput
+        if "throughput" not in only:
+            return 0
         size = args.size_mib * 1024 * 1024
         print(f"one-stream throughput, {args.size_mib} MiB, median of {args.repeat}, alternating")
         for direction, fn, key in (("upload", br.upload, "sink"), ("download", br.download, "source")):

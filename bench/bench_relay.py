@@ -272,8 +272,9 @@ def round_trips(ports: dict[str, int], count: int, warmup: int, rounds: int = 10
     return samples
 
 
-def connect_times(echo_port: int, count: int) -> list[float]:
-    """New connection, one byte out, first byte back, close; samples in ms."""
+def connect_times(echo_port: int, count: int, gap: float = 0.0) -> list[float]:
+    """New connection, one byte out, first byte back, close; samples in ms. ``gap``: seconds
+    between connections (0: back to back, a burst; warm sessions refill in the gaps)."""
     samples = []
     clock = time.perf_counter_ns
     deadline = time.monotonic() + 60.0
@@ -292,6 +293,8 @@ def connect_times(echo_port: int, count: int) -> list[float]:
             s.close()
         if time.monotonic() > deadline:
             break
+        if gap:
+            time.sleep(gap)
     return samples
 
 

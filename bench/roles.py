@@ -131,6 +131,7 @@ def _maybe_trace(role: str):
 
     from common import pipe, protocol
     wrap(pipe.Pipe, "run", "pipe_run")
+    wrap(pipe.Pipe, "_pump", lambda self, src, dst, index, before=None: f"pump{index}_start")
     wrap(protocol, "decode", "decode", after="decode_done")
     if role == "server":
         from chuantou_server import listener, relay, signaling
@@ -146,6 +147,13 @@ def _maybe_trace(role: str):
         wrap(control.ControlChannel, "_dispatch", lambda self, msg: "got_" + msg.TYPE)
         wrap(client.Client, "join_session", "join_session", after="join_session_done")
         wrap(client, "serve_connect_request", "target_thread")
+        try:  # warm sessions (copies of the library without them have none of these)
+            from chuantou_client import target, warm, warmtarget
+            wrap(warm.WarmPool, "serve", "warm_serve", after="warm_serve_done")
+            wrap(warmtarget, "_refusal_now", "got_go")
+            wrap(target, "_connect_service", "service_connect", after="service_connect_done")
+        except ImportError:
+            pass
 
     def dump() -> None:
         with open(os.path.join(path, f"{role}.trace"), "w") as f:
@@ -193,10 +201,15 @@ def run_client(args) -> int:
     if args.unsealed:  # as an older chuantou: registers no key, so no session of it is sealed
         client.control.public_key = None
     client.start()
+    # warm sessions per proxy (warm.py): as the CLI's default, or BENCH_WARM=N (older copies: none)
+    warm = {}
+    if "warm" in inspect.signature(client.create_proxy).parameters:
+        from chuantou_client.warm import DEFAULT_WARM
+        warm = {"warm": int(os.environ.get("BENCH_WARM", DEFAULT_WARM))}
     try:
         for spec in args.proxy or []:
             name, target, port, proto = spec.split(":")
-            proxy = client.create_proxy(0, target, int(port), protocol=proto)
+            proxy = client.create_proxy(0, target, int(port), protocol=proto, **warm)
             _say(f"PROXY {name} {proxy.local_port}")
         _say("READY")
         _wait(stop)

@@ -28,6 +28,8 @@ import bench_relay as br  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connects", type=int, default=300)
+    parser.add_argument("--gap-ms", type=float, default=3.0,
+                        help="pause after each connect (warm sessions refill in it; BENCH_WARM=N sets their number)")
     args = parser.parse_args(argv)
 
     tracedir = tempfile.mkdtemp(prefix="chuantou-trace-")
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
             t1 = clock()
             s.close()
             spans.append((t0, t_conn, t1))
-            time.sleep(0.003)  # let this session's teardown finish before the next begins
+            time.sleep(args.gap_ms / 1e3)  # let this session's teardown (and a warm refill) finish first
     finally:
         procs.stop_all()
 

@@ -288,7 +288,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                                           local_host=data.get("localHost"),
                                           target_fingerprint=data.get("targetFingerprint"),
                                           bandwidth=data.get("bandwidth"),
-                                          allow_unsealed=data.get("allowUnsealed") is True)
+                                          allow_unsealed=data.get("allowUnsealed") is True,
+                                          warm=data.get("warm"))
         except PortInUseError as exc:
             raise ApiError(409, str(exc)) from None
         except ChuantouError as exc:

@@ -120,6 +120,7 @@ def cmd_proxy(args) -> int:
             "localHost": args.local_host, "targetFingerprint": args.target_fingerprint,
             "bandwidth": args.bandwidth,
             "allowUnsealed": bool(args.allow_unsealed),
+            "warm": args.warm,
         })
         print(reply["message"])
         print(f"use it at: {reply['address']}")
@@ -134,11 +135,12 @@ def cmd_proxy(args) -> int:
                   "--target-client ID --target-port 8080")
             return 0
         connections = api(args, "GET", "/api/connections")["connections"]
-        rows: list[tuple[str, ...]] = [("LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "SENT", "RECEIVED", "PATHS")]
+        rows: list[tuple[str, ...]] = [("LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "WARM", "SENT",
+                                        "RECEIVED", "PATHS")]
         for x in proxies:
             rows.append((listen_address(x.get("localHost") or DEFAULT_LOCAL_HOST, x["localPort"]),
                          f"{x['targetClientId']}:{x['targetPort']}", x["protocol"], sealed_label(x),
-                         format_bandwidth(x.get("bandwidth")), str(x["activeConnections"]),
+                         format_bandwidth(x.get("bandwidth")), str(x["activeConnections"]), warm_label(x),
                          format_bytes(x["bytesSent"]), format_bytes(x["bytesReceived"]),
                          path_summary(connections, x["localPort"])))
         print_table(rows)
@@ -153,6 +155,15 @@ def cmd_proxy(args) -> int:
                 when = service.format_duration(time.time() - x["lastErrorAt"])
                 print(f"{listen_address(x.get('localHost') or DEFAULT_LOCAL_HOST, x['localPort'])}: last failure {when} ago: {x['lastError']}")
     return 0
+
+
+def warm_label(proxy: dict) -> str:
+    """`proxy list`'s WARM column: warm sessions ready of those wanted (not users' connections)."""
+    if "warm" not in proxy:
+        return "-"  # an older client: none
+    if not proxy["warm"] or "ready" not in proxy.get("warmState", ""):
+        return "off"  # none asked for, or not on this client's path (warmState says why)
+    return f"{proxy.get('warmReady', 0)}/{proxy['warm']}"
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:

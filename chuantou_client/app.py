@@ -28,6 +28,7 @@ from .listen import DEFAULT_LOCAL_HOST, LOCAL_HOST_HELP, is_valid_local_host, li
 from .proxy import PROTOCOL_CHOICES
 from .relays import IN_ORDER, ORDERS
 from .startopts import running_options
+from .warm import DEFAULT_WARM, MAX_WARM, check_warm_count
 
 log = logging.getLogger("chuantou.client")
 
@@ -110,6 +111,8 @@ PROXY_KEYS = {
     # bytes/s each way over all its connections (issue 16 item 3); "10MiB/s" is accepted from a hand edit
     "bandwidth": config.Key((int, str), BANDWIDTH_EXPECTED, 0, is_bandwidth),
     "allowUnsealed": config.Key(bool, "true or false", False),  # this proxy may reach a target that cannot seal
+    # TCP sessions kept set up ahead of users (chuantou_client/warm.py); saved only when not the default
+    "warm": config.Key(int, f"a whole number 0-{MAX_WARM}", DEFAULT_WARM, lambda v: 0 <= v <= MAX_WARM),
 }
 
 
@@ -261,7 +264,7 @@ class ClientApp:
                                              entry["protocol"], target_host=entry["targetHost"],
                                              target_fingerprint=entry["targetFingerprint"],
                                              bandwidth=entry["bandwidth"],
-                                             allow_unsealed=entry["allowUnsealed"],
+                                             allow_unsealed=entry["allowUnsealed"], warm=entry["warm"],
                                              **_local_host_argument(entry["localHost"]))
         except ChuantouError as exc:
             self.failed_proxies[entry["localPort"]] = str(exc)
@@ -292,14 +295,15 @@ class ClientApp:
     def create_proxy(self, local_port: int, target_client: str, target_port: int, protocol: str = "both",
                      target_host: str | None = None, local_host: str | None = None,
                      target_fingerprint: str | None = None, bandwidth: int | str | None = None,
-                     allow_unsealed: bool = False):
+                     allow_unsealed: bool = False, warm: int | None = None):
         if local_host is not None:
             local_host = parse_local_host(local_host)  # a clear error naming the value
         rate = parse_bandwidth(bandwidth or 0)  # a clear error naming the value; saved as bytes/s
+        warm = check_warm_count(DEFAULT_WARM if warm is None else warm)  # a clear error naming the option
         entry = config.validate(
             {"localPort": local_port, "targetClient": target_client, "targetPort": target_port, "protocol": protocol,
              "targetHost": target_host, "localHost": local_host, "targetFingerprint": target_fingerprint,
-             "bandwidth": rate, "allowUnsealed": bool(allow_unsealed)},
+             "bandwidth": rate, "allowUnsealed": bool(allow_unsealed), "warm": warm},
             PROXY_KEYS, "proxy",
         )
         if not entry["allowUnsealed"]:
@@ -309,10 +313,12 @@ class ClientApp:
                 del entry[key]
         if not entry["bandwidth"]:
             del entry["bandwidth"]
+        if entry["warm"] == DEFAULT_WARM:
+            del entry["warm"]
         with self._lock:
             proxy = self.client.create_proxy(local_port, target_client, target_port, protocol, target_host=target_host,
                                              target_fingerprint=entry.get("targetFingerprint"), bandwidth=rate,
-                                             allow_unsealed=bool(allow_unsealed),
+                                             allow_unsealed=bool(allow_unsealed), warm=warm,
                                              **_local_host_argument(local_host))
             self.settings["proxies"] = [e for e in self.settings["proxies"] if e["localPort"] != local_port]
             self.settings["proxies"].append(entry)

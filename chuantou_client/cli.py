@@ -23,6 +23,7 @@ from .client import DEFAULT_SERVER_URL
 from .known_clients import KnownClients, known_clients_path
 from .relays import ORDERS
 from .startopts import RUN_OPTION_DEFAULTS, given_options
+from .warm import DEFAULT_WARM, MAX_WARM
 
 MODULE = "chuantou_client"
 
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--allow-unsealed", action="store_true",
                         help="if the target cannot seal (an older chuantou), reach it unsealed, readable and "
                              "alterable by the relay (default: refuse; saved with the proxy)")
+    create.add_argument("--warm", type=int, metavar="N", default=None,
+                        help=f"TCP sessions kept set up ahead of users (requested, joined and sealed; the target "
+                             f"connects to its service only when a user comes), so a new connection starts at once: "
+                             f"0-{MAX_WARM}, 0 for none (default {DEFAULT_WARM}; with --path relay only)")
     proxy_sub.add_parser("list", help="proxies with their connections and bytes",
                          epilog="example: python -m chuantou_client proxy list")
     delete = proxy_sub.add_parser("delete", help="close a proxy and forget it",

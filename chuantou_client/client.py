@@ -31,6 +31,7 @@ from .proxy import Proxy
 from .relays import IN_ORDER, ORDERS
 from .sealing import Sealing
 from .udpseal import KeyMailbox, SealStats
+from .warmtarget import WarmHolds
 from .selfguard import SelfGuard
 from .sessions import SessionBook
 from .target import PendingConnects, prepare_offer, serve_connect_request
@@ -160,6 +161,7 @@ class Client(SessionJoining):
         self.export = ExportPolicy(allow, allow_hosts, target_host)
         self.self_guard = SelfGuard()
         self.pending_connects = PendingConnects(max_pending_connects)
+        self.warm_holds = WarmHolds()  # warm sessions of other clients held here, waiting for their go
         self.tls = make_tls_settings(self.server_url, ca_file, tls_fingerprint, tls_insecure)
         if isinstance(pool_count, bool) or not isinstance(pool_count, int) or not 0 <= pool_count <= 64:
             raise ChuantouError(f"pool count {pool_count!r} must be a whole number from 0 to 64 (0: no pooled "
@@ -238,6 +240,7 @@ class Client(SessionJoining):
         self.direct.stop_tcp()
         self.pool.stop()
         self.sessions.abort_all()
+        self.warm_holds.abort_all()
         self.threads.join_all(timeout=10.0)
 
     @property
@@ -256,18 +259,20 @@ class Client(SessionJoining):
     def create_proxy(self, local_port: int, target_client_id: str, target_port: int,
                      protocol: str = "both", local_host: str = "127.0.0.1", target_host: str | None = None,
                      target_fingerprint: str | None = None, bandwidth: int | str = 0,
-                     allow_unsealed: bool = False) -> Proxy:
+                     allow_unsealed: bool = False, warm: int = 0) -> Proxy:
         """Listen on ``local_host:local_port``; each connection there reaches ``target_port`` on
         the target client (on ``target_host`` of its network, if that client allows it).
         Raises PortInUseError if the local port is taken. ``target_fingerprint`` pins the
         target's key (SHA256:...) before the first session. ``bandwidth`` (bytes/s, or text
         such as "10MiB/s"; 0: none) limits each direction, over all the proxy's connections;
         ``allow_unsealed`` lets this proxy reach a target that cannot seal (an older chuantou)
-        in the clear."""
+        in the clear. ``warm``: TCP sessions kept set up ahead of users (warm.py). 0 here, so a
+        program embedding the client opens exactly the sessions its users do; the CLI and the
+        saved config default to warm.DEFAULT_WARM."""
         if self._stopped:
             raise ChuantouError("this client is stopped; create a new Client")
         proxy = Proxy(self, local_port, target_client_id, target_port, protocol, local_host, target_host,
-                      target_fingerprint, bandwidth, allow_unsealed).open()
+                      target_fingerprint, bandwidth, allow_unsealed, warm).open()
         with self._lock:
             self._proxies.append(proxy)
         return proxy
@@ -335,6 +340,9 @@ class Client(SessionJoining):
         behind a dead link its resets never arrive. Reset our TCP sessions now so no user waits
         on a connection that can never finish (UDP flows open new sessions on their own)."""
         self.pool.reset(None)  # the relay closes a registration's pooled channels with it
+        for proxy in self.proxies:
+            proxy.warm.drop(f"connection to the relay ended ({why})")
+        self.warm_holds.abort_all()
         count = self.sessions.abort_all(tcp_only=True)
         if count:
             log.warning("connection to the relay ended (%s): resetting %d session(s) it no longer relays", why, count)
@@ -362,6 +370,8 @@ class Client(SessionJoining):
         """After each registration, find out what our NAT does (a thread: the caller reads the relay)."""
         self.pool.reset(reply.pool)  # an older relay offers no pool
         self.direct.relay_knows = reply.udpPort is not None  # an older relay knows no direct path
+        for proxy in self.proxies:  # (after relay_knows: whether warm sessions apply depends on it)
+            proxy.warm.registered()
         if not self.direct.relay_knows:
             self.direct.nat = {"mapping": "unknown (the relay offers no direct path: an older version)",
                                "filtering": "filtering unknown"}
@@ -405,7 +415,10 @@ class Client(SessionJoining):
 
     def _session_closed(self, msg: p.SessionClosed) -> None:
         handle, owner = self.sessions.closed(msg.sessionId, msg.reason)
-        if p.is_normal_end(msg.reason):  # e.g. a UDP flow that went idle: nothing to act on
+        if any(proxy.warm.closed(msg.sessionId) for proxy in self.proxies):
+            log.info("warm session %s... closed by the relay (a new one replaces it): %s", msg.sessionId[:8],
+                     msg.reason)
+        elif p.is_normal_end(msg.reason):  # e.g. a UDP flow that went idle: nothing to act on
             log.debug("session %s... ended: %s", msg.sessionId[:8], msg.reason)
         else:
             log.warning("session %s... closed by the relay: %s", msg.sessionId[:8], msg.reason)

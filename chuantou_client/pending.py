@@ -46,6 +46,11 @@ class PendingRequest:
     def cancel(self) -> None:
         self.table.forget(self.request_id)
 
+    def abandon(self) -> None:
+        """Cancel, and wake a thread waiting for the reply (its wait raises NotConnectedError)."""
+        self.cancel()
+        self.event.set()
+
 
 class RequestTable:
     """The waiters by requestId; every method is safe from any thread."""

@@ -29,6 +29,7 @@ from .earlyjoin import EarlyJoin
 from .listen import DEFAULT_LOCAL_HOST, exposure_warning, listen_address, parse_local_host
 from .pending import PendingRequest
 from .udp import UdpGateway
+from .warm import WarmPool
 
 log = logging.getLogger("chuantou.client")
 
@@ -41,7 +42,7 @@ class Proxy:
     def __init__(self, client, local_port: int, target_client_id: str, target_port: int,
                  protocol: str = "both", local_host: str = DEFAULT_LOCAL_HOST, target_host: str | None = None,
                  target_fingerprint: str | None = None, bandwidth: int | str = 0,
-                 allow_unsealed: bool = False):
+                 allow_unsealed: bool = False, warm: int = 0):
         _check_proxy_args(local_port, target_client_id, target_port, protocol)
         if target_host is not None and not p.HOST_PATTERN.match(target_host):
             raise ChuantouError(f"target host {target_host!r} is not a host name or IP address")
@@ -71,6 +72,7 @@ class Proxy:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.udp: UdpGateway | None = None
+        self.warm = WarmPool(self, warm)  # TCP sessions set up ahead of their users (warm.py)
 
     def __repr__(self) -> str:
         return f"<Proxy {self.local_host}:{self.local_port} -> {self.target_client_id}:{self.target_port} {self.protocol}>"
@@ -105,6 +107,7 @@ class Proxy:
                             for sock, kind in ((tcp, "tcp"), (udp, "udp")) if sock is not None]
         if tcp is not None:
             self.threads.spawn("tcp", self._accept_loop)
+            self.warm.start()
         if self.udp is not None:
             self.threads.spawn("udp", self.udp.run)
         log.info("proxy created: %s (%s)", self.description, self.protocol)
@@ -119,6 +122,7 @@ class Proxy:
         for key in self._guard_keys:
             self.client.self_guard.release(key)
         close_quietly(self._tcp)
+        self.warm.stop()
         if self.udp is not None:
             self.udp.close()
         with self._lock:
@@ -174,6 +178,11 @@ class Proxy:
             # sessions are sealed end to end unless the target cannot seal and unsealed ones are allowed
             "sealed": self.sealed_state(),
             "allowUnsealed": self.allow_unsealed,
+            # sessions set up ahead of users (not users' connections: activeConnections leaves them out)
+            "warm": self.warm.count,
+            "warmState": self.warm.state(),
+            "warmReady": self.warm.ready,
+            "warmTaken": self.warm.taken,
             "activeConnections": self.active_connections,
             "totalConnections": self.connections_total,
             "bytesSent": self.bytes_sent,
@@ -210,7 +219,10 @@ class Proxy:
 
     def _start_connection(self, user: socket.socket, addr: tuple) -> None:
         """Ask for the session here, so the relay's answer travels while the connection's thread
-        starts; the control reader sends the join header on a pooled channel as the answer comes."""
+        starts; the control reader sends the join header on a pooled channel as the answer comes.
+        A warm session, if one is ready, skips all of that (warm.py)."""
+        if self.warm.serve(user, addr):
+            return
         early = EarlyJoin.take(self.client, "A")
         try:
             pending = self.client.control.start_request(self.connect_request("tcp"), on_reply=early.send_header)
@@ -242,16 +254,22 @@ class Proxy:
             except ChuantouError as exc:
                 self._connection_failed(user, addr, exc)
                 return
-            pipe = Pipe(user, relay, on_done=self._connection_done, limits=self.limits)
-            with self._lock:
-                if self._closed.is_set():
-                    pipe.abort()
-                self._pipes.add(pipe)
-            self.client.sessions.attach(record, pipe)
-            try:
-                pipe.run(self.threads, f"a-{reply.sessionId[:8]}")
-            finally:
-                self.client.tcp_reports.ended(record, pipe)  # a direct session's last report and end
+            self.pump(user, relay, reply.sessionId, record)
+
+    def pump(self, user: socket.socket, relay, session_id: str, record, already_sent: int = 0) -> None:
+        """Pump a user's connection through its joined (and sealed) session until both end
+        (``already_sent``: bytes of the user's the caller forwarded itself, counted here)."""
+        pipe = Pipe(user, relay, on_done=self._connection_done, limits=self.limits)
+        pipe.sent[0] += already_sent
+        with self._lock:
+            if self._closed.is_set():
+                pipe.abort()
+            self._pipes.add(pipe)
+        self.client.sessions.attach(record, pipe)
+        try:
+            pipe.run(self.threads, f"a-{session_id[:8]}")
+        finally:
+            self.client.tcp_reports.ended(record, pipe)  # a direct session's last report and end
 
     def _connection_failed(self, user: socket.socket, addr: tuple, exc: ChuantouError) -> None:
         log.warning("proxy %s: connection from %s:%s closed: %s", self.description, addr[0], addr[1], exc)

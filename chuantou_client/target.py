@@ -18,7 +18,7 @@ from common.limits import LimitLog
 from common.net import reset_connection, tune_tcp
 from common.pipe import Pipe
 
-from . import directchoice
+from . import directchoice, warmtarget
 from .earlyjoin import EarlyJoin
 from .selfguard import resolve_for_connect
 from .udptarget import UdpTarget
@@ -178,6 +178,9 @@ def _serve(client, msg: p.ConnectOffer, prepared: Prepared) -> None:
         except ChuantouError as exc:
             log.warning("session from %s to port %d failed: %s", msg.fromClientId, msg.remotePort, exc)
             return
+        # A warm session waits here, sealed, for A's go frame (warmtarget.py)
+        if msg.warm and not warmtarget.await_go(client, msg, relay, service, slot):
+            return
         # Only now, with A's key proved: a relay that lies cannot make B open connections to its services.
         local = _connect_service(client, msg, service, candidates)
         if local is None:
@@ -190,8 +193,8 @@ def _serve(client, msg: p.ConnectOffer, prepared: Prepared) -> None:
         client.sessions.attach(record, pipe)
         # accept_session goes out from the pump's second thread: the relay needs nothing from it to
         # relay, so A's first bytes do not wait behind a control message. A direct session's relay
-        # half is gone already: nothing to accept.
-        accept = None if record.path == "direct" else (
+        # half is gone already, and a warm one is the user's by now: nothing to accept (the relay records nothing).
+        accept = None if record.path == "direct" or msg.warm else (
             lambda: _send_quietly(client, p.AcceptSession(sessionId=msg.sessionId)))
         try:
             pipe.run(client.threads, f"b-{msg.sessionId[:8]}", before=accept)

@@ -346,6 +346,8 @@ def sessions(server: Server) -> Response:
             "state": "direct" if s.direct_held else "relaying" if s.joined else "joining",
             "sealed": s.sealed,  # both sides registered keys: sealed end to end, unreadable here
             "sealing": SEALED_LABEL if s.sealed else UNSEALED_LABEL,
+            # asked for ahead of its user: held idle until A's sealed go frame, which the relay cannot see
+            "warm": s.warm,
             "bytesAToB": s.bytes_a_to_b,
             "bytesBToA": s.bytes_b_to_a,
             "rateAToB": rate_ab,

@@ -36,7 +36,8 @@ DIRECTIONS = ("a_to_b", "b_to_a")  # A: the gateway client that asked, B: the ta
 # Why a session was refused, besides the caps' own limits (caps.LIMITS):
 TARGET_OFFLINE = "target_offline"
 TARGET_IS_SELF = "target_is_self"
-REFUSAL_REASONS = (TARGET_OFFLINE, TARGET_IS_SELF, *caps.LIMITS)
+WARM_UNSUPPORTED = "warm_unsupported"  # a warm session asked of a target that cannot hold one
+REFUSAL_REASONS = (TARGET_OFFLINE, TARGET_IS_SELF, WARM_UNSUPPORTED, *caps.LIMITS)
 
 # Why a cross-node request (a connect_request for a client on another node) got no session:
 STORE_UNREACHABLE = "store_unreachable"  # not sent: Redis did not answer

@@ -47,6 +47,9 @@ class Session:
     # both sides registered a key, so they seal it end to end (the relay cannot check that they do:
     # it sees ciphertext either way; it knows only that both can)
     sealed: bool = False
+    # asked for ahead of its user (a warm session): joined and sealed, idle until A's go frame, which the
+    # relay cannot see (it is sealed); the admin page says "warm" so it is not read as a user's connection
+    warm: bool = False
     join_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # see SessionTable.join_tcp
     # the direct path (UDP): each side's offer (candidates, path) once it sent path_candidates
     candidates: list = field(default_factory=lambda: [None, None], repr=False)

@@ -49,6 +49,7 @@ class ControlConnection:
         self.client_id: str | None = None
         self.credential: str | None = None  # which token this connection proved (None: open relay)
         self.public_key: str | None = None  # as it registered it; passed on to peers as a hint only
+        self.features: frozenset[str] = frozenset()  # what it said it supports (p.FEATURE_*)
         self.pool: ClientPool | None = None  # its pooled data channels (pool.py), once registered
         self.challenge = server.authenticator.challenge()
         self.nonce = self.challenge.nonce
@@ -157,6 +158,7 @@ class ControlConnection:
             if refused_elsewhere is not None:
                 return self._refuse_registration(msg, *refused_elsewhere)
         self.public_key = msg.publicKey  # before the claim: a peer may ask for a session at once
+        self.features = frozenset(msg.features or ())
         claim = self.server.registry.claim(msg.clientId, self, takeover=takeover)
         if claim.refused is not None:
             if cluster is not None and self.server.registry.get(msg.clientId) is None:
@@ -181,7 +183,8 @@ class ControlConnection:
         self.send(p.RegisterResponse(success=True, assignedId=msg.clientId,
                                      existingKicked=old is not None or kicked_on is not None,
                                      udpPort=self.server.relay_addr(self, "udp").port if direct else None,
-                                     probePort=self.server.probe_port if direct else None, pool=offer))
+                                     probePort=self.server.probe_port if direct else None, pool=offer,
+                                     features=[p.FEATURE_WARM]))
         log.info("client %s registered from %s:%s%s", msg.clientId, self.remote[0], self.remote[1],
                  " (replaced its previous connection)" if old else
                  f" (took it over from relay node {kicked_on})" if kicked_on else "")
@@ -214,6 +217,12 @@ class ControlConnection:
             return refuse("bad_request", "the target client is this client itself; reach the port directly",
                           metrics.TARGET_IS_SELF)
         target = self.server.registry.get(msg.toClientId)
+        if msg.warm and (p.FEATURE_WARM not in target.features if target is not None else
+                         self.server.cluster is not None):
+            # an older target would ignore the flag and connect to its service at once; a target on
+            # another node of a cluster is reached through messages that do not carry it yet
+            return refuse(p.WARM_UNSUPPORTED, f"client '{msg.toClientId}' cannot hold warm sessions here (an older "
+                          f"chuantou, or not on this node of the relay's cluster)", metrics.WARM_UNSUPPORTED)
         if target is None and self.server.cluster is not None:
             return self.server.cluster.connect_remote(self, msg)  # on another node, or offline
         if target is None:
@@ -223,6 +232,7 @@ class ControlConnection:
             return refuse("limit", refused.message, refused.limit)
         session = self.server.sessions.create(self.client_id, msg.toClientId, msg.remotePort, msg.protocol)
         session.sealed = self.public_key is not None and target.public_key is not None
+        session.warm = bool(msg.warm)
         told_target = target.send(p.ConnectOffer(
             toClientId=msg.toClientId,
             remotePort=msg.remotePort,
@@ -234,6 +244,7 @@ class ControlConnection:
             secret=session.secret_b,
             relayAddr=self.server.relay_addr(target, msg.protocol),
             peerPublicKey=self.public_key,
+            warm=True if msg.warm else None,
         ))
         if not told_target:
             self.server.close_session(session, "target went offline", notify=False)

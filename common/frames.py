@@ -49,6 +49,11 @@ UDP_CHALLENGE_MAGIC = b"\xfd\x04"
 UDP_WHO_ARE_YOU = b"\xfd\x05"  # "I do not know your address": register again (2 bytes: no amplification)
 POOL_MAGIC = b"\xfd\x06"  # a pooled data channel, bound to a session later
 POOL_SIDE = b"P"
+# Inside a warm session's sealed stream (chuantou_client/warm.py, warmtarget.py), never seen by the
+# relay: B -> A once sealed ("holding, not connected to my service"), then A -> B when a user came
+# ("connect now"); the user's bytes follow the go frame.
+WARM_READY = b"CTW1"
+WARM_GO = b"CTG1"
 ID_BYTES = 16
 SECRET_BYTES = 16
 HEADER_SIZE = 2 + 1 + ID_BYTES + SECRET_BYTES

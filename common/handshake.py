@@ -92,7 +92,7 @@ def register_for(challenge, client_id: str, token: str | None, takeover: bool = 
     proof = auth.register_proof(token, challenge.nonce, client_id) if token else None
     return p.Register(clientId=client_id, protocolVersion=p.PROTOCOL_VERSION, auth=proof,
                       takeover=None if takeover else False, publicKey=public_key,
-                      followsRedirect=True if follows_redirect else None)
+                      followsRedirect=True if follows_redirect else None, features=[p.FEATURE_WARM])
 
 
 def registration_result(reply) -> p.RegisterResponse | None:

@@ -23,8 +23,8 @@ from .path_messages import (
     PeerCandidates,
 )
 from .register_messages import (
-    ID_IN_USE, ID_TAKEN, MAX_REDIRECT_URL, REDIRECT_URL_PATTERN, Challenge, PoolOffer, Register, RegisterRedirect,
-    RegisterResponse,
+    FEATURE_WARM, ID_IN_USE, ID_TAKEN, MAX_REDIRECT_URL, REDIRECT_URL_PATTERN, Challenge, PoolOffer, Register,
+    RegisterRedirect, RegisterResponse,
 )
 from .wire import (
     CLIENT_ID_PATTERN, CLIENT_MESSAGES, HOST_PATTERN, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, PROTOCOLS,
@@ -40,14 +40,15 @@ __all__ = [
     # common.codec
     "decode", "encode",
     # common.register_messages
-    "ID_IN_USE", "ID_TAKEN", "MAX_REDIRECT_URL", "REDIRECT_URL_PATTERN", "Challenge", "PoolOffer", "Register",
-    "RegisterRedirect", "RegisterResponse",
+    "FEATURE_WARM", "ID_IN_USE", "ID_TAKEN", "MAX_REDIRECT_URL", "REDIRECT_URL_PATTERN", "Challenge", "PoolOffer",
+    "Register", "RegisterRedirect", "RegisterResponse",
     # common.path_messages
     "CANDIDATE_PATTERN", "MAX_CANDIDATES", "MAX_REPORTED_BYTES", "PATH_SYNC_STEPS", "PathCandidates", "PathReport",
     "PathSync", "PeerCandidates",
     # session messages, below
     "GetClientList", "ClientList", "ConnectRequest", "ConnectOffer", "CreateSession", "AcceptSession",
-    "RejectSession", "SESSION_KEYS_B64", "SessionKeys", "Heartbeat", "Unregister", "SessionClosed", "NORMAL_END",
+    "RejectSession", "SESSION_KEYS_B64", "SessionKeys", "Heartbeat", "Unregister", "SessionClosed", "WARM_UNSUPPORTED",
+    "NORMAL_END",
     "is_normal_end", "Error",
 ]
 
@@ -75,11 +76,16 @@ class ConnectRequest(Message, wire="connect_request", sent_by="client"):
     requestId: str | None = None
     protocol: str = "tcp"
     localPort: int | None = None
+    # a warm session (chuantou_client/warm.py): B joins and seals it but connects to its service
+    # only on A's "go" frame. The relay passes it on only to a target whose register listed
+    # FEATURE_WARM (an older B would ignore it and connect at once), else refuses: WARM_UNSUPPORTED
+    warm: bool | None = None
 
     def check(self) -> None:
         _check_target(self.remotePort, self.protocol, self.remoteHost)
         if self.localPort is not None:
             require(valid_port(self.localPort), f"localPort {self.localPort} is outside 1-65535")
+        require(not self.warm or self.protocol == "tcp", "only a TCP session may be warm")
 
 
 @dataclass(frozen=True)
@@ -98,10 +104,12 @@ class ConnectOffer(Message, wire="connect_request", sent_by="relay"):
     localPort: int | None = None  # the port of A's proxy, for B's page
     requestId: str | None = None
     peerPublicKey: str | None = None  # the requester's key as it registered it (a hint for B)
+    warm: bool | None = None  # hold the sealed session until A's "go" frame (see ConnectRequest)
 
     def check(self) -> None:
         _check_target(self.remotePort, self.protocol, self.remoteHost)
         check_public_key(self.peerPublicKey, "peerPublicKey")
+        require(not self.warm or self.protocol == "tcp", "only a TCP session may be warm")
 
 
 def _check_target(port: int, protocol: str, host: str | None) -> None:
@@ -172,6 +180,8 @@ class SessionClosed(Message, wire="session_closed"):
     sessionId: str
     reason: str = ""
 
+
+WARM_UNSUPPORTED = "warm_unsupported"  # error code: the target (or this relay's path to it) cannot hold warm sessions
 
 NORMAL_END = "ended"  # a session_closed reason starting with this is a normal end (a UDP flow went idle)
 

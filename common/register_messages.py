@@ -18,6 +18,13 @@ ID_IN_USE = "id_in_use"
 ID_TAKEN = "id_taken"
 # register_redirect.url: a relay URL with a host (a name, IPv4, or [IPv6]), an optional port and path
 MAX_REDIRECT_URL = 255
+# what a peer of this version can do, beyond its protocolVersion: a client lists them in register
+# (FEATURE_WARM: it holds a warm session until its "go" frame, chuantou_client/warmtarget.py), a relay
+# in register_response (FEATURE_WARM: it passes connect_request.warm on only to a target that listed
+# it). An older peer sends none: every feature is then off.
+FEATURE_WARM = "warm"
+FEATURE_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+MAX_FEATURES = 16
 REDIRECT_URL_PATTERN = re.compile(r"^wss?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
 
 
@@ -60,6 +67,7 @@ class Register(Message, wire="register", sent_by="client"):
     # True: this client follows a register_redirect (a cluster node may send one); unset: it does
     # not, now (an older client, or one that just refused or looped through redirects)
     followsRedirect: bool | None = None
+    features: list[str] | None = None  # FEATURE_* this client supports (an older one sends none)
 
     def check(self) -> None:
         require(
@@ -68,6 +76,14 @@ class Register(Message, wire="register", sent_by="client"):
             "starting with a letter or digit",
         )
         check_public_key(self.publicKey, "publicKey")
+        check_features(self.features)
+
+
+def check_features(features: list[str] | None) -> None:
+    if features is not None:
+        require(len(features) <= MAX_FEATURES, f"features lists at most {MAX_FEATURES} names")
+        require(all(FEATURE_PATTERN.match(name) for name in features),
+                "features must be short lower-case names (letters, digits, '-')")
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,10 @@ class RegisterResponse(Message, wire="register_response", sent_by="relay"):
     udpPort: int | None = None  # where NAT probes go (common.direct): the relay's UDP port
     probePort: int | None = None  # a second UDP port that answers probes (--probe-port), if any
     pool: PoolOffer | None = None  # pooled data channels (an older relay offers none)
+    features: list[str] | None = None  # FEATURE_* this relay supports (an older one sends none)
+
+    def check(self) -> None:
+        check_features(self.features)
 
 
 @dataclass(frozen=True)

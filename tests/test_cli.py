@@ -253,7 +253,8 @@ def test_proxy_create_list_delete_round_trip_with_traffic(cli, web):
     listing = cli.client("proxy", "list")
     assert listing.returncode == 0, listing.stderr
     header, row = listing.stdout.splitlines()[:2]  # then the running sessions, if any still are
-    assert header.split() == ["LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "SENT", "RECEIVED", "PATHS"]
+    assert header.split() == ["LOCAL", "TARGET", "PROTOCOL", "SEALED", "LIMIT", "ACTIVE", "WARM", "SENT", "RECEIVED",
+                              "PATHS"]
     assert row.split()[:5] == [f"localhost:{local}", f"B:{web.port}", "both", "yes", "unlimited"]
     assert row.split()[-3:-1] != ["0", "B"]  # bytes came back through it
     limited = free_tcp_udp_port()

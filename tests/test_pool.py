@@ -1,7 +1,8 @@
 """Pooled data channels (chuantou_server/pool.py, chuantou_client/pool.py): sessions join over
 channels opened ahead of them; the pool counts toward caps, refuses strangers and other clients,
 closes idle channels and those of a client that goes offline, and a lost pooled channel falls
-back to a new one."""
+back to a new one. The proxies here keep no warm sessions (warm=0): those would take pooled
+channels in the background while a test counts them (warm sessions: test_warm.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_sessions_join_over_pooled_channels_and_the_pool_refills(server, make_cl
     a = make_client(server, "A", pool_count=2)
     b = make_client(server, "B", pool_count=2)
     wait_until(lambda: server.pools.waiting == 4 and a.pool.ready == 2 and b.pool.ready == 2)
-    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp", warm=0)
     for n in range(3):
         assert echo_roundtrip(proxy.local_port) == b"hello through the tunnel"
     assert (a.pool.taken, b.pool.taken) == (3, 3)
@@ -40,7 +41,7 @@ def test_sessions_join_over_pooled_channels_and_the_pool_refills(server, make_cl
 def test_no_pool_when_the_client_asks_for_none(server, make_client, tcp_echo):
     a = make_client(server, "A", pool_count=0)
     make_client(server, "B", pool_count=0)
-    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp", warm=0)
     assert echo_roundtrip(proxy.local_port) == b"hello through the tunnel"
     assert server.pools.waiting == 0 and server.pools.bound == 0
 
@@ -50,7 +51,7 @@ def test_a_relay_with_pooling_off_offers_none(make_server, make_client, tcp_echo
     a = make_client(server, "A")
     make_client(server, "B")
     assert a.control.register_reply.pool is None
-    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp", warm=0)
     assert echo_roundtrip(proxy.local_port) == b"hello through the tunnel"
     assert server.pools.bound == 0
 
@@ -118,7 +119,7 @@ def test_idle_pooled_channels_are_closed_and_replaced(make_server, make_client, 
     first = list(a.pool._ready)
     wait_until(lambda: a.pool.ready == 1 and list(a.pool._ready) != first, timeout=5,
                message="the client replaces a channel before the relay's idle timeout")
-    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp", warm=0)
     assert echo_roundtrip(proxy.local_port) == b"hello through the tunnel"
 
 
@@ -144,7 +145,7 @@ def test_a_dead_pooled_channel_falls_back_to_a_new_one(server, make_client, tcp_
         conn = server.registry.get(client_id)
         for pooled in list(conn.pool.sockets):
             pooled.shutdown(socket.SHUT_RDWR)
-    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp", warm=0)
     assert echo_roundtrip(proxy.local_port) == b"hello through the tunnel"
 
 
@@ -158,7 +159,7 @@ def test_b_joins_nothing_for_a_session_its_rules_refuse(server, make_client, tcp
     a = make_client(server, "A", pool_count=1)
     b = make_client(server, "B", pool_count=1, allow="1")  # tcp_echo's port is not allowed
     wait_until(lambda: a.pool.ready == 1 and b.pool.ready == 1)
-    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp")
+    proxy = a.create_proxy(0, "B", tcp_echo.port, "tcp", warm=0)
     with connect(proxy.local_port) as user:
         assert closed_by_peer(user, 10)
     wait_until(lambda: proxy.last_error is not None)
@@ -171,7 +172,7 @@ def test_an_unresolvable_host_is_rejected_after_the_early_join(server, make_clie
     a = make_client(server, "A", pool_count=1)
     b = make_client(server, "B", pool_count=1, allow_hosts=("no-such-host.invalid",))
     wait_until(lambda: a.pool.ready == 1 and b.pool.ready == 1)
-    proxy = a.create_proxy(0, "B", 4242, "tcp", target_host="no-such-host.invalid")
+    proxy = a.create_proxy(0, "B", 4242, "tcp", target_host="no-such-host.invalid", warm=0)
     with connect(proxy.local_port) as user:
         assert closed_by_peer(user, 15)
     wait_until(lambda: proxy.last_error is not None, timeout=10)
