@@ -27,6 +27,7 @@ log = logging.getLogger("chuantou")
 
 TLS_RECORD_START = 0x16  # first byte of a TLS ClientHello
 READ_CHUNK = 256 * 1024
+HANDSHAKE_READ = 16 * 1024  # a handshake flight is a few KiB; a 256 KiB bytes per read costs an mmap
 RECV_BUFFER = 128 * 1024  # a bulk stream's reused socket read buffer
 QUIET_READ = 2 * 1024  # what a quiet stream waits in: a thread blocked in recv(n) holds its n bytes
 BULK_READ = 16 * 1024  # a socket read at least this big keeps a stream bulk
@@ -90,12 +91,12 @@ class TlsStream:
     """A TLS connection over a blocking TCP socket, with the socket methods the relay uses."""
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
-                 server_hostname: str | None = None):
+                 server_hostname: str | None = None, session: ssl.SSLSession | None = None):
         self._sock = sock
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._obj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=server_hostname)
+                                     server_hostname=server_hostname, session=session)
         self._ssl_lock = threading.Lock()  # guards the SSL object and the BIOs
         self._write_lock = threading.Lock()  # orders reads of the outgoing BIO with socket writes
         self._stash = b""  # plaintext taken out of OpenSSL at our half-close, served before anything else
@@ -105,26 +106,42 @@ class TlsStream:
 
     @classmethod
     def handshake(cls: type[_Stream], sock: socket.socket, context: ssl.SSLContext, server_side: bool,
-                  deadline: float, server_hostname: str | None = None) -> _Stream:
-        stream = cls(sock, context, server_side, server_hostname)
+                  deadline: float, server_hostname: str | None = None,
+                  session: ssl.SSLSession | None = None) -> _Stream:
+        stream = cls(sock, context, server_side, server_hostname, session)
+        stream.run_handshake(deadline)
+        return stream
+
+    def run_handshake(self, deadline: float) -> None:
+        sock = self._sock
         while True:
             try:
-                stream._obj.do_handshake()
-                stream._flush()
-                return stream
+                self._obj.do_handshake()
+                self._flush()
+                return
             except ssl.SSLWantReadError:
-                stream._flush()
+                self._flush()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("TLS handshake not finished before the deadline") from None
                 sock.settimeout(remaining)
-                data = sock.recv(READ_CHUNK)
+                data = sock.recv(HANDSHAKE_READ)
                 if not data:
                     raise ConnectionError("peer closed during the TLS handshake") from None
-                stream._incoming.write(data)
+                self._incoming.write(data)
 
     def peer_certificate(self) -> bytes | None:
         return self._obj.getpeercert(binary_form=True)
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the handshake resumed an earlier session (TLS 1.3 PSK) instead of a full one."""
+        return self._obj.session_reused
+
+    def session(self) -> ssl.SSLSession | None:
+        """The session as it stands now (a client's has the server's latest ticket, if any)."""
+        with self._ssl_lock:
+            return self._obj.session
 
     # --- reading ----------------------------------------------------------------------------
 
