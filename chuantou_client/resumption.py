@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from common import identity as ident
+from common.tls import PreparedClient
 
 TICKET_CACHE = 256  # A: peers whose ticket is kept (one each), least recently used first out
 CONTEXT_CACHE = 64  # B: per-peer handshake contexts kept (one per peer ID and certificate)
@@ -48,6 +49,7 @@ class _Ticket:
     fingerprint: str  # the key B proved in the full handshake the ticket resumes
     session: ssl.SSLSession
     kept: float  # time.monotonic() when it came
+    prepared: PreparedClient | None = None  # the next session's connection, its ClientHello made
 
 
 class TicketStore:
@@ -58,20 +60,33 @@ class TicketStore:
         self._lock = threading.Lock()
         self._tickets: collections.OrderedDict[str, _Ticket] = collections.OrderedDict()
 
-    def offer(self, peer: str, pin: str | None) -> ssl.SSLSession | None:
-        """The ticket to offer in a session to ``peer``: only one issued by the key pinned now."""
+    def offer(self, peer: str, pin: str | None) -> tuple[ssl.SSLSession | None, PreparedClient | None]:
+        """The ticket to offer in a session to ``peer``, only one issued by the key pinned now,
+        and the connection prepared with it if there is one (each is used once)."""
         if pin is None:
-            return None
+            return None, None
         with self._lock:
             ticket = self._tickets.get(peer)
             if ticket is None:
-                return None
+                return None, None
             if not ident.same_fingerprint(ticket.fingerprint, pin) or \
                     time.monotonic() - ticket.kept > CONTEXT_MAX_AGE:
                 del self._tickets[peer]  # another key is pinned now (or B renewed its context)
-                return None
+                return None, None
             self._tickets.move_to_end(peer)
-            return ticket.session
+            prepared, ticket.prepared = ticket.prepared, None
+            return ticket.session, prepared
+
+    def prepare(self, peer: str, context: ssl.SSLContext) -> None:
+        """Make the next session's connection to ``peer`` now, off that session's setup."""
+        with self._lock:
+            ticket = self._tickets.get(peer)
+            if ticket is None or ticket.prepared is not None:
+                return
+        prepared = PreparedClient(context, ticket.session)
+        with self._lock:
+            if self._tickets.get(peer) is ticket and ticket.prepared is None:
+                ticket.prepared = prepared
 
     def keep(self, peer: str, fingerprint: str, session: ssl.SSLSession) -> None:
         with self._lock:

@@ -26,33 +26,31 @@ class SealedStream(TlsStream):
     _reported = False
     _carrier_read = False  # the data channel has been read to its own end, after our close_notify
 
-    # A, after a full handshake: B's ticket (resumption.py) comes before B's first data, so it is
-    # in once a read has returned. Taking it out copies the session (about 0.3 ms in CPython), so
-    # that is done at the start of the next read, once the first data went on to the user.
-    _ticket_sink: Callable[[ssl.SSLSession], None] | None = None
-    _ticket_armed = False
+    # Work for after the first data went on (A's ticket, sealing.py), at the start of the next read.
+    _after_first: Callable[[], None] | None = None
+    _first_read_done = False
 
     def recv_into(self, buffer, nbytes: int = 0) -> int:
-        if self._ticket_armed:
-            self._take_ticket()
+        if self._first_read_done and self._after_first is not None:
+            self._run_after_first()
         n = self._recv_into(buffer, nbytes)
-        if self._ticket_sink is not None and not self._ticket_armed:
-            self._ticket_armed = True
-            if n == 0:  # the end: no next read
-                self._take_ticket()
+        if not self._first_read_done:
+            self._first_read_done = True
+            if n == 0 and self._after_first is not None:  # the end: no next read
+                self._run_after_first()
         if n == 0 and (nbytes or len(buffer)) and not self._carrier_read:
             self._read_carrier_to_end()
         return n
 
-    def watch_for_ticket(self, sink: Callable[[ssl.SSLSession], None]) -> None:
-        """Hand ``sink`` this session with B's ticket in it, if B sends one."""
-        self._ticket_sink = sink
+    def after_first_read(self, work: Callable[[], None]) -> None:
+        """Run ``work`` once the first read returned, at the start of the next one (so after
+        the caller passed that data on) or at once if it was the end."""
+        self._after_first = work
 
-    def _take_ticket(self) -> None:
-        sink, self._ticket_sink, self._ticket_armed = self._ticket_sink, None, False
-        session = self.session()
-        if sink is not None and session is not None and session.has_ticket:
-            sink(session)
+    def _run_after_first(self) -> None:
+        work, self._after_first = self._after_first, None
+        if work is not None:
+            work()
 
     def _read_carrier_to_end(self) -> None:
         """After the peer's close_notify, read the data channel to its own end before reporting ours.

@@ -31,7 +31,7 @@ import time
 from common import identity as ident
 from common.errors import ChuantouError
 from common.net import recv_exact, reset_connection
-from common.tls import TlsStream
+from common.tls import PreparedClient, TlsStream
 
 from .known_clients import AllowFrom, KeyRefused, KnownClients, forget_key_command
 from .resumption import PeerContext, ServerContexts, TicketStore
@@ -85,25 +85,23 @@ def server_context(identity: ident.Identity, peer_certificate: bytes) -> ssl.SSL
 def seal_as_a(sock, identity: ident.Identity, expected_fp: str | None, deadline: float, *,
               context: ssl.SSLContext | None = None, verify=None, on_proven=None,
               label: str = "sealed session", session: ssl.SSLSession | None = None, pin: str | None = None,
-              on_ticket=None) -> SealedStream:
+              prepared: PreparedClient | None = None) -> SealedStream:
     """Seal the joined data channel ``sock`` as A and return the stream. B's proven key must be
     ``expected_fp`` if given, and pass ``verify(proven_fp)`` (which raises) if given; then
-    ``on_proven(proven_fp)`` is called (to record it). ``session``: a ticket of B's to offer,
-    issued under the key ``pin`` (a resumed session must prove exactly that key);
-    ``on_ticket(proven_fp, session)`` gets B's new ticket when it comes. On failure ``sock`` is
-    reset and SealError raised."""
+    ``on_proven(proven_fp)`` is called (to record it). ``session``: a ticket of B's to offer
+    (``prepared``: a connection of ``context`` made with it ahead), issued under the key ``pin``:
+    a resumed session must prove exactly that key. On failure ``sock`` is reset and SealError
+    raised."""
     try:
         der = identity.certificate_der
-        sock.sendall(PREAMBLE.pack(PREAMBLE_MAGIC, len(der)) + der)
-        stream = SealedStream.handshake(sock, context or client_context(identity), False, deadline,
-                                        session=session)
+        stream = SealedStream(sock, context or client_context(identity), False, session=session,
+                              prepared=prepared)
+        stream.run_handshake(deadline, prefix=PREAMBLE.pack(PREAMBLE_MAGIC, len(der)) + der)
         stream.label = label
         proven = _check_proven(stream, expected_fp, verify)
         _check_resumed(stream, proven, pin)
         if on_proven is not None:
             on_proven(proven)
-        if on_ticket is not None and not stream.resumed:  # B issues tickets in full handshakes
-            stream.watch_for_ticket(lambda new: on_ticket(proven, new))
         stream.settimeout(None)
         return stream
     except BaseException as exc:
@@ -256,16 +254,31 @@ class Sealing:
         under is the one pinned now (``pinned``, the proxy's, else known_clients')."""
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout
         pin = pinned or self.known.get(peer)
-        offered = self.tickets.offer(peer, pin)
+        offered, prepared = self.tickets.offer(peer, pin)
         stream = seal_as_a(sock, self.identity, expected, deadline, context=self._client_context,
                            verify=lambda proven: self.known.verify(peer, proven, pinned),
                            on_proven=lambda proven: self._accept(peer, proven, hint),
                            label=f"sealed session {session_id[:8]}... to {peer}", session=offered, pin=pin,
-                           on_ticket=lambda proven, session: self.tickets.keep(peer, proven, session))
+                           prepared=prepared)
         if offered is not None and not stream.resumed:
             self.tickets.discard(peer)  # B no longer takes it (it restarted, or renewed its context)
         self._count(stream)
+        proven = ident.certificate_fingerprint(stream.peer_certificate() or b"")
+        stream.after_first_read(lambda: self._after_setup(stream, peer, proven))
         return stream
+
+    def _after_setup(self, stream: SealedStream, peer: str, proven: str) -> None:
+        """A, once the session's first data went on: keep B's ticket (B sends one in a full
+        handshake, before its first data), and prepare the next session's connection with it."""
+        try:
+            if not stream.resumed:
+                session = stream.session()
+                if session is None or not session.has_ticket:
+                    return  # B sent none (it gives one only to a peer that may lack one)
+                self.tickets.keep(peer, proven, session)
+            self.tickets.prepare(peer, self._client_context)
+        except (ssl.SSLError, ValueError) as exc:  # only the next session's speed is at stake
+            log.debug("sealed session to %s: no ticket kept or connection prepared: %s", peer, exc)
 
     def seal_b(self, sock, peer: str, session_id: str, hint: str | None = None, on_failure=None,
                deadline: float | None = None, certificate: bytes | None = None,

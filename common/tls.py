@@ -84,19 +84,50 @@ def check_pin(der: bytes | None, fingerprint: str | None) -> None:
                        f"refusing to connect (check --tls-fingerprint)")
 
 
+class PreparedClient:
+    """A client-side TLS connection made ahead of its use, its ClientHello (random, X25519 key
+    share, and the ticket's binder when resuming) already made: a fresh one, used once, so
+    making it early changes nothing in the handshake but when its CPU is spent (in CPython,
+    giving a connection a session also copies the session: about 0.3 ms)."""
+
+    def __init__(self, context: ssl.SSLContext, session: ssl.SSLSession | None = None):
+        self.made = time.monotonic()
+        self._parts: tuple | None = None
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(incoming, outgoing, server_side=False, session=session)
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:  # the ClientHello is in ``outgoing``; the reply is for later
+            pass
+        self._parts = (incoming, outgoing, obj)
+
+    def take(self) -> tuple:
+        parts, self._parts = self._parts, None
+        if parts is None:
+            raise ValueError("a prepared TLS connection is used once")
+        return parts
+
+
 _Stream = TypeVar("_Stream", bound="TlsStream")  # handshake() returns the subclass it is called on
 
 
 class TlsStream:
     """A TLS connection over a blocking TCP socket, with the socket methods the relay uses."""
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
-                 server_hostname: str | None = None, session: ssl.SSLSession | None = None):
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext | None, server_side: bool,
+                 server_hostname: str | None = None, session: ssl.SSLSession | None = None,
+                 prepared: "PreparedClient | None" = None):
+        """``prepared``: a client connection made ahead (its ClientHello ready), instead of a new
+        one from ``context``."""
         self._sock = sock
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._obj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=server_hostname, session=session)
+        if prepared is not None:
+            self._incoming, self._outgoing, self._obj = prepared.take()
+        else:
+            assert context is not None
+            self._incoming = ssl.MemoryBIO()
+            self._outgoing = ssl.MemoryBIO()
+            self._obj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                         server_hostname=server_hostname, session=session)
         self._ssl_lock = threading.Lock()  # guards the SSL object and the BIOs
         self._write_lock = threading.Lock()  # orders reads of the outgoing BIO with socket writes
         self._stash = b""  # plaintext taken out of OpenSSL at our half-close, served before anything else
@@ -112,15 +143,17 @@ class TlsStream:
         stream.run_handshake(deadline)
         return stream
 
-    def run_handshake(self, deadline: float) -> None:
+    def run_handshake(self, deadline: float, prefix: bytes = b"") -> None:
+        """Run the handshake to its end; ``prefix`` goes out first, in one send with our first flight."""
         sock = self._sock
         while True:
             try:
                 self._obj.do_handshake()
-                self._flush()
+                self._flush(prefix)
                 return
             except ssl.SSLWantReadError:
-                self._flush()
+                self._flush(prefix)
+                prefix = b""
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("TLS handshake not finished before the deadline") from None
@@ -244,12 +277,12 @@ class TlsStream:
         self.sendall(data)
         return len(data)
 
-    def _flush(self) -> None:
+    def _flush(self, prefix: bytes = b"") -> None:
         with self._write_lock:
             with self._ssl_lock:
                 out = self._outgoing.read()
-            if out:
-                self._sock.sendall(out)
+            if out or prefix:
+                self._sock.sendall(prefix + out if prefix else out)
 
     # --- socket-like rest -------------------------------------------------------------------
 
