@@ -63,15 +63,13 @@ class TicketStore:
     def offer(self, peer: str, pin: str | None) -> tuple[ssl.SSLSession | None, PreparedClient | None]:
         """The ticket to offer in a session to ``peer``, only one issued by the key pinned now,
         and the connection prepared with it if there is one (each is used once)."""
-        if pin is None:
-            return None, None
         with self._lock:
             ticket = self._tickets.get(peer)
             if ticket is None:
                 return None, None
-            if not ident.same_fingerprint(ticket.fingerprint, pin) or \
+            if pin is None or not ident.same_fingerprint(ticket.fingerprint, pin) or \
                     time.monotonic() - ticket.kept > CONTEXT_MAX_AGE:
-                del self._tickets[peer]  # another key is pinned now (or B renewed its context)
+                del self._tickets[peer]  # its pin was forgotten or changed (or B renewed its context)
                 return None, None
             self._tickets.move_to_end(peer)
             prepared, ticket.prepared = ticket.prepared, None

@@ -144,9 +144,9 @@ def seal_as_b(sock, identity: ident.Identity, expected_fp: str | None, deadline:
         stream.settimeout(None)
         return stream
     except BaseException as exc:
-        if contexts is not None and entry is not None and certificate is not None:
-            contexts.drop(peer, certificate)  # a refused peer keeps no ticket it could use
         error = _as_seal_error(exc, "A")
+        if contexts is not None and entry is not None and isinstance(error, SealError) and error.refused_here:
+            contexts.drop(peer, certificate)  # a refused peer keeps no ticket it could use
         if on_failure is not None and isinstance(error, SealError):
             on_failure(error)
             _wait_for_close(sock, REFUSAL_WAIT)
