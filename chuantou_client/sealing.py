@@ -14,6 +14,11 @@ no trust: the preamble only lets OpenSSL finish, and after the handshake B check
 
     A -> B   b"CTS1" | u16 length | A's certificate (DER)      then the TLS 1.3 handshake
 
+Once two clients sealed a session in full, the next ones resume it (resumption.py): B's ticket,
+offered by A only while the key it was issued under is pinned, skips the signatures; a resumed
+session carries the key proven in that full handshake and passes the same checks, and must
+besides be the key pinned now (``_check_resumed``).
+
 Afterwards every byte is an AEAD record: a flipped, dropped, replayed or reordered byte fails
 authentication and a stream that ends without close_notify is a truncation; both reset the
 connection with a logged reason (``SealedStream``), so nothing altered or shortened is
