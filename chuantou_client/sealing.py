@@ -150,7 +150,8 @@ def seal_as_b(sock, identity: ident.Identity, expected_fp: str | None, deadline:
         return stream
     except BaseException as exc:
         error = _as_seal_error(exc, "A")
-        if contexts is not None and entry is not None and isinstance(error, SealError) and error.refused_here:
+        if contexts is not None and entry is not None and certificate is not None and \
+                isinstance(error, SealError) and error.refused_here:
             contexts.drop(peer, certificate)  # a refused peer keeps no ticket it could use
         if on_failure is not None and isinstance(error, SealError):
             on_failure(error)
