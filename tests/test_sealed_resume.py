@@ -140,6 +140,7 @@ def test_a_new_allow_from_refuses_a_peer_that_holds_a_ticket():
     a, b = _pair(sa, sb)
     assert isinstance(b, sealing.SealError) and "not in --allow-from" in str(b)
     assert isinstance(a, sealing.SealError)
+    assert len(sb._server_contexts) == 0  # the refused peer's context, and so its ticket key, is gone
 
 
 def test_a_replayed_resumed_handshake_gets_no_session_from_b():
