@@ -28,7 +28,7 @@ log = logging.getLogger("chuantou")
 TLS_RECORD_START = 0x16  # first byte of a TLS ClientHello
 READ_CHUNK = 256 * 1024
 HANDSHAKE_READ = 16 * 1024  # a handshake flight is a few KiB; a 256 KiB bytes per read costs an mmap
-RECV_BUFFER = 128 * 1024  # a bulk stream's reused socket read buffer
+RECV_BUFFER = 256 * 1024  # a bulk stream's reused socket read buffer (128 KiB: a third more CPU per byte read)
 QUIET_READ = 2 * 1024  # what a quiet stream waits in: a thread blocked in recv(n) holds its n bytes
 BULK_READ = 16 * 1024  # a socket read at least this big keeps a stream bulk
 WRITER_WAIT = 0.1  # a half-close waits this long for a writer in another thread, then cuts under it
@@ -232,7 +232,7 @@ class TlsStream:
     def _receive(self) -> None:
         """Move what the socket has into the incoming BIO. A bulk stream reads into one reused
         buffer; a quiet one waits in a small read and holds no buffer, so thousands of idle
-        sessions do not each keep 128 KiB. A full small read makes the stream bulk again."""
+        sessions do not each keep RECV_BUFFER. A full small read makes the stream bulk again."""
         buffer = self._recv_buffer
         chunk: bytes | memoryview
         if buffer is None:
