@@ -26,7 +26,7 @@ from .errors import ChuantouError
 log = logging.getLogger("chuantou")
 
 TLS_RECORD_START = 0x16  # first byte of a TLS ClientHello
-READ_CHUNK = 256 * 1024
+WRITE_CHUNK = 128 * 1024  # plaintext per SSL write and socket send (256 KiB: the reader got burstier, ~20 % more CPU)
 HANDSHAKE_READ = 16 * 1024  # a handshake flight is a few KiB; a 256 KiB bytes per read costs an mmap
 RECV_BUFFER = 256 * 1024  # a bulk stream's reused socket read buffer (128 KiB: a third more CPU per byte read)
 QUIET_READ = 2 * 1024  # what a quiet stream waits in: a thread blocked in recv(n) holds its n bytes
@@ -268,7 +268,7 @@ class TlsStream:
         with self._write_lock:
             while view:
                 with self._ssl_lock:
-                    n = self._obj.write(view[:READ_CHUNK])
+                    n = self._obj.write(view[:WRITE_CHUNK])
                     out = self._outgoing.read()
                 view = view[n:]
                 self._sock.sendall(out)
