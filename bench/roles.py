@@ -141,8 +141,11 @@ def _maybe_trace(role: str):
         wrap(listener, "serve_data_channel", "data_channel_header")
         wrap(relay, "run_relay", "relay_both_joined")
     else:
-        from chuantou_client import client, control, proxy
+        from chuantou_client import client, control, proxy, sealing, target
         wrap(proxy.Proxy, "_serve_connection", "conn_thread")
+        wrap(sealing.Sealing, "seal_a", "seal_a", after="seal_a_done")
+        wrap(sealing.Sealing, "seal_b", "seal_b", after="seal_b_done")
+        wrap(target, "_connect_service", "connect_service", after="connect_service_done")
         wrap(control.ControlChannel, "send", lambda self, msg: "send_" + msg.TYPE, after="_done")
         wrap(control.ControlChannel, "_dispatch", lambda self, msg: "got_" + msg.TYPE)
         wrap(client.Client, "join_session", "join_session", after="join_session_done")

@@ -11,6 +11,8 @@ as a relayed one (sealing.py).
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import time
 
 from common import protocol as p
@@ -18,7 +20,7 @@ from common.identity import decode_public_key
 from common.net import close_quietly, disarm_reset, reset_connection, shutdown_quietly
 
 from .directtcp import GRACE, HANDSHAKE_TIME, NoDirectPath, TcpAttempt, sock_peer
-from .sealing import SealError, read_preamble
+from .sealing import PREAMBLE_MAGIC, SealError, read_preamble
 
 log = logging.getLogger("chuantou.client")
 
@@ -65,7 +67,11 @@ def seal_a(client, proxy, relay, reply, record):
 
 def seal_b(client, relay, msg: p.ConnectOffer, record, on_failure):
     """B: offer a direct path and try it on a thread while A's choice arrives on ``relay``: A's
-    preamble (seal over the relay), or the channel's end (A went direct: our direct stream)."""
+    preamble (seal over the relay), or the channel's end (A went direct: our direct stream).
+    When A's preamble is there already, A has chosen the relay: B offers nothing and seals."""
+    if _preamble_waiting(relay):
+        return client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
+                                     on_failure=on_failure)
     if not wants_direct(client, msg.peerPublicKey):
         if client.direct.relay_knows and client.direct.path == "relay" and not _absent(msg.peerPublicKey):
             TcpAttempt(client, msg.sessionId, "B", relay, client.direct.deadline).offer("relay")  # A: don't wait
@@ -99,6 +105,21 @@ def seal_b(client, relay, msg: p.ConnectOffer, record, on_failure):
         client.direct.end_tcp(attempt)
     return client.sealing.seal_b(relay, msg.fromClientId, msg.sessionId, msg.peerPublicKey,
                                  on_failure=on_failure, certificate=certificate)
+
+
+def _preamble_waiting(relay) -> bool:
+    """Has A's sealed preamble arrived on ``relay`` already? A writes there only once it has
+    chosen the relay (after its direct attempt, or without one), so an offer from B would be
+    waited for by nobody: a control message and the relay's work on it saved, off the setup's
+    path. Only a plain socket can be looked at without reading (a TLS channel's bytes are records)."""
+    if not isinstance(relay, socket.socket):
+        return False
+    try:
+        if not select.select([relay], [], [], 0)[0]:
+            return False
+        return relay.recv(len(PREAMBLE_MAGIC), socket.MSG_PEEK) == PREAMBLE_MAGIC
+    except (OSError, ValueError):
+        return False
 
 
 def _absent(hint: str | None) -> bool:

@@ -14,6 +14,11 @@ no trust: the preamble only lets OpenSSL finish, and after the handshake B check
 
     A -> B   b"CTS1" | u16 length | A's certificate (DER)      then the TLS 1.3 handshake
 
+Once two clients sealed a session in full, the next ones resume it (resumption.py): B's ticket,
+offered by A only while the key it was issued under is pinned, skips the signatures; a resumed
+session carries the key proven in that full handshake and passes the same checks, and must
+besides be the key pinned now (``_check_resumed``).
+
 Afterwards every byte is an AEAD record: a flipped, dropped, replayed or reordered byte fails
 authentication and a stream that ends without close_notify is a truncation; both reset the
 connection with a logged reason (``SealedStream``), so nothing altered or shortened is
@@ -22,10 +27,7 @@ delivered. Half-close passes through as close_notify then FIN (common.tls.TlsStr
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
-import socket
 import ssl
 import struct
 import threading
@@ -34,9 +36,11 @@ import time
 from common import identity as ident
 from common.errors import ChuantouError
 from common.net import recv_exact, reset_connection
-from common.tls import TlsStream, TlsTruncated
+from common.tls import PreparedClient, TlsStream
 
 from .known_clients import AllowFrom, KeyRefused, KnownClients, forget_key_command
+from .resumption import PeerContext, ServerContexts, TicketStore
+from .sealedstream import READ_DISCARD, SealedStream
 
 log = logging.getLogger("chuantou.client")
 
@@ -44,9 +48,6 @@ PREAMBLE_MAGIC = b"CTS1"
 PREAMBLE = struct.Struct("!4sH")
 MAX_CERTIFICATE = 4096  # an Ed25519 self-signed certificate is ~400 bytes
 REFUSAL_WAIT = 2.0  # B waits this long for the relay to close a session it refused
-READ_DISCARD = 64 * 1024
-CARRIER_TAIL = 64 * 1024  # bytes read past a sealed stream's end before giving up on the channel's end
-CONTEXT_CACHE = 64  # B's per-peer handshake contexts kept (one per peer certificate)
 
 
 class SealError(ChuantouError):
@@ -56,68 +57,6 @@ class SealError(ChuantouError):
         super().__init__(message)
         self.peer_reason = peer_reason or "the sealed session could not be set up"
         self.refused_here = refused_here  # this side refused the peer's key (else: the handshake failed)
-
-
-# --- the stream -----------------------------------------------------------------------------------
-
-class SealedStream(TlsStream):
-    """A TlsStream whose failures say what they mean: tampering or truncation is logged once
-    as a warning and raised as a ConnectionResetError, which a Pipe passes on as a reset."""
-
-    label = "sealed session"
-    _own_shutdown = False
-    _reported = False
-    _carrier_read = False  # the data channel has been read to its own end, after our close_notify
-
-    def recv_into(self, buffer, nbytes: int = 0) -> int:
-        n = self._recv_into(buffer, nbytes)
-        if n == 0 and (nbytes or len(buffer)) and not self._carrier_read:
-            self._read_carrier_to_end()
-        return n
-
-    def _read_carrier_to_end(self) -> None:
-        """After the peer's close_notify, read the data channel to its own end before reporting ours.
-
-        The peer ends the channel right after its close_notify, so that end follows at once, but
-        over a TLS data channel it is data too: the channel's own close_notify. Left unread, it
-        makes close() send a reset (Linux resets a socket closed with unread data), and that reset
-        throws away whatever this side still has queued to send: the other direction of a
-        half-closed session, cut. Bytes after our authenticated end are no part of the stream."""
-        self._carrier_read = True
-        extra = 0
-        try:
-            while extra <= CARRIER_TAIL:
-                data = self._sock.recv(READ_DISCARD)
-                if not data:
-                    break
-                extra += len(data)
-        except OSError:  # a channel cut after the sealed stream's clean end loses nothing of it
-            pass
-        if extra:
-            log.warning("%s: %d bytes after the end of the sealed stream (not from the peer), dropped",
-                        self.label, extra)
-
-    def _recv_into(self, buffer, nbytes: int) -> int:
-        try:
-            return super().recv_into(buffer, nbytes)
-        except TlsTruncated:
-            raise self._broken("the stream was cut without the peer's close_notify (a relay or network "
-                               "ended it early)") from None
-        except ssl.SSLError as exc:
-            raise self._broken(f"a record failed authentication ({exc.reason or exc}): the data was altered, "
-                               f"dropped, replayed or reordered on the way") from None
-
-    def _broken(self, why: str) -> ConnectionResetError:
-        reason = f"{self.label}: {why}; connection reset, nothing of it delivered"
-        if not self._own_shutdown and not self._reported:
-            self._reported = True
-            log.warning("%s", reason)
-        return ConnectionResetError(reason)
-
-    def shutdown(self, how: int) -> None:
-        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
-            self._own_shutdown = True  # our own abort wakes the reader: not the relay's doing
-        super().shutdown(how)
 
 
 # --- the two handshakes -----------------------------------------------------------------------------
@@ -134,10 +73,11 @@ def client_context(identity: ident.Identity) -> ssl.SSLContext:
 
 def server_context(identity: ident.Identity, peer_certificate: bytes) -> ssl.SSLContext:
     """B's context for one peer: requires a client certificate, with the one A announced as the
-    only anchor (see the module docstring: it lets OpenSSL finish; the pin decides)."""
+    only anchor (see the module docstring: it lets OpenSSL finish; the pin decides). It issues
+    no tickets unless a PeerContext says so (resumption.py)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.num_tickets = 0  # no resumption: every session proves its keys afresh
+    context.num_tickets = 0
     context.verify_mode = ssl.CERT_REQUIRED
     identity.load_into(context)
     try:
@@ -149,17 +89,22 @@ def server_context(identity: ident.Identity, peer_certificate: bytes) -> ssl.SSL
 
 def seal_as_a(sock, identity: ident.Identity, expected_fp: str | None, deadline: float, *,
               context: ssl.SSLContext | None = None, verify=None, on_proven=None,
-              label: str = "sealed session") -> SealedStream:
+              label: str = "sealed session", session: ssl.SSLSession | None = None, pin: str | None = None,
+              prepared: PreparedClient | None = None) -> SealedStream:
     """Seal the joined data channel ``sock`` as A and return the stream. B's proven key must be
     ``expected_fp`` if given, and pass ``verify(proven_fp)`` (which raises) if given; then
-    ``on_proven(proven_fp)`` is called (to record it). On failure ``sock`` is reset and
-    SealError raised."""
+    ``on_proven(proven_fp)`` is called (to record it). ``session``: a ticket of B's to offer
+    (``prepared``: a connection of ``context`` made with it ahead), issued under the key ``pin``:
+    a resumed session must prove exactly that key. On failure ``sock`` is reset and SealError
+    raised."""
     try:
         der = identity.certificate_der
-        sock.sendall(PREAMBLE.pack(PREAMBLE_MAGIC, len(der)) + der)
-        stream = SealedStream.handshake(sock, context or client_context(identity), False, deadline)
+        stream = SealedStream(sock, context or client_context(identity), False, session=session,
+                              prepared=prepared)
+        stream.run_handshake(deadline, prefix=PREAMBLE.pack(PREAMBLE_MAGIC, len(der)) + der)
         stream.label = label
         proven = _check_proven(stream, expected_fp, verify)
+        _check_resumed(stream, proven, pin)
         if on_proven is not None:
             on_proven(proven)
         stream.settimeout(None)
@@ -170,27 +115,44 @@ def seal_as_a(sock, identity: ident.Identity, expected_fp: str | None, deadline:
 
 
 def seal_as_b(sock, identity: ident.Identity, expected_fp: str | None, deadline: float, *,
-              contexts: "ServerContexts | None" = None, verify=None, on_proven=None, on_failure=None,
-              label: str = "sealed session", certificate: bytes | None = None) -> SealedStream:
+              contexts: ServerContexts | None = None, peer: str = "", pin: str | None = None, verify=None,
+              on_proven=None, on_failure=None, label: str = "sealed session",
+              certificate: bytes | None = None) -> SealedStream:
     """Seal the joined data channel ``sock`` as B; A's proven key is checked as in seal_as_a.
+    ``contexts``: the per-peer contexts by ``peer`` (the ID the relay named) whose tickets let A
+    resume; ``pin``: the key pinned for ``peer`` now, the only one a resumed session may carry.
     ``on_failure(error)`` may tell the relay why (a reject_session); then B waits for the relay
     to close the channel, so that reason, not a bare reset, is what reaches A. ``certificate``:
     the preamble's, when the caller already read it (directtcp.py waits for it)."""
+    entry: PeerContext | None = None
     try:
         if certificate is None:
             certificate = read_preamble(sock, deadline)
         announced = ident.certificate_fingerprint(certificate)
         _check_key(announced, expected_fp, verify)  # refuse early, before any handshake work
-        context = contexts.get(certificate) if contexts else server_context(identity, certificate)
-        stream = SealedStream.handshake(sock, context, True, deadline)
+        issued = False
+        if contexts is not None:
+            entry = contexts.get(peer, certificate, pin)
+            stream, issued = entry.new_stream(sock, SealedStream)
+        else:
+            stream = SealedStream(sock, server_context(identity, certificate), True)
+        stream.run_handshake(deadline)
+        if entry is not None:
+            entry.finished(stream.resumed, issued)
         stream.label = label
         proven = _check_proven(stream, expected_fp, verify)
+        _check_resumed(stream, proven, pin)
         if on_proven is not None:
             on_proven(proven)
+        if entry is not None:
+            entry.pinned(proven)
         stream.settimeout(None)
         return stream
     except BaseException as exc:
         error = _as_seal_error(exc, "A")
+        if contexts is not None and entry is not None and certificate is not None and \
+                isinstance(error, SealError) and error.refused_here:
+            contexts.drop(peer, certificate)  # a refused peer keeps no ticket it could use
         if on_failure is not None and isinstance(error, SealError):
             on_failure(error)
             _wait_for_close(sock, REFUSAL_WAIT)
@@ -229,6 +191,14 @@ def _check_proven(stream: TlsStream, expected_fp: str | None, verify) -> str:
     return proven
 
 
+def _check_resumed(stream: TlsStream, proven: str, pin: str | None) -> None:
+    """A resumed session carries the key proven in the full handshake it resumes: accepted only
+    as the key pinned now (a ticket is offered and honoured only then; this makes sure of it)."""
+    if stream.resumed and not ident.same_fingerprint(pin, proven):
+        raise KeyRefused(f"the peer resumed a session of the key {proven}, which is not the key pinned now "
+                         f"({pin or 'none'})")
+
+
 def _check_key(proven: str, expected_fp: str | None, verify) -> None:
     if expected_fp is not None and not ident.same_fingerprint(expected_fp, proven):
         raise KeyRefused(f"the peer proved the key {proven}, not the expected {expected_fp}")
@@ -250,31 +220,6 @@ def _as_seal_error(exc: BaseException, other: str) -> BaseException:
     return exc
 
 
-class ServerContexts:
-    """B's handshake contexts by peer certificate, so a peer's sessions share one (making a
-    context costs more than the handshake); bounded, least recently used first out."""
-
-    def __init__(self, identity: ident.Identity, size: int = CONTEXT_CACHE):
-        self.identity = identity
-        self.size = size
-        self._lock = threading.Lock()
-        self._contexts: collections.OrderedDict[bytes, ssl.SSLContext] = collections.OrderedDict()
-
-    def get(self, certificate: bytes) -> ssl.SSLContext:
-        key = hashlib.sha256(certificate).digest()
-        with self._lock:
-            context = self._contexts.get(key)
-            if context is not None:
-                self._contexts.move_to_end(key)
-                return context
-        context = server_context(self.identity, certificate)
-        with self._lock:
-            self._contexts[key] = context
-            while len(self._contexts) > self.size:
-                self._contexts.popitem(last=False)
-        return context
-
-
 # --- what a client uses -------------------------------------------------------------------------------
 
 class Sealing:
@@ -284,10 +229,24 @@ class Sealing:
                  timeout: float = 10.0):
         self.identity = identity
         self.known = known if known is not None else KnownClients(None)
-        self.allow_from = allow_from if isinstance(allow_from, AllowFrom) else AllowFrom(allow_from)
         self.timeout = timeout
         self._client_context = client_context(identity)
-        self._server_contexts = ServerContexts(identity)
+        self._server_contexts = ServerContexts(lambda certificate: server_context(identity, certificate))
+        self.tickets = TicketStore()  # A: B's tickets (resumption.py), in memory only
+        self.allow_from = allow_from
+        self._counts_lock = threading.Lock()
+        self.handshakes = {"full": 0, "resumed": 0}  # sealed TCP handshakes done, as A or B
+
+    @property
+    def allow_from(self) -> AllowFrom:
+        return self._allow_from
+
+    @allow_from.setter
+    def allow_from(self, value) -> None:
+        """Who may reach us; a change drops every resumable session, so none escapes the new list."""
+        self._allow_from = value if isinstance(value, AllowFrom) else AllowFrom(value)
+        self._server_contexts.clear()
+        self.tickets.clear()
 
     @property
     def fingerprint(self) -> str:
@@ -296,18 +255,43 @@ class Sealing:
     def seal_a(self, sock, peer: str, pinned: str | None, session_id: str, hint: str | None = None,
                deadline: float | None = None, expected: str | None = None) -> SealedStream:
         """A's side of session ``session_id`` to ``peer`` (the ID this proxy targets);
-        ``expected``: a fingerprint B must prove besides passing its pin (see hinted_key)."""
+        ``expected``: a fingerprint B must prove besides passing its pin (see hinted_key).
+        A ticket from an earlier session with ``peer`` is offered when the key it was issued
+        under is the one pinned now (``pinned``, the proxy's, else known_clients')."""
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout
-        return seal_as_a(sock, self.identity, expected, deadline, context=self._client_context,
-                         verify=lambda proven: self.known.verify(peer, proven, pinned),
-                         on_proven=lambda proven: self._accept(peer, proven, hint),
-                         label=f"sealed session {session_id[:8]}... to {peer}")
+        pin = pinned or self.known.get(peer)
+        offered, prepared = self.tickets.offer(peer, pin)
+        stream = seal_as_a(sock, self.identity, expected, deadline, context=self._client_context,
+                           verify=lambda proven: self.known.verify(peer, proven, pinned),
+                           on_proven=lambda proven: self._accept(peer, proven, hint),
+                           label=f"sealed session {session_id[:8]}... to {peer}", session=offered, pin=pin,
+                           prepared=prepared)
+        if offered is not None and not stream.resumed:
+            self.tickets.discard(peer)  # B no longer takes it (it restarted, or renewed its context)
+        self._count(stream)
+        proven = ident.certificate_fingerprint(stream.peer_certificate() or b"")
+        stream.after_first_read(lambda: self._after_setup(stream, peer, proven))
+        return stream
+
+    def _after_setup(self, stream: SealedStream, peer: str, proven: str) -> None:
+        """A, once the session's first data went on: keep B's ticket (B sends one in a full
+        handshake, before its first data), and prepare the next session's connection with it."""
+        try:
+            if not stream.resumed:
+                session = stream.session()
+                if session is None or not session.has_ticket:
+                    return  # B sent none (it gives one only to a peer that may lack one)
+                self.tickets.keep(peer, proven, session)
+            self.tickets.prepare(peer, self._client_context)
+        except (ssl.SSLError, ValueError) as exc:  # only the next session's speed is at stake
+            log.debug("sealed session to %s: no ticket kept or connection prepared: %s", peer, exc)
 
     def seal_b(self, sock, peer: str, session_id: str, hint: str | None = None, on_failure=None,
                deadline: float | None = None, certificate: bytes | None = None,
                expected: str | None = None) -> SealedStream:
         """B's side of session ``session_id`` from ``peer`` (the ID the relay named); ``expected``
-        as in seal_a."""
+        as in seal_a. A may resume with a ticket of the context B keeps for it while the key
+        pinned for ``peer`` stays the same."""
         def verify(proven: str) -> None:
             self.known.verify(peer, proven)
             refusal = self.allow_from.refusal(peer, proven)
@@ -316,9 +300,16 @@ class Sealing:
                                 refused_here=True)
 
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout
-        return seal_as_b(sock, self.identity, expected, deadline, contexts=self._server_contexts, verify=verify,
-                         on_failure=on_failure, on_proven=lambda proven: self._accept(peer, proven, hint),
-                         label=f"sealed session {session_id[:8]}... from {peer}", certificate=certificate)
+        stream = seal_as_b(sock, self.identity, expected, deadline, contexts=self._server_contexts, peer=peer,
+                           pin=self.known.get(peer), verify=verify, on_failure=on_failure,
+                           on_proven=lambda proven: self._accept(peer, proven, hint),
+                           label=f"sealed session {session_id[:8]}... from {peer}", certificate=certificate)
+        self._count(stream)
+        return stream
+
+    def _count(self, stream: SealedStream) -> None:
+        with self._counts_lock:
+            self.handshakes["resumed" if stream.resumed else "full"] += 1
 
     def seal_udp(self, send, mailbox, session_id: str, role: str, peer: str, pinned: str | None = None,
                  hint: str | None = None, meanwhile=None):
