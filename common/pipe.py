@@ -88,10 +88,15 @@ class Pipe:
     def _wake_stuck_writer(self, index: int) -> None:
         """A writer blocked on a full buffer wakes only on SHUT_WR. Its FIN queues behind the
         unsent data its reader is not taking, and the reset at close (armed linger) overtakes and
-        discards both. A writer that is merely busy is left alone: a FIN sent now would arrive."""
+        discards both. A writer that is merely busy is left alone: a FIN sent now would arrive.
+
+        On a TLS stream the SHUT_WR goes to the TCP socket under it: the stream's own would queue
+        close_notify (a clean end, wrong for an abort) behind the stuck writer's lock, 0.1 s per
+        session: aborting 200 stuck sealed sessions took 19.6 s (9,000: 15 minutes)."""
         since = self._writing_since[index]
         if since and time.monotonic() - since > STUCK_WRITE:
-            shutdown_quietly(self._destination(index), socket.SHUT_WR)
+            dst = self._destination(index)
+            shutdown_quietly(getattr(dst, "carrier", dst), socket.SHUT_WR)
 
     def _await_partner(self, index: int) -> None:
         """Wait for the other direction; if the pipe is aborted while it is stuck writing, wake it.
