@@ -23,7 +23,7 @@ import threading
 import time
 
 from .limits import RateLimit, most_of, take_all
-from .net import arm_reset, close_quietly, disarm_reset, reset_connection, shutdown_quietly
+from .net import arm_reset, close_only, disarm_reset, shutdown_quietly
 
 log = logging.getLogger("chuantou")
 
@@ -76,10 +76,14 @@ class Pipe:
         return self.b if index == 0 else self.a
 
     def abort(self) -> None:
-        """End both directions abnormally now: each peer sees a reset. Wakes both pump threads."""
+        """End both directions abnormally now: each peer sees a reset. Wakes both pump threads.
+        Again (a pump failing after another thread aborted) it wakes only stuck writers: the
+        readers were woken already."""
+        first = not self._aborted.is_set()
         self._aborted.set()
-        for sock in (self.a, self.b):
-            shutdown_quietly(sock, socket.SHUT_RD)  # wakes a reader and sends nothing
+        if first:
+            for sock in (self.a, self.b):
+                shutdown_quietly(sock, socket.SHUT_RD)  # wakes a reader and sends nothing
         for index in (0, 1):
             self._wake_stuck_writer(index)
         with self._state:
@@ -123,13 +127,17 @@ class Pipe:
         return not self._aborted.is_set() and all(self._finished)
 
     def _finish(self) -> None:
-        if self.ended_cleanly:
-            for sock in (self.a, self.b):
+        """Both directions have ended, so no thread reads or writes the sockets any more: what is
+        left is a close, a clean one or (armed linger) a reset. No shutdown first: it would wake
+        nobody, and each syscall is a GIL hand-off, which counts when thousands of sessions end
+        at once (every pump thread of theirs queueing for the GIL)."""
+        clean = self.ended_cleanly
+        for sock in (self.a, self.b):
+            if clean:
                 disarm_reset(sock)
-                close_quietly(sock)
-        else:
-            reset_connection(self.a)
-            reset_connection(self.b)
+            else:
+                arm_reset(sock)
+            close_only(sock)
         if self._on_done is not None:
             self._on_done(self)
 
