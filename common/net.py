@@ -109,6 +109,15 @@ def shutdown_quietly(sock: socket.socket | None, how: int = socket.SHUT_RDWR) ->
         pass
 
 
+def close_only(sock) -> None:
+    """Close, ignoring errors, without the shutdown of ``close_quietly``: for a socket no thread
+    is blocked on any more."""
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 def close_quietly(sock: socket.socket | None) -> None:
     """Shut down (which wakes a thread blocked in recv on it) and close."""
     if sock is None:

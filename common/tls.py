@@ -337,6 +337,12 @@ class TlsStream:
     def close(self) -> None:
         self._sock.close()
 
+    @property
+    def carrier(self) -> socket.socket:
+        """The TCP socket under the stream. An abort shuts this down directly: the stream's own
+        ``shutdown(SHUT_WR)`` first queues close_notify, which waits for a stuck writer's lock."""
+        return self._sock
+
     def settimeout(self, value) -> None:
         self._sock.settimeout(value)
 
