@@ -10,7 +10,7 @@ import time
 
 from common import protocol as p
 from common.errors import ChuantouError
-from common.net import close_quietly, enlarge_udp_buffers, udp_socket_for
+from common.net import TIMED_OUT, close_quietly, enlarge_udp_buffers, kernel_timeout, udp_socket_for
 
 from .datachannel import register_udp, resolve_udp
 from .direct import POLL, Puncher
@@ -128,7 +128,7 @@ class UdpTarget:
         keepalive = self.client.udp_keepalive
         resting = min(1.0, idle_timeout / 2, keepalive)
         timeout = resting
-        sock.settimeout(timeout)
+        kernel_timeout(sock, timeout)  # no poll() per datagram, as Python's own timeout would cost
         last_active = time.monotonic()
         puncher = self.puncher
         while not self._closed.is_set():
@@ -140,12 +140,12 @@ class UdpTarget:
                 wanted = POLL if puncher.busy else puncher.poll_interval(resting)  # ping on time
                 if wanted != timeout:
                     timeout = wanted
-                    sock.settimeout(timeout)
+                    kernel_timeout(sock, timeout)
                 if (silent := puncher.watch(now)) is not None:
                     raise DirectPathDead(puncher.dead_reason(self.msg.fromClientId, silent))
             try:
                 data, src = sock.recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+            except TIMED_OUT:
                 if time.monotonic() - last_active > idle_timeout:
                     return
                 continue

@@ -24,6 +24,7 @@ from common.frames import (
 )
 from common.direct import is_filter_probe, is_probe, pack_probe_answer
 from common.limits import LimitLog, TokenBucket, source_key
+from common.net import TIMED_OUT, kernel_timeout
 
 log = logging.getLogger("chuantou.server")
 
@@ -73,7 +74,7 @@ class UdpRelay:
         self.relayed_bytes = 0  # payload forwarded between sides (the direct path's tests read it)
 
     def run(self) -> None:
-        self.sock.settimeout(0.25)  # lets the loop notice stop()
+        kernel_timeout(self.sock, 0.25)  # lets the loop notice stop(), without a poll() per datagram
         recvfrom = self.sock.recvfrom
         sendto = self.sock.sendto
         addrs = self._addrs
@@ -81,7 +82,7 @@ class UdpRelay:
         while not self.stopping.is_set():
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+            except TIMED_OUT:
                 continue
             except OSError:
                 if self.stopping.is_set():
@@ -292,11 +293,11 @@ class ProbeResponder:
         self.answered = 0
 
     def run(self) -> None:
-        self.sock.settimeout(0.25)  # lets the loop notice stop()
+        kernel_timeout(self.sock, 0.25)  # lets the loop notice stop()
         while not self.stopping.is_set():
             try:
                 data, addr = self.sock.recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+            except TIMED_OUT:
                 continue
             except OSError:
                 if self.stopping.is_set():
