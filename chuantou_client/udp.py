@@ -77,6 +77,8 @@ class UdpGateway:
                 if self._closed.is_set():
                     return
                 continue
+            if addr is None:  # close() shut the socket down, which wakes this blocking recvfrom
+                continue
             if not self.proxy.udp_allowed(0, len(data)):
                 continue
             self.bytes[0] += len(data)
@@ -270,6 +272,8 @@ class UdpFlow:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
             except (*TIMED_OUT, ConnectionRefusedError):  # refused: ICMP from a dead candidate
                 continue
+            if src is None:  # close() shut the socket down: the loop's check ends the flow
+                continue
             self._receive(registrar, data, src[:2])
         if puncher.direct is not None:
             direct.memory.succeeded(peer)
@@ -331,6 +335,8 @@ class UdpFlow:
                     return
                 continue
             except ConnectionRefusedError:  # ICMP: the relay is down (restarting); its notice will come
+                continue
+            if src is None:  # close() shut the socket down: the loop's check ends the flow
                 continue
             # only the relay, and a peer that proved the punch key, may answer on this socket
             self._receive(registrar, data, src[:2])

@@ -151,6 +151,8 @@ class UdpTarget:
                 continue
             except ConnectionRefusedError:  # ICMP: the local service is not listening (yet)
                 continue
+            if src is None:  # abort() shut the socket down: the loop's check ends the session
+                continue
             src = src[:2]
             if src == relay:
                 answer = registrar.handle(data, src)

@@ -88,6 +88,8 @@ class UdpRelay:
                 if self.stopping.is_set():
                     return
                 continue
+            if addr is None:  # the socket was shut down: the loop's check notices the stop
+                continue
             key = addr[:2]
             entry = addrs.get(key)
             if entry is None or is_udp_register(data):
@@ -302,6 +304,8 @@ class ProbeResponder:
             except OSError:
                 if self.stopping.is_set():
                     return
+                continue
+            if addr is None:  # the socket was shut down
                 continue
             if not is_probe(data) or not self._allowed(source_key(addr[0])):
                 continue
