@@ -320,14 +320,17 @@ class UdpFlow:
         puncher = self.puncher
         control = self.gateway.proxy.client.control
         kernel_timeout(self.sock, puncher.poll_interval(resting) if puncher is not None else resting)
+        next_chores = 0.0
         while not self._closed.is_set():
-            registrar.keep_alive(keepalive)
-            if puncher is not None:
-                now = time.monotonic()
-                puncher.report(control, now)
-                if (silent := puncher.watch(now)) is not None:
-                    proxy.client.direct.memory.failed(proxy.target_client_id)  # the next flow takes the relay
-                    raise DirectPathDead(puncher.dead_reason(proxy.target_client_id, silent))
+            now = time.monotonic()
+            if now >= next_chores:  # housekeeping, not per datagram
+                next_chores = now + POLL
+                registrar.keep_alive(keepalive)
+                if puncher is not None:
+                    puncher.report(control, now)
+                    if (silent := puncher.watch(now)) is not None:
+                        proxy.client.direct.memory.failed(proxy.target_client_id)  # the next flow takes the relay
+                        raise DirectPathDead(puncher.dead_reason(proxy.target_client_id, silent))
             try:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
             except TIMED_OUT:

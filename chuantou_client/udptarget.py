@@ -131,18 +131,12 @@ class UdpTarget:
         kernel_timeout(sock, timeout)  # no poll() per datagram, as Python's own timeout would cost
         last_active = time.monotonic()
         puncher = self.puncher
+        next_chores = 0.0
         while not self._closed.is_set():
-            registrar.keep_alive(keepalive)
-            if puncher is not None:
-                now = time.monotonic()
-                puncher.tick(now)
-                puncher.report(self.client.control, now)
-                wanted = POLL if puncher.busy else puncher.poll_interval(resting)  # ping on time
-                if wanted != timeout:
-                    timeout = wanted
-                    kernel_timeout(sock, timeout)
-                if (silent := puncher.watch(now)) is not None:
-                    raise DirectPathDead(puncher.dead_reason(self.msg.fromClientId, silent))
+            now = time.monotonic()
+            if now >= next_chores:  # not per datagram: at most every POLL (pings stay on time)
+                next_chores = now + POLL
+                timeout = self._chores(registrar, keepalive, resting, timeout, now)
             try:
                 data, src = sock.recvfrom(MAX_DATAGRAM)
             except TIMED_OUT:
@@ -177,6 +171,23 @@ class UdpTarget:
                 puncher.peer_payload(src)  # A sends straight to us: it had our pong, the way back works
                 last_active = time.monotonic()
                 self._send(data, service, to_service=True)
+
+    def _chores(self, registrar, keepalive: float, resting: float, timeout: float, now: float) -> float:
+        """The pump's housekeeping: keepalive registration, the direct path's pings, reports and
+        watch. Returns the socket's timeout (short while pinging)."""
+        registrar.keep_alive(keepalive)
+        puncher = self.puncher
+        if puncher is None:
+            return timeout
+        puncher.tick(now)
+        puncher.report(self.client.control, now)
+        wanted = POLL if puncher.busy else puncher.poll_interval(resting)  # ping on time
+        if wanted != timeout:
+            assert self.sock is not None  # only _pump calls
+            kernel_timeout(self.sock, wanted)
+        if (silent := puncher.watch(now)) is not None:
+            raise DirectPathDead(puncher.dead_reason(self.msg.fromClientId, silent))
+        return wanted
 
     def _send(self, data: bytes, addr: tuple, to_service: bool) -> bool:
         """True if the datagram went out."""

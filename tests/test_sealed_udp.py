@@ -55,6 +55,11 @@ class RecordingSocket:
                 data = data[:30] + bytes([data[30] ^ 0x01]) + data[31:]
         return data, addr
 
+    def recvfrom_into(self, buffer):  # the relay's hot loop reads into one buffer
+        data, addr = self.recvfrom(len(buffer))
+        buffer[:len(data)] = data
+        return len(data), addr
+
     def from_addr(self, addr: tuple) -> list[bytes]:
         with self._lock:
             return [data for data, src in self.seen if src == addr]
