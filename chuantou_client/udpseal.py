@@ -317,9 +317,6 @@ class SealedUdp:
         self.sealer = sealer
         self.opener = opener
         self.stats = stats
-
-    def seal(self, payload: bytes) -> list[bytes]:
-        return self.sealer.seal(payload)
-
-    def open(self, datagram: bytes) -> bytes | None:
-        return self.opener.open(datagram)
+        # bound once: the pumps call these per datagram, one Python frame fewer each time
+        self.seal = sealer.seal  # payload -> the sealed datagram(s) to send
+        self.open = opener.open  # datagram -> payload, or None (dropped and counted)

@@ -96,7 +96,7 @@ class UdpRelay:
                 continue
             key = addr[:2]
             entry = addrs.get(key)
-            if entry is None or (size == UDP_REGISTER_SIZE and is_udp_register(buffer[:size])):
+            if entry is None or (size == UDP_REGISTER_SIZE and is_udp_register(bytes(view[:size]))):
                 self._from_stranger_or_registration(bytes(view[:size]), key)
                 continue
             session, side = entry
