@@ -48,6 +48,8 @@ class RecordingSocket:
 
     def recvfrom(self, size: int):
         data, addr = self.sock.recvfrom(size)
+        if addr is None:  # shut down: a blocking recvfrom returns no address
+            return data, addr
         with self._lock:
             self.seen.append((data, addr[:2]))
             if addr[:2] in self.alter_from and data[:1] == b"\0":
