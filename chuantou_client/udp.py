@@ -21,7 +21,7 @@ import time
 from common import protocol as p
 from common.errors import ChuantouError
 from common.frames import JoinStatus
-from common.net import close_quietly, enlarge_udp_buffers
+from common.net import TIMED_OUT, close_quietly, enlarge_udp_buffers, kernel_timeout
 
 from .datachannel import register_udp, resolve_udp
 from .direct import POLL, Puncher
@@ -67,15 +67,17 @@ class UdpGateway:
         return len(self.flows)
 
     def run(self) -> None:
-        self.sock.settimeout(0.5)  # lets the loop notice close()
+        kernel_timeout(self.sock, 0.5)  # lets the loop notice close(), without a poll() per datagram
         while not self._closed.is_set():
             try:
                 data, addr = self.sock.recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+            except TIMED_OUT:
                 continue
             except OSError:
                 if self._closed.is_set():
                     return
+                continue
+            if addr is None:  # close() shut the socket down, which wakes this blocking recvfrom
                 continue
             if not self.proxy.udp_allowed(0, len(data)):
                 continue
@@ -260,7 +262,7 @@ class UdpFlow:
         direct.begin(puncher)
         puncher.offer(proxy.client.control, self.relay, direct.path)
         deadline = time.monotonic() + direct.deadline
-        self.sock.settimeout(POLL)
+        kernel_timeout(self.sock, POLL)
         while not self._closed.is_set() and puncher.direct is None and not puncher.refused:
             now = time.monotonic()
             if now >= deadline:
@@ -268,7 +270,9 @@ class UdpFlow:
             puncher.tick(now)
             try:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
-            except (socket.timeout, ConnectionRefusedError):  # refused: ICMP from a dead candidate
+            except (*TIMED_OUT, ConnectionRefusedError):  # refused: ICMP from a dead candidate
+                continue
+            if src is None:  # close() shut the socket down: the loop's check ends the flow
                 continue
             self._receive(registrar, data, src[:2])
         if puncher.direct is not None:
@@ -315,22 +319,27 @@ class UdpFlow:
         resting = min(1.0, idle_timeout / 2, keepalive)
         puncher = self.puncher
         control = self.gateway.proxy.client.control
-        self.sock.settimeout(puncher.poll_interval(resting) if puncher is not None else resting)
+        kernel_timeout(self.sock, puncher.poll_interval(resting) if puncher is not None else resting)
+        next_chores = 0.0
         while not self._closed.is_set():
-            registrar.keep_alive(keepalive)
-            if puncher is not None:
-                now = time.monotonic()
-                puncher.report(control, now)
-                if (silent := puncher.watch(now)) is not None:
-                    proxy.client.direct.memory.failed(proxy.target_client_id)  # the next flow takes the relay
-                    raise DirectPathDead(puncher.dead_reason(proxy.target_client_id, silent))
+            now = time.monotonic()
+            if now >= next_chores:  # housekeeping, not per datagram
+                next_chores = now + POLL
+                registrar.keep_alive(keepalive)
+                if puncher is not None:
+                    puncher.report(control, now)
+                    if (silent := puncher.watch(now)) is not None:
+                        proxy.client.direct.memory.failed(proxy.target_client_id)  # the next flow takes the relay
+                        raise DirectPathDead(puncher.dead_reason(proxy.target_client_id, silent))
             try:
                 data, src = self.sock.recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+            except TIMED_OUT:
                 if time.monotonic() - self.last_active > idle_timeout:
                     return
                 continue
             except ConnectionRefusedError:  # ICMP: the relay is down (restarting); its notice will come
+                continue
+            if src is None:  # close() shut the socket down: the loop's check ends the flow
                 continue
             # only the relay, and a peer that proved the punch key, may answer on this socket
             self._receive(registrar, data, src[:2])

@@ -19,6 +19,7 @@ from common.frames import (
 
 PAYLOAD = "payload"  # handle(): the datagram is not one of the relay's, deliver it
 HANDLED = "handled"  # handle(): a challenge or notice, answered here
+CONTROL_BYTE = UDP_WHO_ARE_YOU[:1]  # 0xfd: every relay control datagram starts with it, a sealed one never
 HELLO_INTERVAL = 0.5  # a flow asks again at most this often when told it is unknown
 
 
@@ -44,7 +45,7 @@ class UdpRegistrar:
 
     def handle(self, data: bytes, src: tuple):
         """Answer one datagram from ``src``: PAYLOAD, HANDLED, or the JoinStatus of an ack."""
-        if src[:2] != self.relay:
+        if data[:1] != CONTROL_BYTE or src[:2] != self.relay:  # payload: the common case, decided first
             return PAYLOAD
         challenge = unpack_udp_challenge(data)
         if challenge is not None and challenge[0] == self.join.session_id:

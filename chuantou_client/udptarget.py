@@ -10,7 +10,7 @@ import time
 
 from common import protocol as p
 from common.errors import ChuantouError
-from common.net import close_quietly, enlarge_udp_buffers, udp_socket_for
+from common.net import TIMED_OUT, close_quietly, enlarge_udp_buffers, kernel_timeout, udp_socket_for
 
 from .datachannel import register_udp, resolve_udp
 from .direct import POLL, Puncher
@@ -128,28 +128,24 @@ class UdpTarget:
         keepalive = self.client.udp_keepalive
         resting = min(1.0, idle_timeout / 2, keepalive)
         timeout = resting
-        sock.settimeout(timeout)
+        kernel_timeout(sock, timeout)  # no poll() per datagram, as Python's own timeout would cost
         last_active = time.monotonic()
         puncher = self.puncher
+        next_chores = 0.0
         while not self._closed.is_set():
-            registrar.keep_alive(keepalive)
-            if puncher is not None:
-                now = time.monotonic()
-                puncher.tick(now)
-                puncher.report(self.client.control, now)
-                wanted = POLL if puncher.busy else puncher.poll_interval(resting)  # ping on time
-                if wanted != timeout:
-                    timeout = wanted
-                    sock.settimeout(timeout)
-                if (silent := puncher.watch(now)) is not None:
-                    raise DirectPathDead(puncher.dead_reason(self.msg.fromClientId, silent))
+            now = time.monotonic()
+            if now >= next_chores:  # not per datagram: at most every POLL (pings stay on time)
+                next_chores = now + POLL
+                timeout = self._chores(registrar, keepalive, resting, timeout, now)
             try:
                 data, src = sock.recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+            except TIMED_OUT:
                 if time.monotonic() - last_active > idle_timeout:
                     return
                 continue
             except ConnectionRefusedError:  # ICMP: the local service is not listening (yet)
+                continue
+            if src is None:  # abort() shut the socket down: the loop's check ends the session
                 continue
             src = src[:2]
             if src == relay:
@@ -175,6 +171,23 @@ class UdpTarget:
                 puncher.peer_payload(src)  # A sends straight to us: it had our pong, the way back works
                 last_active = time.monotonic()
                 self._send(data, service, to_service=True)
+
+    def _chores(self, registrar, keepalive: float, resting: float, timeout: float, now: float) -> float:
+        """The pump's housekeeping: keepalive registration, the direct path's pings, reports and
+        watch. Returns the socket's timeout (short while pinging)."""
+        registrar.keep_alive(keepalive)
+        puncher = self.puncher
+        if puncher is None:
+            return timeout
+        puncher.tick(now)
+        puncher.report(self.client.control, now)
+        wanted = POLL if puncher.busy else puncher.poll_interval(resting)  # ping on time
+        if wanted != timeout:
+            assert self.sock is not None  # only _pump calls
+            kernel_timeout(self.sock, wanted)
+        if (silent := puncher.watch(now)) is not None:
+            raise DirectPathDead(puncher.dead_reason(self.msg.fromClientId, silent))
+        return wanted
 
     def _send(self, data: bytes, addr: tuple, to_service: bool) -> bool:
         """True if the datagram went out."""

@@ -19,11 +19,12 @@ import threading
 import time
 
 from common.frames import (
-    UDP_WHO_ARE_YOU, FrameError, JoinStatus, address_challenge, is_udp_register, pack_udp_ack,
+    UDP_REGISTER_SIZE, UDP_WHO_ARE_YOU, FrameError, JoinStatus, address_challenge, is_udp_register, pack_udp_ack,
     pack_udp_challenge, udp_proof_matches, unpack_udp_register,
 )
 from common.direct import is_filter_probe, is_probe, pack_probe_answer
 from common.limits import LimitLog, TokenBucket, source_key
+from common.net import TIMED_OUT, kernel_timeout
 
 log = logging.getLogger("chuantou.server")
 
@@ -73,38 +74,44 @@ class UdpRelay:
         self.relayed_bytes = 0  # payload forwarded between sides (the direct path's tests read it)
 
     def run(self) -> None:
-        self.sock.settimeout(0.25)  # lets the loop notice stop()
-        recvfrom = self.sock.recvfrom
+        kernel_timeout(self.sock, 0.25)  # lets the loop notice stop(), without a poll() per datagram
+        recvfrom_into = self.sock.recvfrom_into
         sendto = self.sock.sendto
         addrs = self._addrs
         bandwidth = self.bandwidth if self.bandwidth is not None and self.bandwidth.active else None
+        # one buffer for every datagram: no 64 KiB allocation per datagram, and a session's
+        # payload goes out as a slice of it, uncopied (only what is kept is copied: early queue)
+        buffer = bytearray(MAX_DATAGRAM)
+        view = memoryview(buffer)
         while not self.stopping.is_set():
             try:
-                data, addr = recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+                size, addr = recvfrom_into(buffer)
+            except TIMED_OUT:
                 continue
             except OSError:
                 if self.stopping.is_set():
                     return
                 continue
+            if addr is None:  # the socket was shut down: the loop's check notices the stop
+                continue
             key = addr[:2]
             entry = addrs.get(key)
-            if entry is None or is_udp_register(data):
-                self._from_stranger_or_registration(data, key)
+            if entry is None or (size == UDP_REGISTER_SIZE and is_udp_register(bytes(view[:size]))):
+                self._from_stranger_or_registration(bytes(view[:size]), key)
                 continue
             session, side = entry
-            if bandwidth is not None and not bandwidth.udp_allowed(session, side, len(data)):
+            if bandwidth is not None and not bandwidth.udp_allowed(session, side, size):
                 self.drops[BANDWIDTH_LIMITED] += 1
                 continue
             session.last_active = time.monotonic()
-            session.udp_bytes[side] += len(data)
+            session.udp_bytes[side] += size
             peer = session.udp_b if side == 0 else session.udp_a
             if peer is None:
-                self._hold_early(session, side, data, key)
+                self._hold_early(session, side, bytes(view[:size]), key)
                 continue
             try:
-                sendto(data, peer)
-                self.relayed_bytes += len(data)
+                sendto(view[:size], peer)
+                self.relayed_bytes += size
             except OSError:
                 self.drops[SEND_FAILED] += 1
 
@@ -292,15 +299,17 @@ class ProbeResponder:
         self.answered = 0
 
     def run(self) -> None:
-        self.sock.settimeout(0.25)  # lets the loop notice stop()
+        kernel_timeout(self.sock, 0.25)  # lets the loop notice stop()
         while not self.stopping.is_set():
             try:
                 data, addr = self.sock.recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+            except TIMED_OUT:
                 continue
             except OSError:
                 if self.stopping.is_set():
                     return
+                continue
+            if addr is None:  # the socket was shut down
                 continue
             if not is_probe(data) or not self._allowed(source_key(addr[0])):
                 continue

@@ -79,6 +79,24 @@ def enlarge_udp_buffers(sock: socket.socket) -> None:
             pass
 
 
+# What a blocking recvfrom raises when its kernel timeout (kernel_timeout) passes, beside
+# Python's own socket.timeout: EAGAIN surfaces as BlockingIOError.
+TIMED_OUT = (socket.timeout, BlockingIOError)
+
+
+def kernel_timeout(sock: socket.socket, seconds: float) -> None:
+    """Give ``sock`` a timeout the kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO) and put it in blocking
+    mode. Why: with Python's own timeout (settimeout) every recvfrom and every sendto is a poll()
+    and then the call, twice the syscalls per datagram on a UDP hot path. An expired wait raises
+    one of TIMED_OUT, so a loop still notices its stop within ``seconds``."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1_000_000)
+    timeval = struct.pack("@ll", whole, micro if whole or micro else 1)  # 0 s 0 us would mean "never"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
 def recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     """Read exactly ``size`` bytes before ``deadline`` (time.monotonic()).
 

@@ -206,6 +206,8 @@ class _TargetSocketTap:
 
     def recvfrom(self, size: int):
         data, addr = self.sock.recvfrom(size)
+        if addr is None:  # shut down by abort(): a blocking recvfrom returns no address
+            return data, addr
         if addr[:2] not in (self.relay, self.service):
             self.seen.append(data)
             if self.alter_in and data[:1] == b"\0":  # sealed payload (punch packets start 0xfd)

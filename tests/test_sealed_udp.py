@@ -48,12 +48,19 @@ class RecordingSocket:
 
     def recvfrom(self, size: int):
         data, addr = self.sock.recvfrom(size)
+        if addr is None:  # shut down: a blocking recvfrom returns no address
+            return data, addr
         with self._lock:
             self.seen.append((data, addr[:2]))
             if addr[:2] in self.alter_from and data[:1] == b"\0":
                 self.alter_from.discard(addr[:2])
                 data = data[:30] + bytes([data[30] ^ 0x01]) + data[31:]
         return data, addr
+
+    def recvfrom_into(self, buffer):  # the relay's hot loop reads into one buffer
+        data, addr = self.recvfrom(len(buffer))
+        buffer[:len(data)] = data
+        return len(data), addr
 
     def from_addr(self, addr: tuple) -> list[bytes]:
         with self._lock:
