@@ -144,6 +144,6 @@ def test_a_direct_puncher_pings_while_its_peer_answers_and_declares_the_path_dea
         data, src = a_sock.recvfrom(2048)
         assert a.handle(data, src) and a.last_heard >= began
         assert a.watch(a.last_heard + a.dead_after - 0.01) is None  # quiet, not dead yet: probes
-        silent = a.watch(a.last_heard + a.dead_after)
+        silent = a.watch(a.last_heard + a.dead_after + 1e-6)  # (x + d) - x can round to just below d
         assert silent is not None and "went silent" in a.dead_reason("B", silent)
         assert Puncher(b_sock, session, "B", 1.0, keepalive=0.2).dead_after > a.dead_after  # A decides first
