@@ -33,6 +33,7 @@ from typing import Any
 
 from common import direct as d
 from common import protocol as p
+from common.threads import Task
 from common.errors import ChuantouError
 from common.net import arm_reset, close_quietly, keep_alive, reset_connection, shutdown_quietly, tune_tcp
 
@@ -76,7 +77,7 @@ class TcpAttempt:
         self._dialing: set[socket.socket] = set()  # dialing or listening: stop() wakes them
         self.abandoned = False  # B: A's choice is known, a stream made from now on is dropped
         self._arrivals: queue.Queue = queue.Queue(MAX_ARRIVALS + 1)  # B: direct connections (None: stop)
-        self._thread: threading.Thread | None = None
+        self._thread: Task | None = None
 
     @property
     def tried(self) -> bool:

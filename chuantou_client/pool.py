@@ -18,6 +18,7 @@ import threading
 import time
 
 from common import protocol as p
+from common.threads import Task
 from common.frames import JoinStatus, PoolHello, pack_pool_header
 from common.net import close_quietly, recv_exact
 
@@ -43,7 +44,7 @@ class ChannelPool:
         self._cond = threading.Condition()
         self._stopping = False
         self._taken_at = 0.0  # monotonic time of the last take
-        self._thread: threading.Thread | None = None
+        self._thread: Task | None = None
         self.taken = 0  # figures for tests and the page: sessions that used a pooled channel
 
     # --- lifecycle --------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 
 from common import protocol as p
+from common.threads import Task
 from common.errors import ChuantouError, RequestError
 from common.frames import WARM_GO, WARM_READY
 from common.net import close_quietly, recv_exact, reset_connection
@@ -113,7 +114,7 @@ class WarmPool:
         self._delay = RETRY_DELAY
         self._taken_at = 0.0  # monotonic time of the last take
         self._inflight: tuple = (None, None)  # (pending request, socket) of the attempt running, for stop()
-        self._thread: threading.Thread | None = None
+        self._thread: Task | None = None
         self.taken = 0  # user connections served by a warm session
         self.fallbacks = 0  # warm sessions found dead when taken (the user got a fresh set-up)
         self.problem: str | None = None  # why the pool is empty, if it is for a reason
