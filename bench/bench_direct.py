@@ -16,7 +16,10 @@ TCP the same way, in the same run and namespaces: two more gateways in A's names
 and ``relay``) with a TCP proxy to the plain sink behind B, so a session's throughput is the
 same one-way stream as the plain TCP row's; setup latency is a new connection's time to the
 sink's answer (connect, 56 bytes, half-close, the count back: the session's setup plus one
-round trip), beside the same against the sink through B's NAT without chuantou.
+round trip), beside the same against the sink through B's NAT without chuantou. Each TCP
+row also gives the CPU seconds per GB (into the sink) of the sending user, A, B, the relay and
+the sink over its load: on one host every process shares the same cores, so the ratio to the
+plain row is a ratio of CPU per byte (see bench/README.md). ``--tcp-only``: the TCP rows alone.
 Needs root, `ip` and `iptables` (as the tests); every address is inside the namespaces it makes.
 Run with ``--role ...`` it is one of its own load processes inside a namespace.
 """
