@@ -1,7 +1,7 @@
 """The direct path beside the relay (issue 15's benchmark), in the NAT namespaces of the tests
 (tests/direct_support.py: a relay on a "public" network, A and B each behind its own NAT).
 
-    sudo python bench/bench_direct.py [--quick] [--seconds S] [--json FILE]
+    sudo python bench/bench_direct.py [--quick] [--tcp-only] [--seconds S] [--json FILE]
 
 In one run, with one relay and one client B (a UDP echo service behind it), two gateways in A's
 namespace: one that goes direct (``--path auto``) and one kept on the relay (``--path relay``).
@@ -16,7 +16,10 @@ TCP the same way, in the same run and namespaces: two more gateways in A's names
 and ``relay``) with a TCP proxy to the plain sink behind B, so a session's throughput is the
 same one-way stream as the plain TCP row's; setup latency is a new connection's time to the
 sink's answer (connect, 56 bytes, half-close, the count back: the session's setup plus one
-round trip), beside the same against the sink through B's NAT without chuantou.
+round trip), beside the same against the sink through B's NAT without chuantou. Each TCP
+row also gives the CPU seconds per GB (into the sink) of the sending user, A, B, the relay and
+the sink over its load: on one host every process shares the same cores, so the ratio to the
+plain row is a ratio of CPU per byte (see bench/README.md). ``--tcp-only``: the TCP rows alone.
 Needs root, `ip` and `iptables` (as the tests); every address is inside the namespaces it makes.
 Run with ``--role ...`` it is one of its own load processes inside a namespace.
 """
@@ -126,6 +129,7 @@ def tcp_load(host: str, port: int, seconds: float) -> dict:
     """One TCP stream for ``seconds``; the sink's count of bytes per second."""
     block = b"\0" * (256 * 1024)
     with socket.create_connection((host, port), timeout=10.0) as s:
+        cpu = os.times()
         start = time.perf_counter()
         sent = 0
         while time.perf_counter() - start < seconds:
@@ -134,7 +138,8 @@ def tcp_load(host: str, port: int, seconds: float) -> dict:
         s.shutdown(socket.SHUT_WR)
         received = int(s.recv(64).decode())  # the sink says how much it read, once it read it all
         elapsed = time.perf_counter() - start
-    return {"mb_per_s": round(received / elapsed / 1e6, 2), "sent": sent}
+        used = sum(os.times()[:2]) - sum(cpu[:2])
+    return {"mb_per_s": round(received / elapsed / 1e6, 2), "sent": sent, "received": received, "load_cpu_s": used}
 
 
 def tcp_setups(host: str, port: int, count: int) -> dict:
@@ -216,6 +221,25 @@ def in_ns(topo, where: str, *args, timeout: float = 120.0) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tcp_load_with_cpu(topo, host, port, seconds: float, procs: dict) -> dict:
+    """The TCP load, with CPU seconds per GB (1e9 bytes received by the sink) of the load process
+    itself and of each of ``procs`` (name -> NsProcess) over the load: where the bytes cost."""
+    before = {name: cpu_seconds(proc.proc.pid) for name, proc in procs.items()}
+    row = in_ns(topo, "a", "--role", "tcp", "--host", host, "--port", port, "--seconds", seconds)
+    gb = max(1, row.pop("received")) / 1e9
+    cpu = {"load": row.pop("load_cpu_s") / gb}
+    cpu.update({name: (cpu_seconds(proc.proc.pid) - before[name]) / gb for name, proc in procs.items()})
+    row["cpu_s_per_gb"] = {name: round(value, 2) for name, value in cpu.items()}
+    return row
+
+
 def forward(topo, port: int) -> None:
     """B's NAT forwards ``port`` (UDP and TCP) to B: the plain path between the namespaces."""
     from netns_support import sh
@@ -226,7 +250,7 @@ def forward(topo, port: int) -> None:
            "-p", proto, "--dport", str(port), "-j", "DNAT", "--to-destination", f"{b_ip}:{port}")
 
 
-def run(seconds: float, flows: int) -> dict:
+def run(seconds: float, flows: int, tcp_only: bool = False) -> dict:
     from direct_support import NatTopology
     from netns_support import NsProcess, netns_unavailable
 
@@ -239,31 +263,20 @@ def run(seconds: float, flows: int) -> dict:
         relay = topo.start("p", "relay", "--token", TOKEN)
         url = lambda side: f"ws://{topo.relay_ip[side]}:{relay.ready['port']}"  # noqa: E731
         target = topo.start("b", "target", "--url", url("b"), "--token", TOKEN)
-        service = target.ready["servicePort"]
-        gateways = {path: topo.start("a", "gateway", "--url", url("a"), "--token", TOKEN, "--id", f"A-{path}",
-                                     "--path", path, "--service-port", service)
-                    for path in ("auto", "relay")}
         plain = NsProcess(topo.ns["b"], "--role=plain", ["--port", str(RAW_PORT)],
                           topo.log_dir / "plain.log", str(Path(__file__).resolve()))
         plain.wait_ready()
         forward(topo, RAW_PORT)
-        rows = {}
-        for label, path in (("direct session", "auto"), ("relayed session", "relay")):
-            port = gateways[path].ready["proxyPort"]
-            row = in_ns(topo, "a", "--role", "setup", "--host", "127.0.0.1", "--port", port, "--count", flows)
-            row.update(in_ns(topo, "a", "--role", "udp", "--host", "127.0.0.1", "--port", port,
-                             "--seconds", seconds))
-            paths = [c["path"] for c in gateways[path].status()["connections"] if c["protocol"] == "udp"]
-            row["paths"] = sorted(set(paths))
-            rows[label] = row
-        rows.update(tcp_rows(topo, url, seconds, flows))
-        rows["plain UDP"] = in_ns(topo, "a", "--role", "udp", "--host", topo.nat_ip["b"], "--port", RAW_PORT,
-                                  "--seconds", seconds)
-        rows["plain TCP"] = in_ns(topo, "a", "--role", "tcp", "--host", topo.nat_ip["b"], "--port", RAW_PORT,
-                                  "--seconds", seconds)
+        rows = {} if tcp_only else udp_rows(topo, url, target.ready["servicePort"], seconds, flows)
+        rows.update(tcp_rows(topo, url, seconds, flows, {"B": target, "relay": relay, "sink": plain}))
+        if not tcp_only:
+            rows["plain UDP"] = in_ns(topo, "a", "--role", "udp", "--host", topo.nat_ip["b"], "--port", RAW_PORT,
+                                      "--seconds", seconds)
+        rows["plain TCP"] = tcp_load_with_cpu(topo, topo.nat_ip["b"], RAW_PORT, seconds, {"sink": plain})
         rows["plain TCP"].update(in_ns(topo, "a", "--role", "tcpsetup", "--host", topo.nat_ip["b"],
                                        "--port", RAW_PORT, "--count", flows))
-        rows["relay"] = {"udpBytesRelayed": relay.status()["udpBytesRelayed"]}
+        if not tcp_only:
+            rows["relay"] = {"udpBytesRelayed": relay.status()["udpBytesRelayed"]}
         return rows
     finally:
         if plain is not None:
@@ -271,8 +284,26 @@ def run(seconds: float, flows: int) -> dict:
         topo.destroy()
 
 
-def tcp_rows(topo, url, seconds: float, flows: int) -> dict:
-    """A TCP session that goes direct beside one kept on the relay, into the plain sink behind B."""
+def udp_rows(topo, url, service, seconds: float, flows: int) -> dict:
+    """A UDP session that goes direct beside one kept on the relay, into B's UDP echo."""
+    gateways = {path: topo.start("a", "gateway", "--url", url("a"), "--token", TOKEN, "--id", f"A-{path}",
+                                 "--path", path, "--service-port", service)
+                for path in ("auto", "relay")}
+    rows = {}
+    for label, path in (("direct session", "auto"), ("relayed session", "relay")):
+        port = gateways[path].ready["proxyPort"]
+        row = in_ns(topo, "a", "--role", "setup", "--host", "127.0.0.1", "--port", port, "--count", flows)
+        row.update(in_ns(topo, "a", "--role", "udp", "--host", "127.0.0.1", "--port", port,
+                         "--seconds", seconds))
+        paths = [c["path"] for c in gateways[path].status()["connections"] if c["protocol"] == "udp"]
+        row["paths"] = sorted(set(paths))
+        rows[label] = row
+    return rows
+
+
+def tcp_rows(topo, url, seconds: float, flows: int, procs: dict) -> dict:
+    """A TCP session that goes direct beside one kept on the relay, into the plain sink behind B
+    (``procs``: the other processes whose CPU the load is charged with, beside A's)."""
     import direct_tcp_support as tcp
 
     rows = {}
@@ -281,7 +312,7 @@ def tcp_rows(topo, url, seconds: float, flows: int) -> dict:
                             "--path", path, "--service-port", RAW_PORT)
         port = gateway.ready["proxyPort"]
         row = in_ns(topo, "a", "--role", "tcpsetup", "--host", "127.0.0.1", "--port", port, "--count", flows)
-        row.update(in_ns(topo, "a", "--role", "tcp", "--host", "127.0.0.1", "--port", port, "--seconds", seconds))
+        row.update(tcp_load_with_cpu(topo, "127.0.0.1", port, seconds, {"A": gateway, **procs}))
         pair = gateway.status()["direct"]["pairs"].get("B")  # None: never tried (path relay)
         row["paths"] = ["direct" if pair and pair["last"] == "direct" and not pair["failures"] else "relay"]
         rows[label] = row
@@ -292,7 +323,9 @@ def report(rows: dict, seconds: float) -> dict:
     print(f"direct path beside the relay, NAT namespaces, {seconds:g} s per load, "
           "load average %.2f %.2f %.2f" % os.getloadavg())
     print(f"  {'path':<16s} {'setup med':>10s} {'setup max':>10s} {'MB/s':>8s} {'dgram/s':>8s} {'loss':>6s}  carried by")
-    for label in ("direct session", "relayed session", "plain UDP", "direct TCP", "relayed TCP", "plain TCP"):
+    labels = [label for label in ("direct session", "relayed session", "plain UDP", "direct TCP", "relayed TCP",
+                                  "plain TCP") if label in rows]
+    for label in labels:
         r = rows[label]
         med = f"{r['setup_median_ms']:.1f} ms" if "setup_median_ms" in r else "-"
         worst = f"{r['setup_max_ms']:.1f} ms" if "setup_max_ms" in r else "-"
@@ -300,9 +333,16 @@ def report(rows: dict, seconds: float) -> dict:
         loss = f"{r['loss_pct']:.2f}%" if "loss_pct" in r else "-"
         print(f"  {label:<16s} {med:>10s} {worst:>10s} {r['mb_per_s']:>8.2f} {dgrams:>8s} {loss:>6s}  "
               f"{','.join(r.get('paths', ['no chuantou']))}")
-    direct = rows["direct session"]["mb_per_s"]
-    ratios = {f"direct_vs_{k.replace(' ', '_')}": round(direct / max(1e-9, rows[k]["mb_per_s"]), 3)
-              for k in ("relayed session", "plain UDP", "plain TCP")}
+    print("  CPU s per GB into the sink (load: the sending user; A, B: the clients; relay; sink):")
+    for label in ("direct TCP", "relayed TCP", "plain TCP"):
+        cpu = rows[label]["cpu_s_per_gb"]
+        print(f"    {label:<14s} " + "  ".join(f"{name} {value:.2f}" for name, value in cpu.items()) +
+              f"  = {sum(cpu.values()):.2f}")
+    ratios = {}
+    if "direct session" in rows:
+        direct = rows["direct session"]["mb_per_s"]
+        ratios.update({f"direct_vs_{k.replace(' ', '_')}": round(direct / max(1e-9, rows[k]["mb_per_s"]), 3)
+                       for k in ("relayed session", "plain UDP", "plain TCP")})
     tcp = rows["direct TCP"]["mb_per_s"]
     ratios.update({f"direct_tcp_vs_{k.replace(' ', '_')}": round(tcp / max(1e-9, rows[k]["mb_per_s"]), 3)
                    for k in ("relayed TCP", "plain TCP")})
@@ -310,7 +350,8 @@ def report(rows: dict, seconds: float) -> dict:
         verdict = f"  {'PASS' if ratio >= TARGET else 'MISS'} (>= {TARGET}x)" if name.endswith("plain_TCP") or \
             name.endswith("plain_UDP") else ""
         print(f"  {name}: {ratio:.2f}x{verdict}")
-    print(f"  the relay carried {rows['relay']['udpBytesRelayed']} UDP payload bytes (the relayed session's)")
+    if "relay" in rows:
+        print(f"  the relay carried {rows['relay']['udpBytesRelayed']} UDP payload bytes (the relayed session's)")
     return {"seconds_each": seconds, "rows": rows, "ratios": ratios, "loadavg": os.getloadavg()}
 
 
@@ -319,6 +360,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 s per load, 3 flows for the setup latency")
     parser.add_argument("--seconds", type=float, help="seconds per load (default 5)")
     parser.add_argument("--flows", type=int, help="new flows timed for the setup latency (default 10)")
+    parser.add_argument("--tcp-only", action="store_true", help="only the TCP rows (direct, relayed, plain)")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     parser.add_argument("--role", choices=("plain", "udp", "setup", "tcp", "tcpsetup"), help=argparse.SUPPRESS)
     parser.add_argument("--host", help=argparse.SUPPRESS)
@@ -330,7 +372,7 @@ def main(argv=None) -> int:
         return 0
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     flows = args.flows or (3 if args.quick else 10)
-    figures = report(run(seconds, flows), seconds)
+    figures = report(run(seconds, flows, args.tcp_only), seconds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
