@@ -21,6 +21,8 @@ import select
 import socket
 import threading
 
+from common.net import shutdown_quietly
+
 # The inbound queue of one connection, beyond which we stop reading from its socket. Control
 # messages are small (heartbeats, requests); a well-behaved client has a handful in flight.
 MAX_QUEUED_MESSAGES = 64
@@ -71,6 +73,10 @@ class ControlSocket:
         return len(data)
 
     def close(self) -> None:
+        # shut down first: closing a descriptor does not wake a thread blocked in send or recv
+        # on it (the serving thread, stuck sending to a peer that does not read, slept on for up
+        # to its send timeout and stop() waited for it); what is queued still goes out before FIN
+        shutdown_quietly(self._sock)
         self._sock.close()
 
     def fileno(self) -> int:
