@@ -270,7 +270,8 @@ def test_a_probe_cut_short_by_stopping_reports_no_local_address_and_does_not_fai
     import socket as socket_module
     import threading as threading_module
 
-    from chuantou_client.direct import local_candidate, probe_nat
+    from chuantou_client.direct import local_candidate
+    from chuantou_client.natprobe import probe_nat
 
     stopping = threading_module.Event()
     stopping.set()
