@@ -23,7 +23,8 @@ from common.tls import client_context, normalize_fingerprint
 from .control import ControlChannel, split_server_urls
 from .datachannel import TlsSettings
 from .joining import SessionJoining
-from .direct import DirectPaths, probe_nat
+from .direct import DirectPaths
+from .natprobe import probe_nat
 from .directreport import TcpReports
 from .export import ExportPolicy
 from .pool import DEFAULT_POOL_COUNT, ChannelPool

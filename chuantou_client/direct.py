@@ -1,17 +1,16 @@
-"""The direct path for UDP flows on both clients: NAT discovery and hole punching.
+"""The direct path for UDP flows on both clients: hole punching (NAT discovery is in natprobe.py).
 
-``probe_nat`` asks the relay's UDP port (and its ``--probe-port``) what address they see for
-one socket and classifies the NAT's mapping, then asks the UDP port to answer a fresh socket
-from the probe port and classifies its filtering (common.direct). ``Puncher`` runs one flow's
-attempt on the socket the flow already uses toward the relay: it offers the flow's local
-address over the control channel, the relay adds what it saw and hands each side the other's
-candidates with a punch key, and both sides send signed pings to every candidate. A side
-trusts an address as its peer once a genuine punch packet came from it, and sends its payload
-there once it has proof that the way back works too (a pong, or the peer's payload arriving
-directly). Once direct, ``watch`` keeps the path proved: pings every keepalive, and a path that
-went silent is declared dead (the flow then ends; live flows do not move to the relay, the next
-one takes it). ``DirectPaths`` holds the client's mode, deadline, keepalive, memory of pairs and
-NAT result.
+``Puncher`` runs one flow's attempt on the socket the flow already uses toward the relay: it
+offers the flow's local address over the control channel, the relay adds what it saw and hands
+each side the other's candidates with a punch key, and both sides send signed pings to every
+candidate. A side trusts an address as its peer once a genuine punch packet came from it, and
+sends its payload there once it has proof that the way back works too (a pong to one of its own
+pings, or the peer's sealed payload arriving directly). Once direct, ``watch`` keeps the path
+proved: a ping with a fresh nonce every keepalive, and a path whose pings went unanswered (and
+that brought no authentic payload) for ``dead_after`` is declared dead (the flow then ends; live
+flows do not move to the relay, the next one takes it). The peer's pings prove nothing about
+liveness: a recorded one, replayed, would look the same. ``DirectPaths`` holds the client's
+mode, deadline, keepalive, memory of pairs and NAT result.
 
 TCP sessions try theirs by simultaneous open (directtcp.py); their attempts are kept here too.
 """
@@ -19,7 +18,6 @@ TCP sessions try theirs by simultaneous open (directtcp.py); their attempts are 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -35,9 +33,7 @@ log = logging.getLogger("chuantou.client")
 PING_EVERY = 0.02  # seconds between rounds of pings while an attempt runs
 POLL = 0.01  # socket timeout of a flow while it punches (so it pings on time)
 GRACE = 0.5  # the target keeps pinging this much past the deadline (the gateway's clock started first)
-PROBE_TRIES = 3
 REPORT_EVERY = 5.0  # seconds between a direct flow's reports of its bytes to the relay (while they change)
-PROBE_WAIT = 0.3  # seconds per try
 
 
 class DirectPaths:
@@ -57,6 +53,7 @@ class DirectPaths:
         self.nat: dict = {"mapping": "not probed yet", "filtering": "not probed yet"}
         self.relay_knows = False  # the relay said where probes go: it speaks path_candidates too
         self._punchers: dict[str, Puncher] = {}
+        self.unanswered_pongs = 0  # of ended flows: genuine pongs that answered no ping of theirs
         self._tcp: dict[str, Any] = {}  # session id -> directtcp.TcpAttempt
         self._lock = threading.Lock()
 
@@ -74,6 +71,7 @@ class DirectPaths:
         with self._lock:
             if self._punchers.get(puncher.session_id) is puncher:
                 del self._punchers[puncher.session_id]
+                self.unanswered_pongs += puncher.unanswered
 
     def begin_tcp(self, attempt: Any) -> None:
         with self._lock:
@@ -107,7 +105,10 @@ class DirectPaths:
             attempt.synced(msg.step)
 
     def describe(self) -> dict:
-        return {"path": self.path, "deadline": self.deadline, "nat": dict(self.nat), "pairs": self.memory.describe()}
+        with self._lock:
+            unanswered = self.unanswered_pongs + sum(p.unanswered for p in self._punchers.values())
+        return {"path": self.path, "deadline": self.deadline, "nat": dict(self.nat), "pairs": self.memory.describe(),
+                "unansweredPongs": unanswered}
 
 
 class Puncher:
@@ -129,6 +130,13 @@ class Puncher:
         self.gave_up = False  # decided on the relay: no more pings, no more pongs
         self.stop_pinging_at = float("inf")
         self._next_ping = 0.0
+        self.pings = d.OutstandingPings()  # nonces of our recent pings, for their pongs to answer
+        self.unanswered = 0  # genuine pongs that answered none of them (late duplicates, or replays)
+        # while punching, one nonce per stretch of rounds, so that the outstanding ones cover the
+        # whole attempt (a pong may come back a round trip later, after many rounds)
+        self._nonce_every = (deadline + GRACE) / d.MAX_OUTSTANDING
+        self._nonce: bytes | None = None
+        self._next_nonce = 0.0
         self.direct_bytes = [0, 0]  # sent, received on the direct path (counted by the flow; see report())
         self._reported: tuple | None = None
         self._next_report = 0.0
@@ -136,8 +144,11 @@ class Puncher:
         # B gives A one keepalive more, so that A (which keeps the memory of paths) usually
         # notices a dead path first and sends its next flow straight to the relay
         self.dead_after = keepalive * (d.DEAD_AFTER + (1 if side == "B" else 0))
-        self.last_heard = 0.0  # monotonic: the last genuine packet from the peer on the direct path
+        # monotonic: when the path was last proved alive (the sending time of a ping of ours the
+        # peer answered, or the arrival of its authentic payload)
+        self.last_heard = 0.0
         self._next_keepalive = 0.0
+        self._pinged_at = 0.0  # the last keepalive ping
 
     # --- the offer --------------------------------------------------------------------------
 
@@ -200,7 +211,9 @@ class Puncher:
             self.gave_up = True
             return
         self._next_ping = now + PING_EVERY
-        ping = d.pack_punch(key, d.PING, self.side, self.session_id)
+        if self._nonce is None or now >= self._next_nonce:
+            self._nonce, self._next_nonce = self.pings.fresh(now), now + self._nonce_every
+        ping = d.pack_punch(key, d.PING, self.side, self.session_id, self._nonce)
         for target in [*self.targets, *self.confirmed]:
             try:
                 self.sock.sendto(ping, target)
@@ -208,29 +221,37 @@ class Puncher:
                 pass
 
     def handle(self, data: bytes, src: tuple) -> bool:
-        """True when ``data`` was a punch packet (answered here, never payload)."""
+        """True when ``data`` was a punch packet (answered here, never payload). A ping gets its
+        pong, and proves nothing else (it may be a replay); only a pong that answers one of our
+        outstanding pings chooses the direct path or keeps it alive."""
         key = self.key
         if key is None:
             return False
-        kind = d.unpack_punch(data, key, self.session_id, self.peer_side)
-        if kind is None:
+        unpacked = d.unpack_punch(data, key, self.session_id, self.peer_side)
+        if unpacked is None:
             return False
+        kind, nonce = unpacked
         if self.gave_up and self.direct is None:
             return True  # this flow uses the relay now; live flows do not move
         if src not in self.confirmed:
             log.debug("UDP session %s... (%s): a genuine %s from %s:%s", self.session_id[:8], self.side,
                       "ping" if kind == d.PING else "pong", *src)
         self.confirmed.add(src)
-        if src == self.direct:
-            self.last_heard = time.monotonic()
         if kind == d.PING:
             try:
-                self.sock.sendto(d.pack_punch(key, d.PONG, self.side, self.session_id), src)
+                self.sock.sendto(d.pack_punch(key, d.PONG, self.side, self.session_id, nonce), src)
             except OSError:
                 pass
-        elif self.direct is None:
+            return True
+        if self.direct is not None and src != self.direct:
+            return True  # a late pong at another of the peer's candidates: the path is chosen
+        sent_at = self.pings.answer(nonce)
+        if sent_at is None:
+            self.unanswered += 1  # answers no ping of ours (any more): a late duplicate, or a replay
+            return True
+        if self.direct is None:
             self.direct = src  # our ping reached them and their pong reached us: both ways work
-            self.last_heard = time.monotonic()
+        self.last_heard = max(self.last_heard, sent_at)  # alive when that ping left, no later
         return True
 
     def is_peer(self, src: tuple) -> bool:
@@ -238,15 +259,17 @@ class Puncher:
 
     def peer_payload(self, src: tuple) -> None:
         """Authentic payload came straight from the peer: it has our pong, so the way to it works
-        (and, on a direct path, the path is alive)."""
+        (and, on a direct path, the path is alive). Authentic means opened by the sealed UDP
+        layer, whose replay window drops a datagram seen before (udpseal.ReplayWindow); an
+        unsealed flow (allowed only when configured so) has no such proof."""
         if self.direct is None and not self.gave_up:
             self.direct = src
         if src == self.direct:
             self.last_heard = time.monotonic()
 
     def watch(self, now: float) -> float | None:
-        """On a direct path, called often by the owner: a ping every keepalive (every half of
-        one once the peer has gone quiet), which also keeps both NATs' mappings. Returns the
+        """On a direct path, called often by the owner: a ping with a fresh nonce every keepalive
+        (every half of one while the last went unanswered), which also keeps both NATs' mappings. Returns the
         seconds of silence once they reach ``dead_after`` (the path is dead), else None."""
         if self.direct is None or self.key is None:
             return None
@@ -254,9 +277,12 @@ class Puncher:
         if silent >= self.dead_after:
             return silent
         if now >= self._next_keepalive:
-            self._next_keepalive = now + (self.keepalive if silent < self.keepalive else self.keepalive / 2)
+            answered = self.last_heard >= self._pinged_at  # the last keepalive came back (or payload did)
+            self._next_keepalive = now + (self.keepalive if answered else self.keepalive / 2)
+            self._pinged_at = now
+            ping = d.pack_punch(self.key, d.PING, self.side, self.session_id, self.pings.fresh(now))
             try:
-                self.sock.sendto(d.pack_punch(self.key, d.PING, self.side, self.session_id), self.direct)
+                self.sock.sendto(ping, self.direct)
             except OSError:
                 pass
         return None
@@ -313,70 +339,3 @@ def local_candidate(sock: socket.socket, relay: tuple) -> str | None:
         return d.format_candidate(ip, port)
     except ValueError:
         return None
-
-
-def probe_nat(host: str, udp_port: int, probe_port: int | None, stopping: threading.Event) -> dict:
-    """Ask the relay's UDP port and probe port what they see of one socket, and whether an answer
-    from the probe port reaches a socket that sent only to the UDP port; classify both."""
-    try:
-        family, _, _, _, sockaddr = socket.getaddrinfo(host, udp_port, type=socket.SOCK_DGRAM)[0]
-    except OSError as exc:
-        return {"mapping": f"unknown (cannot resolve {host}: {exc.strerror or exc})",
-                "filtering": d.FILTER_NO_ANSWER}
-    relay = sockaddr[:2]
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        first = _ask(sock, relay, stopping)
-        second = _ask(sock, (relay[0], probe_port), stopping) if probe_port and first else None
-        # no probe sent (stopping): the socket was never bound, and has no address worth naming
-        local_ip = local_candidate(sock, relay) if first is not None else None
-        local = d.parse_candidate(local_ip) if local_ip else None
-    finally:
-        close_quietly(sock)
-    mapping = d.classify_mapping(local, first, second)
-    answered = _other_port_answers(family, relay, probe_port, stopping) if probe_port and first else None
-    result = {"mapping": mapping, "filtering": d.classify_filtering(mapping, answered)}
-    if first is not None:
-        result["seenAs"] = d.format_candidate(*first)
-    return result
-
-
-def _other_port_answers(family: int, relay: tuple, probe_port: int, stopping: threading.Event) -> bool | None:
-    """The filtering test, on a fresh socket (one that sent to the probe port would have opened
-    its NAT to it): ask the relay's UDP port to answer from the probe port. None: stopped."""
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        answer = _ask(sock, relay, stopping, d.pack_filter_probe, answer_from=(relay[0], probe_port))
-    finally:
-        close_quietly(sock)
-    if answer is None and stopping.is_set():
-        return None
-    return answer is not None
-
-
-def _ask(sock: socket.socket, relay: tuple, stopping: threading.Event, pack=d.pack_probe,
-         answer_from: tuple | None = None) -> tuple | None:
-    """Send a probe to ``relay`` (a few tries); the address in the answer that came from
-    ``answer_from`` (default: ``relay``), or None."""
-    nonce = os.urandom(d.NONCE_BYTES)
-    source = answer_from or relay
-    for _ in range(PROBE_TRIES):
-        if stopping.is_set():
-            return None
-        try:
-            sock.sendto(pack(nonce), relay)
-        except OSError:
-            return None
-        deadline = time.monotonic() + PROBE_WAIT
-        while (remaining := deadline - time.monotonic()) > 0:
-            sock.settimeout(remaining)
-            try:
-                data, src = sock.recvfrom(2048)
-            except socket.timeout:
-                break
-            except OSError:  # ICMP: nothing listens there
-                return None
-            answer = d.unpack_probe_answer(data, nonce) if src[:2] == source else None
-            if answer is not None:
-                return answer
-    return None

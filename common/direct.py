@@ -7,14 +7,20 @@ No sockets here. Framing (all on the UDP sockets the clients already use toward 
     filter   client -> relay port:                    0xFD 0x09 | nonce (16) | zero padding to 40 bytes
              ("answer from your --probe-port": the answer comes from the other port, to the sender only)
     punch    client -> peer candidate:                0xFD 0x08 | kind ('P' ping, 'O' pong) | side | session id (16)
-                                                      | tag (16)
+                                                      | nonce (12) | tag (16)            (48 bytes)
 
 The probe is padded so that the answer is never bigger than the request (no amplification), and
 every answer goes to the address the request came from: a spoofed source gets no more than the
 spoofer sent.
-The punch tag is HMAC-SHA256(punch key, "chuantou-punch" | kind | side | session id)[:16]; the
-punch key comes from the relay over each side's authenticated control channel, so a stranger
-who sees a client's punched port cannot make it take another address for its peer.
+The punch tag is HMAC-SHA256(punch key, "chuantou-punch-v2" | kind | side | session id | nonce)[:16];
+the punch key comes from the relay over each side's authenticated control channel, so a stranger
+who sees a client's punched port cannot make it take another address for its peer. Every ping
+carries a fresh random nonce and a pong echoes the nonce of the ping it answers: only a pong to
+one of our own recent pings (``OutstandingPings``) proves the path, so a genuine ping or pong
+recorded on the way and replayed later (from the peer's address) keeps no dead path alive. A
+replayed ping still gets its pong, of the same size (no amplification), and proves nothing.
+The first format (36 bytes, no nonce) is not genuine to this one, nor this one to it: between
+clients of the two versions every attempt fails, and the flow takes the relay after the deadline.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import hashlib
 import hmac
 import ipaddress
 import random
+import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 
 PROBE_MAGIC = b"\xfd\x06"
@@ -33,7 +41,10 @@ FILTER_PROBE_MAGIC = b"\xfd\x09"
 NONCE_BYTES = 16
 PROBE_SIZE = 40  # >= the largest answer (2 + 16 + 2 + 16 = 36)
 PUNCH_TAG_BYTES = 16
-PUNCH_SIZE = 2 + 1 + 1 + 16 + PUNCH_TAG_BYTES
+PUNCH_NONCE_BYTES = 12
+PUNCH_SIZE = 2 + 1 + 1 + 16 + PUNCH_NONCE_BYTES + PUNCH_TAG_BYTES
+PUNCH_LABEL = b"chuantou-punch-v2"
+MAX_OUTSTANDING = 8  # pings of ours a pong may still answer (older ones are forgotten)
 PING, PONG = b"P", b"O"
 PATHS = ("auto", "relay", "direct")
 DEFAULT_DEADLINE = 1.0  # seconds a new flow waits for a direct path before it takes the relay
@@ -133,25 +144,68 @@ def classify_filtering(mapping: str, other_port_answered: bool | None) -> str:
 
 # --- punch packets ---------------------------------------------------------------------------
 
-def punch_tag(key: bytes, kind: bytes, side: str, session_id: str) -> bytes:
-    message = b"chuantou-punch" + kind + side.encode() + bytes.fromhex(session_id)
+def new_punch_nonce() -> bytes:
+    return secrets.token_bytes(PUNCH_NONCE_BYTES)
+
+
+def punch_tag(key: bytes, kind: bytes, side: str, session_id: str, nonce: bytes) -> bytes:
+    message = PUNCH_LABEL + kind + side.encode() + bytes.fromhex(session_id) + nonce
     return hmac.new(key, message, hashlib.sha256).digest()[:PUNCH_TAG_BYTES]
 
 
-def pack_punch(key: bytes, kind: bytes, side: str, session_id: str) -> bytes:
-    return PUNCH_MAGIC + kind + side.encode() + bytes.fromhex(session_id) + punch_tag(key, kind, side, session_id)
+def pack_punch(key: bytes, kind: bytes, side: str, session_id: str, nonce: bytes) -> bytes:
+    """A ping (``nonce``: fresh, new_punch_nonce) or the pong to one (``nonce``: the ping's)."""
+    if len(nonce) != PUNCH_NONCE_BYTES:
+        raise DirectFrameError(f"a punch nonce is {PUNCH_NONCE_BYTES} bytes")
+    return (PUNCH_MAGIC + kind + side.encode() + bytes.fromhex(session_id) + nonce
+            + punch_tag(key, kind, side, session_id, nonce))
 
 
-def unpack_punch(data: bytes, key: bytes, session_id: str, from_side: str) -> bytes | None:
-    """PING or PONG when ``data`` is a genuine punch packet of ``from_side`` for this session."""
+def unpack_punch(data: bytes, key: bytes, session_id: str, from_side: str) -> tuple[bytes, bytes] | None:
+    """(PING or PONG, nonce) when ``data`` is a genuine punch packet of ``from_side`` for this
+    session. Genuine says who made it, not when: whether a pong answers a ping of ours is
+    OutstandingPings' business."""
     if len(data) != PUNCH_SIZE or data[:2] != PUNCH_MAGIC:
         return None
     kind, side = data[2:3], data[3:4]
     if kind not in (PING, PONG) or side != from_side.encode() or data[4:20] != bytes.fromhex(session_id):
         return None
-    if not hmac.compare_digest(data[20:], punch_tag(key, kind, from_side, session_id)):
+    nonce = data[20:20 + PUNCH_NONCE_BYTES]
+    if not hmac.compare_digest(data[20 + PUNCH_NONCE_BYTES:], punch_tag(key, kind, from_side, session_id, nonce)):
         return None
-    return kind
+    return kind, nonce
+
+
+class OutstandingPings:
+    """The nonces of our latest pings (at most ``size``; the oldest are forgotten), each with the
+    time it was first sent. A pong proves the path only by answering one of them, and each
+    answers once: the one it answers and every older one are retired, so a recorded pong,
+    replayed, answers nothing."""
+
+    def __init__(self, size: int = MAX_OUTSTANDING):
+        self._pings: deque[tuple[bytes, float]] = deque(maxlen=size)
+
+    def fresh(self, now: float) -> bytes:
+        nonce = new_punch_nonce()
+        self._pings.append((nonce, now))
+        return nonce
+
+    def answer(self, nonce: bytes) -> float | None:
+        """When the ping that ``nonce`` answers was sent (and it is retired), or None: not one
+        of ours, or answered already, or forgotten."""
+        found = -1
+        for index, (mine, _) in enumerate(self._pings):  # compared with each: no early exit
+            if hmac.compare_digest(mine, nonce):
+                found = index
+        if found < 0:
+            return None
+        sent_at = self._pings[found][1]
+        for _ in range(found + 1):
+            self._pings.popleft()
+        return sent_at
+
+    def __len__(self) -> int:
+        return len(self._pings)
 
 
 # --- candidates ------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def forgeries(count: int) -> list[bytes]:
     """What a stranger can make without the session's keys: datagrams shaped as sealed ones
     (counter, ciphertext, tag: random), and punch packets with a key of its own."""
     sealed_like = [bytes(1) + os.urandom(7) + os.urandom(64 + i) for i in range(count)]
-    punches = [d.pack_punch(os.urandom(16), kind, "B", os.urandom(16).hex()) for kind in (d.PING, d.PONG)]
+    punches = [d.pack_punch(os.urandom(16), kind, "B", os.urandom(16).hex(), d.new_punch_nonce())
+               for kind in (d.PING, d.PONG)]
     return sealed_like + punches
 
 

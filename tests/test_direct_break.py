@@ -133,16 +133,26 @@ def test_a_direct_puncher_pings_while_its_peer_answers_and_declares_the_path_dea
             sock.settimeout(1.0)
         a = Puncher(a_sock, session, "A", 1.0, keepalive=0.2)
         a.key, a.targets = key, [b_sock.getsockname()]
-        b_sock.sendto(d.pack_punch(key, d.PONG, "B", session), a_sock.getsockname())
-        data, src = a_sock.recvfrom(2048)
-        assert a.handle(data, src) and a.direct == b_sock.getsockname()
+
+        def answer_a_ping() -> None:  # B's side: A's ping in, its pong out, and A takes it
+            unpacked = d.unpack_punch(b_sock.recv(2048), key, session, "A")
+            assert unpacked is not None and unpacked[0] == d.PING
+            b_sock.sendto(d.pack_punch(key, d.PONG, "B", session, unpacked[1]), a_sock.getsockname())
+            data, src = a_sock.recvfrom(2048)
+            assert a.handle(data, src)
+
+        a.tick(time.monotonic())  # a round of the attempt's pings
+        answer_a_ping()
+        assert a.direct == b_sock.getsockname()
         assert a.dead_after == pytest.approx(d.DEAD_AFTER * 0.2)
         began = time.monotonic()
-        assert a.watch(began) is None
-        assert d.unpack_punch(b_sock.recv(2048), key, session, "A") == d.PING  # the keepalive
-        b_sock.sendto(d.pack_punch(key, d.PING, "B", session), a_sock.getsockname())  # B is alive
+        assert a.watch(began) is None  # the keepalive
+        answer_a_ping()  # B is alive
+        assert a.last_heard >= began
+        b_sock.sendto(d.pack_punch(key, d.PING, "B", session, d.new_punch_nonce()), a_sock.getsockname())
         data, src = a_sock.recvfrom(2048)
-        assert a.handle(data, src) and a.last_heard >= began
+        heard = a.last_heard
+        assert a.handle(data, src) and a.last_heard == heard  # B's own pings prove nothing (replayable)
         assert a.watch(a.last_heard + a.dead_after - 0.01) is None  # quiet, not dead yet: probes
         silent = a.watch(a.last_heard + a.dead_after + 1e-6)  # (x + d) - x can round to just below d
         assert silent is not None and "went silent" in a.dead_reason("B", silent)

@@ -5,6 +5,8 @@ The NAT cases are in test_direct_udp.py (network namespaces, root)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import socket
 import time
@@ -43,14 +45,50 @@ def test_a_probe_answer_is_never_bigger_than_the_probe_and_carries_the_address_s
         assert d.unpack_probe_answer(answer, os.urandom(d.NONCE_BYTES)) is None  # someone else's answer
 
 
-def test_a_punch_packet_proves_the_key_its_kind_its_side_and_its_session():
-    ping = d.pack_punch(KEY, d.PING, "A", SESSION)
-    assert d.unpack_punch(ping, KEY, SESSION, "A") == d.PING
+def test_a_punch_packet_proves_the_key_its_kind_its_side_its_session_and_its_nonce():
+    nonce = d.new_punch_nonce()
+    ping = d.pack_punch(KEY, d.PING, "A", SESSION, nonce)
+    assert len(ping) == d.PUNCH_SIZE == 48
+    assert d.unpack_punch(ping, KEY, SESSION, "A") == (d.PING, nonce)
     assert d.unpack_punch(ping, bytes(16), SESSION, "A") is None  # another key
     assert d.unpack_punch(ping, KEY, SESSION, "B") is None  # reflected back as if from the other side
     assert d.unpack_punch(ping, KEY, "f" * 32, "A") is None
     forged = ping[:2] + d.PONG + ping[3:]  # turned into a pong without the key
     assert d.unpack_punch(forged, KEY, SESSION, "A") is None
+    for at in range(20, d.PUNCH_SIZE):  # any bit of the nonce or the tag changed
+        tampered = bytearray(ping)
+        tampered[at] ^= 1
+        assert d.unpack_punch(bytes(tampered), KEY, SESSION, "A") is None, at
+    assert d.unpack_punch(ping[:-1], KEY, SESSION, "A") is None and d.unpack_punch(ping + b"x", KEY, SESSION, "A") is None
+    with pytest.raises(d.DirectFrameError):
+        d.pack_punch(KEY, d.PING, "A", SESSION, bytes(8))
+
+
+def test_a_pong_echoes_its_pings_nonce_under_the_tag_so_it_cannot_be_moved_to_another_ping():
+    nonce, other = d.new_punch_nonce(), d.new_punch_nonce()
+    assert nonce != other  # fresh every time
+    pong = d.pack_punch(KEY, d.PONG, "B", SESSION, nonce)
+    assert d.unpack_punch(pong, KEY, SESSION, "B") == (d.PONG, nonce)
+    moved = pong[:20] + other + pong[20 + d.PUNCH_NONCE_BYTES:]  # the recorded pong, given another nonce
+    assert d.unpack_punch(moved, KEY, SESSION, "B") is None
+
+
+def test_the_first_punch_format_without_a_nonce_is_not_genuine():
+    old_tag = hmac.new(KEY, b"chuantou-punch" + d.PONG + b"B" + bytes.fromhex(SESSION), hashlib.sha256).digest()[:16]
+    old = d.PUNCH_MAGIC + d.PONG + b"B" + bytes.fromhex(SESSION) + old_tag  # 36 bytes, as an older client sends
+    assert len(old) == 36 and d.unpack_punch(old, KEY, SESSION, "B") is None
+
+
+def test_outstanding_pings_answer_once_retire_older_ones_and_forget_beyond_their_bound():
+    pings = d.OutstandingPings(size=4)
+    nonces = [pings.fresh(float(t)) for t in range(6)]  # the first two are forgotten
+    assert len(pings) == 4
+    assert pings.answer(nonces[0]) is None and pings.answer(nonces[1]) is None
+    assert pings.answer(d.new_punch_nonce()) is None  # not one of ours
+    assert pings.answer(nonces[3]) == 3.0  # when that ping was sent
+    assert pings.answer(nonces[3]) is None  # a nonce answers once: the same pong again is a replay
+    assert pings.answer(nonces[2]) is None  # older than an answered one: retired with it
+    assert pings.answer(nonces[5]) == 5.0 and pings.answer(nonces[4]) is None and len(pings) == 0
 
 
 def test_candidates_round_trip_and_bad_ones_are_refused():
@@ -124,8 +162,9 @@ def test_two_punchers_find_each_other_and_a_stranger_is_never_taken_for_the_peer
         _offered(a, b_sock)
         _offered(b, a_sock)
         # a stranger who knows the session id but not the key
-        stranger.sendto(d.pack_punch(os.urandom(16), d.PONG, "B", SESSION), a_sock.getsockname())
-        stranger.sendto(d.pack_punch(os.urandom(16), d.PING, "B", SESSION), a_sock.getsockname())
+        for kind in (d.PONG, d.PING):
+            stranger.sendto(d.pack_punch(os.urandom(16), kind, "B", SESSION, d.new_punch_nonce()),
+                            a_sock.getsockname())
         for _ in range(50):
             b.tick(time.monotonic())
             _pump(a, a_sock, lambda: a.direct is not None, timeout=0.02)
@@ -144,10 +183,65 @@ def test_a_puncher_that_gave_up_stays_on_the_relay():
         a = Puncher(a_sock, SESSION, "A", 1.0)
         _offered(a, b_sock)
         a.gave_up = True
-        b_sock.sendto(d.pack_punch(KEY, d.PONG, "B", SESSION), a_sock.getsockname())
+        b_sock.sendto(d.pack_punch(KEY, d.PONG, "B", SESSION, d.new_punch_nonce()), a_sock.getsockname())
         data, src = a_sock.recvfrom(2048)
         assert a.handle(data, src) is True  # taken as a punch packet, never as payload
         assert a.direct is None and a.path == "relay"
+
+
+def _ping_from(puncher: Puncher, peer: socket.socket) -> bytes:
+    """Let ``puncher`` send a round of pings; the nonce of the one ``peer`` got."""
+    puncher.tick(time.monotonic())
+    unpacked = d.unpack_punch(peer.recv(2048), KEY, SESSION, puncher.side)
+    assert unpacked is not None and unpacked[0] == d.PING
+    return unpacked[1]
+
+
+def _handled(puncher: Puncher, sock: socket.socket, src: socket.socket, packet: bytes) -> bool:
+    src.sendto(packet, sock.getsockname())
+    data, addr = sock.recvfrom(2048)
+    return puncher.handle(data, addr)
+
+
+def test_only_a_pong_to_our_own_ping_chooses_the_path_and_a_replayed_one_answers_nothing():
+    with _udp() as a_sock, _udp() as b_sock:
+        a = Puncher(a_sock, SESSION, "A", 1.0)
+        _offered(a, b_sock)
+        stray = d.pack_punch(KEY, d.PONG, "B", SESSION, d.new_punch_nonce())  # genuine, for no ping of A's
+        assert _handled(a, a_sock, b_sock, stray) and a.direct is None and a.unanswered == 1
+        sent = time.monotonic()
+        pong = d.pack_punch(KEY, d.PONG, "B", SESSION, _ping_from(a, b_sock))
+        assert _handled(a, a_sock, b_sock, pong) and a.direct == b_sock.getsockname()
+        assert a.unanswered == 1 and sent <= a.last_heard <= time.monotonic()  # alive when the ping left
+        heard = a.last_heard
+        for _ in range(3):  # the same pong, recorded and replayed: it answers nothing any more
+            assert _handled(a, a_sock, b_sock, pong)
+        assert a.unanswered == 4 and a.last_heard == heard
+
+
+def test_a_replayed_ping_gets_a_pong_of_its_own_size_and_proves_nothing():
+    with _udp() as a_sock, _udp() as b_sock:
+        a = Puncher(a_sock, SESSION, "A", 1.0)
+        _offered(a, b_sock)
+        a.direct, a.last_heard = b_sock.getsockname(), 1.0  # a direct path, last proved long ago
+        nonce = d.new_punch_nonce()
+        ping = d.pack_punch(KEY, d.PING, "B", SESSION, nonce)
+        for _ in range(3):
+            assert _handled(a, a_sock, b_sock, ping)
+            pong = b_sock.recv(2048)
+            assert len(pong) == len(ping) and d.unpack_punch(pong, KEY, SESSION, "A") == (d.PONG, nonce)
+        assert a.last_heard == 1.0 and a.watch(time.monotonic()) is not None  # still dead
+
+
+def test_an_older_clients_punch_packets_are_not_punch_packets_here():
+    with _udp() as a_sock, _udp() as b_sock:
+        a = Puncher(a_sock, SESSION, "A", 1.0)
+        _offered(a, b_sock)
+        _ping_from(a, b_sock)
+        old_tag = hmac.new(KEY, b"chuantou-punch" + d.PONG + b"B" + bytes.fromhex(SESSION), hashlib.sha256).digest()
+        old_pong = d.PUNCH_MAGIC + d.PONG + b"B" + bytes.fromhex(SESSION) + old_tag[:16]
+        assert not _handled(a, a_sock, b_sock, old_pong)  # not genuine: the flow ignores it (not a peer)
+        assert a.direct is None and not a.is_peer(b_sock.getsockname())  # the attempt fails: the relay
 
 
 # --- flows on 127.0.0.1 ------------------------------------------------------------------------
@@ -270,7 +364,8 @@ def test_a_probe_cut_short_by_stopping_reports_no_local_address_and_does_not_fai
     import socket as socket_module
     import threading as threading_module
 
-    from chuantou_client.direct import local_candidate, probe_nat
+    from chuantou_client.direct import local_candidate
+    from chuantou_client.natprobe import probe_nat
 
     stopping = threading_module.Event()
     stopping.set()
