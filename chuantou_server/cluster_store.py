@@ -16,9 +16,7 @@ node's keys vanish by themselves):
   in ms}: the sessions that client has pending in the cluster (its pending cap)
 - channel ``bus:<node id>``: JSON messages for that node (see cluster.py for their types)
 
-The store is one Redis (``redis://``, ``rediss://``, ``unix://``: Sentinel or a proxy in front of
-it) or a Redis Cluster (``redis+cluster://HOST:PORT``, any of its nodes; ``rediss+cluster://``
-with TLS). Every multi-key step names keys of one slot, so both behave alike; on a Cluster the
+The store is one Redis or a Redis Cluster (cluster_url.py has the URLs). Every multi-key step names keys of one slot, so both behave alike; on a Cluster the
 cross-node set-up costs one round trip more (B's record and A's index are two slots).
 
 This module knows Redis and nothing of the relay; every call raises ``StoreUnreachable`` when
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import cluster_keys as keys
+from .cluster_url import split, url_problem
 from .cluster_scripts import CLAIM, FORGET_RESERVATION, PUBLISH_PENDING, RELEASE, RESERVE, SEND_TO_HOLDER
 
 try:
@@ -43,8 +42,6 @@ except ImportError:  # the extra is not installed: a relay without --cluster nev
     redis = None  # type: ignore[assignment]
 
 PREFIX = keys.PREFIX
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-STORE_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 # why a claim was not simply granted (see CLAIM)
 TAKEN, RESERVED, IN_USE, TOOK = "taken", "reserved", "in_use", "took"
 CONNECT_TIMEOUT = 1.0  # a store that does not answer is treated as down, quickly
@@ -59,17 +56,6 @@ class PendingKey:
     ttl_ms: int  # the join timeout
     deadline_ms: int  # epoch ms
     place: str  # the request's place in A's index, which the session takes
-
-
-def url_problem(url: str) -> str | None:
-    """Why ``url`` is not a store URL, with the fix; None when it is one."""
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme in STORE_SCHEMES and (rest.strip("/") or scheme == "unix"):
-        if scheme in CLUSTER_SCHEMES and rest.split("/", 1)[0].rpartition("@")[2] in ("", ":"):
-            return f"the Redis Cluster URL {url!r} names no node: give one, e.g. redis+cluster://HOST:6379"
-        return None
-    return (f"the cluster URL must look like redis://HOST:6379/0 (one Redis, or Sentinel/proxy in front) or "
-            f"redis+cluster://HOST:6379 (any node of a Redis Cluster; rediss+cluster:// with TLS), not {url!r}")
 
 
 def _json_or_none(raw: bytes | str | None) -> dict | None:
@@ -122,9 +108,7 @@ class ClusterStore:
             raise ValueError(problem)
         self.node_id = node_id
         self.ttl_ms = max(1, int(ttl * 1000))
-        scheme, _, rest = url.partition("://")
-        self.clustered = scheme in CLUSTER_SCHEMES
-        self._url = f"{CLUSTER_SCHEMES.get(scheme, scheme)}://{rest}"
+        self.clustered, self._url = split(url)
         self._connect_lock = threading.Lock()
         self._redis: Any = None  # redis.Redis or redis.cluster.RedisCluster
         if not self.clustered:
