@@ -3,13 +3,16 @@ two nodes racing for one ID or one client's pending cap cannot both win, and eac
 trip where a set-up waits for it.
 
 Each script names every key it touches in KEYS, and those keys share one hash slot
-(cluster_keys.py), as a Redis Cluster requires; PUBLISH takes a channel, not a key, and a
-Cluster delivers it to every node."""
+(cluster_keys.py), as a Redis Cluster requires. A script publishes its message itself on one
+Redis (one round trip); on a Redis Cluster it is given '' for the channel (ARGV) and publishes
+nothing: the store publishes right after it, through the master of the channel's slot, where
+the node's subscription is, since a Cluster's PUBLISH counts only the subscribers on the master
+it ran on (and the caller needs that count: 0 means that node does not listen)."""
 
 # Claim an ID (KEYS[1]: its record) for this node unless another node holds it, or it is reserved
 # for another credential (atomic: two nodes racing for one ID cannot both win). ARGV: record, node,
-# TTL in ms, credential ('' for none), takeover ('1'/'0'), channel prefix, the message that tells
-# the holder to drop it. Returns nil when granted; else {why, the holder's record}: 'taken' (online
+# TTL in ms, credential ('' for none), takeover ('1'/'0'), channel prefix ('' on a Cluster), the
+# message that tells the holder to drop it. Returns nil when granted; else {why, the holder's record}: 'taken' (online
 # with another credential), 'reserved' (offline, reserved for another credential), 'in_use' (online
 # with the same credential, no takeover) or 'took' (same credential, takeover: granted, and the
 # holder was told on its channel). The credential's reservations are another slot: the caller
@@ -29,7 +32,7 @@ if cur then
     if online then
       if ARGV[5] ~= '1' then return {'in_use', cur} end
       redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-      redis.call('PUBLISH', ARGV[6] .. held['node'], ARGV[7])
+      if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6] .. held['node'], ARGV[7]) end
       return {'took', cur}
     end
   end
@@ -104,6 +107,7 @@ local pending = redis.call('ZCARD', index)
 if pending + tonumber(ARGV[5]) >= tonumber(ARGV[4]) then return {held['node'], 0, pending, 1} end
 redis.call('ZADD', index, ARGV[8], ARGV[7])
 if redis.call('PTTL', index) < tonumber(ARGV[9]) then redis.call('PEXPIRE', index, ARGV[9]) end
+if ARGV[2] == '' then return {held['node'], 0, pending + 1, 0} end
 return {held['node'], redis.call('PUBLISH', ARGV[2] .. held['node'], ARGV[3]), pending + 1, 0}
 """
 # The data node's first message about a new cross-node session, with the session's pending key
@@ -114,5 +118,6 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+if ARGV[6] == '' then return 0 end
 return redis.call('PUBLISH', ARGV[6], ARGV[7])
 """

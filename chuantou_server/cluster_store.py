@@ -16,8 +16,10 @@ node's keys vanish by themselves):
   in ms}: the sessions that client has pending in the cluster (its pending cap)
 - channel ``bus:<node id>``: JSON messages for that node (see cluster.py for their types)
 
-The store is one Redis or a Redis Cluster (cluster_url.py has the URLs). Every multi-key step names keys of one slot, so both behave alike; on a Cluster the
-cross-node set-up costs one round trip more (B's record and A's index are two slots).
+The store is one Redis or a Redis Cluster (cluster_url.py has the URLs). Every multi-key step
+names keys of one slot, so both behave alike. On a Cluster the cross-node set-up costs two round
+trips more: B's record and A's index are two slots, and the store publishes after a script
+rather than in it (cluster_scripts.py says why).
 
 This module knows Redis and nothing of the relay; every call raises ``StoreUnreachable`` when
 Redis cannot be reached, so callers decide what a missing store means.
@@ -109,6 +111,7 @@ class ClusterStore:
         self.node_id = node_id
         self.ttl_ms = max(1, int(ttl * 1000))
         self.clustered, self._url = split(url)
+        self._bus = "" if self.clustered else keys.channel("")  # scripts publish on one Redis only
         self._connect_lock = threading.Lock()
         self._redis: Any = None  # redis.Redis or redis.cluster.RedisCluster
         if not self.clustered:
@@ -181,12 +184,19 @@ class ClusterStore:
             if credential:
                 pipe.zrem(keys.reservations(credential), client_id)
         held = self._pipelined(queue)[0]
-        return (held[0], json.loads(held[1])) if held else None
+        if not held:
+            return None
+        holder = json.loads(held[1])
+        if held[0] == TOOK and self.clustered:  # (on one Redis CLAIM published it)
+            self.redis.publish(keys.channel(str(holder.get("node"))), self._drop(client_id, credential))
+        return held[0], holder
 
     def _claim_args(self, client_id: str, credential: str | None, takeover: bool) -> list:
-        drop = {"type": "drop", "clientId": client_id, "node": self.node_id, "credential": credential}
         return [self._client_record(credential), self.node_id, self.ttl_ms, credential or "",
-                "1" if takeover else "0", keys.channel(""), json.dumps(drop)]
+                "1" if takeover else "0", self._bus, self._drop(client_id, credential)]
+
+    def _drop(self, client_id: str, credential: str | None) -> str:
+        return json.dumps({"type": "drop", "clientId": client_id, "node": self.node_id, "credential": credential})
 
     @_guard
     def release(self, client_id: str, credential: str | None = None, reserve: float = 0.0,
@@ -281,10 +291,6 @@ class ClusterStore:
         return total
 
     @_guard
-    def node(self, node_id: str) -> dict | None:
-        raw = self.redis.get(keys.node_key(node_id))
-        return json.loads(raw) if raw else None
-
     @_guard
     def nodes(self) -> list[dict]:
         """The live nodes' records: those in the node index whose key has not expired."""
@@ -303,13 +309,15 @@ class ClusterStore:
     @_guard
     def publish(self, node_id: str, message: dict, pending: PendingKey | None = None) -> int:
         """Send a message to a node's channel; returns how many subscribers got it (0: nobody
-        listens). With ``pending``, that session's key is written in the same round trip."""
-        if pending is None:
-            return self.redis.publish(keys.channel(node_id), json.dumps(message))
-        return int(self._publish_pending(
-            keys=[keys.pending_key(pending.client_a, pending.session_id), keys.pending_index(pending.client_a)],
-            args=[pending.record, pending.ttl_ms, pending.deadline_ms, pending.session_id, pending.place,
-                  keys.channel(node_id), json.dumps(message)]))
+        listens). With ``pending``, that session's key is written first, in the same round trip on one Redis."""
+        if pending is not None:
+            heard = int(self._publish_pending(
+                keys=[keys.pending_key(pending.client_a, pending.session_id), keys.pending_index(pending.client_a)],
+                args=[pending.record, pending.ttl_ms, pending.deadline_ms, pending.session_id, pending.place,
+                      self._bus and keys.channel(node_id), json.dumps(message)]))
+            if not self.clustered:
+                return heard
+        return self.redis.publish(keys.channel(node_id), json.dumps(message))
 
     @_guard
     def publish_to_holder(self, client_id: str, message: dict, client_a: str, cap: int, pending_here: int,
@@ -317,9 +325,9 @@ class ClusterStore:
         """Send a message to the node holding ``client_id`` (another node than this one) unless
         ``client_a`` has ``cap`` sessions pending in the cluster (``pending_here`` of them only on
         this node). Returns (that node or None when no other node holds it, subscribers that got
-        it, A's pending sessions in the index, over the cap)."""
+        it, A's pending sessions in the index, over the cap). One round trip on one Redis, three on a Cluster."""
         now = int(time.time() * 1000)
-        args: list[Any] = [self.node_id, keys.channel(""), json.dumps(message), cap, pending_here, now, place,
+        args: list[Any] = [self.node_id, self._bus, json.dumps(message), cap, pending_here, now, place,
                            now + hold_ms, hold_ms]
         if self.clustered:  # B's record is another slot than A's index: read it first
             raw = self.redis.get(keys.client_key(client_id))
@@ -327,6 +335,8 @@ class ClusterStore:
             if not holder or not isinstance(holder.get("node"), str) or holder["node"] == self.node_id:
                 return None, 0, 0, False
             node, heard, pending, over = self._send_to_holder(keys=[keys.pending_index(client_a)], args=[*args, raw])
+            if node and not int(over):  # the script counted A's request; B's node is asked now
+                heard = self.redis.publish(keys.channel(node), args[2])
         else:
             node, heard, pending, over = self._send_to_holder(
                 keys=[keys.client_key(client_id), keys.pending_index(client_a)], args=args)
