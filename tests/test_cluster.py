@@ -43,11 +43,13 @@ TTL = 3.0
 
 
 class RedisProcess:
-    """A redis-server on 127.0.0.1 with no persistence, in a temporary directory; restartable."""
+    """A redis-server on 127.0.0.1 with no persistence, in a temporary directory; restartable.
+    ``options``: more redis-server options (test_cluster_slots.py starts cluster-mode ones)."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, *options: str):
         self.dir = tmp_path
         self.port = free_port()
+        self.options = options
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -57,7 +59,7 @@ class RedisProcess:
     def start(self) -> "RedisProcess":
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no"],
+             "--save", "", "--appendonly", "no", *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         probe = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
 
