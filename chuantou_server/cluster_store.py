@@ -40,6 +40,8 @@ from .cluster_scripts import CLAIM, FORGET_RESERVATION, PUBLISH_PENDING, RELEASE
 try:
     import redis
     import redis.cluster
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
 except ImportError:  # the extra is not installed: a relay without --cluster never imports us
     redis = None  # type: ignore[assignment]
 
@@ -48,6 +50,7 @@ PREFIX = keys.PREFIX
 TAKEN, RESERVED, IN_USE, TOOK = "taken", "reserved", "in_use", "took"
 CONNECT_TIMEOUT = 1.0  # a store that does not answer is treated as down, quickly
 COMMAND_TIMEOUT = 2.0
+CLUSTER_RETRIES = 2
 
 @dataclass(frozen=True)
 class PendingKey:
@@ -126,9 +129,10 @@ class ClusterStore:
         if self._redis is None:
             with self._connect_lock:
                 if self._redis is None:
+                    # a retry or two for a moved slot, not the package's ten with backoff to 10 s
                     self._redis = redis.cluster.RedisCluster.from_url(
                         self._url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT,
-                        decode_responses=True)
+                        decode_responses=True, retry=Retry(ExponentialBackoff(cap=0.4, base=0.1), CLUSTER_RETRIES))
                     self._scripts()
         return self._redis
 
