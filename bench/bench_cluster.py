@@ -3,6 +3,7 @@ connection to first echoed byte") and one-stream throughput.
 
     python bench/bench_cluster.py [--connects N] [--mib M]
     python bench/bench_cluster.py --hold N        sessions held by three nodes
+    python bench/bench_cluster.py --store redis+cluster://HOST:PORT   against a running Redis (Cluster)
 
 
 Starts a redis-server (no persistence, temporary directory), two relay nodes n1 and n2, an
@@ -171,14 +172,17 @@ def main(argv=None) -> int:
     parser.add_argument("--connects", type=int, default=300)
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--hold", type=int, metavar="N", help="hold N sessions over three nodes instead")
+    parser.add_argument("--store", metavar="URL", help="a running Redis or Redis Cluster (redis+cluster://HOST:PORT) "
+                        "instead of a redis-server started here")
     args = parser.parse_args(argv)
     redis_bin = shutil.which("redis-server")
-    if not redis_bin:
+    if not redis_bin and not args.store:
         print("redis-server is not installed", file=sys.stderr)
         return 2
     tmp, rport = tempfile.mkdtemp(prefix="chuantou-bench-redis-"), free_port()
-    redis_proc = subprocess.Popen([redis_bin, "--port", str(rport), "--bind", HOST, "--dir", tmp, "--save", "",
-                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    redis_proc = None if args.store else subprocess.Popen(
+        [str(redis_bin), "--port", str(rport), "--bind", HOST, "--dir", tmp, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL)
     mp = multiprocessing.get_context("fork")
     stop, ports, procs = mp.Event(), mp.Queue(), []
 
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
 
     try:
         time.sleep(0.3)  # redis-server's start (a benchmark, not a test)
-        url = f"redis://{HOST}:{rport}/0"
+        url = args.store or f"redis://{HOST}:{rport}/0"
         if args.hold:
             return run_hold(args.hold, url, spawn)
         n1 = spawn(run_node, url, "n1", wait_for=("n1",))["n1"]
@@ -226,8 +230,9 @@ def main(argv=None) -> int:
             proc.join(15)
             if proc.is_alive():
                 proc.kill()
-        redis_proc.kill()
-        redis_proc.wait(10)
+        if redis_proc is not None:
+            redis_proc.kill()
+            redis_proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

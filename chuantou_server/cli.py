@@ -72,7 +72,9 @@ def _add_run_options(parser: argparse.ArgumentParser, inherit: bool) -> None:
                         "Bearer TOKEN'; saved in the config file (metricsToken). Loopback and the admin token "
                         "may read it anyway")
     parser.add_argument("--cluster", default=default, metavar="REDIS_URL", help="be a node of a relay cluster "
-                        "sharing this Redis, e.g. redis://HOST:6379/0 (needs pip install chuantou[cluster])")
+                        "sharing this Redis: redis://HOST:6379/0 for one Redis (or Sentinel/a proxy in front of "
+                        "it), redis+cluster://HOST:PORT for any node of a Redis Cluster (rediss:// and "
+                        "rediss+cluster:// with TLS); needs pip install chuantou[cluster]")
     parser.add_argument("--node-id", default=default, metavar="NAME", help="this node's name in the cluster "
                         "(default: host name and port)")
     parser.add_argument("--advertise", default=default, metavar="URL", help="where clients reach this node, "

@@ -18,6 +18,7 @@ from common.errors import ChuantouError
 
 from . import admin_sessions, caps, pool
 from .admission import DEFAULT_MAX_UNREGISTERED, DEFAULT_MAX_UNREGISTERED_PER_SOURCE
+from .cluster_url import url_problem
 from .handshakes import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_PER_SOURCE
 from .registry import DEFAULT_MAX_RESERVED_PER_CREDENTIAL, DEFAULT_RESERVATION_TIME
 from .udp import EARLY_QUEUE_BYTES, EARLY_QUEUE_TOTAL_BYTES, REGISTRATIONS_PER_SECOND
@@ -85,7 +86,8 @@ class ServerConfig:
     metrics_token: str | None = field(default=None, repr=False)
     metrics_loopback_open: bool = True
     # a node of a relay cluster (cluster.py): None runs a relay on its own
-    cluster_url: str | None = field(default=None, repr=False)  # redis://HOST:6379/0 (may hold a password)
+    # redis://HOST:6379/0, or redis+cluster://HOST:PORT for a Redis Cluster (cluster_url.py; may hold a password)
+    cluster_url: str | None = field(default=None, repr=False)
     node_id: str | None = None  # default: the host name and port
     advertise: str | None = None  # ws://HOST:PORT where clients reach this node (default: from host and port)
     cluster_ttl: float = 8.0  # seconds a killed node's keys outlive it
@@ -121,8 +123,9 @@ class ServerConfig:
             if self.metrics_token in self.registration_tokens():  # a client could read every client's figures
                 raise ChuantouError("the metrics token must not be a client registration token: make a separate "
                                     "one (any random string of 16 or more characters)")
-        if self.cluster_url is not None and not self.cluster_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ChuantouError(f"the cluster URL must look like redis://HOST:6379/0, not {self.cluster_url!r}")
+        problem = None if self.cluster_url is None else url_problem(self.cluster_url)
+        if problem:
+            raise ChuantouError(problem)
         if self.data_node not in DATA_NODE_POLICIES:
             raise ChuantouError(f"data_node must be one of {', '.join(DATA_NODE_POLICIES)}, not {self.data_node!r}")
         if self.cluster_ttl <= 0:

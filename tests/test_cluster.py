@@ -19,6 +19,7 @@ import pytest
 
 from chuantou_client import Client
 
+from chuantou_server import cluster_keys as keys
 from helpers import (
     TcpService,
     connect,
@@ -42,11 +43,13 @@ TTL = 3.0
 
 
 class RedisProcess:
-    """A redis-server on 127.0.0.1 with no persistence, in a temporary directory; restartable."""
+    """A redis-server on 127.0.0.1 with no persistence, in a temporary directory; restartable.
+    ``options``: more redis-server options (test_cluster_slots.py starts cluster-mode ones)."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, *options: str):
         self.dir = tmp_path
         self.port = free_port()
+        self.options = options
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -56,7 +59,7 @@ class RedisProcess:
     def start(self) -> "RedisProcess":
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no"],
+             "--save", "", "--appendonly", "no", *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         probe = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
 
@@ -99,7 +102,7 @@ def nodes(redis_server, make_server):
 def on_node(store, client_id: str) -> str | None:
     """Which node the cluster registry says ``client_id`` is on."""
     import json
-    raw = store.get(f"chuantou:client:{client_id}")
+    raw = store.get(keys.client_key(client_id))
     return json.loads(raw)["node"] if raw else None
 
 
@@ -120,12 +123,12 @@ def test_nodes_and_clients_are_in_redis_with_ttls(nodes, a_on_n1_b_on_n3, redis_
     try:
         for name, server in nodes.items():
             import json
-            record = json.loads(store.get(f"chuantou:node:{name}"))
+            record = json.loads(store.get(keys.node_key(name)))
             assert record["advertise"] == f"ws://127.0.0.1:{server.port}"
-            assert 0 < store.pttl(f"chuantou:node:{name}") <= TTL * 1000
-        assert 0 < store.pttl("chuantou:client:A") <= TTL * 1000
-        wait_until(lambda: "clients" in store.get("chuantou:node:n1") and
-                   json.loads(store.get("chuantou:node:n1"))["clients"] == 1)
+            assert 0 < store.pttl(keys.node_key(name)) <= TTL * 1000
+        assert 0 < store.pttl(keys.client_key("A")) <= TTL * 1000
+        wait_until(lambda: "clients" in store.get(keys.node_key("n1")) and
+                   json.loads(store.get(keys.node_key("n1")))["clients"] == 1)
     finally:
         store.close()
 
@@ -136,8 +139,8 @@ def test_a_stopped_node_takes_its_keys_out(nodes, make_client, redis_server):
     try:
         wait_until(lambda: on_node(store, "C") == "n2")
         nodes["n2"].stop()
-        assert store.get("chuantou:node:n2") is None
-        assert store.get("chuantou:client:C") is None
+        assert store.get(keys.node_key("n2")) is None
+        assert store.get(keys.client_key("C")) is None
     finally:
         store.close()
 
@@ -326,7 +329,7 @@ def test_a_killed_node_s_keys_expire_and_its_client_is_reachable_again_elsewhere
     try:
         n1 = make_server(cluster_url=redis_server.url, node_id="n1", cluster_ttl=TTL)
         n2 = make_server(cluster_url=redis_server.url, node_id="n2", cluster_ttl=TTL)
-        wait_until(lambda: store.get("chuantou:node:doomed"), timeout=20, message="the node wrote its record")
+        wait_until(lambda: store.get(keys.node_key("doomed")), timeout=20, message="the node wrote its record")
         a = make_client(n1, "A")
         make_client(n2, "C")
         b = make_client(f"ws://127.0.0.1:{port},{relay_url(n2)}", "B", reconnect_max_delay=0.5)
@@ -343,7 +346,7 @@ def test_a_killed_node_s_keys_expire_and_its_client_is_reachable_again_elsewhere
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             killed_at = time.monotonic()
-            wait_until(lambda: store.get("chuantou:node:doomed") is None, timeout=5,
+            wait_until(lambda: store.get(keys.node_key("doomed")) is None, timeout=5,
                        message="the killed node's record expired")
             assert time.monotonic() - killed_at <= kill_ttl + 0.5, "gone within the TTL"
             wait_until(lambda: on_node(store, "B") == "n2", timeout=15, message="B registered again on n2")

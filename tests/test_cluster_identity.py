@@ -15,6 +15,7 @@ from common import auth
 from common import protocol as p
 from common.errors import ChuantouError
 
+from chuantou_server import cluster_keys as keys
 from helpers import connect, recv_exactly, relay_url, wait_until
 import test_cluster
 from test_cluster import REDIS_SERVER, TTL, on_node
@@ -121,11 +122,11 @@ def test_a_drop_on_the_bus_never_drops_another_credential_s_client_nor_one_whose
     n1, n2 = two_nodes
     live = peers(n1)
     assert register(live, "X", FIRST).success
-    record = store.get("chuantou:client:X")
-    store.set("chuantou:client:X", json.dumps({"node": "n2", "credential": auth.fingerprint(FIRST)}))
+    record = store.get(keys.client_key("X"))
+    store.set(keys.client_key("X"), json.dumps({"node": "n2", "credential": auth.fingerprint(FIRST)}))
     drop_then_wait(store, peers, two_nodes, "M1", [auth.fingerprint(SECOND), None])  # not X's credential
     assert n1.registry.get("X") is not None and still_open(live)
-    store.set("chuantou:client:X", record)
+    store.set(keys.client_key("X"), record)
     drop_then_wait(store, peers, two_nodes, "M2", [auth.fingerprint(FIRST)])  # X's, but n1 holds the key
     assert n1.registry.get("X") is not None and still_open(live)
 
@@ -136,7 +137,7 @@ def drop_then_wait(store, peers, two_nodes, marker: str, credentials: list) -> N
     n1, n2 = two_nodes
     assert register(peers(n1), marker, FIRST).success
     for credential in credentials:
-        assert store.publish("chuantou:bus:n1", json.dumps({"type": "drop", "clientId": "X", "node": "n2",
+        assert store.publish(keys.channel("n1"), json.dumps({"type": "drop", "clientId": "X", "node": "n2",
                                                             "credential": credential})) == 1
     assert register(peers(n2), marker, FIRST).success
     wait_until(lambda: n1.registry.get(marker) is None)
@@ -177,9 +178,9 @@ def test_an_id_that_went_offline_on_one_node_stays_reserved_for_its_token_on_the
     owner = peers(n1)
     assert register(owner, "X", FIRST).success
     goes_offline(owner, n1, "X")
-    record = json.loads(store.get("chuantou:client:X"))
+    record = json.loads(store.get(keys.client_key("X")))
     assert record["node"] is None and record["credential"] == auth.fingerprint(FIRST)
-    assert TTL * 1000 < store.pttl("chuantou:client:X") <= 600_000, "kept for the reservation time, not the TTL"
+    assert TTL * 1000 < store.pttl(keys.client_key("X")) <= 600_000, "kept for the reservation time, not the TTL"
     assert n2.cluster.client_ids() == [] and on_node(store, "X") is None, "reserved is not online"
 
     reply = register(peers(n2), "X", SECOND)
@@ -188,7 +189,7 @@ def test_an_id_that_went_offline_on_one_node_stays_reserved_for_its_token_on_the
     back = peers(n2)
     assert register(back, "X", FIRST, takeover=False).success, "its own token takes it back, on any node"
     assert on_node(store, "X") == "n2"
-    assert store.zcard(f"chuantou:reservedby:{auth.fingerprint(FIRST)}") == 0
+    assert store.zcard(keys.reservations(auth.fingerprint(FIRST))) == 0
 
 
 def test_a_token_s_reservations_are_capped_cluster_wide_oldest_first(redis_server, make_server, peers, store):
@@ -198,8 +199,8 @@ def test_a_token_s_reservations_are_capped_cluster_wide_oldest_first(redis_serve
         peer = peers(node)
         assert register(peer, client_id, FIRST).success
         goes_offline(peer, node, client_id)
-    assert store.get("chuantou:client:I1") is None, "the oldest reservation went for the cap"
-    assert sorted(store.zrange(f"chuantou:reservedby:{auth.fingerprint(FIRST)}", 0, -1)) == ["I2", "I3"]
+    assert store.get(keys.client_key("I1")) is None, "the oldest reservation went for the cap"
+    assert sorted(store.zrange(keys.reservations(auth.fingerprint(FIRST)), 0, -1)) == ["I2", "I3"]
     assert register(peers(n2), "I1", SECOND).success
     reply = register(peers(n2), "I2", SECOND)
     assert not reply.success and reply.code == p.ID_TAKEN

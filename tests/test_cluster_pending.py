@@ -13,6 +13,7 @@ from common import protocol as p
 from common.errors import RequestError
 from common.frames import JoinRequest, JoinStatus, pack_data_header
 
+from chuantou_server import cluster_keys as keys
 from helpers import recv_exactly, wait_until
 import test_cluster
 from test_cluster import REDIS_SERVER, TTL, on_node
@@ -54,7 +55,7 @@ def registered(peers, server, client_id: str) -> ControlPeer:
 
 
 def pending_keys(store) -> list[str]:
-    return sorted(store.scan_iter(match="chuantou:pending:*"))
+    return sorted(store.scan_iter(match=keys.PENDING_KEYS))
 
 
 def test_a_pending_cross_node_session_is_a_key_without_secrets_until_it_joins(redis_server, tcp_echo, make_server,
@@ -68,7 +69,7 @@ def test_a_pending_cross_node_session_is_a_key_without_secrets_until_it_joins(re
     created = ask(a, "B", tcp_echo.port)
     session = nodes["n3"].sessions.get(created.sessionId)
     assert session is not None and not session.joined
-    raw = store.get(f"chuantou:pending:{created.sessionId}")
+    raw = store.get(keys.pending_key("A", created.sessionId))
     assert raw is not None, "the pending session is in the store"
     record = json.loads(raw)
     assert {k: record[k] for k in ("id", "a", "b", "dataNode")} == {"id": created.sessionId, "a": "A", "b": "B",
@@ -76,8 +77,8 @@ def test_a_pending_cross_node_session_is_a_key_without_secrets_until_it_joins(re
     assert record["secretHashes"] == [hashlib.sha256(s.encode()).hexdigest()
                                       for s in (session.secret_a, session.secret_b)]
     assert session.secret_a not in raw and session.secret_b not in raw, "never the secrets themselves"
-    assert 0 < store.pttl(f"chuantou:pending:{created.sessionId}") <= JOIN_TIMEOUT * 1000
-    assert store.zrange("chuantou:pendingof:A", 0, -1) == [created.sessionId]
+    assert 0 < store.pttl(keys.pending_key("A", created.sessionId)) <= JOIN_TIMEOUT * 1000
+    assert store.zrange(keys.pending_index("A"), 0, -1) == [created.sessionId]
     view = nodes["n2"].cluster.api_view()
     assert view["pendingSessions"] == 1 and view["pendingByNode"] == {"n3": 1}
 
@@ -87,7 +88,7 @@ def test_a_pending_cross_node_session_is_a_key_without_secrets_until_it_joins(re
         assert recv_exactly(channel, 1) == bytes([JoinStatus.JOINED])
         channel.sendall(b"joined")
         assert recv_exactly(channel, 6) == b"joined"
-        wait_until(lambda: pending_keys(store) == [] and not store.exists("chuantou:pendingof:A"),
+        wait_until(lambda: pending_keys(store) == [] and not store.exists(keys.pending_index("A")),
                    message="the key and A's index entry go once the session joined")
     assert nodes["n2"].cluster.api_view()["pendingSessions"] == 0
 
@@ -109,8 +110,8 @@ def test_the_pending_cap_per_client_holds_across_nodes(redis_server, tcp_echo, m
                                                r"cluster\).*maxPendingSessionsPerClient"):
             ask(a, to, tcp_echo.port)
     assert [len(nodes[n].sessions) for n in ("n1", "n2", "n3")] == [0, 2, 1]
-    assert store.zcard("chuantou:pendingof:A") == 3 and len(pending_keys(store)) == 3
+    assert store.zcard(keys.pending_index("A")) == 3 and len(pending_keys(store)) == 3
 
     nodes["n3"].close_session(nodes["n3"].sessions.get(held[2].sessionId), "test: one fewer pending")
-    wait_until(lambda: store.zcard("chuantou:pendingof:A") == 2, message="a closed session leaves A's index")
-    assert ask(a, "C", tcp_echo.port).sessionId in store.zrange("chuantou:pendingof:A", 0, -1)
+    wait_until(lambda: store.zcard(keys.pending_index("A")) == 2, message="a closed session leaves A's index")
+    assert ask(a, "C", tcp_echo.port).sessionId in store.zrange(keys.pending_index("A"), 0, -1)

@@ -14,6 +14,7 @@ import random
 import pytest
 
 from chuantou_client.relays import MAX_REDIRECTS, RelayList, ordered, redirect_problem
+from chuantou_server import cluster_keys as keys
 from chuantou_server import cluster_redirect
 from common.errors import ChuantouError
 
@@ -35,7 +36,7 @@ def fresh_table(monkeypatch):
 def node_table_shows(store, counts: dict) -> bool:
     import json
     for node, clients in counts.items():
-        raw = store.get(f"chuantou:node:{node}")
+        raw = store.get(keys.node_key(node))
         if raw is None or json.loads(raw)["clients"] != clients:
             return False
     return True

@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from chuantou_server import cluster_keys as keys
 from chuantou_server.cluster_view import NodeTable, status_lines
 from helpers import connect, exchange, http_json, random_bytes, recv_exactly, sha256, wait_until
 from test_cluster import TTL, RedisProcess, on_node, scrape
@@ -198,10 +199,11 @@ def test_status_prints_the_node_s_cluster_view(viewed):
 def test_a_node_record_no_node_wrote_is_shown_escaped_and_never_chosen(viewed, redis_server):
     store = redis_server.client()
     try:
-        store.set("chuantou:node:evil", json.dumps({"id": "<img src=x onerror=alert(1)>\x1b[2J", "sessions": "0",
+        store.set(keys.node_key("evil"), json.dumps({"id": "<img src=x onerror=alert(1)>\x1b[2J", "sessions": "0",
                                                     "advertise": "ws://evil\x07:1"}), px=60000)
-        store.set("chuantou:node:junk", "not json at all", px=60000)
-        store.set("chuantou:client:Z", "{broken", px=60000)
+        store.set(keys.node_key("junk"), "not json at all", px=60000)
+        store.zadd(keys.NODE_INDEX, {"evil": 2**50, "junk": 2**50})  # listed as live nodes are
+        store.set(keys.client_key("Z"), "{broken", px=60000)
         n1 = viewed["n1"]
         view = api(n1, "/api/cluster")
         (evil,) = [row for row in view["nodes"] if row["id"].startswith("<img")]
@@ -210,7 +212,7 @@ def test_a_node_record_no_node_wrote_is_shown_escaped_and_never_chosen(viewed, r
         assert "Z" not in {c["id"] for c in view["clients"]}
         assert not any("\x1b" in line for line in status_lines(n1.status()["cluster"]))
         table = NodeTable("x")  # among records as Redis holds them: a busy complete one and the evil one
-        table.update([json.loads(store.get("chuantou:node:evil")),
+        table.update([json.loads(store.get(keys.node_key("evil"))),
                       {"id": "x", "advertise": "ws://x:1", "clients": 1, "sessions": 3, "bytesPerSecond": 0}])
         assert table.choose("least-loaded", own_sessions=3) == "x", "an incomplete record is never chosen"
         assert "chuantou_relay_cluster_nodes" in {name for name, _ in scrape(n1)}
@@ -259,7 +261,7 @@ def test_the_per_client_session_cap_holds_across_two_nodes(redis_server, make_se
     assert (len(n1.sessions), len(n2.sessions)) == (1, 1)
     wait_until(lambda: n1.cluster.opened_elsewhere("A", "tcp") == 1, timeout=TTL * 3,
                message="n1 counts A's session on n2")
-    assert store.hgetall("chuantou:opened:n2") == {"tcp:A": "1", "to:B2": "1"}
+    assert store.hgetall(keys.opened_key("n2")) == {"tcp:A": "1", "to:B2": "1"}
     store.close()
     with pytest.raises(RequestError, match="already has 2 open TCP sessions \\(across the relay's cluster\\)"):
         request("B1")
